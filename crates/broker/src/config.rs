@@ -1,0 +1,228 @@
+//! The broker's configuration, as read from `fleetcore.toml`.
+//!
+//! Every field has a default, so an empty file (or none) is a valid
+//! configuration; `config/fleetcore.toml` in the repository documents each one.
+//! Unknown keys are refused so a typo is an error, not a silently ignored line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything `fleetcore serve` reads from its configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub log: LogConfig,
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    pub limits: Limits,
+    pub session: SessionConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            log: LogConfig::default(),
+            listeners: Vec::new(),
+            limits: Limits::default(),
+            session: SessionConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The listeners to open: the configured ones, or the default plain-TCP
+    /// listener on 127.0.0.1:1883 when none is configured.
+    pub fn effective_listeners(&self) -> Vec<ListenerConfig> {
+        if self.listeners.is_empty() {
+            vec![ListenerConfig::default_tcp()]
+        } else {
+            self.listeners.clone()
+        }
+    }
+
+    /// Checks values that parse but cannot work, with a message naming the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let l = &self.limits;
+        if l.max_packet_size < 64 {
+            return Err("limits.max_packet_size must be at least 64 bytes".into());
+        }
+        if l.receive_maximum == 0 {
+            return Err("limits.receive_maximum must be at least 1".into());
+        }
+        if l.max_inflight_out == 0 {
+            return Err("limits.max_inflight_out must be at least 1".into());
+        }
+        if l.connect_timeout_secs == 0 {
+            return Err("limits.connect_timeout_secs must be at least 1".into());
+        }
+        if self.session.default_expiry_secs > self.session.max_expiry_secs {
+            return Err(
+                "session.default_expiry_secs may not exceed session.max_expiry_secs".into(),
+            );
+        }
+        for l in &self.listeners {
+            match l.kind {
+                ListenerKind::Tls => {
+                    l.tls_files()?;
+                    if l.allow_anonymous {
+                        return Err(format!(
+                            "listener {} (tls): allow_anonymous is only for kind = \"tcp\"",
+                            l.bind
+                        ));
+                    }
+                }
+                ListenerKind::Tcp => {
+                    if l.cert_file.is_some() || l.key_file.is_some() || l.client_ca_file.is_some() {
+                        return Err(format!(
+                            "listener {} (tcp): cert_file/key_file/client_ca_file belong to kind = \"tls\"",
+                            l.bind
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// "human" or "json".
+    pub format: LogFormat,
+    /// A tracing filter directive; RUST_LOG wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// One socket the broker accepts MQTT connections on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub kind: ListenerKind,
+    pub bind: SocketAddr,
+    /// Plain TCP only: let in clients that present no identity.
+    #[serde(default)]
+    pub allow_anonymous: bool,
+    /// TLS: server certificate chain (PEM).
+    pub cert_file: Option<PathBuf>,
+    /// TLS: server private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// TLS: CA certificate(s) client certificates must chain to (PEM).
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl ListenerConfig {
+    pub fn default_tcp() -> Self {
+        ListenerConfig {
+            kind: ListenerKind::Tcp,
+            bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            allow_anonymous: true,
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+        }
+    }
+
+    /// Short name for logs and metrics labels.
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            ListenerKind::Tcp => "tcp",
+            ListenerKind::Tls => "tls",
+        }
+    }
+
+    /// The TLS files, all three required for kind = "tls".
+    pub fn tls_files(&self) -> Result<(&Path, &Path, &Path), String> {
+        match (&self.cert_file, &self.key_file, &self.client_ca_file) {
+            (Some(c), Some(k), Some(ca)) => Ok((c, k, ca)),
+            _ => Err(format!(
+                "listener {} (tls) needs cert_file, key_file and client_ca_file",
+                self.bind
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerKind {
+    /// MQTT over plain TCP.
+    Tcp,
+    /// MQTT over TLS with a required client certificate.
+    Tls,
+}
+
+/// Bounds on what one client may ask of the broker.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub connect_timeout_secs: u64,
+    pub max_packet_size: u32,
+    pub max_client_id_len: usize,
+    pub max_topic_len: usize,
+    pub max_topic_levels: usize,
+    pub max_keep_alive_secs: u16,
+    pub receive_maximum: u16,
+    pub max_inflight_out: u16,
+    pub max_queued_messages: usize,
+    pub max_subscriptions_per_connection: usize,
+    pub max_filters_per_subscribe: usize,
+    pub topic_alias_maximum: u16,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 100_000,
+            connect_timeout_secs: 10,
+            max_packet_size: 131_072 + 4_096,
+            max_client_id_len: 128,
+            max_topic_len: 256,
+            max_topic_levels: 8,
+            max_keep_alive_secs: 1200,
+            receive_maximum: 100,
+            max_inflight_out: 100,
+            max_queued_messages: 1000,
+            max_subscriptions_per_connection: 50,
+            max_filters_per_subscribe: 8,
+            topic_alias_maximum: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    pub default_expiry_secs: u32,
+    pub max_expiry_secs: u32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            default_expiry_secs: 3600,
+            max_expiry_secs: 7 * 24 * 3600,
+        }
+    }
+}

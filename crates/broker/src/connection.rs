@@ -1,0 +1,1087 @@
+//! One client connection: a single task that reads packets, applies them to
+//! the hub and its session, and writes what the session has queued.
+//!
+//! The task owns the socket, the outgoing in-flight window and the incoming
+//! QoS 2 state; nothing else touches them, so none of it is locked. It sleeps
+//! on the socket, its session's wake-up, the store commits it waits for, a
+//! kick (takeover, revocation, shutdown) and the keep-alive deadline.
+//!
+//! Every wait is bounded: CONNECT must arrive by the deadline the listener
+//! set, keep-alive is enforced at 1.5 times the negotiated value, and a write
+//! that makes no progress for [`WRITE_STALL`] ends the connection.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use mqtt_proto::v5::{
+    self, ConnackProperties, ConnectReasonCode, DisconnectReasonCode, PubackReasonCode,
+    PubrecReasonCode, SubscribeReasonCode, UnsubscribeReasonCode,
+};
+use mqtt_proto::{Pid, QoS, QosPid, TopicName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::hub::{Hub, SubEntry};
+use crate::message::{now_ms, Delivery, Message};
+use crate::metrics as m;
+use crate::protocol::{self, DecodeError, Packet, Version};
+use crate::session::{Inflight, InflightState, Kick, Session, SubOptions};
+use crate::tls::ClientCert;
+use crate::topic::{parse_filter, validate_topic_name};
+
+/// A write that makes no progress for this long ends the connection, so a
+/// client that stops reading cannot hold its task (or memory) forever.
+pub const WRITE_STALL: Duration = Duration::from_secs(30);
+/// Stop filling the write buffer past this; flush first.
+const OUT_HIGH_WATER: usize = 64 * 1024;
+
+/// Who is on the other end, as the listener saw it.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    pub listener: &'static str,
+    pub allow_anonymous: bool,
+    /// The verified client certificate (TLS listeners).
+    pub cert: Option<ClientCert>,
+}
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum Exit {
+    /// DISCONNECT from the client; `with_will` for reason 0x04.
+    ClientDisconnect { with_will: bool },
+    /// The socket closed or failed without DISCONNECT.
+    Lost(String),
+    /// We end it, telling a v5 client why.
+    Refuse(DisconnectReasonCode, String),
+}
+
+type PendingAck =
+    Pin<Box<dyn Future<Output = (AfterCommit, Result<(), fleetcore_store::StoreError>)> + Send>>;
+
+/// What to send once a store commit completes.
+enum AfterCommit {
+    Puback(Pid, bool),
+    Pubrec(Pid, bool),
+    Suback(v5::Suback, Vec<Delivery>),
+}
+
+/// Serves one accepted (and, for TLS, handshaken) connection to the end.
+pub async fn serve<S>(hub: Arc<Hub>, mut stream: S, peer: PeerInfo, connect_deadline: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let max_packet = hub.config.limits.max_packet_size as usize;
+    let mut inbuf = BytesMut::with_capacity(512);
+    // ---- CONNECT ----
+    let len = loop {
+        match protocol::frame_len(&inbuf, max_packet) {
+            Ok(Some(n)) => break n,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::info!(peer = %peer.addr, error = %e, "refused before CONNECT");
+                m::connection_refused("bad_connect");
+                return;
+            }
+        }
+        match tokio::time::timeout_at(connect_deadline, stream.read_buf(&mut inbuf)).await {
+            Err(_) => {
+                tracing::info!(peer = %peer.addr, "no CONNECT within the connect timeout; closing");
+                m::connection_refused("connect_timeout");
+                return;
+            }
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(_)) => {}
+        }
+    };
+    let frame = inbuf.split_to(len);
+    m::packet_in("connect", len);
+    let version = match protocol::connect_version(&frame) {
+        Ok(v) => v,
+        Err(DecodeError::UnsupportedVersion(what)) => {
+            tracing::info!(peer = %peer.addr, %what, "unsupported protocol version");
+            // MQTT 3.1.1 3.1.4: answer 0x01 (unacceptable protocol version) and close.
+            let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
+            let _ = stream.flush().await;
+            m::connection_refused("protocol_version");
+            return;
+        }
+        Err(e) => {
+            tracing::info!(peer = %peer.addr, error = %e, "bad first packet; closing");
+            m::connection_refused("bad_connect");
+            return;
+        }
+    };
+    let connect = match protocol::decode(version, &frame) {
+        Ok(Packet::Connect(c)) => c,
+        Ok(_) => return,
+        Err(e) => {
+            tracing::info!(peer = %peer.addr, error = %e, "malformed CONNECT");
+            if version.is_v5() {
+                let code = match e.reason() {
+                    DisconnectReasonCode::TopicNameInvalid => ConnectReasonCode::TopicNameInvalid,
+                    DisconnectReasonCode::ProtocolError => ConnectReasonCode::ProtocolError,
+                    _ => ConnectReasonCode::MalformedPacket,
+                };
+                refuse_connect(&mut stream, version, code, &e.to_string()).await;
+            }
+            m::connection_refused("bad_connect");
+            return;
+        }
+    };
+    let Some(setup) = negotiate(&hub, &peer, version, connect, &mut stream).await else {
+        return;
+    };
+    let conn_id = hub.next_session_id();
+    let attached = hub
+        .attach(
+            setup.client_id.clone(),
+            setup.clean_start,
+            setup.expiry_secs,
+            version,
+            conn_id,
+        )
+        .await;
+    let mut conn = Conn {
+        hub: hub.clone(),
+        stream,
+        version,
+        session: attached.session.clone(),
+        inbuf,
+        out: BytesMut::new(),
+        inflight: BTreeMap::new(),
+        next_pid: 1,
+        out_window: setup.out_window,
+        client_max_packet: setup.client_max_packet,
+        incoming_qos2: attached.incoming_qos2,
+        awaiting_commit: 0,
+        aliases: HashMap::new(),
+        pending: FuturesOrdered::new(),
+        problem_info: setup.problem_info,
+        connect_expiry: setup.expiry_secs,
+    };
+    let mut props = setup.connack_props;
+    props.session_expiry_interval = setup.told_expiry;
+    let connack = v5::Connack {
+        session_present: attached.session_present,
+        reason_code: ConnectReasonCode::Success,
+        properties: props,
+    };
+    conn.send(&Packet::Connack(connack), "connack");
+    tracing::info!(
+        client_id = %setup.client_id,
+        peer = %peer.addr,
+        listener = peer.listener,
+        protocol = version.level(),
+        cn = peer.cert.as_ref().and_then(|c| c.subject_cn.as_deref()).unwrap_or("-"),
+        clean_start = setup.clean_start,
+        session_present = attached.session_present,
+        keep_alive = setup.keep_alive,
+        "client connected"
+    );
+    // Resend what was in flight when the previous connection ended.
+    for inf in attached.resend {
+        match inf.state {
+            InflightState::Published => {
+                conn.write_publish(&inf.delivery, Some(inf.pid), true);
+            }
+            InflightState::Released => conn.send(
+                &Packet::Pubrel(v5::Pubrel::new_success(
+                    inf.pid.try_into().unwrap_or_default(),
+                )),
+                "pubrel",
+            ),
+        };
+        conn.inflight.insert(inf.pid, inf);
+    }
+    let mut will = setup.will;
+    let exit = conn
+        .run(attached.kick_rx, setup.keep_alive, &mut will)
+        .await;
+    // ---- end ----
+    let (reason_text, will) = match &exit {
+        Exit::ClientDisconnect { with_will } => (
+            "client disconnected".to_string(),
+            if *with_will { will } else { None },
+        ),
+        Exit::Lost(why) => (format!("connection lost: {why}"), will),
+        Exit::Refuse(code, why) => {
+            if version.is_v5() {
+                let mut d = v5::Disconnect::new(*code);
+                if conn.problem_info {
+                    d.properties.reason_string = Some(Arc::from(why.as_str()));
+                }
+                conn.send(&Packet::Disconnect(d), "disconnect");
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.flush()).await;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn.stream.shutdown()).await;
+            (format!("{why} (reason 0x{:02X})", *code as u8), will)
+        }
+    };
+    tracing::info!(client_id = %setup.client_id, peer = %peer.addr, reason = %reason_text, "client disconnected");
+    let inflight: Vec<Inflight> = std::mem::take(&mut conn.inflight).into_values().collect();
+    let qos2 = std::mem::take(&mut conn.incoming_qos2);
+    hub.detach(&conn.session, conn_id, inflight, qos2, will);
+}
+
+async fn refuse_connect<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    version: Version,
+    code: ConnectReasonCode,
+    why: &str,
+) {
+    let mut ack = v5::Connack::new(false, code);
+    if version.is_v5() {
+        ack.properties.reason_string = Some(Arc::from(why));
+    }
+    let mut out = BytesMut::new();
+    if protocol::encode(version, &Packet::Connack(ack), &mut out).is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = stream.write_all(&out).await;
+            let _ = stream.flush().await;
+        })
+        .await;
+    }
+}
+
+/// What CONNECT negotiated.
+struct Setup {
+    client_id: Arc<str>,
+    clean_start: bool,
+    expiry_secs: u32,
+    told_expiry: Option<u32>,
+    keep_alive: u16,
+    out_window: usize,
+    client_max_packet: usize,
+    problem_info: bool,
+    will: Option<(Message, u32)>,
+    connack_props: ConnackProperties,
+}
+
+/// Checks CONNECT and settles what the connection may do; refuses it with
+/// the right CONNACK code otherwise.
+async fn negotiate<S: AsyncWrite + Unpin>(
+    hub: &Hub,
+    peer: &PeerInfo,
+    version: Version,
+    c: v5::Connect,
+    stream: &mut S,
+) -> Option<Setup> {
+    let limits = &hub.config.limits;
+    let refuse = |code: ConnectReasonCode, why: String| (code, why);
+    let result: Result<Setup, (ConnectReasonCode, String)> = (|| {
+        if peer.cert.is_none() && !peer.allow_anonymous {
+            return Err(refuse(
+                ConnectReasonCode::NotAuthorized,
+                "this listener requires a client certificate".into(),
+            ));
+        }
+        let mut assigned = None;
+        let client_id: Arc<str> = if c.client_id.is_empty() {
+            if !version.is_v5() && !c.clean_start {
+                return Err(refuse(
+                    ConnectReasonCode::ClientIdentifierNotValid,
+                    "an empty client id needs clean session".into(),
+                ));
+            }
+            let id: Arc<str> = Arc::from(format!("fc-{:016x}", rand::random::<u64>()));
+            assigned = Some(id.clone());
+            id
+        } else {
+            c.client_id.clone()
+        };
+        if client_id.len() > limits.max_client_id_len {
+            return Err(refuse(
+                ConnectReasonCode::ClientIdentifierNotValid,
+                format!(
+                    "client id is {} bytes; the limit is {}",
+                    client_id.len(),
+                    limits.max_client_id_len
+                ),
+            ));
+        }
+        let p = &c.properties;
+        if p.receive_max == Some(0) || p.max_packet_size == Some(0) {
+            return Err(refuse(
+                ConnectReasonCode::ProtocolError,
+                "receive maximum and maximum packet size may not be 0".into(),
+            ));
+        }
+        if p.auth_method.is_some() {
+            return Err(refuse(
+                ConnectReasonCode::BadAuthMethod,
+                "enhanced authentication is not supported".into(),
+            ));
+        }
+        let session_cfg = &hub.config.session;
+        let (expiry_secs, told_expiry) = if version.is_v5() {
+            let asked = p.session_expiry_interval.unwrap_or(0);
+            let granted = asked.min(session_cfg.max_expiry_secs);
+            (granted, (granted != asked).then_some(granted))
+        } else if c.clean_start {
+            (0, None)
+        } else {
+            (session_cfg.default_expiry_secs, None)
+        };
+        let mut connack_props = ConnackProperties::default();
+        let max_ka = limits.max_keep_alive_secs;
+        let keep_alive =
+            if version.is_v5() && max_ka > 0 && (c.keep_alive > max_ka || c.keep_alive == 0) {
+                connack_props.server_keep_alive = Some(max_ka);
+                max_ka
+            } else {
+                c.keep_alive
+            };
+        if version.is_v5() {
+            connack_props.receive_max = Some(limits.receive_maximum);
+            connack_props.max_packet_size = Some(limits.max_packet_size);
+            connack_props.topic_alias_max = Some(limits.topic_alias_maximum);
+            connack_props.assigned_client_id = assigned;
+        }
+        let will = match c.last_will {
+            None => None,
+            Some(w) => {
+                if let Err(e) = validate_topic_name(&w.topic_name, &hub.topic_limits) {
+                    return Err(refuse(
+                        ConnectReasonCode::TopicNameInvalid,
+                        format!("will topic: {e}"),
+                    ));
+                }
+                let props = v5::PublishProperties {
+                    payload_is_utf8: w.properties.payload_is_utf8,
+                    message_expiry_interval: w.properties.message_expiry_interval,
+                    topic_alias: None,
+                    response_topic: w.properties.response_topic.clone(),
+                    correlation_data: w.properties.correlation_data.clone(),
+                    user_properties: w.properties.user_properties.clone(),
+                    subscription_id: None,
+                    content_type: w.properties.content_type.clone(),
+                };
+                // The origin is fixed when the will fires; 0 means "the broker".
+                let msg = Message::from_publish(w.topic_name, w.payload, w.qos, w.retain, props, 0);
+                Some((msg, w.properties.delay_interval.unwrap_or(0)))
+            }
+        };
+        Ok(Setup {
+            client_id,
+            clean_start: c.clean_start,
+            expiry_secs,
+            told_expiry,
+            keep_alive,
+            out_window: (limits.max_inflight_out as usize)
+                .min(p.receive_max.unwrap_or(u16::MAX) as usize),
+            client_max_packet: p.max_packet_size.unwrap_or(u32::MAX) as usize,
+            problem_info: p.request_problem_info.unwrap_or(true),
+            will,
+            connack_props,
+        })
+    })();
+    match result {
+        Ok(s) => Some(s),
+        Err((code, why)) => {
+            tracing::info!(peer = %peer.addr, client_id = %c.client_id, reason = %why, "CONNECT refused");
+            m::connection_refused("connect_refused");
+            refuse_connect(stream, version, code, &why).await;
+            None
+        }
+    }
+}
+
+struct Conn<S> {
+    hub: Arc<Hub>,
+    stream: S,
+    version: Version,
+    session: Arc<Session>,
+    inbuf: BytesMut,
+    out: BytesMut,
+    /// Outgoing QoS 1/2 messages awaiting acknowledgement, by packet id.
+    inflight: BTreeMap<u16, Inflight>,
+    next_pid: u16,
+    out_window: usize,
+    client_max_packet: usize,
+    /// Incoming QoS 2 packet ids awaiting PUBREL.
+    incoming_qos2: HashSet<u16>,
+    /// Incoming QoS 1 publishes whose durable copies are still being written.
+    awaiting_commit: usize,
+    aliases: HashMap<u16, TopicName>,
+    pending: FuturesOrdered<PendingAck>,
+    problem_info: bool,
+    connect_expiry: u32,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
+    async fn run(
+        &mut self,
+        mut kick_rx: tokio::sync::mpsc::UnboundedReceiver<Kick>,
+        keep_alive: u16,
+        will: &mut Option<(Message, u32)>,
+    ) -> Exit {
+        let mut shutdown = self.hub.shutdown_signal();
+        let ka = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
+        let far = Duration::from_secs(86400 * 365);
+        let mut last_in = Instant::now();
+        let max_packet = self.hub.config.limits.max_packet_size as usize;
+        loop {
+            self.pump();
+            if !self.out.is_empty() {
+                if let Err(e) = self.flush().await {
+                    return Exit::Lost(e);
+                }
+            }
+            if *shutdown.borrow() {
+                return Exit::Refuse(
+                    DisconnectReasonCode::ServerShuttingDown,
+                    "server shutting down".into(),
+                );
+            }
+            if self.inbuf.capacity() - self.inbuf.len() < 256 {
+                self.inbuf.reserve(1024);
+            }
+            let ka_deadline = last_in + ka.unwrap_or(far);
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    return Exit::Refuse(DisconnectReasonCode::ServerShuttingDown, "server shutting down".into());
+                }
+                k = kick_rx.recv() => {
+                    let k = k.unwrap_or(Kick {
+                        reason: DisconnectReasonCode::SessionTakenOver,
+                        message: "session taken over".into(),
+                    });
+                    return Exit::Refuse(k.reason, k.message);
+                }
+                Some((after, res)) = self.pending.next(), if !self.pending.is_empty() => {
+                    if let Err(exit) = self.after_commit(after, res) {
+                        return exit;
+                    }
+                }
+                _ = self.session.wake.notified() => {}
+                r = self.stream.read_buf(&mut self.inbuf) => {
+                    match r {
+                        Ok(0) => return Exit::Lost("closed by peer".into()),
+                        Err(e) => return Exit::Lost(e.to_string()),
+                        Ok(_) => {
+                            last_in = Instant::now();
+                            loop {
+                                match protocol::frame_len(&self.inbuf, max_packet) {
+                                    Ok(Some(n)) => {
+                                        let frame = self.inbuf.split_to(n);
+                                        let packet = match protocol::decode(self.version, &frame) {
+                                            Ok(p) => p,
+                                            Err(e) => return Exit::Refuse(e.reason(), e.to_string()),
+                                        };
+                                        m::packet_in(packet_name(&packet), n);
+                                        if let Err(exit) = self.handle(packet, will) {
+                                            return exit;
+                                        }
+                                    }
+                                    Ok(None) => break,
+                                    Err(e) => return Exit::Refuse(e.reason(), e.to_string()),
+                                }
+                            }
+                            if self.inbuf.is_empty() && self.inbuf.capacity() > 16 * 1024 {
+                                // Give back the memory a large packet needed.
+                                self.inbuf = BytesMut::with_capacity(512);
+                            }
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(ka_deadline), if ka.is_some() => {
+                    return Exit::Refuse(DisconnectReasonCode::KeepAliveTimeout, "keep-alive timeout".into());
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, packet: &Packet, name: &'static str) {
+        match protocol::encode(self.version, packet, &mut self.out) {
+            Ok(0) => {}
+            Ok(_) => m::packet_out(name),
+            Err(e) => {
+                tracing::error!(error = %e, packet = name, "could not encode an outgoing packet")
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        let n = self.out.len();
+        let write = async {
+            self.stream.write_all(&self.out).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(WRITE_STALL, write).await {
+            Err(_) => return Err("write stalled: the client is not reading".into()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Ok(())) => {}
+        }
+        m::bytes_out(n);
+        self.out.clear();
+        if self.out.capacity() > 4 * OUT_HIGH_WATER {
+            self.out = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    fn alloc_pid(&mut self) -> u16 {
+        loop {
+            let pid = self.next_pid;
+            self.next_pid = self.next_pid.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&pid) {
+                return pid;
+            }
+        }
+    }
+
+    /// Encodes one outgoing PUBLISH. Returns false if the client's maximum
+    /// packet size forbids it (the message is then dropped, as MQTT 5 says).
+    fn write_publish(&mut self, d: &Delivery, pid: Option<u16>, dup: bool) -> bool {
+        let qos_pid = match (d.qos, pid.and_then(|p| Pid::try_from(p).ok())) {
+            (QoS::Level1, Some(p)) => QosPid::Level1(p),
+            (QoS::Level2, Some(p)) => QosPid::Level2(p),
+            _ => QosPid::Level0,
+        };
+        let properties = if self.version.is_v5() {
+            d.msg.outgoing_properties(now_ms(), d.subscription_id)
+        } else {
+            Default::default()
+        };
+        let packet = Packet::Publish(v5::Publish {
+            dup: dup && d.qos != QoS::Level0,
+            retain: d.retain,
+            qos_pid,
+            topic_name: d.msg.topic.clone(),
+            payload: d.msg.payload.clone(),
+            properties,
+        });
+        let mark = self.out.len();
+        match protocol::encode(self.version, &packet, &mut self.out) {
+            Ok(n) if n > self.client_max_packet => {
+                self.out.truncate(mark);
+                m::dropped("client_max_packet_size");
+                false
+            }
+            Ok(_) => {
+                m::packet_out("publish");
+                m::message_out(d.qos as u8);
+                true
+            }
+            Err(e) => {
+                self.out.truncate(mark);
+                tracing::error!(error = %e, "could not encode an outgoing PUBLISH");
+                false
+            }
+        }
+    }
+
+    /// Moves queued deliveries into the write buffer while the in-flight
+    /// window and the buffer allow.
+    fn pump(&mut self) {
+        let now = now_ms();
+        while self.inflight.len() < self.out_window && self.out.len() < OUT_HIGH_WATER {
+            let next = self.session.state.lock().queue.pop_front();
+            let Some(d) = next else { break };
+            if d.msg.is_expired(now) {
+                m::dropped("expired");
+                self.forget_stored(&d);
+                continue;
+            }
+            if d.qos == QoS::Level0 {
+                self.write_publish(&d, None, false);
+                self.forget_stored(&d);
+                continue;
+            }
+            let pid = self.alloc_pid();
+            if self.write_publish(&d, Some(pid), false) {
+                self.inflight.insert(
+                    pid,
+                    Inflight {
+                        pid,
+                        delivery: d,
+                        state: InflightState::Published,
+                    },
+                );
+            } else {
+                self.forget_stored(&d);
+            }
+        }
+    }
+
+    /// Deletes the durable copy of a delivery that is done with.
+    fn forget_stored(&self, d: &Delivery) {
+        if let Some(seq) = d.seq {
+            self.hub
+                .store
+                .submit_nowait(vec![fleetcore_store::Op::DeleteQueued {
+                    client_id: self.session.client_id.to_string(),
+                    seq,
+                }]);
+        }
+    }
+
+    fn after_commit(
+        &mut self,
+        after: AfterCommit,
+        res: Result<(), fleetcore_store::StoreError>,
+    ) -> Result<(), Exit> {
+        if let Err(e) = &res {
+            tracing::error!(client_id = %self.session.client_id, error = %e, "store commit failed");
+            if !self.version.is_v5() {
+                // MQTT 3.1.1 has no negative acknowledgement: close, so the
+                // client retries on a new connection instead of believing it.
+                return Err(Exit::Refuse(
+                    DisconnectReasonCode::UnspecifiedError,
+                    format!("message could not be stored: {e}"),
+                ));
+            }
+        }
+        let reason = res
+            .as_ref()
+            .err()
+            .map(|e| Arc::from(format!("message could not be stored: {e}")));
+        match after {
+            AfterCommit::Puback(pid, matched) => {
+                self.awaiting_commit -= 1;
+                let mut ack = v5::Puback::new(
+                    pid,
+                    match (&res, matched) {
+                        (Err(_), _) => PubackReasonCode::UnspecifiedError,
+                        (Ok(_), true) => PubackReasonCode::Success,
+                        (Ok(_), false) => PubackReasonCode::NoMatchingSubscribers,
+                    },
+                );
+                ack.properties.reason_string = reason.filter(|_| self.problem_info);
+                self.send(&Packet::Puback(ack), "puback");
+            }
+            AfterCommit::Pubrec(pid, matched) => {
+                let mut rec = v5::Pubrec::new(
+                    pid,
+                    match (&res, matched) {
+                        (Err(_), _) => PubrecReasonCode::UnspecifiedError,
+                        (Ok(_), true) => PubrecReasonCode::Success,
+                        (Ok(_), false) => PubrecReasonCode::NoMatchingSubscribers,
+                    },
+                );
+                if res.is_err() {
+                    self.incoming_qos2.remove(&pid.value());
+                }
+                rec.properties.reason_string = reason.filter(|_| self.problem_info);
+                self.send(&Packet::Pubrec(rec), "pubrec");
+            }
+            AfterCommit::Suback(mut suback, retained) => {
+                if res.is_err() {
+                    for code in suback.topics.iter_mut() {
+                        *code = SubscribeReasonCode::UnspecifiedError;
+                    }
+                    suback.properties.reason_string = reason.filter(|_| self.problem_info);
+                }
+                self.send(&Packet::Suback(suback), "suback");
+                self.queue_retained(retained);
+            }
+        }
+        Ok(())
+    }
+
+    fn queue_retained(&self, retained: Vec<Delivery>) {
+        let max = self.hub.config.limits.max_queued_messages;
+        for d in retained {
+            if let crate::session::Enqueued::Dropped(r) = self.session.enqueue(d, max) {
+                m::dropped(r);
+            }
+        }
+    }
+
+    fn handle(&mut self, packet: Packet, will: &mut Option<(Message, u32)>) -> Result<(), Exit> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p),
+            Packet::Puback(a) => {
+                let pid = a.pid.value();
+                if let Some(inf) = self.inflight.get(&pid) {
+                    if inf.delivery.qos == QoS::Level1 {
+                        let inf = self.inflight.remove(&pid);
+                        if let Some(inf) = inf {
+                            self.forget_stored(&inf.delivery);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Packet::Pubrec(r) => {
+                let pid = r.pid.value();
+                let known = self
+                    .inflight
+                    .get(&pid)
+                    .is_some_and(|i| i.delivery.qos == QoS::Level2);
+                if !known {
+                    self.send(
+                        &Packet::Pubrel(v5::Pubrel::new(
+                            r.pid,
+                            v5::PubrelReasonCode::PacketIdentifierNotFound,
+                        )),
+                        "pubrel",
+                    );
+                    return Ok(());
+                }
+                if (r.reason_code as u8) >= 0x80 {
+                    // The receiver refused it: the exchange ends here.
+                    if let Some(inf) = self.inflight.remove(&pid) {
+                        self.forget_stored(&inf.delivery);
+                    }
+                    return Ok(());
+                }
+                if let Some(inf) = self.inflight.get_mut(&pid) {
+                    inf.state = InflightState::Released;
+                }
+                self.send(&Packet::Pubrel(v5::Pubrel::new_success(r.pid)), "pubrel");
+                Ok(())
+            }
+            Packet::Pubcomp(c) => {
+                let pid = c.pid.value();
+                if self
+                    .inflight
+                    .get(&pid)
+                    .is_some_and(|i| i.state == InflightState::Released)
+                {
+                    if let Some(inf) = self.inflight.remove(&pid) {
+                        self.forget_stored(&inf.delivery);
+                    }
+                }
+                Ok(())
+            }
+            Packet::Pubrel(r) => {
+                let code = if self.incoming_qos2.remove(&r.pid.value()) {
+                    v5::PubcompReasonCode::Success
+                } else {
+                    v5::PubcompReasonCode::PacketIdentifierNotFound
+                };
+                self.send(&Packet::Pubcomp(v5::Pubcomp::new(r.pid, code)), "pubcomp");
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s),
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(u);
+                Ok(())
+            }
+            Packet::Pingreq => {
+                self.send(&Packet::Pingresp, "pingresp");
+                Ok(())
+            }
+            Packet::Disconnect(d) => {
+                if let Some(new_expiry) = d.properties.session_expiry_interval {
+                    if self.connect_expiry == 0 && new_expiry != 0 {
+                        return Err(Exit::Refuse(
+                            DisconnectReasonCode::ProtocolError,
+                            "session expiry may not be set on DISCONNECT when CONNECT had 0".into(),
+                        ));
+                    }
+                    let max = self.hub.config.session.max_expiry_secs;
+                    self.session.state.lock().expiry_secs = new_expiry.min(max);
+                }
+                let with_will = d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage;
+                if !with_will {
+                    *will = None;
+                }
+                Err(Exit::ClientDisconnect { with_will })
+            }
+            Packet::Connect(_) => Err(Exit::Refuse(
+                DisconnectReasonCode::ProtocolError,
+                "a second CONNECT on one connection".into(),
+            )),
+            Packet::Auth(_) => Err(Exit::Refuse(
+                DisconnectReasonCode::ProtocolError,
+                "AUTH without enhanced authentication".into(),
+            )),
+            Packet::Connack(_) | Packet::Suback(_) | Packet::Unsuback(_) | Packet::Pingresp => {
+                Err(Exit::Refuse(
+                    DisconnectReasonCode::ProtocolError,
+                    "a client may not send CONNACK, SUBACK, UNSUBACK or PINGRESP".into(),
+                ))
+            }
+        }
+    }
+
+    fn on_publish(&mut self, p: v5::Publish) -> Result<(), Exit> {
+        let qos = p.qos_pid.qos();
+        let pid = p.qos_pid.pid();
+        let limits = &self.hub.config.limits;
+        let topic = match p.properties.topic_alias {
+            Some(alias) => {
+                if alias == 0 || alias > limits.topic_alias_maximum {
+                    return Err(Exit::Refuse(
+                        DisconnectReasonCode::TopicAliasInvalid,
+                        format!(
+                            "topic alias {alias} is outside 1..={}",
+                            limits.topic_alias_maximum
+                        ),
+                    ));
+                }
+                if p.topic_name.is_empty() {
+                    match self.aliases.get(&alias) {
+                        Some(t) => t.clone(),
+                        None => {
+                            return Err(Exit::Refuse(
+                                DisconnectReasonCode::ProtocolError,
+                                format!("topic alias {alias} was never set"),
+                            ))
+                        }
+                    }
+                } else {
+                    self.aliases.insert(alias, p.topic_name.clone());
+                    p.topic_name
+                }
+            }
+            None => p.topic_name,
+        };
+        if topic.is_empty() {
+            return Err(Exit::Refuse(
+                DisconnectReasonCode::ProtocolError,
+                "PUBLISH with an empty topic name and no topic alias".into(),
+            ));
+        }
+        if let Err(e) = validate_topic_name(&topic, &self.hub.topic_limits) {
+            return match (pid, self.version.is_v5()) {
+                (Some(pid), true) => {
+                    self.nack(qos, pid, 0x90, format!("topic name: {e}"));
+                    Ok(())
+                }
+                _ => Err(Exit::Refuse(
+                    DisconnectReasonCode::TopicNameInvalid,
+                    format!("topic name: {e}"),
+                )),
+            };
+        }
+        m::message_in(qos as u8);
+        if let Some(pid) = pid {
+            if qos == QoS::Level2 && self.incoming_qos2.contains(&pid.value()) {
+                // A resend of a QoS 2 message already taken: acknowledge, don't route again.
+                self.send(&Packet::Pubrec(v5::Pubrec::new_success(pid)), "pubrec");
+                return Ok(());
+            }
+            if self.awaiting_commit + self.incoming_qos2.len() >= limits.receive_maximum as usize {
+                return Err(Exit::Refuse(
+                    DisconnectReasonCode::ReceiveMaximumExceeded,
+                    format!(
+                        "more than {} unacknowledged QoS 1/2 publishes",
+                        limits.receive_maximum
+                    ),
+                ));
+            }
+        }
+        let msg = Message::from_publish(
+            topic,
+            p.payload,
+            qos,
+            p.retain,
+            p.properties,
+            self.session.id,
+        );
+        let routed = self.hub.publish(msg);
+        let matched = routed.matched > 0;
+        match (qos, pid) {
+            (QoS::Level1, Some(pid)) => match routed.commit {
+                Some(commit) => {
+                    self.awaiting_commit += 1;
+                    self.pending.push_back(Box::pin(async move {
+                        (AfterCommit::Puback(pid, matched), commit.await)
+                    }));
+                }
+                None => {
+                    let code = if matched {
+                        PubackReasonCode::Success
+                    } else {
+                        PubackReasonCode::NoMatchingSubscribers
+                    };
+                    self.send(&Packet::Puback(v5::Puback::new(pid, code)), "puback");
+                }
+            },
+            (QoS::Level2, Some(pid)) => {
+                self.incoming_qos2.insert(pid.value());
+                match routed.commit {
+                    Some(commit) => self.pending.push_back(Box::pin(async move {
+                        (AfterCommit::Pubrec(pid, matched), commit.await)
+                    })),
+                    None => {
+                        let code = if matched {
+                            PubrecReasonCode::Success
+                        } else {
+                            PubrecReasonCode::NoMatchingSubscribers
+                        };
+                        self.send(&Packet::Pubrec(v5::Pubrec::new(pid, code)), "pubrec");
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Refuses one QoS 1/2 publish with a reason code, keeping the connection.
+    fn nack(&mut self, qos: QoS, pid: Pid, code: u8, why: String) {
+        let reason = self.problem_info.then(|| Arc::from(why.as_str()));
+        if qos == QoS::Level1 {
+            let mut ack = v5::Puback::new(
+                pid,
+                PubackReasonCode::from_u8(code).unwrap_or(PubackReasonCode::UnspecifiedError),
+            );
+            ack.properties.reason_string = reason;
+            self.send(&Packet::Puback(ack), "puback");
+        } else {
+            let mut rec = v5::Pubrec::new(
+                pid,
+                PubrecReasonCode::from_u8(code).unwrap_or(PubrecReasonCode::UnspecifiedError),
+            );
+            rec.properties.reason_string = reason;
+            self.send(&Packet::Pubrec(rec), "pubrec");
+        }
+    }
+
+    fn on_subscribe(&mut self, s: v5::Subscribe) -> Result<(), Exit> {
+        let limits = &self.hub.config.limits;
+        let sub_id = s.properties.subscription_id.map(|v| v.value());
+        if sub_id == Some(0) {
+            return Err(Exit::Refuse(
+                DisconnectReasonCode::ProtocolError,
+                "subscription identifier 0".into(),
+            ));
+        }
+        let mut codes = Vec::with_capacity(s.topics.len());
+        let mut retained = Vec::new();
+        for (i, (filter, o)) in s.topics.iter().enumerate() {
+            if i >= limits.max_filters_per_subscribe {
+                codes.push(SubscribeReasonCode::QuotaExceeded);
+                continue;
+            }
+            let raw = filter.to_string();
+            let parsed = match parse_filter(&raw, &self.hub.topic_limits) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(client_id = %self.session.client_id, filter = %raw, error = %e, "filter refused");
+                    codes.push(SubscribeReasonCode::TopicFilterInvalid);
+                    continue;
+                }
+            };
+            if parsed.group.is_some() && o.no_local {
+                return Err(Exit::Refuse(
+                    DisconnectReasonCode::ProtocolError,
+                    "No Local on a shared subscription".into(),
+                ));
+            }
+            let opts = SubOptions {
+                qos: o.max_qos,
+                no_local: o.no_local,
+                retain_as_published: o.retain_as_published,
+                retain_handling: o.retain_handling,
+                subscription_id: sub_id,
+            };
+            let existed = {
+                let mut st = self.session.state.lock();
+                if !st.subscriptions.contains_key(&raw)
+                    && st.subscriptions.len() >= limits.max_subscriptions_per_connection
+                {
+                    codes.push(SubscribeReasonCode::QuotaExceeded);
+                    continue;
+                }
+                st.subscriptions.insert(raw.clone(), opts.clone()).is_some()
+            };
+            self.hub.router.subscribe(
+                &parsed.filter,
+                parsed.group.as_deref(),
+                self.session.id,
+                SubEntry {
+                    session: self.session.clone(),
+                    opts: opts.clone(),
+                    filter: Arc::from(parsed.filter.as_str()),
+                },
+            );
+            codes.push(match o.max_qos {
+                QoS::Level0 => SubscribeReasonCode::GrantedQoS0,
+                QoS::Level1 => SubscribeReasonCode::GrantedQoS1,
+                QoS::Level2 => SubscribeReasonCode::GrantedQoS2,
+            });
+            let send_retained = parsed.group.is_none()
+                && match o.retain_handling {
+                    v5::RetainHandling::SendAtSubscribe => true,
+                    v5::RetainHandling::SendAtSubscribeIfNotExist => !existed,
+                    v5::RetainHandling::DoNotSend => false,
+                };
+            if send_retained {
+                for msg in self.hub.retained_for(&parsed.filter) {
+                    retained.push(Delivery {
+                        qos: msg.qos.min(o.max_qos),
+                        msg,
+                        retain: true,
+                        subscription_id: sub_id,
+                        seq: None,
+                    });
+                }
+            }
+        }
+        let suback = v5::Suback::new(s.pid, codes);
+        match self.hub.persist_session(&self.session) {
+            Some(commit) => self.pending.push_back(Box::pin(async move {
+                (AfterCommit::Suback(suback, retained), commit.await)
+            })),
+            None => {
+                self.send(&Packet::Suback(suback), "suback");
+                self.queue_retained(retained);
+            }
+        }
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, u: v5::Unsubscribe) {
+        let mut codes = Vec::with_capacity(u.topics.len());
+        for filter in &u.topics {
+            let raw = filter.to_string();
+            let removed = self
+                .session
+                .state
+                .lock()
+                .subscriptions
+                .remove(&raw)
+                .is_some();
+            if removed {
+                if let Ok(p) = parse_filter(&raw, &self.hub.topic_limits) {
+                    self.hub
+                        .router
+                        .unsubscribe(&p.filter, p.group.as_deref(), self.session.id);
+                }
+                codes.push(UnsubscribeReasonCode::Success);
+            } else {
+                codes.push(UnsubscribeReasonCode::NoSubscriptionExisted);
+            }
+        }
+        // Durability of an unsubscribe is not waited for: at worst a crash
+        // brings back a subscription the client had dropped.
+        drop(self.hub.persist_session(&self.session));
+        self.send(
+            &Packet::Unsuback(v5::Unsuback::new(u.pid, codes)),
+            "unsuback",
+        );
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "connect",
+        Packet::Connack(_) => "connack",
+        Packet::Publish(_) => "publish",
+        Packet::Puback(_) => "puback",
+        Packet::Pubrec(_) => "pubrec",
+        Packet::Pubrel(_) => "pubrel",
+        Packet::Pubcomp(_) => "pubcomp",
+        Packet::Subscribe(_) => "subscribe",
+        Packet::Suback(_) => "suback",
+        Packet::Unsubscribe(_) => "unsubscribe",
+        Packet::Unsuback(_) => "unsuback",
+        Packet::Pingreq => "pingreq",
+        Packet::Pingresp => "pingresp",
+        Packet::Disconnect(_) => "disconnect",
+        Packet::Auth(_) => "auth",
+    }
+}

@@ -1,0 +1,664 @@
+//! The hub: state shared by every connection, and the operations on it.
+//!
+//! It holds the subscription router, the retained-message tree, the session
+//! registry and the store handle. The publish path reads the router (sharded,
+//! read-locked) and the per-session queues (one lock per session); the
+//! registry lock is taken only when clients connect, disconnect or expire.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcore_store::{LoadedSession, Op, Store, StoredSession, StoredSubscription};
+use mqtt_proto::v5::RetainHandling;
+use mqtt_proto::QoS;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::config::Config;
+use crate::message::{now_ms, Delivery, Message};
+use crate::metrics as m;
+use crate::protocol::Version;
+use crate::retained::RetainedTree;
+use crate::router::{Match, Router};
+use crate::session::{
+    ConnLink, Enqueued, Inflight, Kick, PendingWill, Session, SessionId, SubOptions,
+};
+use crate::topic::{parse_filter, TopicLimits};
+
+/// What the router stores for one subscription.
+#[derive(Debug, Clone)]
+pub struct SubEntry {
+    pub session: Arc<Session>,
+    pub opts: SubOptions,
+    /// The filter without any `$share/group/` prefix (shared-group key).
+    pub filter: Arc<str>,
+}
+
+/// What a publish did.
+pub struct Routed {
+    /// Resolves when the durable copies this publish created are on disk.
+    /// `None` when there was nothing to write.
+    pub commit: Option<fleetcore_store::Commit>,
+    /// How many subscriptions received it.
+    pub matched: usize,
+}
+
+#[derive(Default)]
+struct Registry {
+    sessions: HashMap<Arc<str>, Arc<Session>>,
+    /// (deadline unix ms, session id, client id) of detached persistent sessions.
+    expiring: BTreeSet<(u64, SessionId, Arc<str>)>,
+}
+
+/// The result of attaching a connection to a session.
+pub struct Attached {
+    pub session: Arc<Session>,
+    pub session_present: bool,
+    pub kick_rx: mpsc::UnboundedReceiver<Kick>,
+    /// In-flight messages to resend (DUP) before anything new.
+    pub resend: Vec<Inflight>,
+    pub incoming_qos2: std::collections::HashSet<u16>,
+}
+
+pub struct Hub {
+    pub config: Config,
+    pub topic_limits: TopicLimits,
+    pub router: Router<SubEntry>,
+    pub retained: RwLock<RetainedTree<Arc<Message>>>,
+    registry: Mutex<Registry>,
+    pub store: Store,
+    next_id: AtomicU64,
+    shared_rr: AtomicUsize,
+    /// Connections currently open (all listeners).
+    pub connections: AtomicUsize,
+    /// Signalled whenever a connection ends (used to wait for drain at shutdown).
+    pub connection_gone: Notify,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+impl Hub {
+    /// Builds the hub and restores retained messages and persistent sessions
+    /// from what the store loaded.
+    pub fn new(config: Config, store: Store, loaded: fleetcore_store::Loaded) -> Arc<Hub> {
+        let topic_limits = TopicLimits {
+            max_len: config.limits.max_topic_len,
+            max_levels: config.limits.max_topic_levels,
+        };
+        let (shutdown_tx, _) = watch::channel(false);
+        let hub = Arc::new(Hub {
+            config,
+            topic_limits,
+            router: Router::new(),
+            retained: RwLock::new(RetainedTree::new()),
+            registry: Mutex::new(Registry::default()),
+            store,
+            next_id: AtomicU64::new(1),
+            shared_rr: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            connection_gone: Notify::new(),
+            shutdown_tx,
+        });
+        let now = now_ms();
+        {
+            let mut tree = hub.retained.write();
+            for s in &loaded.retained {
+                if let Some(msg) = Message::from_stored(s) {
+                    if !msg.is_expired(now) {
+                        tree.insert(&s.topic, Arc::new(msg));
+                    }
+                }
+            }
+        }
+        for ls in loaded.sessions {
+            hub.restore_session(ls, now);
+        }
+        m::gauge_retained(hub.retained.read().len());
+        hub
+    }
+
+    fn restore_session(self: &Arc<Self>, ls: LoadedSession, now: u64) {
+        let version = match ls.session.protocol_version {
+            5 => Version::V5,
+            3 => Version::V31,
+            _ => Version::V311,
+        };
+        let client_id: Arc<str> = Arc::from(ls.client_id.as_str());
+        let session = Arc::new(Session::new(
+            self.next_session_id(),
+            client_id.clone(),
+            ls.session.expiry_interval_secs,
+            version,
+        ));
+        let disconnected_at = ls.session.disconnected_at_ms.unwrap_or(now);
+        {
+            let mut st = session.state.lock();
+            st.disconnected_at_ms = Some(disconnected_at);
+            let mut max_seq = 0;
+            for (seq, q) in &ls.queue {
+                max_seq = max_seq.max(*seq);
+                if let Some(d) = Delivery::from_stored(*seq, q) {
+                    st.queue.push_back(d);
+                }
+            }
+            st.next_seq = max_seq + 1;
+            for sub in &ls.session.subscriptions {
+                let Ok(parsed) = parse_filter(&sub.filter, &self.topic_limits) else {
+                    tracing::warn!(client_id = %client_id, filter = %sub.filter, "stored subscription no longer valid; dropped");
+                    continue;
+                };
+                let opts = SubOptions {
+                    qos: QoS::from_u8(sub.qos).unwrap_or(QoS::Level0),
+                    no_local: sub.no_local,
+                    retain_as_published: sub.retain_as_published,
+                    retain_handling: RetainHandling::from_u8(sub.retain_handling)
+                        .unwrap_or(RetainHandling::SendAtSubscribe),
+                    subscription_id: sub.subscription_id,
+                };
+                self.router.subscribe(
+                    &parsed.filter,
+                    parsed.group.as_deref(),
+                    session.id,
+                    SubEntry {
+                        session: session.clone(),
+                        opts: opts.clone(),
+                        filter: Arc::from(parsed.filter.as_str()),
+                    },
+                );
+                st.subscriptions.insert(sub.filter.clone(), opts);
+            }
+        }
+        let deadline = disconnected_at + ls.session.expiry_interval_secs as u64 * 1000;
+        let mut reg = self.registry.lock();
+        reg.expiring
+            .insert((deadline, session.id, client_id.clone()));
+        reg.sessions.insert(client_id, session);
+    }
+
+    pub fn next_session_id(&self) -> SessionId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown_tx.subscribe()
+    }
+
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown_tx.send(true);
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.registry.lock().sessions.len()
+    }
+
+    // ----- publish -------------------------------------------------------
+
+    /// Stores (if retained) and routes one message to every matching
+    /// subscription. QoS 1/2 copies for detached persistent sessions and the
+    /// retained copy are written to the store; `Routed::commit` resolves once
+    /// they are durable.
+    pub fn publish(&self, msg: Message) -> Routed {
+        let msg = Arc::new(msg);
+        let mut ops = Vec::new();
+        if msg.retain {
+            let topic = msg.topic.to_string();
+            if msg.payload.is_empty() {
+                if self.retained.write().remove(&topic).is_some() {
+                    ops.push(Op::DeleteRetained { topic });
+                }
+            } else {
+                ops.push(Op::PutRetained {
+                    topic: topic.clone(),
+                    msg: msg.to_stored(),
+                });
+                self.retained.write().insert(&topic, msg.clone());
+            }
+            m::gauge_retained(self.retained.read().len());
+        }
+        let mut matches: Vec<Match<SubEntry>> = Vec::new();
+        self.router.matches(&msg.topic, &mut matches);
+        let mut matched = 0;
+        let mut groups: HashMap<(Arc<str>, Arc<str>), Vec<SubEntry>> = HashMap::new();
+        for mt in matches {
+            match mt.group {
+                Some(g) => groups
+                    .entry((g, mt.value.filter.clone()))
+                    .or_default()
+                    .push(mt.value),
+                None => {
+                    if self.deliver(&msg, &mt.value, &mut ops) {
+                        matched += 1;
+                    }
+                }
+            }
+        }
+        for (_, members) in groups {
+            // Round robin, preferring members with a connection attached.
+            let start = self.shared_rr.fetch_add(1, Ordering::Relaxed);
+            let n = members.len();
+            let pick = (0..n)
+                .map(|i| &members[(start + i) % n])
+                .find(|e| e.session.state.lock().conn.is_some())
+                .unwrap_or(&members[start % n]);
+            if self.deliver(&msg, pick, &mut ops) {
+                matched += 1;
+            }
+        }
+        let commit = if ops.is_empty() {
+            None
+        } else if msg.qos == QoS::Level0 {
+            self.store.submit_nowait(ops);
+            None
+        } else {
+            Some(self.store.submit(ops))
+        };
+        Routed { commit, matched }
+    }
+
+    fn deliver(&self, msg: &Arc<Message>, entry: &SubEntry, ops: &mut Vec<Op>) -> bool {
+        if entry.opts.no_local && msg.origin == entry.session.id {
+            return false;
+        }
+        let d = Delivery {
+            msg: msg.clone(),
+            qos: msg.qos.min(entry.opts.qos),
+            retain: entry.opts.retain_as_published && msg.retain,
+            subscription_id: entry.opts.subscription_id,
+            seq: None,
+        };
+        match entry
+            .session
+            .enqueue(d, self.config.limits.max_queued_messages)
+        {
+            Enqueued::Queued => true,
+            Enqueued::NeedsStore(seq, item) => {
+                ops.push(Op::PutQueued {
+                    client_id: entry.session.client_id.to_string(),
+                    seq,
+                    item,
+                });
+                true
+            }
+            Enqueued::Dropped(reason) => {
+                m::dropped(reason);
+                false
+            }
+        }
+    }
+
+    /// Retained messages matching `filter`, for a new subscription.
+    pub fn retained_for(&self, filter: &str) -> Vec<Arc<Message>> {
+        let mut out = Vec::new();
+        self.retained.read().matching(filter, &mut out);
+        let now = now_ms();
+        out.into_iter()
+            .map(|(_, m)| m)
+            .filter(|m| !m.is_expired(now))
+            .collect()
+    }
+
+    // ----- sessions ------------------------------------------------------
+
+    /// Attaches a new connection to the session of `client_id`, taking it
+    /// over from any connection already attached (which is told to close
+    /// with `kick`). With `clean_start` any existing session is ended first.
+    pub async fn attach(
+        self: &Arc<Self>,
+        client_id: Arc<str>,
+        clean_start: bool,
+        expiry_secs: u32,
+        version: Version,
+        conn_id: u64,
+    ) -> Attached {
+        let mut kicked_once = false;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let existing = self.registry.lock().sessions.get(&client_id).cloned();
+            if let Some(s) = &existing {
+                let busy = {
+                    let st = s.state.lock();
+                    st.conn.as_ref().map(|l| l.kick.clone())
+                };
+                if let Some(kick) = busy {
+                    if !kicked_once {
+                        let _ = kick.send(Kick {
+                            reason: mqtt_proto::v5::DisconnectReasonCode::SessionTakenOver,
+                            message: "another connection with the same client id".into(),
+                        });
+                        kicked_once = true;
+                    }
+                    if tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    // The old connection did not let go in time: detach it by force.
+                    tracing::warn!(client_id = %client_id, "previous connection did not close in 5 s; detaching it");
+                    s.state.lock().conn = None;
+                }
+            }
+            let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+            let link = ConnLink {
+                conn_id,
+                kick: kick_tx,
+            };
+            match existing {
+                Some(old) if !clean_start => {
+                    let mut st = old.state.lock();
+                    if st.conn.is_some() || st.ended {
+                        continue;
+                    }
+                    let deadline_key = st
+                        .disconnected_at_ms
+                        .map(|t| (t + st.expiry_secs as u64 * 1000, old.id, client_id.clone()));
+                    st.conn = Some(link);
+                    st.expiry_secs = expiry_secs;
+                    st.version = version;
+                    st.disconnected_at_ms = None;
+                    // Reconnected in time: a delayed will is not sent.
+                    st.pending_will = None;
+                    let resend = std::mem::take(&mut st.inflight);
+                    let incoming_qos2 = std::mem::take(&mut st.incoming_qos2);
+                    let record = (expiry_secs > 0).then(|| stored_session(&st));
+                    drop(st);
+                    if let Some(k) = deadline_key {
+                        self.registry.lock().expiring.remove(&k);
+                    }
+                    match record {
+                        Some(rec) => self.store.submit_nowait(vec![Op::PutSession {
+                            client_id: client_id.to_string(),
+                            session: rec,
+                        }]),
+                        None => self.forget_stored_session(&client_id),
+                    }
+                    return Attached {
+                        session: old,
+                        session_present: true,
+                        kick_rx,
+                        resend,
+                        incoming_qos2,
+                    };
+                }
+                _ => {
+                    let session = Arc::new(Session::new(
+                        self.next_session_id(),
+                        client_id.clone(),
+                        expiry_secs,
+                        version,
+                    ));
+                    session.state.lock().conn = Some(link);
+                    let replaced = {
+                        let mut reg = self.registry.lock();
+                        let current = reg.sessions.get(&client_id).cloned();
+                        let same = match (&current, &existing) {
+                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                            (None, None) => true,
+                            _ => false,
+                        };
+                        if !same {
+                            continue;
+                        }
+                        reg.sessions.insert(client_id.clone(), session.clone());
+                        current
+                    };
+                    if let Some(old) = replaced {
+                        self.end_session(&old, false);
+                    } else {
+                        // A stored session from before a restart may still exist on disk.
+                        self.forget_stored_session(&client_id);
+                    }
+                    if expiry_secs > 0 {
+                        let rec = stored_session(&session.state.lock());
+                        self.store.submit_nowait(vec![Op::PutSession {
+                            client_id: client_id.to_string(),
+                            session: rec,
+                        }]);
+                    }
+                    return Attached {
+                        session,
+                        session_present: false,
+                        kick_rx,
+                        resend: Vec::new(),
+                        incoming_qos2: Default::default(),
+                    };
+                }
+            }
+        }
+    }
+
+    fn forget_stored_session(&self, client_id: &str) {
+        self.store.submit_nowait(vec![Op::DeleteSession {
+            client_id: client_id.to_string(),
+        }]);
+    }
+
+    /// Called by a connection as it ends. Saves what was in flight, then
+    /// either ends the session (expiry 0) or keeps it for its expiry interval.
+    /// `will` is the will to publish now or after its delay, if the
+    /// connection did not end with a normal DISCONNECT.
+    pub fn detach(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        conn_id: u64,
+        inflight: Vec<Inflight>,
+        incoming_qos2: std::collections::HashSet<u16>,
+        will: Option<(Message, u32)>,
+    ) {
+        let mut st = session.state.lock();
+        if st.conn.as_ref().map(|l| l.conn_id) != Some(conn_id) {
+            // Forced off by a takeover that could not wait; nothing is ours any more.
+            drop(st);
+            if let Some((w, _)) = will {
+                self.publish(w);
+            }
+            return;
+        }
+        st.conn = None;
+        let now = now_ms();
+        st.disconnected_at_ms = Some(now);
+        st.inflight = inflight;
+        st.incoming_qos2 = incoming_qos2;
+        if st.expiry_secs == 0 || st.ended {
+            drop(st);
+            self.end_session(session, true);
+            if let Some((w, _)) = will {
+                self.publish(w);
+            }
+            return;
+        }
+        // Persist whatever is still only in memory, so a crash while the
+        // client is away loses nothing that was queued for it.
+        let mut ops = Vec::new();
+        let mut next_seq = st.next_seq;
+        let client = session.client_id.to_string();
+        let parts: &mut crate::session::SessionState = &mut st;
+        for d in parts
+            .inflight
+            .iter_mut()
+            .map(|i| &mut i.delivery)
+            .chain(parts.queue.iter_mut())
+        {
+            if d.seq.is_none() && d.qos != QoS::Level0 {
+                d.seq = Some(next_seq);
+                ops.push(Op::PutQueued {
+                    client_id: client.clone(),
+                    seq: next_seq,
+                    item: d.to_stored(),
+                });
+                next_seq += 1;
+            }
+        }
+        st.queue.retain(|d| d.qos != QoS::Level0);
+        st.next_seq = next_seq;
+        ops.push(Op::PutSession {
+            client_id: client,
+            session: stored_session(&st),
+        });
+        let expiry = st.expiry_secs;
+        let mut will_due = None;
+        if let Some((w, delay)) = will {
+            let delay = delay.min(expiry);
+            if delay == 0 {
+                will_due = Some(w);
+            } else {
+                st.will_generation += 1;
+                let generation = st.will_generation;
+                st.pending_will = Some(PendingWill { msg: w, generation });
+                let hub = self.clone();
+                let s = session.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(delay as u64)).await;
+                    hub.fire_pending_will(&s, generation);
+                });
+            }
+        }
+        drop(st);
+        self.store.submit_nowait(ops);
+        self.registry.lock().expiring.insert((
+            now + expiry as u64 * 1000,
+            session.id,
+            session.client_id.clone(),
+        ));
+        if let Some(w) = will_due {
+            self.publish(w);
+        }
+    }
+
+    fn fire_pending_will(&self, session: &Arc<Session>, generation: u64) {
+        let will = {
+            let mut st = session.state.lock();
+            match &st.pending_will {
+                Some(w) if w.generation == generation => st.pending_will.take(),
+                _ => None,
+            }
+        };
+        if let Some(w) = will {
+            self.publish(w.msg);
+        }
+    }
+
+    /// Removes a session: its subscriptions, its stored state, and publishes
+    /// a will still waiting for its delay.
+    pub fn end_session(&self, session: &Arc<Session>, remove_from_registry: bool) {
+        let (filters, will, persistent) = {
+            let mut st = session.state.lock();
+            if st.ended {
+                return;
+            }
+            st.ended = true;
+            st.queue.clear();
+            let filters: Vec<String> = st.subscriptions.drain().map(|(f, _)| f).collect();
+            (filters, st.pending_will.take(), st.expiry_secs > 0)
+        };
+        for raw in filters {
+            if let Ok(p) = parse_filter(&raw, &self.topic_limits) {
+                self.router
+                    .unsubscribe(&p.filter, p.group.as_deref(), session.id);
+            }
+        }
+        if remove_from_registry {
+            let mut reg = self.registry.lock();
+            if reg
+                .sessions
+                .get(&session.client_id)
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+            {
+                reg.sessions.remove(&session.client_id);
+            }
+        }
+        if persistent {
+            self.forget_stored_session(&session.client_id);
+        }
+        if let Some(w) = will {
+            self.publish(w.msg);
+        }
+        m::gauge_sessions(self.session_count());
+    }
+
+    /// Ends detached persistent sessions whose expiry interval has passed.
+    /// Returns how many ended.
+    pub fn expire_sessions(&self) -> usize {
+        let now = now_ms();
+        let due: Vec<(u64, SessionId, Arc<str>)> = {
+            let mut reg = self.registry.lock();
+            let mut due = Vec::new();
+            while let Some(first) = reg.expiring.first() {
+                if first.0 > now {
+                    break;
+                }
+                if let Some(e) = reg.expiring.pop_first() {
+                    due.push(e);
+                }
+            }
+            due
+        };
+        let mut ended = 0;
+        for (_, id, client_id) in due {
+            let session = self.registry.lock().sessions.get(&client_id).cloned();
+            let Some(session) = session else { continue };
+            if session.id != id {
+                continue;
+            }
+            let expired = {
+                let st = session.state.lock();
+                st.conn.is_none()
+                    && st
+                        .disconnected_at_ms
+                        .is_some_and(|t| t + st.expiry_secs as u64 * 1000 <= now)
+            };
+            if expired {
+                tracing::debug!(client_id = %client_id, "session expired");
+                self.end_session(&session, true);
+                ended += 1;
+            }
+        }
+        ended
+    }
+
+    /// Records the subscription set of a persistent session in the store.
+    pub fn persist_session(&self, session: &Session) -> Option<fleetcore_store::Commit> {
+        let st = session.state.lock();
+        if st.expiry_secs == 0 || st.ended {
+            return None;
+        }
+        let rec = stored_session(&st);
+        drop(st);
+        Some(self.store.submit(vec![Op::PutSession {
+            client_id: session.client_id.to_string(),
+            session: rec,
+        }]))
+    }
+
+    /// Tells every attached connection to close (used at shutdown).
+    pub fn kick_all(&self, reason: mqtt_proto::v5::DisconnectReasonCode, message: &str) {
+        let sessions: Vec<Arc<Session>> = self.registry.lock().sessions.values().cloned().collect();
+        for s in sessions {
+            if let Some(link) = &s.state.lock().conn {
+                let _ = link.kick.send(Kick {
+                    reason,
+                    message: message.to_string(),
+                });
+            }
+        }
+    }
+}
+
+fn stored_session(st: &crate::session::SessionState) -> StoredSession {
+    StoredSession {
+        protocol_version: st.version.level(),
+        expiry_interval_secs: st.expiry_secs,
+        disconnected_at_ms: st.disconnected_at_ms,
+        subscriptions: st
+            .subscriptions
+            .iter()
+            .map(|(f, o)| StoredSubscription {
+                filter: f.clone(),
+                qos: o.qos as u8,
+                no_local: o.no_local,
+                retain_as_published: o.retain_as_published,
+                retain_handling: o.retain_handling as u8,
+                subscription_id: o.subscription_id,
+            })
+            .collect(),
+    }
+}

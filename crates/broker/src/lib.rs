@@ -1,0 +1,198 @@
+//! fleetcore's MQTT data plane.
+//!
+//! # Layout
+//! - [`config`]: the configuration file's schema and defaults.
+//! - [`protocol`]: framing, and MQTT 3.1.1 normalised into MQTT 5 shapes.
+//! - [`topic`]: topic name and filter rules (validation, `$share`, `$` topics).
+//! - [`router`]: the subscription index every publish is matched against.
+//! - [`retained`]: the retained-message index walked on subscribe.
+//! - [`message`]: a routed message, shared by every subscriber it reaches.
+//! - [`session`]: per-client state that outlives connections.
+//! - [`hub`]: the shared state and the operations connections call on it.
+//! - [`connection`]: one task per client connection.
+//! - [`listener`]: accept loops, connection limits, EMFILE back-off.
+//! - [`tls`]: rustls server configuration and client certificate subjects.
+//! - [`metrics`]: the metric names the broker records.
+//!
+//! [`Server`] assembles these: it opens the store, restores retained
+//! messages and sessions, binds the listeners and runs until shut down.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod connection;
+pub mod hub;
+pub mod listener;
+pub mod message;
+pub mod metrics;
+pub mod protocol;
+pub mod retained;
+pub mod router;
+pub mod session;
+pub mod tls;
+pub mod topic;
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcore_store::{Store, StoreOptions};
+use tokio::net::TcpSocket;
+use tokio::task::JoinHandle;
+
+pub use config::Config;
+use config::ListenerKind;
+use hub::Hub;
+
+/// Why the server could not start; each names what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot create data directory {path}: {reason}")]
+    DataDir { path: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] fleetcore_store::StoreError),
+    #[error("listener {bind} ({kind}): {reason}")]
+    Listener {
+        bind: SocketAddr,
+        kind: &'static str,
+        reason: String,
+    },
+}
+
+/// A running broker.
+pub struct Server {
+    hub: Arc<Hub>,
+    addrs: Vec<(&'static str, SocketAddr)>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Opens the store, restores state, binds every listener and starts
+    /// accepting. Fails without side effects on the network if any listener
+    /// cannot be bound.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::DataDir {
+            path: config.data_dir.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut bound = Vec::new();
+        for lc in config.effective_listeners() {
+            let kind = lc.kind_name();
+            let err = |reason: String| StartError::Listener {
+                bind: lc.bind,
+                kind,
+                reason,
+            };
+            let tls = match lc.kind {
+                ListenerKind::Tcp => None,
+                ListenerKind::Tls => {
+                    let (cert_file, key_file, client_ca_file) = lc.tls_files().map_err(err)?;
+                    let cfg = tls::server_config(cert_file, key_file, client_ca_file, &[])
+                        .map_err(|e| err(e.to_string()))?;
+                    Some(tokio_rustls::TlsAcceptor::from(cfg))
+                }
+            };
+            let socket = bind(lc.bind).map_err(|e| err(e.to_string()))?;
+            bound.push(listener::Listener {
+                config: lc,
+                socket,
+                tls,
+            });
+        }
+        let path = config.data_dir.join("fleetcore.redb");
+        let store_path = path.clone();
+        let (store, loaded) =
+            tokio::task::spawn_blocking(move || Store::open(&store_path, StoreOptions::default()))
+                .await
+                .map_err(|e| StartError::Config(format!("store open task failed: {e}")))??;
+        tracing::info!(
+            path = %path.display(),
+            retained = loaded.retained.len(),
+            sessions = loaded.sessions.len(),
+            "store opened"
+        );
+        let hub = Hub::new(config, store, loaded);
+        let mut addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for l in bound {
+            let addr = l.socket.local_addr().map_err(|e| StartError::Listener {
+                bind: l.config.bind,
+                kind: l.config.kind_name(),
+                reason: e.to_string(),
+            })?;
+            tracing::info!(
+                listener = l.config.kind_name(),
+                addr = %addr,
+                anonymous = l.config.allow_anonymous,
+                "listening"
+            );
+            addrs.push((l.config.kind_name(), addr));
+            tasks.push(tokio::spawn(listener::run(hub.clone(), l)));
+        }
+        let reaper_hub = hub.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut shutdown = reaper_hub.shutdown_signal();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = tick.tick() => { reaper_hub.expire_sessions(); }
+                }
+            }
+        }));
+        Ok(Server { hub, addrs, tasks })
+    }
+
+    /// The addresses actually bound, by listener kind (useful with port 0).
+    pub fn local_addrs(&self) -> &[(&'static str, SocketAddr)] {
+        &self.addrs
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Stops accepting, tells every client the server is shutting down
+    /// (MQTT 5: DISCONNECT 0x8B), waits up to `grace` for connections to end
+    /// and flushes the store.
+    pub async fn shutdown(self, grace: Duration) -> Result<(), fleetcore_store::StoreError> {
+        let open = self.hub.connections.load(Ordering::Acquire);
+        tracing::info!(connections = open, "shutting down");
+        self.hub.begin_shutdown();
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let gone = self.hub.connection_gone.notified();
+            if self.hub.connections.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, gone).await.is_err() {
+                tracing::warn!(
+                    connections = self.hub.connections.load(Ordering::Acquire),
+                    "connections still open after the grace period"
+                );
+                break;
+            }
+        }
+        for t in self.tasks {
+            t.abort();
+        }
+        self.hub.store.flush().await?;
+        tracing::info!("store flushed; stopped");
+        Ok(())
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    // A deep backlog absorbs reconnect storms.
+    socket.listen(4096)
+}

@@ -1,0 +1,173 @@
+//! Sessions: what the broker remembers about a client across its connections.
+//!
+//! A session owns its subscriptions, the queue of messages waiting to be sent
+//! to it, and (while no connection is attached) the messages that were in
+//! flight when the last connection ended. Each session has its own lock, so
+//! publishers to different clients never contend; a connection attached to the
+//! session is woken through [`Session::wake`] when something is queued.
+//!
+//! A session with an expiry interval of 0 ends with its connection. Others
+//! are persistent: they outlive the connection, their QoS 1/2 messages that
+//! arrive while no connection is attached are written to the store before the
+//! publisher is acknowledged, and they end when the expiry interval has passed
+//! since the connection ended.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use mqtt_proto::v5::{DisconnectReasonCode, RetainHandling};
+use mqtt_proto::QoS;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, Notify};
+
+use crate::message::{Delivery, Message};
+use crate::protocol::Version;
+
+pub type SessionId = u64;
+
+/// Options of one subscription, as granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubOptions {
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub retain_handling: RetainHandling,
+    pub subscription_id: Option<u32>,
+}
+
+/// Where an outgoing QoS 1/2 message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InflightState {
+    /// PUBLISH sent (QoS 1 awaiting PUBACK, QoS 2 awaiting PUBREC).
+    Published,
+    /// QoS 2: PUBREL sent, awaiting PUBCOMP.
+    Released,
+}
+
+#[derive(Debug, Clone)]
+pub struct Inflight {
+    pub pid: u16,
+    pub delivery: Delivery,
+    pub state: InflightState,
+}
+
+/// A request to the connection attached to a session to close itself.
+#[derive(Debug, Clone)]
+pub struct Kick {
+    pub reason: DisconnectReasonCode,
+    pub message: String,
+}
+
+/// The link from a session to the connection currently attached to it.
+#[derive(Debug)]
+pub struct ConnLink {
+    pub conn_id: u64,
+    pub kick: mpsc::UnboundedSender<Kick>,
+}
+
+/// A will waiting for its delay (or for the session to end).
+#[derive(Debug)]
+pub struct PendingWill {
+    pub msg: Message,
+    pub generation: u64,
+}
+
+/// Outcome of offering a delivery to a session.
+pub enum Enqueued {
+    /// Queued in memory.
+    Queued,
+    /// Queued, and this durable copy must reach the store before the
+    /// publisher is acknowledged.
+    NeedsStore(u64, fleetcore_store::StoredQueued),
+    /// Not queued (the reason is a metrics label).
+    Dropped(&'static str),
+}
+
+#[derive(Debug)]
+pub struct SessionState {
+    /// 0: the session ends with its connection.
+    pub expiry_secs: u32,
+    pub version: Version,
+    /// Raw filter as subscribed (including any `$share/group/` prefix).
+    pub subscriptions: HashMap<String, SubOptions>,
+    pub queue: VecDeque<Delivery>,
+    /// Outgoing messages in flight when the last connection ended.
+    pub inflight: Vec<Inflight>,
+    /// Incoming QoS 2 packet ids received but not yet released (PUBREL).
+    pub incoming_qos2: HashSet<u16>,
+    pub conn: Option<ConnLink>,
+    /// Unix ms when the last connection ended; `None` while attached.
+    pub disconnected_at_ms: Option<u64>,
+    pub next_seq: u64,
+    pub pending_will: Option<PendingWill>,
+    pub will_generation: u64,
+    /// Set once the session has been removed; a late publisher's delivery is dropped.
+    pub ended: bool,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub id: SessionId,
+    pub client_id: Arc<str>,
+    pub state: Mutex<SessionState>,
+    /// Wakes the attached connection when a delivery is queued.
+    pub wake: Notify,
+}
+
+impl Session {
+    pub fn new(id: SessionId, client_id: Arc<str>, expiry_secs: u32, version: Version) -> Session {
+        Session {
+            id,
+            client_id,
+            state: Mutex::new(SessionState {
+                expiry_secs,
+                version,
+                subscriptions: HashMap::new(),
+                queue: VecDeque::new(),
+                inflight: Vec::new(),
+                incoming_qos2: HashSet::new(),
+                conn: None,
+                disconnected_at_ms: None,
+                next_seq: 1,
+                pending_will: None,
+                will_generation: 0,
+                ended: false,
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Offers a delivery. An attached session queues everything (up to
+    /// `max_queued`); a detached persistent one queues QoS 1/2 only, durably.
+    pub fn enqueue(&self, mut d: Delivery, max_queued: usize) -> Enqueued {
+        let mut st = self.state.lock();
+        if st.ended {
+            return Enqueued::Dropped("session_ended");
+        }
+        let attached = st.conn.is_some();
+        if !attached && d.qos == QoS::Level0 {
+            return Enqueued::Dropped("offline_qos0");
+        }
+        if st.queue.len() >= max_queued {
+            return Enqueued::Dropped("queue_full");
+        }
+        let result = if !attached && st.expiry_secs > 0 {
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            d.seq = Some(seq);
+            Enqueued::NeedsStore(seq, d.to_stored())
+        } else {
+            Enqueued::Queued
+        };
+        st.queue.push_back(d);
+        drop(st);
+        if attached {
+            self.wake.notify_one();
+        }
+        result
+    }
+
+    pub fn is_persistent(&self) -> bool {
+        self.state.lock().expiry_secs > 0
+    }
+}

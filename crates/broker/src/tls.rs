@@ -1,0 +1,132 @@
+//! TLS for the listeners: server configuration from PEM files, and what a
+//! verified client certificate says about its holder.
+//!
+//! Client certificates are required and verified against the configured CA
+//! bundle by rustls (`WebPkiClientVerifier`); by the time a connection reaches
+//! the MQTT layer its peer certificate chains to a trusted CA. The subject is
+//! read here so the identity layer can bind policy variables to it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {what} from {path}: {reason}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{path} holds no {what}")]
+    Empty { what: &'static str, path: PathBuf },
+    #[error("TLS configuration refused: {0}")]
+    Config(String),
+}
+
+fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsError::File {
+            what,
+            path: path.into(),
+            reason: e.to_string(),
+        })?
+        .collect();
+    let certs = certs.map_err(|e| TlsError::File {
+        what,
+        path: path.into(),
+        reason: e.to_string(),
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            what,
+            path: path.into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// A rustls server configuration that requires a client certificate
+/// chaining to one of the CAs in `client_ca_file`.
+pub fn server_config(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca_file: &Path,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = read_certs(cert_file, "a server certificate")?;
+    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| TlsError::File {
+        what: "a private key",
+        path: key_file.into(),
+        reason: e.to_string(),
+    })?;
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs(client_ca_file, "a CA certificate")? {
+        roots
+            .add(ca)
+            .map_err(|e| TlsError::Config(format!("CA in {}: {e}", client_ca_file.display())))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(format!("server certificate and key: {e}")))?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// What a verified client certificate says about its holder.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientCert {
+    pub subject_cn: Option<String>,
+    /// The subject as RFC 4514-like text, e.g. `CN=computer-a, O=customer-b`.
+    pub subject: String,
+    pub issuer: String,
+    /// Serial number, lower-case hex.
+    pub serial: String,
+    /// Other subject attributes by short name (O, OU, C, ST, L, serialNumber...).
+    pub attributes: Vec<(String, String)>,
+}
+
+impl ClientCert {
+    /// Reads the end-entity certificate (already verified by rustls).
+    pub fn from_der(der: &[u8]) -> Option<ClientCert> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let subject = cert.subject();
+        let mut attributes = Vec::new();
+        for rdn in subject.iter() {
+            for atv in rdn.iter() {
+                let name = x509_parser::objects::oid2abbrev(
+                    atv.attr_type(),
+                    x509_parser::objects::oid_registry(),
+                )
+                .map(str::to_owned)
+                .unwrap_or_else(|_| atv.attr_type().to_id_string());
+                if let Ok(v) = atv.as_str() {
+                    attributes.push((name, v.to_owned()));
+                }
+            }
+        }
+        let info = ClientCert {
+            subject_cn: subject
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .map(str::to_owned),
+            subject: subject.to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: cert.raw_serial_as_string().replace(':', ""),
+            attributes,
+        };
+        Some(info)
+    }
+}

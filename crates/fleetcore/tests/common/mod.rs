@@ -1,0 +1,937 @@
+//! Harness for the end-to-end tests: a real `fleetcore serve` process with its own data
+//! directory, config and loopback ports, plus real MQTT clients driven as child processes.
+//!
+//! Layout:
+//! - [`TestBroker`] / [`BrokerOpts`]: start, SIGKILL, SIGTERM and restart the broker.
+//! - [`Pki`]: a CA, a server certificate, client certificates and a rogue CA (rcgen).
+//! - [`LineChild`]: a child process whose stdout lines a test waits on, with deadlines.
+//! - [`mosquitto_sub`], [`mosquitto_pub`], [`paho`]: the external clients.
+//! - [`Event`]: one line printed by the paho scripts in `tests/clients/`.
+//!
+//! Every wait has a deadline, and every process started here is killed by its PID when
+//! its owner is dropped, so a failing test neither hangs nor leaks processes.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::fmt::Display;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
+};
+
+/// The bound for one step of a test (a client connecting, a message arriving, ...).
+pub const STEP: Duration = Duration::from_secs(10);
+/// How long the broker may take to open its listeners.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a graceful stop may take.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------
+// Broker process
+// ---------------------------------------------------------------------------------------
+
+/// What to put in the broker's config beyond the plain-TCP listener.
+#[derive(Default, Clone)]
+pub struct BrokerOpts {
+    tls: bool,
+    limits: Vec<(String, String)>,
+    session: Vec<(String, String)>,
+}
+
+impl BrokerOpts {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a mutual-TLS listener with certificates from a fresh [`Pki`].
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
+    /// Sets `[limits] key = value`; `value` is written as TOML as is (`1`, `"x"`).
+    pub fn limit(mut self, key: &str, value: impl Display) -> Self {
+        self.limits.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Sets `[session] key = value`.
+    pub fn session(mut self, key: &str, value: impl Display) -> Self {
+        self.session.push((key.to_string(), value.to_string()));
+        self
+    }
+}
+
+/// A running (or stopped, between [`kill9`](Self::kill9) and [`restart`](Self::restart))
+/// fleetcore broker owned by one test.
+pub struct TestBroker {
+    dir: Option<tempfile::TempDir>,
+    bin: PathBuf,
+    config_path: PathBuf,
+    log_path: PathBuf,
+    tcp_port: u16,
+    tls_port: Option<u16>,
+    pki: Option<Pki>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl TestBroker {
+    /// Writes a config into a fresh temporary directory and starts the broker on free
+    /// loopback ports, waiting until every listener accepts TCP connections.
+    pub fn start(opts: BrokerOpts) -> TestBroker {
+        let bin = broker_binary();
+        let dir = tempfile::Builder::new()
+            .prefix("fleetcore-e2e-")
+            .tempdir()
+            .expect("create temp dir");
+        let root = dir.path().to_path_buf();
+        let pki = opts.tls.then(|| Pki::generate(&root.join("pki")));
+        let mut broker = TestBroker {
+            config_path: root.join("fleetcore.toml"),
+            log_path: root.join("broker.log"),
+            dir: Some(dir),
+            bin,
+            tcp_port: 0,
+            tls_port: None,
+            pki,
+            child: None,
+            starts: 0,
+        };
+        // A port picked by binding to :0 can be taken by another test before the broker
+        // binds it; when that happens, pick again.
+        for attempt in 1..=3 {
+            broker.tcp_port = free_port();
+            broker.tls_port = opts.tls.then(free_port);
+            broker.write_config(&opts);
+            match broker.spawn_and_wait() {
+                Ok(()) => return broker,
+                Err(log) if attempt < 3 && log.to_lowercase().contains("in use") => continue,
+                Err(log) => panic!(
+                    "fleetcore did not start ({}); log tail:\n{}",
+                    broker.bin.display(),
+                    tail(&log, 60)
+                ),
+            }
+        }
+        unreachable!()
+    }
+
+    fn write_config(&self, opts: &BrokerOpts) {
+        let root = self.dir();
+        let mut toml = format!(
+            "data_dir = {}\n\n[log]\nformat = \"human\"\nlevel = \"info\"\n\n\
+             [[listener]]\nkind = \"tcp\"\nbind = \"127.0.0.1:{}\"\nallow_anonymous = true\n",
+            toml_str(&root.join("data")),
+            self.tcp_port
+        );
+        if let (Some(port), Some(pki)) = (self.tls_port, &self.pki) {
+            toml += &format!(
+                "\n[[listener]]\nkind = \"tls\"\nbind = \"127.0.0.1:{port}\"\n\
+                 cert_file = {}\nkey_file = {}\nclient_ca_file = {}\n",
+                toml_str(&pki.server_cert),
+                toml_str(&pki.server_key),
+                toml_str(&pki.ca_cert)
+            );
+        }
+        for (table, entries) in [("limits", &opts.limits), ("session", &opts.session)] {
+            if !entries.is_empty() {
+                toml += &format!("\n[{table}]\n");
+                for (k, v) in entries {
+                    toml += &format!("{k} = {v}\n");
+                }
+            }
+        }
+        fs::write(&self.config_path, toml).expect("write config");
+    }
+
+    /// Spawns the binary and waits until it accepts connections; on failure returns the log.
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "broker is already running");
+        self.starts += 1;
+        let mut log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("open broker log");
+        use std::io::Write;
+        writeln!(log, "===== e2e harness: start #{} =====", self.starts).ok();
+        let err = log.try_clone().expect("clone log handle");
+        let child = Command::new(&self.bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {}: {e} (build it, or point FLEETCORE_BIN at it)",
+                    self.bin.display()
+                )
+            });
+        self.child = Some(child);
+
+        let ports: Vec<u16> = std::iter::once(self.tcp_port)
+            .chain(self.tls_port)
+            .collect();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self.child_mut().try_wait().expect("try_wait") {
+                self.child = None;
+                return Err(format!("exited early with {status}\n{}", self.log()));
+            }
+            if ports.iter().all(|p| can_connect(*p)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.kill_child();
+                return Err(format!(
+                    "not accepting connections on {ports:?} after {START_TIMEOUT:?}\n{}",
+                    self.log()
+                ));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("broker is not running")
+    }
+
+    fn kill_child(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = wait_timeout(&mut child, STOP_TIMEOUT);
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("temp dir").path()
+    }
+
+    pub fn tcp_port(&self) -> u16 {
+        self.tcp_port
+    }
+
+    pub fn tls_port(&self) -> u16 {
+        self.tls_port
+            .expect("broker started without BrokerOpts::tls()")
+    }
+
+    pub fn pki(&self) -> &Pki {
+        self.pki
+            .as_ref()
+            .expect("broker started without BrokerOpts::tls()")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("broker is not running").id()
+    }
+
+    /// SIGKILL: the broker gets no chance to flush anything.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("broker is not running");
+        child.kill().expect("SIGKILL broker");
+        wait_timeout(&mut child, STOP_TIMEOUT).expect("broker did not die after SIGKILL");
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit status. Panics (after SIGKILL)
+    /// when the broker does not stop within the bound.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("broker is not running");
+        send_sigterm(child.id());
+        match wait_timeout(&mut child, STOP_TIMEOUT) {
+            Some(status) => status,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "broker did not stop within {STOP_TIMEOUT:?} of SIGTERM; log tail:\n{}",
+                    self.log_tail()
+                );
+            }
+        }
+    }
+
+    /// Starts the broker again with the same config, data directory and ports.
+    pub fn restart(&mut self) {
+        if let Err(log) = self.spawn_and_wait() {
+            panic!("fleetcore did not restart; log tail:\n{}", tail(&log, 60));
+        }
+    }
+
+    /// Everything the broker wrote to stdout/stderr, across restarts.
+    pub fn log(&self) -> String {
+        fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn log_tail(&self) -> String {
+        tail(&self.log(), 60)
+    }
+
+    /// Panics unless the broker process is still running and never logged a panic.
+    pub fn assert_healthy(&mut self) {
+        if let Some(status) = self.child_mut().try_wait().expect("try_wait") {
+            self.child = None;
+            panic!("broker died ({status}); log tail:\n{}", self.log_tail());
+        }
+        self.assert_no_panic_logged();
+    }
+
+    pub fn assert_no_panic_logged(&self) {
+        let log = self.log();
+        assert!(
+            !log.contains("panicked"),
+            "broker logged a panic:\n{}",
+            tail(&log, 80)
+        );
+    }
+
+    /// Arguments for the paho scripts to reach the plain-TCP listener.
+    pub fn paho_tcp(&self) -> Vec<String> {
+        strings(["--host", "127.0.0.1", "--port", &self.tcp_port.to_string()])
+    }
+
+    /// Arguments for the paho scripts to reach the TLS listener with a client certificate.
+    pub fn paho_tls(&self, client: &ClientCert) -> Vec<String> {
+        let mut args = self.paho_tls_no_cert();
+        args.extend([
+            "--cert".into(),
+            path_str(&client.cert),
+            "--key".into(),
+            path_str(&client.key),
+        ]);
+        args
+    }
+
+    pub fn paho_tls_no_cert(&self) -> Vec<String> {
+        vec![
+            "--host".into(),
+            "localhost".into(),
+            "--port".into(),
+            self.tls_port().to_string(),
+            "--tls-ca".into(),
+            path_str(&self.pki().ca_cert),
+        ]
+    }
+
+    /// Arguments for mosquitto_pub/sub to reach the plain-TCP listener.
+    pub fn mosq_tcp(&self) -> Vec<String> {
+        strings(["-h", "127.0.0.1", "-p", &self.tcp_port.to_string()])
+    }
+
+    /// Arguments for mosquitto_pub/sub to reach the TLS listener with a client certificate.
+    pub fn mosq_tls(&self, client: &ClientCert) -> Vec<String> {
+        let mut args = self.mosq_tls_no_cert();
+        args.extend([
+            "--cert".into(),
+            path_str(&client.cert),
+            "--key".into(),
+            path_str(&client.key),
+        ]);
+        args
+    }
+
+    pub fn mosq_tls_no_cert(&self) -> Vec<String> {
+        vec![
+            "-h".into(),
+            "localhost".into(),
+            "-p".into(),
+            self.tls_port().to_string(),
+            "--cafile".into(),
+            path_str(&self.pki().ca_cert),
+        ]
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.kill_child();
+        if thread::panicking() {
+            eprintln!("---- fleetcore log tail ----\n{}", self.log_tail());
+        }
+        if std::env::var_os("FLEETCORE_KEEP_TEST_DIRS").is_some() {
+            if let Some(dir) = self.dir.take() {
+                eprintln!("keeping {}", dir.keep().display());
+            }
+        }
+    }
+}
+
+/// The binary under test: `FLEETCORE_BIN` if set, else the one cargo built for this package.
+fn broker_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("FLEETCORE_BIN") {
+        return PathBuf::from(path);
+    }
+    match option_env!("CARGO_BIN_EXE_fleetcore") {
+        Some(path) => PathBuf::from(path),
+        None => panic!("no fleetcore binary: set FLEETCORE_BIN"),
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+fn can_connect(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+fn send_sigterm(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("run kill -TERM");
+    assert!(status.success(), "kill -TERM {pid} failed: {status}");
+}
+
+/// Waits for a child for at most `limit`; `None` when it is still running.
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn toml_str(path: &Path) -> String {
+    format!("{:?}", path_str(path))
+}
+
+fn path_str(path: &Path) -> String {
+    path.to_str().expect("utf-8 path").to_string()
+}
+
+fn strings<const N: usize>(items: [&str; N]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------
+// Certificates
+// ---------------------------------------------------------------------------------------
+
+/// A client certificate and its key, as PEM files.
+#[derive(Clone, Debug)]
+pub struct ClientCert {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Test PKI, all ECDSA P-256, written as PEM files: a CA the TLS listener trusts, a
+/// server certificate for `localhost` and `127.0.0.1`, client certificates whose CN is a
+/// thing name, and a client certificate from an unrelated ("rogue") CA.
+pub struct Pki {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// CN `thing-1`.
+    pub thing1: ClientCert,
+    /// CN `thing-2`.
+    pub thing2: ClientCert,
+    /// CN `thing-1`, issued by a CA the broker does not trust.
+    pub rogue: ClientCert,
+}
+
+impl Pki {
+    pub fn generate(dir: &Path) -> Pki {
+        fs::create_dir_all(dir).expect("create pki dir");
+        let write = |name: &str, pem: &str| {
+            let path = dir.join(name);
+            fs::write(&path, pem).expect("write pem");
+            path
+        };
+
+        let ca = new_ca("fleetcore e2e CA");
+        let ca_issuer: &Issuer<'_, KeyPair> = &ca;
+        let (server_pem, server_key) = new_leaf(
+            ca_issuer,
+            "localhost",
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let client = |cn: &str, issuer: &Issuer<'_, KeyPair>, file: &str| {
+            let (cert, key) = new_leaf(issuer, cn, &[], ExtendedKeyUsagePurpose::ClientAuth);
+            ClientCert {
+                cert: write(&format!("{file}.pem"), &cert),
+                key: write(&format!("{file}.key"), &key),
+            }
+        };
+        let thing1 = client("thing-1", ca_issuer, "thing-1");
+        let thing2 = client("thing-2", ca_issuer, "thing-2");
+        let rogue_ca = new_ca("rogue CA");
+        let rogue = client("thing-1", &rogue_ca, "rogue-thing-1");
+        write("rogue-ca.pem", &rogue_ca.pem());
+
+        Pki {
+            ca_cert: write("ca.pem", &ca.pem()),
+            server_cert: write("server.pem", &server_pem),
+            server_key: write("server.key", &server_key),
+            thing1,
+            thing2,
+            rogue,
+        }
+    }
+}
+
+fn new_ca(cn: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("ca key");
+    CertifiedIssuer::self_signed(params, key).expect("self-sign ca")
+}
+
+/// Issues an end-entity certificate; returns (certificate PEM, PKCS#8 key PEM).
+fn new_leaf(
+    issuer: &Issuer<'_, KeyPair>,
+    cn: &str,
+    sans: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+) -> (String, String) {
+    let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+    let mut params = CertificateParams::new(sans).expect("leaf params");
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![usage];
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("leaf key");
+    let cert = params.signed_by(&key, issuer).expect("sign leaf");
+    (cert.pem(), key.serialize_pem())
+}
+
+// ---------------------------------------------------------------------------------------
+// Client processes
+// ---------------------------------------------------------------------------------------
+
+/// A child process whose stdout is read line by line in the background, so a test can
+/// wait for a line with a deadline. Killed (by PID) when dropped.
+pub struct LineChild {
+    name: String,
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    eof: bool,
+}
+
+impl LineChild {
+    pub fn spawn(name: &str, mut cmd: Command) -> LineChild {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = spawn_or_explain(&mut cmd);
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr_pipe = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&stderr);
+        thread::spawn(move || {
+            let mut buf = String::new();
+            let _ = BufReader::new(stderr_pipe).read_to_string(&mut buf);
+            sink.lock().unwrap().push_str(&buf);
+        });
+        LineChild {
+            name: name.to_string(),
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr,
+            eof: false,
+        }
+    }
+
+    /// The next stdout line, or `None` at end of output or when `deadline` passes.
+    pub fn next_line(&mut self, deadline: Instant) -> Option<String> {
+        if self.eof {
+            return None;
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(wait) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                Some(line)
+            }
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                self.eof = true;
+                None
+            }
+        }
+    }
+
+    /// Waits for a line matching `pred`, skipping others; panics with the transcript if
+    /// none comes within `within`.
+    pub fn expect_line(
+        &mut self,
+        what: &str,
+        within: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + within;
+        while let Some(line) = self.next_line(deadline) {
+            if pred(&line) {
+                return line;
+            }
+        }
+        panic!(
+            "{}: no {what} within {within:?}\n{}",
+            self.name,
+            self.transcript()
+        );
+    }
+
+    /// Waits for the next paho [`Event`] of kind `kind` (skipping other lines).
+    pub fn expect_event(&mut self, kind: &str, within: Duration) -> Event {
+        let line = self.expect_line(&format!("`{kind}` event"), within, |l| {
+            Event::parse(l).is_some_and(|e| e.kind == kind)
+        });
+        Event::parse(&line).expect("event")
+    }
+
+    /// Reads lines until the process closes stdout or `within` passes.
+    pub fn drain(&mut self, within: Duration) -> Vec<String> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        while let Some(line) = self.next_line(deadline) {
+            out.push(line);
+        }
+        out
+    }
+
+    /// Waits for the process to exit; kills it and panics if it takes longer than `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        match wait_timeout(&mut self.child, within) {
+            Some(status) => {
+                // Collect what it printed last, for diagnostics.
+                self.drain(Duration::from_secs(2));
+                status
+            }
+            None => {
+                self.kill();
+                panic!(
+                    "{}: still running after {within:?}\n{}",
+                    self.name,
+                    self.transcript()
+                );
+            }
+        }
+    }
+
+    /// Waits for the process to exit with status 0.
+    pub fn expect_success(&mut self, within: Duration) {
+        let status = self.wait_exit(within);
+        assert!(
+            status.success(),
+            "{}: exited with {status}\n{}",
+            self.name,
+            self.transcript()
+        );
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = wait_timeout(&mut self.child, STOP_TIMEOUT);
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// All stdout lines seen so far.
+    pub fn seen(&self) -> &[String] {
+        &self.seen
+    }
+
+    /// Every event line seen so far, parsed.
+    pub fn events(&self) -> Vec<Event> {
+        self.seen.iter().filter_map(|l| Event::parse(l)).collect()
+    }
+
+    pub fn transcript(&self) -> String {
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.seen.join("\n"),
+            self.stderr.lock().unwrap()
+        )
+    }
+}
+
+impl Drop for LineChild {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.kill();
+        }
+    }
+}
+
+fn spawn_or_explain(cmd: &mut Command) -> Child {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("`{program}` is not installed: {}", install_hint(&program))
+        }
+        Err(e) => panic!("cannot run `{program}`: {e}"),
+    }
+}
+
+fn install_hint(program: &str) -> &'static str {
+    match program {
+        "mosquitto_sub" | "mosquitto_pub" => "apt-get install mosquitto-clients",
+        "python3" => {
+            "apt-get install python3 python3-pip, then python3 -m pip install 'paho-mqtt>=2,<3'"
+        }
+        _ => "install it (see .ci/run)",
+    }
+}
+
+/// Runs a command to completion with a bound; kills it and panics on timeout.
+pub fn run(mut cmd: Command, within: Duration) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let name = format!("{cmd:?}");
+    let mut child = spawn_or_explain(&mut cmd);
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let out_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err.read_to_end(&mut buf);
+        buf
+    });
+    let (status, timed_out) = match wait_timeout(&mut child, within) {
+        Some(status) => (status, false),
+        None => {
+            let _ = child.kill();
+            (child.wait().expect("wait"), true)
+        }
+    };
+    let output = Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    };
+    assert!(
+        !timed_out,
+        "{name}: still running after {within:?}\n{}",
+        describe(&output)
+    );
+    output
+}
+
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// mosquitto clients
+// ---------------------------------------------------------------------------------------
+
+/// Starts `mosquitto_sub -d -F 'MSG %q %r %t %p' <args>` and waits for its SUBACK, so
+/// anything published afterwards is meant for it. Message lines parse with [`mosq_msg`].
+pub fn mosquitto_sub(args: &[String]) -> LineChild {
+    let mut cmd = Command::new("mosquitto_sub");
+    cmd.args(["-d", "-F", "MSG %q %r %t %p"]).args(args);
+    let mut sub = LineChild::spawn("mosquitto_sub", cmd);
+    sub.expect_line("SUBACK", STEP, |l| l.contains("received SUBACK"));
+    sub
+}
+
+/// A message line of [`mosquitto_sub`]: (qos, retain, topic, payload).
+pub fn mosq_msg(line: &str) -> Option<(u8, bool, String, String)> {
+    let rest = line.strip_prefix("MSG ")?;
+    let mut parts = rest.splitn(4, ' ');
+    let qos = parts.next()?.parse().ok()?;
+    let retain = parts.next()? == "1";
+    let topic = parts.next()?.to_string();
+    let payload = parts.next().unwrap_or("").to_string();
+    Some((qos, retain, topic, payload))
+}
+
+/// Waits for the next message line of a [`mosquitto_sub`].
+pub fn expect_mosq_msg(sub: &mut LineChild, within: Duration) -> (u8, bool, String, String) {
+    let line = sub.expect_line("message", within, |l| mosq_msg(l).is_some());
+    mosq_msg(&line).expect("message line")
+}
+
+/// Runs `mosquitto_pub <args>` and returns its output (it may have failed).
+pub fn mosquitto_pub_output(args: &[String]) -> Output {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args(args);
+    run(cmd, STEP)
+}
+
+/// Runs `mosquitto_pub <args>` and panics unless it succeeds.
+pub fn mosquitto_pub(args: &[String]) {
+    let output = mosquitto_pub_output(args);
+    assert!(
+        output.status.success(),
+        "mosquitto_pub {args:?} failed\n{}",
+        describe(&output)
+    );
+}
+
+/// Turns `&str` arguments into the owned form the helpers take, appending to `base`.
+pub fn with(base: &[String], more: &[&str]) -> Vec<String> {
+    base.iter()
+        .cloned()
+        .chain(more.iter().map(|s| s.to_string()))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// paho scripts
+// ---------------------------------------------------------------------------------------
+
+/// Starts `python3 tests/clients/<script> <args>`; its events parse with [`Event`].
+pub fn paho(script: &str, args: &[String]) -> LineChild {
+    require_paho();
+    let mut cmd = Command::new("python3");
+    cmd.arg("-u").arg(clients_dir().join(script)).args(args);
+    LineChild::spawn(script, cmd)
+}
+
+fn clients_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("clients")
+}
+
+/// Fails the test, saying what to install, when python3 or paho-mqtt 2.x is missing.
+fn require_paho() {
+    static CHECK: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = CHECK.get_or_init(|| {
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-c",
+            "import sys, paho.mqtt; sys.exit(int(paho.mqtt.__version__.split('.')[0]) < 2)",
+        ]);
+        let output = run(cmd, STEP);
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "python3 has no paho-mqtt 2.x: run python3 -m pip install 'paho-mqtt>=2,<3'\n{}",
+                describe(&output)
+            ))
+        }
+    });
+    if let Err(message) = result {
+        panic!("{message}");
+    }
+}
+
+/// One line printed by a paho script: `kind key=value ...`, values percent-encoded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Event {
+    pub kind: String,
+    fields: Vec<(String, String)>,
+}
+
+impl Event {
+    pub fn parse(line: &str) -> Option<Event> {
+        let mut words = line.split(' ');
+        let kind = words.next().filter(|k| !k.is_empty())?.to_string();
+        let mut fields = Vec::new();
+        for word in words {
+            let (k, v) = word.split_once('=')?;
+            fields.push((k.to_string(), percent_decode(v)?));
+        }
+        Some(Event { kind, fields })
+    }
+
+    pub fn get(&self, key: &str) -> &str {
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("event {self:?} has no `{key}`"))
+    }
+
+    pub fn num(&self, key: &str) -> u64 {
+        let v = self.get(key);
+        v.parse()
+            .unwrap_or_else(|_| panic!("event {self:?}: `{key}` is not a number"))
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The payloads of the `message` events seen so far, in arrival order.
+pub fn payloads(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e.kind == "message")
+        .map(|e| e.get("payload").to_string())
+        .collect()
+}

@@ -1,0 +1,501 @@
+//! Durable state of fleetcore in one redb file: retained messages, persistent MQTT sessions
+//! (metadata and subscriptions) and the queues of messages waiting for offline clients.
+//!
+//! # Layout
+//! - this file: the records ([`StoredMessage`], [`StoredSession`], [`StoredQueued`]), the
+//!   [`Op`]s that change them, [`Store::open`] (create or open the file, check the schema
+//!   version, load everything into [`Loaded`]) and the [`Store`] handle the broker submits
+//!   ops through, with the [`Commit`] future that tells when they are durable.
+//! - `writer`: the one writer thread and its group commit. It blocks for the first request,
+//!   drains every request already waiting (up to [`StoreOptions::max_batch_ops`] ops or about
+//!   8 MiB), applies them in one write transaction, commits with fsync, and only then
+//!   completes the waiters. One fsync covers many publishes; never one per message.
+//!
+//! # File
+//! Tables: `retained` (topic → postcard [`StoredMessage`]), `sessions` (client id → postcard
+//! [`StoredSession`]), `queue` ((client id, seq) → postcard [`StoredQueued`]) and `meta`
+//! (`schema_version` → 1). A file with another schema version is refused at open; a record
+//! that fails to decode is skipped with a warning, so one bad record never stops the broker.
+#![forbid(unsafe_code)]
+
+mod writer;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::task::{ready, Context, Poll};
+
+use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::writer::{Reply, Request};
+
+const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const SCHEMA_KEY: &str = "schema_version";
+/// The layout of tables and records this code reads and writes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// Tuning of a [`Store`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Most ops in one write transaction (one fsync). The ops of a single
+    /// [`Store::submit`] are never split, so a larger submit makes a larger transaction.
+    pub max_batch_ops: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_batch_ops: 4096,
+        }
+    }
+}
+
+/// Why the store could not do what was asked. Messages are written for an operator.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The file could not be created, opened or read at start.
+    #[error("cannot open store {}: {reason}", path.display())]
+    Open { path: PathBuf, reason: String },
+    /// The file was written by a fleetcore with another layout.
+    #[error(
+        "store {} has schema version {found}, this fleetcore reads version {expected}; \
+         use the fleetcore release that wrote it, or move the file away to start empty",
+        path.display()
+    )]
+    SchemaVersion {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    /// A write transaction failed (disk full, I/O error); its ops are lost.
+    #[error("store commit failed: {0}")]
+    Io(String),
+    /// A record could not be encoded; nothing of its batch was written.
+    #[error("cannot encode a store record: {0}")]
+    Encode(String),
+    /// A record in the file does not decode. On load such records are skipped, not returned.
+    #[error("corrupt record in store table `{table}` at key {key}: {reason}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+    /// The writer thread is gone, so nothing more can be written.
+    #[error("store is closed: its writer thread has stopped")]
+    Closed,
+}
+
+/// A published message as kept on disk: retained, or inside a queued delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+    /// Absolute expiry, unix milliseconds (MQTT 5 message expiry), if any.
+    pub expires_at_ms: Option<u64>,
+    pub payload_format_utf8: Option<bool>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Vec<u8>>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl StoredMessage {
+    /// Rough encoded size, to bound the bytes of one transaction.
+    fn approx_len(&self) -> usize {
+        let props: usize = self
+            .user_properties
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum();
+        32 + self.topic.len()
+            + self.payload.len()
+            + self.content_type.as_ref().map_or(0, String::len)
+            + self.response_topic.as_ref().map_or(0, String::len)
+            + self.correlation_data.as_ref().map_or(0, Vec::len)
+            + props
+    }
+}
+
+/// One delivery waiting for an offline client: the message and how it is to be delivered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredQueued {
+    pub msg: StoredMessage,
+    /// Delivery QoS (the minimum of the published and the subscribed QoS).
+    pub qos: u8,
+    /// Retain flag as it will be delivered (retain-as-published applied).
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+}
+
+/// A subscription of a persistent session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredSubscription {
+    /// As the client sent it, including any `$share/group/` prefix.
+    pub filter: String,
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub retain_handling: u8,
+    pub subscription_id: Option<u32>,
+}
+
+/// A persistent MQTT session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredSession {
+    pub protocol_version: u8,
+    pub expiry_interval_secs: u32,
+    /// When the client went away, unix milliseconds; `None` while connected.
+    pub disconnected_at_ms: Option<u64>,
+    pub subscriptions: Vec<StoredSubscription>,
+}
+
+/// One change to the file. The ops of one submit are applied in order, in one transaction.
+#[derive(Debug, Clone)]
+pub enum Op {
+    PutRetained {
+        topic: String,
+        msg: StoredMessage,
+    },
+    DeleteRetained {
+        topic: String,
+    },
+    PutSession {
+        client_id: String,
+        session: StoredSession,
+    },
+    /// Deletes the session AND every queued message of it.
+    DeleteSession {
+        client_id: String,
+    },
+    PutQueued {
+        client_id: String,
+        seq: u64,
+        item: StoredQueued,
+    },
+    DeleteQueued {
+        client_id: String,
+        seq: u64,
+    },
+}
+
+impl Op {
+    /// Rough bytes this op adds to a transaction.
+    fn approx_len(&self) -> usize {
+        match self {
+            Op::PutRetained { topic, msg } => topic.len() + msg.approx_len(),
+            Op::PutSession { client_id, session } => {
+                let subs: usize = session
+                    .subscriptions
+                    .iter()
+                    .map(|s| s.filter.len() + 16)
+                    .sum();
+                client_id.len() + 32 + subs
+            }
+            Op::PutQueued {
+                client_id, item, ..
+            } => client_id.len() + 16 + item.msg.approx_len() + 4 * item.subscription_ids.len(),
+            Op::DeleteRetained { topic } => topic.len(),
+            Op::DeleteSession { client_id } | Op::DeleteQueued { client_id, .. } => {
+                client_id.len() + 8
+            }
+        }
+    }
+}
+
+/// Everything in the file at open, for the broker to rebuild its state from.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Retained messages; the topic is inside each.
+    pub retained: Vec<StoredMessage>,
+    pub sessions: Vec<LoadedSession>,
+}
+
+/// A persistent session with its queue of waiting deliveries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedSession {
+    pub client_id: String,
+    pub session: StoredSession,
+    /// Queued deliveries in ascending `seq`.
+    pub queue: Vec<(u64, StoredQueued)>,
+}
+
+/// Handle on the store; cheap to clone. When the last clone is dropped the writer commits
+/// what is pending and stops, and the drop waits for that (at most one transaction).
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("commits", &self.commit_count())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    /// `None` only while dropping, so the writer sees the channel close.
+    tx: Option<mpsc::Sender<Request>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    commits: Arc<AtomicU64>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(handle) = self.writer.take() {
+            if handle.join().is_err() {
+                tracing::error!("store writer thread panicked");
+            }
+        }
+    }
+}
+
+/// Opens the database file; the writer calls it again to recover after a failed transaction.
+pub(crate) type Opener = Box<dyn Fn() -> Result<Database, DatabaseError> + Send>;
+
+impl Store {
+    /// Opens or creates the file (creating parent dirs), loads everything, starts the writer thread.
+    pub fn open(path: &Path, opts: StoreOptions) -> Result<(Store, Loaded), StoreError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| open_err(path, e))?;
+        }
+        let file = path.to_path_buf();
+        Store::open_with(path, opts, Box::new(move || Database::create(&file)))
+    }
+
+    pub(crate) fn open_with(
+        path: &Path,
+        opts: StoreOptions,
+        opener: Opener,
+    ) -> Result<(Store, Loaded), StoreError> {
+        let db = opener().map_err(|e| open_err(path, e))?;
+        init_schema(&db, path)?;
+        let loaded = load(&db).map_err(|e| open_err(path, e))?;
+        let commits = Arc::new(AtomicU64::new(0));
+        let (tx, rx) = mpsc::channel();
+        let writer = writer::Writer::new(db, opener, opts.max_batch_ops, commits.clone());
+        let handle = std::thread::Builder::new()
+            .name("fleetcore-store-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| open_err(path, e))?;
+        let store = Store {
+            inner: Arc::new(Inner {
+                tx: Some(tx),
+                writer: Some(handle),
+                commits,
+            }),
+        };
+        Ok((store, loaded))
+    }
+
+    /// Queue ops for the next group commit; the returned Commit resolves once they are durable (or failed).
+    pub fn submit(&self, ops: Vec<Op>) -> Commit {
+        if ops.is_empty() {
+            return Commit::ready();
+        }
+        let (tx, rx) = oneshot::channel();
+        match self.send(ops, Reply::Async(tx), false) {
+            Ok(()) => Commit {
+                state: CommitState::Waiting(rx),
+            },
+            Err(e) => Commit {
+                state: CommitState::Done(Err(e)),
+            },
+        }
+    }
+
+    /// Queue ops without waiting for the result (used for deletes after acknowledgement). Errors are logged and counted.
+    pub fn submit_nowait(&self, ops: Vec<Op>) {
+        if ops.is_empty() {
+            return;
+        }
+        let n = ops.len();
+        if let Err(e) = self.send(ops, Reply::None, false) {
+            metrics::counter!("fleetcore_store_errors_total").increment(1);
+            tracing::error!(error = %e, ops = n, "store ops dropped");
+        }
+    }
+
+    /// Blocks (sync) until everything submitted so far is durable. Used at shutdown.
+    ///
+    /// Returns the error of a transaction that failed since the previous flush, if any, since
+    /// then not everything submitted was written.
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Vec::new(), Reply::Blocking(tx), true)?;
+        rx.recv().unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Async version of flush.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Vec::new(), Reply::Async(tx), true)?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Write transactions committed since open (each one fsync); for tests and diagnostics.
+    pub fn commit_count(&self) -> u64 {
+        self.inner.commits.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, ops: Vec<Op>, reply: Reply, flush: bool) -> Result<(), StoreError> {
+        let tx = self.inner.tx.as_ref().ok_or(StoreError::Closed)?;
+        tx.send(Request { ops, reply, flush })
+            .map_err(|_| StoreError::Closed)
+    }
+}
+
+/// Resolves once the ops of one [`Store::submit`] are durable, or with why they are not.
+/// A writer that went away gives [`StoreError::Closed`].
+#[must_use = "dropping a Commit loses its result; use Store::submit_nowait when it is not needed"]
+pub struct Commit {
+    state: CommitState,
+}
+
+enum CommitState {
+    Done(Result<(), StoreError>),
+    Waiting(oneshot::Receiver<Result<(), StoreError>>),
+}
+
+impl Commit {
+    /// An already successful commit, for a change that needed no write.
+    pub fn ready() -> Commit {
+        Commit {
+            state: CommitState::Done(Ok(())),
+        }
+    }
+}
+
+impl Future for Commit {
+    type Output = Result<(), StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        match &mut this.state {
+            CommitState::Done(result) => Poll::Ready(result.clone()),
+            CommitState::Waiting(rx) => {
+                let result = ready!(Pin::new(rx).poll(cx)).unwrap_or(Err(StoreError::Closed));
+                this.state = CommitState::Done(result.clone());
+                Poll::Ready(result)
+            }
+        }
+    }
+}
+
+fn open_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Open {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Creates the tables of a new file and refuses a file of another schema version.
+fn init_schema(db: &Database, path: &Path) -> Result<(), StoreError> {
+    let result = (|| -> Result<Option<u64>, redb::Error> {
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get(SCHEMA_KEY)?.map(|v| v.value());
+            match found {
+                Some(v) if v != SCHEMA_VERSION => return Ok(Some(v)),
+                Some(_) => {}
+                None => {
+                    meta.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
+                }
+            }
+            txn.open_table(RETAINED)?;
+            txn.open_table(SESSIONS)?;
+            txn.open_table(QUEUE)?;
+        }
+        txn.commit()?;
+        Ok(None)
+    })();
+    match result {
+        Ok(None) => Ok(()),
+        Ok(Some(found)) => Err(StoreError::SchemaVersion {
+            path: path.to_path_buf(),
+            found,
+            expected: SCHEMA_VERSION,
+        }),
+        Err(e) => Err(open_err(path, e)),
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(
+    table: &'static str,
+    key: impl std::fmt::Debug,
+    bytes: &[u8],
+) -> Option<T> {
+    match postcard::from_bytes(bytes) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let err = StoreError::Corrupt {
+                table,
+                key: format!("{key:?}"),
+                reason: e.to_string(),
+            };
+            tracing::warn!(%err, "skipping store record");
+            None
+        }
+    }
+}
+
+fn load(db: &Database) -> Result<Loaded, redb::Error> {
+    let txn = db.begin_read()?;
+    let mut loaded = Loaded::default();
+    for entry in txn.open_table(RETAINED)?.iter()? {
+        let (key, value) = entry?;
+        if let Some(msg) = decode("retained", key.value(), value.value()) {
+            loaded.retained.push(msg);
+        }
+    }
+    let mut sessions = std::collections::BTreeMap::new();
+    for entry in txn.open_table(SESSIONS)?.iter()? {
+        let (key, value) = entry?;
+        let client_id = key.value();
+        if let Some(session) = decode("sessions", client_id, value.value()) {
+            sessions.insert(
+                client_id.to_owned(),
+                LoadedSession {
+                    client_id: client_id.to_owned(),
+                    session,
+                    queue: Vec::new(),
+                },
+            );
+        }
+    }
+    let mut orphans = 0u64;
+    for entry in txn.open_table(QUEUE)?.iter()? {
+        let (key, value) = entry?;
+        let (client_id, seq) = key.value();
+        let Some(session) = sessions.get_mut(client_id) else {
+            orphans += 1;
+            continue;
+        };
+        if let Some(item) = decode("queue", (client_id, seq), value.value()) {
+            session.queue.push((seq, item));
+        }
+    }
+    if orphans > 0 {
+        tracing::warn!(
+            orphans,
+            "skipping queued messages whose session is missing or unreadable"
+        );
+    }
+    loaded.sessions = sessions.into_values().collect();
+    Ok(loaded)
+}
+
+#[cfg(test)]
+mod tests;

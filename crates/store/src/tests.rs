@@ -1,0 +1,490 @@
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+
+use redb::backends::FileBackend;
+use redb::{Builder, StorageBackend};
+
+use super::*;
+
+fn msg(topic: &str, payload: &[u8]) -> StoredMessage {
+    StoredMessage {
+        topic: topic.to_owned(),
+        payload: payload.to_vec(),
+        qos: 1,
+        retain: true,
+        expires_at_ms: Some(1_900_000_000_000),
+        payload_format_utf8: Some(true),
+        content_type: Some("application/json".into()),
+        response_topic: None,
+        correlation_data: Some(vec![1, 2, 3]),
+        user_properties: vec![("k".into(), "v".into())],
+    }
+}
+
+fn session(filter: &str) -> StoredSession {
+    StoredSession {
+        protocol_version: 5,
+        expiry_interval_secs: 3600,
+        disconnected_at_ms: Some(1_700_000_000_000),
+        subscriptions: vec![StoredSubscription {
+            filter: filter.to_owned(),
+            qos: 1,
+            no_local: false,
+            retain_as_published: true,
+            retain_handling: 0,
+            subscription_id: Some(7),
+        }],
+    }
+}
+
+fn queued(topic: &str, n: u8) -> StoredQueued {
+    StoredQueued {
+        msg: msg(topic, &[n]),
+        qos: 1,
+        retain: false,
+        subscription_ids: vec![7],
+    }
+}
+
+fn put_queued(client_id: &str, seq: u64) -> Op {
+    Op::PutQueued {
+        client_id: client_id.into(),
+        seq,
+        item: queued("t", seq as u8),
+    }
+}
+
+fn open(path: &Path) -> (Store, Loaded) {
+    match Store::open(path, StoreOptions::default()) {
+        Ok(v) => v,
+        Err(e) => panic!("open failed: {e}"),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn session_of<'a>(loaded: &'a Loaded, client_id: &str) -> Option<&'a LoadedSession> {
+    loaded.sessions.iter().find(|s| s.client_id == client_id)
+}
+
+#[test]
+fn data_survives_reopen_and_deletes_remove_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/dir/fleetcore.redb");
+    let rt = runtime();
+    {
+        let (store, loaded) = open(&path);
+        assert!(loaded.retained.is_empty() && loaded.sessions.is_empty());
+        rt.block_on(store.submit(vec![
+            Op::PutRetained {
+                topic: "a/config".into(),
+                msg: msg("a/config", b"one"),
+            },
+            Op::PutRetained {
+                topic: "b/config".into(),
+                msg: msg("b/config", b"two"),
+            },
+            Op::PutSession {
+                client_id: "computer-a".into(),
+                session: session("customer-b/computer-a/#"),
+            },
+            Op::PutSession {
+                client_id: "computer-b".into(),
+                session: session("$share/g/x/#"),
+            },
+            put_queued("computer-a", 2),
+            put_queued("computer-a", 1),
+            put_queued("computer-a", 10),
+            put_queued("computer-b", 1),
+            put_queued("computer-b", 2),
+        ]))
+        .unwrap();
+    }
+    let (store, loaded) = open(&path);
+    let mut topics: Vec<_> = loaded.retained.iter().map(|m| m.topic.as_str()).collect();
+    topics.sort();
+    assert_eq!(topics, ["a/config", "b/config"]);
+    assert_eq!(
+        loaded.retained.iter().find(|m| m.topic == "a/config"),
+        Some(&msg("a/config", b"one"))
+    );
+    let a = session_of(&loaded, "computer-a").unwrap();
+    assert_eq!(a.session, session("customer-b/computer-a/#"));
+    let seqs: Vec<u64> = a.queue.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, [1, 2, 10]);
+    assert_eq!(a.queue[0].1, queued("t", 1));
+    assert_eq!(session_of(&loaded, "computer-b").unwrap().queue.len(), 2);
+
+    rt.block_on(store.submit(vec![
+        Op::DeleteRetained {
+            topic: "a/config".into(),
+        },
+        Op::DeleteSession {
+            client_id: "computer-a".into(),
+        },
+        Op::DeleteQueued {
+            client_id: "computer-b".into(),
+            seq: 1,
+        },
+    ]))
+    .unwrap();
+    drop(store);
+
+    let (store, loaded) = open(&path);
+    let topics: Vec<_> = loaded.retained.iter().map(|m| m.topic.as_str()).collect();
+    assert_eq!(topics, ["b/config"]);
+    assert!(session_of(&loaded, "computer-a").is_none());
+    let b = session_of(&loaded, "computer-b").unwrap();
+    assert_eq!(b.queue.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [2]);
+    drop(store);
+    // DeleteSession removed the queue itself, not just the session it hangs from.
+    let db = Database::create(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let queue = txn.open_table(QUEUE).unwrap();
+    let left: Vec<(String, u64)> = queue
+        .iter()
+        .unwrap()
+        .map(|e| {
+            let (k, _) = e.unwrap();
+            let (c, s) = k.value();
+            (c.to_owned(), s)
+        })
+        .collect();
+    assert_eq!(left, [("computer-b".to_owned(), 2)]);
+}
+
+#[test]
+fn concurrent_submits_share_commits() {
+    const SUBMITS: u64 = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let rt = runtime();
+    let (store, _) = open(&path);
+    rt.block_on(store.submit(vec![Op::PutSession {
+        client_id: "c".into(),
+        session: session("#"),
+    }]))
+    .unwrap();
+    let before = store.commit_count();
+    rt.block_on(async {
+        let barrier = Arc::new(tokio::sync::Barrier::new(SUBMITS as usize));
+        let tasks: Vec<_> = (0..SUBMITS)
+            .map(|i| {
+                let store = store.clone();
+                let barrier = barrier.clone();
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.submit(vec![put_queued("c", i)]).await
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+    });
+    let commits = store.commit_count() - before;
+    assert!(
+        commits * 10 <= SUBMITS,
+        "{commits} commits for {SUBMITS} submits: not grouped"
+    );
+    drop(store);
+    let (_, loaded) = open(&path);
+    assert_eq!(
+        session_of(&loaded, "c").unwrap().queue.len() as u64,
+        SUBMITS
+    );
+}
+
+#[test]
+fn batches_respect_max_batch_ops() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let (store, _) = Store::open(&path, StoreOptions { max_batch_ops: 8 }).unwrap();
+    store.submit_nowait(vec![Op::PutSession {
+        client_id: "c".into(),
+        session: session("#"),
+    }]);
+    for seq in 0..64 {
+        store.submit_nowait(vec![put_queued("c", seq)]);
+    }
+    store.flush_blocking().unwrap();
+    // 65 single-op requests, at most 8 a transaction.
+    assert!(store.commit_count() >= 9, "{}", store.commit_count());
+    drop(store);
+    let (_, loaded) = open(&path);
+    assert_eq!(session_of(&loaded, "c").unwrap().queue.len(), 64);
+}
+
+#[test]
+fn other_schema_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    drop(open(&path));
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(SCHEMA_KEY, 2u64)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let err =
+        Store::open(&path, StoreOptions::default()).expect_err("a version 2 file must be refused");
+    assert!(
+        matches!(
+            err,
+            StoreError::SchemaVersion {
+                found: 2,
+                expected: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("schema version 2") && text.contains("reads version 1"));
+}
+
+#[test]
+fn corrupt_record_is_skipped_and_the_rest_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let rt = runtime();
+    {
+        let (store, _) = open(&path);
+        rt.block_on(store.submit(vec![
+            Op::PutRetained {
+                topic: "good".into(),
+                msg: msg("good", b"x"),
+            },
+            Op::PutSession {
+                client_id: "ok".into(),
+                session: session("#"),
+            },
+            Op::PutSession {
+                client_id: "bad".into(),
+                session: session("#"),
+            },
+            put_queued("ok", 1),
+            put_queued("ok", 2),
+            put_queued("bad", 1),
+        ]))
+        .unwrap();
+    }
+    {
+        let garbage: &[u8] = &[0xff; 12];
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            txn.open_table(RETAINED)
+                .unwrap()
+                .insert("bad", garbage)
+                .unwrap();
+            txn.open_table(SESSIONS)
+                .unwrap()
+                .insert("bad", garbage)
+                .unwrap();
+            txn.open_table(QUEUE)
+                .unwrap()
+                .insert(("ok", 2u64), garbage)
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let (_store, loaded) = open(&path);
+    let topics: Vec<_> = loaded.retained.iter().map(|m| m.topic.as_str()).collect();
+    assert_eq!(topics, ["good"]);
+    assert_eq!(loaded.sessions.len(), 1);
+    let ok = session_of(&loaded, "ok").unwrap();
+    assert_eq!(ok.queue, vec![(1, queued("t", 1))]);
+}
+
+#[test]
+fn commit_and_flush_report_closed_store() {
+    let rt = runtime();
+    let (tx, rx) = oneshot::channel::<Result<(), StoreError>>();
+    drop(tx);
+    let commit = Commit {
+        state: CommitState::Waiting(rx),
+    };
+    assert!(matches!(rt.block_on(commit), Err(StoreError::Closed)));
+    assert!(rt.block_on(Commit::ready()).is_ok());
+}
+
+/// Wraps the file so a test can make writes fail as a full disk does.
+#[derive(Debug)]
+struct FlakyBackend {
+    file: FileBackend,
+    full: Arc<AtomicBool>,
+}
+
+impl FlakyBackend {
+    fn check(&self) -> std::io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            Err(std::io::Error::from_raw_os_error(28))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl StorageBackend for FlakyBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.file.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.check()?;
+        self.file.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
+        self.file.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.file.close()
+    }
+}
+
+#[test]
+fn writer_survives_a_failed_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let full = Arc::new(AtomicBool::new(false));
+    let opener: Opener = {
+        let (path, full) = (path.clone(), full.clone());
+        Box::new(move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)?;
+            Builder::new().create_with_backend(FlakyBackend {
+                file: FileBackend::new(file)?,
+                full: full.clone(),
+            })
+        })
+    };
+    let rt = runtime();
+    let (store, _) = Store::open_with(&path, StoreOptions::default(), opener).unwrap();
+    let put = |topic: &str| {
+        store.submit(vec![Op::PutRetained {
+            topic: topic.into(),
+            msg: msg(topic, b"x"),
+        }])
+    };
+    rt.block_on(put("before")).unwrap();
+
+    full.store(true, Ordering::SeqCst);
+    let err = rt.block_on(put("lost")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "store commit failed: No space left on device (os error 28)"
+    );
+    full.store(false, Ordering::SeqCst);
+
+    assert!(
+        rt.block_on(store.flush()).is_err(),
+        "flush reports the lost batch"
+    );
+    rt.block_on(store.flush()).unwrap();
+    rt.block_on(put("after")).unwrap();
+    assert_eq!(store.commit_count(), 2);
+    drop(store);
+
+    let (_, loaded) = open(&path);
+    let mut topics: Vec<_> = loaded.retained.iter().map(|m| m.topic.as_str()).collect();
+    topics.sort();
+    assert_eq!(topics, ["after", "before"]);
+}
+
+const CHILD_ENV: &str = "FLEETCORE_STORE_TEST_CHILD_PATH";
+const COMMITTED_SESSIONS: u64 = 50;
+
+/// Child half of `committed_ops_survive_sigkill`: commits, says so, then keeps writing
+/// until the parent kills it, so the kill lands in the middle of later transactions.
+fn sigkill_child(path: &Path) {
+    let rt = runtime();
+    let (store, _) = open(path);
+    rt.block_on(async {
+        let commits: Vec<_> = (0..COMMITTED_SESSIONS)
+            .map(|i| {
+                store.submit(vec![
+                    Op::PutSession {
+                        client_id: format!("client-{i}"),
+                        session: session("#"),
+                    },
+                    put_queued(&format!("client-{i}"), 1),
+                ])
+            })
+            .collect();
+        for commit in commits {
+            commit.await.unwrap();
+        }
+    });
+    println!("COMMITTED");
+    // Bounded, in case the parent dies before it kills this process.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for seq in 2.. {
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+        store.submit_nowait(vec![put_queued("client-0", seq)]);
+        if seq % 64 == 0 {
+            store.flush_blocking().unwrap();
+        }
+    }
+}
+
+#[test]
+fn committed_ops_survive_sigkill() {
+    if let Some(path) = std::env::var_os(CHILD_ENV) {
+        sigkill_child(Path::new(&path));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "tests::committed_ops_survive_sigkill",
+            "--nocapture",
+        ])
+        .env(CHILD_ENV, &path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let committed = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.trim() == "COMMITTED");
+    // Let it write some more, so the kill interrupts a transaction.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(committed, "child exited before committing");
+
+    let (_store, loaded) = open(&path);
+    assert_eq!(loaded.sessions.len() as u64, COMMITTED_SESSIONS);
+    for i in 0..COMMITTED_SESSIONS {
+        let s = session_of(&loaded, &format!("client-{i}")).unwrap();
+        assert_eq!(s.session, session("#"));
+        assert_eq!(s.queue.first(), Some(&(1, queued("t", 1))));
+    }
+}

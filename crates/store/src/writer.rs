@@ -1,0 +1,205 @@
+//! The one writer thread: group commit of every request waiting, one fsync per batch.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use redb::{Database, Durability};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::{Op, Opener, StoreError, QUEUE, RETAINED, SESSIONS};
+
+/// About this many bytes of records end a batch early, so one transaction stays bounded.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// Ops of one submit, or a flush (no ops), with who to tell when they are durable.
+pub(crate) struct Request {
+    pub(crate) ops: Vec<Op>,
+    pub(crate) reply: Reply,
+    /// A flush also reports a failure of any earlier batch since the previous flush.
+    pub(crate) flush: bool,
+}
+
+pub(crate) enum Reply {
+    None,
+    Async(oneshot::Sender<Result<(), StoreError>>),
+    Blocking(mpsc::SyncSender<Result<(), StoreError>>),
+}
+
+impl Reply {
+    fn send(self, result: Result<(), StoreError>) {
+        // A waiter that stopped waiting is no error: its ops were still applied.
+        match self {
+            Reply::None => {}
+            Reply::Async(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Blocking(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
+pub(crate) struct Writer {
+    /// `None` after a failed batch: redb refuses all I/O after an I/O error until the
+    /// database is reopened, so the next batch reopens it and is tried afresh.
+    db: Option<Database>,
+    opener: Opener,
+    max_ops: usize,
+    commits: Arc<AtomicU64>,
+    /// Error of the latest failed batch not yet reported to a flush.
+    unflushed_failure: Option<StoreError>,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        db: Database,
+        opener: Opener,
+        max_ops: usize,
+        commits: Arc<AtomicU64>,
+    ) -> Writer {
+        Writer {
+            db: Some(db),
+            opener,
+            max_ops: max_ops.max(1),
+            commits,
+            unflushed_failure: None,
+        }
+    }
+
+    /// Runs until every `Store` is dropped and every request sent before that is done.
+    pub(crate) fn run(mut self, rx: mpsc::Receiver<Request>) {
+        let mut carry: Option<Request> = None;
+        loop {
+            let first = match carry.take() {
+                Some(r) => r,
+                None => match rx.recv() {
+                    Ok(r) => r,
+                    Err(mpsc::RecvError) => break,
+                },
+            };
+            let mut ops = first.ops.len();
+            let mut bytes = approx_len(&first);
+            let mut batch = vec![first];
+            while ops < self.max_ops && bytes < MAX_BATCH_BYTES {
+                let Ok(next) = rx.try_recv() else { break };
+                let (n, b) = (next.ops.len(), approx_len(&next));
+                if ops + n > self.max_ops || bytes + b > MAX_BATCH_BYTES {
+                    carry = Some(next);
+                    break;
+                }
+                ops += n;
+                bytes += b;
+                batch.push(next);
+            }
+            self.commit_batch(batch, ops);
+        }
+    }
+
+    fn commit_batch(&mut self, batch: Vec<Request>, ops: usize) {
+        // A batch of flushes only has nothing to write: every earlier batch is already done.
+        let result = if ops == 0 {
+            Ok(())
+        } else {
+            let started = Instant::now();
+            let result = self.apply(&batch);
+            metrics::histogram!("fleetcore_store_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
+            metrics::gauge!("fleetcore_store_batch_ops").set(ops as f64);
+            match &result {
+                Ok(()) => {
+                    self.commits.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("fleetcore_store_commits_total").increment(1);
+                    metrics::counter!("fleetcore_store_ops_total").increment(ops as u64);
+                }
+                Err(e) => {
+                    metrics::counter!("fleetcore_store_errors_total").increment(1);
+                    tracing::error!(
+                        error = %e,
+                        ops,
+                        requests = batch.len(),
+                        "store batch lost; its waiters were told"
+                    );
+                    self.db = None;
+                    self.unflushed_failure = Some(e.clone());
+                }
+            }
+            result
+        };
+        let flush_result = if batch.iter().any(|r| r.flush) {
+            self.unflushed_failure.take().map_or(Ok(()), Err)
+        } else {
+            Ok(())
+        };
+        for request in batch {
+            let reply_result = if request.flush {
+                flush_result.clone()
+            } else {
+                result.clone()
+            };
+            request.reply.send(reply_result);
+        }
+    }
+
+    /// Applies every op of the batch in one write transaction and commits it durably.
+    fn apply(&mut self, batch: &[Request]) -> Result<(), StoreError> {
+        if self.db.is_none() {
+            tracing::info!("reopening store after a failed commit");
+            self.db = Some((self.opener)().map_err(io_err)?);
+        }
+        let Some(db) = self.db.as_ref() else {
+            return Err(StoreError::Closed);
+        };
+        let mut txn = db.begin_write().map_err(io_err)?;
+        txn.set_durability(Durability::Immediate).map_err(io_err)?;
+        {
+            let mut retained = txn.open_table(RETAINED).map_err(io_err)?;
+            let mut sessions = txn.open_table(SESSIONS).map_err(io_err)?;
+            let mut queue = txn.open_table(QUEUE).map_err(io_err)?;
+            for op in batch.iter().flat_map(|r| &r.ops) {
+                match op {
+                    Op::PutRetained { topic, msg } => {
+                        retained.insert(topic.as_str(), encode(msg)?.as_slice())
+                    }
+                    Op::DeleteRetained { topic } => retained.remove(topic.as_str()),
+                    Op::PutSession { client_id, session } => {
+                        sessions.insert(client_id.as_str(), encode(session)?.as_slice())
+                    }
+                    Op::DeleteSession { client_id } => {
+                        let id = client_id.as_str();
+                        queue
+                            .retain_in((id, 0u64)..=(id, u64::MAX), |_, _| false)
+                            .map_err(io_err)?;
+                        sessions.remove(id)
+                    }
+                    Op::PutQueued {
+                        client_id,
+                        seq,
+                        item,
+                    } => queue.insert((client_id.as_str(), *seq), encode(item)?.as_slice()),
+                    Op::DeleteQueued { client_id, seq } => queue.remove((client_id.as_str(), *seq)),
+                }
+                .map_err(io_err)?;
+            }
+        }
+        txn.commit().map_err(io_err)
+    }
+}
+
+fn approx_len(request: &Request) -> usize {
+    request.ops.iter().map(Op::approx_len).sum()
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(value).map_err(|e| StoreError::Encode(e.to_string()))
+}
+
+/// Names the underlying OS error plainly ("No space left on device (os error 28)").
+fn io_err(e: impl Into<redb::Error>) -> StoreError {
+    match e.into() {
+        redb::Error::Io(io) => StoreError::Io(io.to_string()),
+        other => StoreError::Io(other.to_string()),
+    }
+}
