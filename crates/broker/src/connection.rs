@@ -23,7 +23,7 @@ use mqtt_proto::v5::{
     self, ConnackProperties, ConnectReasonCode, DisconnectReasonCode, PubackReasonCode,
     PubrecReasonCode, SubscribeReasonCode, UnsubscribeReasonCode,
 };
-use mqtt_proto::{Pid, QoS, QosPid, TopicName};
+use mqtt_proto::{Pid, QoS, TopicName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
@@ -162,6 +162,8 @@ where
         incoming_qos2: attached.incoming_qos2,
         awaiting_commit: 0,
         aliases: HashMap::new(),
+        out_aliases: HashMap::new(),
+        client_alias_max: setup.client_alias_max,
         pending: FuturesOrdered::new(),
         problem_info: setup.problem_info,
         connect_expiry: setup.expiry_secs,
@@ -220,7 +222,7 @@ where
                 conn.send(&Packet::Disconnect(d), "disconnect");
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.flush()).await;
             }
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn.stream.shutdown()).await;
+            linger(&mut conn.stream).await;
             (format!("{why} (reason 0x{:02X})", *code as u8), will)
         }
     };
@@ -228,6 +230,23 @@ where
     let inflight: Vec<Inflight> = std::mem::take(&mut conn.inflight).into_values().collect();
     let qos2 = std::mem::take(&mut conn.incoming_qos2);
     hub.detach(&conn.session, conn_id, inflight, qos2, will);
+}
+
+/// Closes our side and reads (and discards) what the client still sends,
+/// for a bounded time. Closing a socket with unread input makes the kernel
+/// reset the connection, which can destroy the DISCONNECT just sent before
+/// the client reads it.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    let mut scratch = [0u8; 2048];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(n) = stream.read(&mut scratch).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 async fn refuse_connect<S: AsyncWrite + Unpin>(
@@ -259,6 +278,7 @@ struct Setup {
     keep_alive: u16,
     out_window: usize,
     client_max_packet: usize,
+    client_alias_max: u16,
     problem_info: bool,
     will: Option<(Message, u32)>,
     connack_props: ConnackProperties,
@@ -377,6 +397,7 @@ async fn negotiate<S: AsyncWrite + Unpin>(
             out_window: (limits.max_inflight_out as usize)
                 .min(p.receive_max.unwrap_or(u16::MAX) as usize),
             client_max_packet: p.max_packet_size.unwrap_or(u32::MAX) as usize,
+            client_alias_max: p.topic_alias_max.unwrap_or(0),
             problem_info: p.request_problem_info.unwrap_or(true),
             will,
             connack_props,
@@ -410,6 +431,9 @@ struct Conn<S> {
     /// Incoming QoS 1 publishes whose durable copies are still being written.
     awaiting_commit: usize,
     aliases: HashMap<u16, TopicName>,
+    /// Topic aliases we assigned towards the client.
+    out_aliases: HashMap<TopicName, u16>,
+    client_alias_max: u16,
     pending: FuturesOrdered<PendingAck>,
     problem_info: bool,
     connect_expiry: u32,
@@ -477,6 +501,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                                             Err(e) => return Exit::Refuse(e.reason(), e.to_string()),
                                         };
                                         m::packet_in(packet_name(&packet), n);
+                                        tracing::trace!(client_id = %self.session.client_id, packet = packet_name(&packet), bytes = n, "packet received");
                                         if let Err(exit) = self.handle(packet, will) {
                                             return exit;
                                         }
@@ -541,42 +566,53 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Encodes one outgoing PUBLISH. Returns false if the client's maximum
     /// packet size forbids it (the message is then dropped, as MQTT 5 says).
     fn write_publish(&mut self, d: &Delivery, pid: Option<u16>, dup: bool) -> bool {
-        let qos_pid = match (d.qos, pid.and_then(|p| Pid::try_from(p).ok())) {
-            (QoS::Level1, Some(p)) => QosPid::Level1(p),
-            (QoS::Level2, Some(p)) => QosPid::Level2(p),
-            _ => QosPid::Level0,
-        };
-        let properties = if self.version.is_v5() {
-            d.msg.outgoing_properties(now_ms(), d.subscription_id)
-        } else {
-            Default::default()
-        };
-        let packet = Packet::Publish(v5::Publish {
-            dup: dup && d.qos != QoS::Level0,
-            retain: d.retain,
-            qos_pid,
-            topic_name: d.msg.topic.clone(),
-            payload: d.msg.payload.clone(),
-            properties,
-        });
-        let mark = self.out.len();
-        match protocol::encode(self.version, &packet, &mut self.out) {
-            Ok(n) if n > self.client_max_packet => {
-                self.out.truncate(mark);
-                m::dropped("client_max_packet_size");
-                false
-            }
-            Ok(_) => {
-                m::packet_out("publish");
-                m::message_out(d.qos as u8);
-                true
-            }
-            Err(e) => {
-                self.out.truncate(mark);
-                tracing::error!(error = %e, "could not encode an outgoing PUBLISH");
-                false
+        let v5 = self.version.is_v5();
+        // Outgoing topic aliases, when the client allows them: the first
+        // copy on a topic names it, later ones send only the alias.
+        let mut alias = None;
+        let mut new_alias = false;
+        let mut topic: &str = &d.msg.topic;
+        if v5 && self.client_alias_max > 0 {
+            if let Some(&a) = self.out_aliases.get(&d.msg.topic) {
+                alias = Some(a);
+                topic = "";
+            } else if self.out_aliases.len() < self.client_alias_max as usize {
+                let a = self.out_aliases.len() as u16 + 1;
+                self.out_aliases.insert(d.msg.topic.clone(), a);
+                alias = Some(a);
+                new_alias = true;
             }
         }
+        let out = protocol::OutPublish {
+            dup,
+            qos: d.qos,
+            pid: pid.unwrap_or(0),
+            retain: d.retain,
+            topic,
+            payload: &d.msg.payload,
+            properties: v5.then_some(&d.msg.properties),
+            expiry: if v5 {
+                d.msg.remaining_expiry(now_ms())
+            } else {
+                None
+            },
+            alias,
+            subscription_ids: if v5 { &d.subscription_ids } else { &[] },
+        };
+        let mark = self.out.len();
+        let n = protocol::encode_publish(self.version, &out, &mut self.out);
+        if n > self.client_max_packet {
+            self.out.truncate(mark);
+            if new_alias {
+                // The client never learnt this alias.
+                self.out_aliases.remove(&d.msg.topic);
+            }
+            m::dropped("client_max_packet_size");
+            return false;
+        }
+        m::packet_out("publish");
+        m::message_out(d.qos as u8);
+        true
     }
 
     /// Moves queued deliveries into the write buffer while the in-flight
@@ -1015,7 +1051,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         qos: msg.qos.min(o.max_qos),
                         msg,
                         retain: true,
-                        subscription_id: sub_id,
+                        subscription_ids: sub_id.into_iter().collect(),
                         seq: None,
                     });
                 }

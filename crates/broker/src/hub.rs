@@ -220,28 +220,41 @@ impl Hub {
         self.router.matches(&msg.topic, &mut matches);
         let mut matched = 0;
         let mut groups: HashMap<(Arc<str>, Arc<str>), Vec<SubEntry>> = HashMap::new();
+        let mut direct: Vec<SubEntry> = Vec::with_capacity(matches.len());
         for mt in matches {
             match mt.group {
                 Some(g) => groups
                     .entry((g, mt.value.filter.clone()))
                     .or_default()
                     .push(mt.value),
-                None => {
-                    if self.deliver(&msg, &mt.value, &mut ops) {
-                        matched += 1;
-                    }
-                }
+                None => direct.push(mt.value),
             }
+        }
+        // A session with several matching subscriptions gets one copy, at the
+        // highest granted QoS, carrying every subscription identifier.
+        if direct.len() > 1 {
+            direct.sort_by_key(|e| e.session.id);
+        }
+        let mut i = 0;
+        while i < direct.len() {
+            let mut j = i + 1;
+            while j < direct.len() && direct[j].session.id == direct[i].session.id {
+                j += 1;
+            }
+            if self.deliver(&msg, &direct[i..j], &mut ops) {
+                matched += 1;
+            }
+            i = j;
         }
         for (_, members) in groups {
             // Round robin, preferring members with a connection attached.
             let start = self.shared_rr.fetch_add(1, Ordering::Relaxed);
             let n = members.len();
             let pick = (0..n)
-                .map(|i| &members[(start + i) % n])
-                .find(|e| e.session.state.lock().conn.is_some())
-                .unwrap_or(&members[start % n]);
-            if self.deliver(&msg, pick, &mut ops) {
+                .map(|i| (start + i) % n)
+                .find(|&i| members[i].session.state.lock().conn.is_some())
+                .unwrap_or(start % n);
+            if self.deliver(&msg, &members[pick..=pick], &mut ops) {
                 matched += 1;
             }
         }
@@ -256,17 +269,29 @@ impl Hub {
         Routed { commit, matched }
     }
 
-    fn deliver(&self, msg: &Arc<Message>, entry: &SubEntry, ops: &mut Vec<Op>) -> bool {
-        if entry.opts.no_local && msg.origin == entry.session.id {
-            return false;
+    /// Offers `msg` to one session through its matching subscriptions `subs`.
+    fn deliver(&self, msg: &Arc<Message>, subs: &[SubEntry], ops: &mut Vec<Op>) -> bool {
+        let mut qos = None;
+        let mut retain = false;
+        let mut subscription_ids = Vec::new();
+        for e in subs {
+            if e.opts.no_local && msg.origin == e.session.id {
+                continue;
+            }
+            let q = msg.qos.min(e.opts.qos);
+            qos = Some(qos.map_or(q, |x: QoS| x.max(q)));
+            retain |= e.opts.retain_as_published && msg.retain;
+            subscription_ids.extend(e.opts.subscription_id);
         }
+        let Some(qos) = qos else { return false };
         let d = Delivery {
             msg: msg.clone(),
-            qos: msg.qos.min(entry.opts.qos),
-            retain: entry.opts.retain_as_published && msg.retain,
-            subscription_id: entry.opts.subscription_id,
+            qos,
+            retain,
+            subscription_ids,
             seq: None,
         };
+        let entry = &subs[0];
         match entry
             .session
             .enqueue(d, self.config.limits.max_queued_messages)

@@ -68,18 +68,10 @@ impl Message {
         self.expires_at_ms.is_some_and(|t| t <= now_ms)
     }
 
-    /// Properties for one outgoing copy: the expiry interval counts down.
-    pub fn outgoing_properties(
-        &self,
-        now_ms: u64,
-        subscription_id: Option<u32>,
-    ) -> PublishProperties {
-        let mut p = self.properties.clone();
-        if let Some(at) = self.expires_at_ms {
-            p.message_expiry_interval = Some((at.saturating_sub(now_ms)).div_ceil(1000) as u32);
-        }
-        p.subscription_id = subscription_id.and_then(|id| id.try_into().ok());
-        p
+    /// The Message Expiry Interval for a copy sent now: it counts down.
+    pub fn remaining_expiry(&self, now_ms: u64) -> Option<u32> {
+        self.expires_at_ms
+            .map(|at| (at.saturating_sub(now_ms)).div_ceil(1000) as u32)
     }
 
     pub fn to_stored(&self) -> StoredMessage {
@@ -150,7 +142,8 @@ pub struct Delivery {
     pub qos: QoS,
     /// The RETAIN flag as sent to this subscriber.
     pub retain: bool,
-    pub subscription_id: Option<u32>,
+    /// Identifiers of every subscription of this session that matched.
+    pub subscription_ids: Vec<u32>,
     /// Key of the durable copy in the store's queue, if one was written.
     pub seq: Option<u64>,
 }
@@ -161,7 +154,7 @@ impl Delivery {
             msg: self.msg.to_stored(),
             qos: self.qos as u8,
             retain: self.retain,
-            subscription_ids: self.subscription_id.into_iter().collect(),
+            subscription_ids: self.subscription_ids.clone(),
         }
     }
 
@@ -170,7 +163,7 @@ impl Delivery {
             msg: Arc::new(Message::from_stored(&q.msg)?),
             qos: QoS::from_u8(q.qos).ok()?,
             retain: q.retain,
-            subscription_id: q.subscription_ids.first().copied(),
+            subscription_ids: q.subscription_ids.clone(),
             seq: Some(seq),
         })
     }

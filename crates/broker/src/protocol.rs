@@ -325,10 +325,143 @@ fn connack_v3(code: v5::ConnectReasonCode) -> v3::ConnectReturnCode {
     }
 }
 
-/// Size a packet would take on the wire, for checking a client's Maximum Packet Size.
-pub fn encoded_len(version: Version, packet: &Packet) -> usize {
-    let mut buf = BytesMut::new();
-    encode(version, packet, &mut buf).unwrap_or(usize::MAX)
+/// An outgoing PUBLISH, borrowed from the routed message.
+///
+/// PUBLISH is the one packet on the hot path, so it has its own encoder:
+/// it writes straight into the connection's buffer (no intermediate
+/// allocation), and it can carry several Subscription Identifiers, which
+/// MQTT 5 allows when overlapping subscriptions match one message.
+pub struct OutPublish<'a> {
+    pub dup: bool,
+    pub qos: mqtt_proto::QoS,
+    pub pid: u16,
+    pub retain: bool,
+    /// Empty when `alias` names a topic the client already knows.
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    /// MQTT 5 only: the properties to send (ignored for v3).
+    pub properties: Option<&'a v5::PublishProperties>,
+    pub expiry: Option<u32>,
+    pub alias: Option<u16>,
+    pub subscription_ids: &'a [u32],
+}
+
+fn varint_len(n: usize) -> usize {
+    match n {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+fn put_varint(out: &mut BytesMut, mut n: usize) {
+    loop {
+        let mut byte = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            byte |= 0x80;
+        }
+        out.extend_from_slice(&[byte]);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn put_str(out: &mut BytesMut, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// Appends one PUBLISH to `out`; returns its size in bytes.
+pub fn encode_publish(version: Version, p: &OutPublish, out: &mut BytesMut) -> usize {
+    let start = out.len();
+    let qos = p.qos as u8;
+    let mut props_len = 0;
+    if version.is_v5() {
+        let pr = p.properties;
+        if pr.and_then(|x| x.payload_is_utf8).is_some() {
+            props_len += 2;
+        }
+        if p.expiry.is_some() {
+            props_len += 5;
+        }
+        if p.alias.is_some() {
+            props_len += 3;
+        }
+        if let Some(pr) = pr {
+            if let Some(t) = &pr.response_topic {
+                props_len += 3 + t.len();
+            }
+            if let Some(c) = &pr.correlation_data {
+                props_len += 3 + c.len();
+            }
+            if let Some(c) = &pr.content_type {
+                props_len += 3 + c.len();
+            }
+            for u in &pr.user_properties {
+                props_len += 5 + u.name.len() + u.value.len();
+            }
+        }
+        for id in p.subscription_ids {
+            props_len += 1 + varint_len(*id as usize);
+        }
+    }
+    let mut remaining = 2 + p.topic.len() + p.payload.len();
+    if qos > 0 {
+        remaining += 2;
+    }
+    if version.is_v5() {
+        remaining += varint_len(props_len) + props_len;
+    }
+    out.reserve(1 + varint_len(remaining) + remaining);
+    let header = 0x30 | ((p.dup && qos > 0) as u8) << 3 | qos << 1 | p.retain as u8;
+    out.extend_from_slice(&[header]);
+    put_varint(out, remaining);
+    put_str(out, p.topic.as_bytes());
+    if qos > 0 {
+        out.extend_from_slice(&p.pid.to_be_bytes());
+    }
+    if version.is_v5() {
+        put_varint(out, props_len);
+        if let Some(utf8) = p.properties.and_then(|x| x.payload_is_utf8) {
+            out.extend_from_slice(&[0x01, utf8 as u8]);
+        }
+        if let Some(e) = p.expiry {
+            out.extend_from_slice(&[0x02]);
+            out.extend_from_slice(&e.to_be_bytes());
+        }
+        if let Some(a) = p.alias {
+            out.extend_from_slice(&[0x23]);
+            out.extend_from_slice(&a.to_be_bytes());
+        }
+        if let Some(pr) = p.properties {
+            if let Some(t) = &pr.response_topic {
+                out.extend_from_slice(&[0x08]);
+                put_str(out, t.as_bytes());
+            }
+            if let Some(c) = &pr.correlation_data {
+                out.extend_from_slice(&[0x09]);
+                put_str(out, c);
+            }
+            if let Some(c) = &pr.content_type {
+                out.extend_from_slice(&[0x03]);
+                put_str(out, c.as_bytes());
+            }
+            for u in &pr.user_properties {
+                out.extend_from_slice(&[0x26]);
+                put_str(out, u.name.as_bytes());
+                put_str(out, u.value.as_bytes());
+            }
+        }
+        for id in p.subscription_ids {
+            out.extend_from_slice(&[0x0B]);
+            put_varint(out, *id as usize);
+        }
+    }
+    out.extend_from_slice(p.payload);
+    out.len() - start
 }
 
 #[cfg(test)]
@@ -390,6 +523,80 @@ mod tests {
         let mut out = BytesMut::new();
         encode(Version::V311, &common, &mut out).unwrap();
         assert_eq!(&out[..], wire.as_ref());
+    }
+
+    #[test]
+    fn own_publish_encoder_matches_the_codec() {
+        use std::sync::Arc;
+        let props = v5::PublishProperties {
+            payload_is_utf8: Some(true),
+            message_expiry_interval: Some(30),
+            topic_alias: None,
+            response_topic: Some(mqtt_proto::TopicName::try_from("reply/here").unwrap()),
+            correlation_data: Some(bytes::Bytes::from_static(b"corr")),
+            user_properties: vec![v5::UserProperty {
+                name: Arc::from("k"),
+                value: Arc::from("v"),
+            }],
+            subscription_id: Some(7u32.try_into().unwrap()),
+            content_type: Some(Arc::from("text/plain")),
+        };
+        for version in [Version::V311, Version::V5] {
+            let mut ours = BytesMut::new();
+            let n = encode_publish(
+                version,
+                &OutPublish {
+                    dup: true,
+                    qos: mqtt_proto::QoS::Level1,
+                    pid: 9,
+                    retain: true,
+                    topic: "acct/dev/config",
+                    payload: b"payload",
+                    properties: Some(&props),
+                    expiry: Some(30),
+                    alias: None,
+                    subscription_ids: &[7],
+                },
+                &mut ours,
+            );
+            assert_eq!(n, ours.len());
+            let Packet::Publish(p) = decode(version, &ours).unwrap() else {
+                panic!("not a publish")
+            };
+            assert!(p.dup && p.retain);
+            assert_eq!(&*p.topic_name, "acct/dev/config");
+            assert_eq!(&p.payload[..], b"payload");
+            assert_eq!(p.qos_pid.pid().map(|x| x.value()), Some(9));
+            if version.is_v5() {
+                assert_eq!(p.properties, props);
+            }
+        }
+    }
+
+    #[test]
+    fn publish_can_carry_several_subscription_ids() {
+        let mut out = BytesMut::new();
+        encode_publish(
+            Version::V5,
+            &OutPublish {
+                dup: false,
+                qos: mqtt_proto::QoS::Level0,
+                pid: 0,
+                retain: false,
+                topic: "t",
+                payload: b"",
+                properties: None,
+                expiry: None,
+                alias: None,
+                subscription_ids: &[2, 300],
+            },
+            &mut out,
+        );
+        // header, remaining, topic "t", props len 5, 0x0B 2, 0x0B 300 (2-byte varint)
+        assert_eq!(
+            &out[..],
+            &[0x30, 9, 0, 1, b't', 5, 0x0B, 2, 0x0B, 0xAC, 0x02]
+        );
     }
 
     #[test]

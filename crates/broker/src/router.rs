@@ -168,7 +168,10 @@ fn levels(path: Option<&str>) -> impl Iterator<Item = &str> {
 
 /// The first level of a topic or filter.
 fn first_level(s: &str) -> &str {
-    s.split('/').next().unwrap_or(s)
+    match s.bytes().position(|b| b == b'/') {
+        Some(i) => &s[..i],
+        None => s,
+    }
 }
 
 /// Splits the level starting at byte `pos` off `topic`: the level, and where the next

@@ -111,8 +111,9 @@ impl TestBroker {
         // A port picked by binding to :0 can be taken by another test before the broker
         // binds it; when that happens, pick again.
         for attempt in 1..=3 {
-            broker.tcp_port = free_port();
-            broker.tls_port = opts.tls.then(free_port);
+            let ports = free_ports(if opts.tls { 2 } else { 1 });
+            broker.tcp_port = ports[0];
+            broker.tls_port = ports.get(1).copied();
             broker.write_config(&opts);
             match broker.spawn_and_wait() {
                 Ok(()) => return broker,
@@ -384,11 +385,15 @@ fn broker_binary() -> PathBuf {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+/// Distinct free loopback ports (all held open until every one is picked).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local_addr").port())
+        .collect()
 }
 
 fn can_connect(port: u16) -> bool {
@@ -396,11 +401,12 @@ fn can_connect(port: u16) -> bool {
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
 }
 
+/// SIGTERM without libc: the `kill` builtin of sh (a /bin/kill binary is not everywhere).
 fn send_sigterm(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+    let status = Command::new("sh")
+        .args(["-c", "kill -TERM \"$1\"", "sh", &pid.to_string()])
         .status()
-        .expect("run kill -TERM");
+        .expect("run sh -c kill -TERM");
     assert!(status.success(), "kill -TERM {pid} failed: {status}");
 }
 
@@ -720,6 +726,14 @@ fn spawn_or_explain(cmd: &mut Command) -> Child {
     }
 }
 
+/// Fails the test, saying what to install, unless `program` is on PATH.
+pub fn require_program(program: &str) {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if !std::env::split_paths(&path).any(|dir| dir.join(program).is_file()) {
+        panic!("`{program}` is not installed: {}", install_hint(program));
+    }
+}
+
 fn install_hint(program: &str) -> &'static str {
     match program {
         "mosquitto_sub" | "mosquitto_pub" => "apt-get install mosquitto-clients",
@@ -785,8 +799,12 @@ pub fn describe(output: &Output) -> String {
 /// Starts `mosquitto_sub -d -F 'MSG %q %r %t %p' <args>` and waits for its SUBACK, so
 /// anything published afterwards is meant for it. Message lines parse with [`mosq_msg`].
 pub fn mosquitto_sub(args: &[String]) -> LineChild {
-    let mut cmd = Command::new("mosquitto_sub");
-    cmd.args(["-d", "-F", "MSG %q %r %t %p"]).args(args);
+    require_program("mosquitto_sub");
+    // mosquitto_sub flushes stdout only when it prints a message, which would hide the
+    // SUBACK debug line; stdbuf (coreutils) makes it line-buffered, then execs it.
+    let mut cmd = Command::new("stdbuf");
+    cmd.args(["-oL", "mosquitto_sub", "-d", "-F", "MSG %q %r %t %p"])
+        .args(args);
     let mut sub = LineChild::spawn("mosquitto_sub", cmd);
     sub.expect_line("SUBACK", STEP, |l| l.contains("received SUBACK"));
     sub
