@@ -129,6 +129,9 @@ pub struct ListenerConfig {
     pub key_file: Option<PathBuf>,
     /// TLS: CA certificate(s) client certificates must chain to (PEM).
     pub client_ca_file: Option<PathBuf>,
+    /// An AWS IoT Core policy document (JSON) that binds every client on this
+    /// listener. Without it, clients that get in may do anything.
+    pub policy_file: Option<PathBuf>,
 }
 
 impl ListenerConfig {
@@ -140,6 +143,7 @@ impl ListenerConfig {
             cert_file: None,
             key_file: None,
             client_ca_file: None,
+            policy_file: None,
         }
     }
 

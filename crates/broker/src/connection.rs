@@ -27,6 +27,7 @@ use mqtt_proto::{Pid, QoS, TopicName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::authz::Authz;
 use crate::hub::{Hub, SubEntry};
 use crate::message::{now_ms, Delivery, Message};
 use crate::metrics as m;
@@ -34,6 +35,7 @@ use crate::protocol::{self, DecodeError, Packet, Version};
 use crate::session::{Inflight, InflightState, Kick, Session, SubOptions};
 use crate::tls::ClientCert;
 use crate::topic::{parse_filter, validate_topic_name};
+use fleetcore_policy::Action;
 
 /// A write that makes no progress for this long ends the connection, so a
 /// client that stops reading cannot hold its task (or memory) forever.
@@ -49,6 +51,8 @@ pub struct PeerInfo {
     pub allow_anonymous: bool,
     /// The verified client certificate (TLS listeners).
     pub cert: Option<ClientCert>,
+    /// The policy that binds clients of this listener, if any.
+    pub policy: Option<Arc<fleetcore_policy::Policy>>,
 }
 
 /// Why a connection ended.
@@ -167,6 +171,7 @@ where
         pending: FuturesOrdered::new(),
         problem_info: setup.problem_info,
         connect_expiry: setup.expiry_secs,
+        authz: setup.authz,
     };
     let mut props = setup.connack_props;
     props.session_expiry_interval = setup.told_expiry;
@@ -222,7 +227,7 @@ where
                 conn.send(&Packet::Disconnect(d), "disconnect");
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.flush()).await;
             }
-            linger(&mut conn.stream).await;
+            Box::pin(linger(&mut conn.stream)).await;
             (format!("{why} (reason 0x{:02X})", *code as u8), will)
         }
     };
@@ -282,6 +287,7 @@ struct Setup {
     problem_info: bool,
     will: Option<(Message, u32)>,
     connack_props: ConnackProperties,
+    authz: Authz,
 }
 
 /// Checks CONNECT and settles what the connection may do; refuses it with
@@ -324,6 +330,16 @@ async fn negotiate<S: AsyncWrite + Unpin>(
                     client_id.len(),
                     limits.max_client_id_len
                 ),
+            ));
+        }
+        let authz = match &peer.policy {
+            None => Authz::AllowAll,
+            Some(policy) => Authz::bind(&[policy], &client_id, peer.cert.as_ref()),
+        };
+        if !authz.allows(Action::Connect, &client_id) {
+            return Err(refuse(
+                ConnectReasonCode::NotAuthorized,
+                format!("not authorized to connect as client id {client_id:?}"),
             ));
         }
         let p = &c.properties;
@@ -373,6 +389,14 @@ async fn negotiate<S: AsyncWrite + Unpin>(
                         format!("will topic: {e}"),
                     ));
                 }
+                if !authz.allows(Action::Publish, &w.topic_name)
+                    || (w.retain && !authz.allows(Action::RetainPublish, &w.topic_name))
+                {
+                    return Err(refuse(
+                        ConnectReasonCode::NotAuthorized,
+                        format!("not authorized to publish the will to {:?}", &*w.topic_name),
+                    ));
+                }
                 let props = v5::PublishProperties {
                     payload_is_utf8: w.properties.payload_is_utf8,
                     message_expiry_interval: w.properties.message_expiry_interval,
@@ -401,6 +425,7 @@ async fn negotiate<S: AsyncWrite + Unpin>(
             problem_info: p.request_problem_info.unwrap_or(true),
             will,
             connack_props,
+            authz,
         })
     })();
     match result {
@@ -437,6 +462,7 @@ struct Conn<S> {
     pending: FuturesOrdered<PendingAck>,
     problem_info: bool,
     connect_expiry: u32,
+    authz: Authz,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
@@ -624,6 +650,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             let Some(d) = next else { break };
             if d.msg.is_expired(now) {
                 m::dropped("expired");
+                self.forget_stored(&d);
+                continue;
+            }
+            if !self.authz.allows(Action::Receive, &d.msg.topic) {
+                m::dropped("not_authorized");
                 self.forget_stored(&d);
                 continue;
             }
@@ -891,6 +922,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 )),
             };
         }
+        let allowed = self.authz.allows(Action::Publish, &topic)
+            && (!p.retain || self.authz.allows(Action::RetainPublish, &topic));
+        if !allowed {
+            let why = format!(
+                "not authorized to {} to {:?}",
+                if p.retain {
+                    "publish a retained message"
+                } else {
+                    "publish"
+                },
+                &*topic
+            );
+            tracing::info!(client_id = %self.session.client_id, reason = %why, "PUBLISH refused");
+            return match (pid, self.version.is_v5()) {
+                (Some(pid), true) => {
+                    self.nack(qos, pid, 0x87, why);
+                    Ok(())
+                }
+                // MQTT 3.1.1 cannot refuse a publish; like IoT Core, disconnect.
+                _ => Err(Exit::Refuse(DisconnectReasonCode::NotAuthorized, why)),
+            };
+        }
         m::message_in(qos as u8);
         if let Some(pid) = pid {
             if qos == QoS::Level2 && self.incoming_qos2.contains(&pid.value()) {
@@ -1001,6 +1054,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     continue;
                 }
             };
+            if !self.authz.allows(Action::Subscribe, &raw) {
+                tracing::info!(client_id = %self.session.client_id, filter = %raw, "SUBSCRIBE refused: not authorized");
+                codes.push(SubscribeReasonCode::NotAuthorized);
+                continue;
+            }
             if parsed.group.is_some() && o.no_local {
                 return Err(Exit::Refuse(
                     DisconnectReasonCode::ProtocolError,

@@ -12,12 +12,14 @@
 //! - [`connection`]: one task per client connection.
 //! - [`listener`]: accept loops, connection limits, EMFILE back-off.
 //! - [`tls`]: rustls server configuration and client certificate subjects.
+//! - [`authz`]: IoT Core policy decisions for one connection.
 //! - [`metrics`]: the metric names the broker records.
 //!
 //! [`Server`] assembles these: it opens the store, restores retained
 //! messages and sessions, binds the listeners and runs until shut down.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod config;
 pub mod connection;
 pub mod hub;
@@ -95,11 +97,23 @@ impl Server {
                     Some(tokio_rustls::TlsAcceptor::from(cfg))
                 }
             };
+            let policy = match &lc.policy_file {
+                None => None,
+                Some(path) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| {
+                        err(format!("cannot read policy_file {}: {e}", path.display()))
+                    })?;
+                    let p = fleetcore_policy::Policy::parse(&text)
+                        .map_err(|e| err(format!("policy_file {}: {e}", path.display())))?;
+                    Some(Arc::new(p))
+                }
+            };
             let socket = bind(lc.bind).map_err(|e| err(e.to_string()))?;
             bound.push(listener::Listener {
                 config: lc,
                 socket,
                 tls,
+                policy,
             });
         }
         let path = config.data_dir.join("fleetcore.redb");

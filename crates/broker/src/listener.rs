@@ -26,6 +26,8 @@ pub struct Listener {
     pub config: ListenerConfig,
     pub socket: TcpListener,
     pub tls: Option<TlsAcceptor>,
+    /// The policy every client on this listener is bound by, if any.
+    pub policy: Option<Arc<fleetcore_policy::Policy>>,
 }
 
 /// Decrements the open-connection count when a connection task ends.
@@ -95,6 +97,7 @@ pub async fn run(hub: Arc<Hub>, listener: Listener) {
             listener: kind,
             allow_anonymous: listener.config.allow_anonymous,
             cert: None,
+            policy: listener.policy.clone(),
         };
         let hub = hub.clone();
         let tls = listener.tls.clone();

@@ -288,19 +288,22 @@ pub fn encode(version: Version, packet: &Packet, out: &mut BytesMut) -> Result<u
         Packet::Pubrec(p) => v3::Packet::Pubrec(p.pid),
         Packet::Pubrel(p) => v3::Packet::Pubrel(p.pid),
         Packet::Pubcomp(p) => v3::Packet::Pubcomp(p.pid),
-        Packet::Suback(s) => v3::Packet::Suback(v3::Suback {
-            pid: s.pid,
-            topics: s
-                .topics
-                .iter()
-                .map(|c| match c {
-                    v5::SubscribeReasonCode::GrantedQoS0 => v3::SubscribeReturnCode::MaxLevel0,
-                    v5::SubscribeReasonCode::GrantedQoS1 => v3::SubscribeReturnCode::MaxLevel1,
-                    v5::SubscribeReasonCode::GrantedQoS2 => v3::SubscribeReturnCode::MaxLevel2,
-                    _ => v3::SubscribeReturnCode::Failure,
-                })
-                .collect(),
-        }),
+        Packet::Suback(s) => {
+            // Encoded here: mqtt-proto 0.4 writes the v3 failure code as 3, not 0x80.
+            let start = out.len();
+            out.extend_from_slice(&[0x90]);
+            put_varint(out, 2 + s.topics.len());
+            out.extend_from_slice(&s.pid.value().to_be_bytes());
+            for c in &s.topics {
+                out.extend_from_slice(&[match c {
+                    v5::SubscribeReasonCode::GrantedQoS0 => 0x00,
+                    v5::SubscribeReasonCode::GrantedQoS1 => 0x01,
+                    v5::SubscribeReasonCode::GrantedQoS2 => 0x02,
+                    _ => 0x80,
+                }]);
+            }
+            return Ok(out.len() - start);
+        }
         Packet::Unsuback(u) => v3::Packet::Unsuback(u.pid),
         Packet::Pingresp => v3::Packet::Pingresp,
         Packet::Pingreq => v3::Packet::Pingreq,
@@ -597,6 +600,21 @@ mod tests {
             &out[..],
             &[0x30, 9, 0, 1, b't', 5, 0x0B, 2, 0x0B, 0xAC, 0x02]
         );
+    }
+
+    #[test]
+    fn v3_suback_failure_is_0x80() {
+        let suback = v5::Suback::new(
+            mqtt_proto::Pid::try_from(5).unwrap(),
+            vec![
+                v5::SubscribeReasonCode::GrantedQoS1,
+                v5::SubscribeReasonCode::NotAuthorized,
+                v5::SubscribeReasonCode::TopicFilterInvalid,
+            ],
+        );
+        let mut out = BytesMut::new();
+        encode(Version::V311, &Packet::Suback(suback), &mut out).unwrap();
+        assert_eq!(&out[..], &[0x90, 5, 0, 5, 0x01, 0x80, 0x80]);
     }
 
     #[test]

@@ -93,8 +93,10 @@ pub struct ClientCert {
     pub issuer: String,
     /// Serial number, lower-case hex.
     pub serial: String,
-    /// Other subject attributes by short name (O, OU, C, ST, L, serialNumber...).
+    /// Subject attributes by short name (CN, O, OU, C, ST, L, serialNumber...).
     pub attributes: Vec<(String, String)>,
+    /// Issuer attributes by short name.
+    pub issuer_attributes: Vec<(String, String)>,
 }
 
 impl ClientCert {
@@ -102,20 +104,8 @@ impl ClientCert {
     pub fn from_der(der: &[u8]) -> Option<ClientCert> {
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
         let subject = cert.subject();
-        let mut attributes = Vec::new();
-        for rdn in subject.iter() {
-            for atv in rdn.iter() {
-                let name = x509_parser::objects::oid2abbrev(
-                    atv.attr_type(),
-                    x509_parser::objects::oid_registry(),
-                )
-                .map(str::to_owned)
-                .unwrap_or_else(|_| atv.attr_type().to_id_string());
-                if let Ok(v) = atv.as_str() {
-                    attributes.push((name, v.to_owned()));
-                }
-            }
-        }
+        let attributes = name_attributes(subject);
+        let issuer_attributes = name_attributes(cert.issuer());
         let info = ClientCert {
             subject_cn: subject
                 .iter_common_name()
@@ -126,7 +116,26 @@ impl ClientCert {
             issuer: cert.issuer().to_string(),
             serial: cert.raw_serial_as_string().replace(':', ""),
             attributes,
+            issuer_attributes,
         };
         Some(info)
     }
+}
+
+fn name_attributes(name: &x509_parser::x509::X509Name) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for rdn in name.iter() {
+        for atv in rdn.iter() {
+            let short = x509_parser::objects::oid2abbrev(
+                atv.attr_type(),
+                x509_parser::objects::oid_registry(),
+            )
+            .map(str::to_owned)
+            .unwrap_or_else(|_| atv.attr_type().to_id_string());
+            if let Ok(v) = atv.as_str() {
+                out.push((short, v.to_owned()));
+            }
+        }
+    }
+    out
 }

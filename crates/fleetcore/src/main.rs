@@ -165,6 +165,24 @@ mod tests {
         );
     }
 
+    /// Every configuration the repository ships parses and validates.
+    #[test]
+    fn shipped_example_configs_are_valid() {
+        for (name, text) in [
+            (
+                "config/docker.toml",
+                include_str!("../../../config/docker.toml"),
+            ),
+            (
+                "config/examples/paho-interop.toml",
+                include_str!("../../../config/examples/paho-interop.toml"),
+            ),
+        ] {
+            let c: Config = toml::from_str(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            c.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
     #[test]
     fn unknown_keys_are_refused_with_their_name() {
         let err = toml::from_str::<Config>("[limits]\nmax_conections = 5\n").unwrap_err();

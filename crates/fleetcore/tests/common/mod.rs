@@ -46,6 +46,7 @@ pub struct BrokerOpts {
     tls: bool,
     limits: Vec<(String, String)>,
     session: Vec<(String, String)>,
+    policy: Option<String>,
 }
 
 impl BrokerOpts {
@@ -62,6 +63,13 @@ impl BrokerOpts {
     /// Sets `[limits] key = value`; `value` is written as TOML as is (`1`, `"x"`).
     pub fn limit(mut self, key: &str, value: impl Display) -> Self {
         self.limits.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Binds every client on every listener by this IoT Core policy document
+    /// (written to a file and named as `policy_file`).
+    pub fn policy(mut self, json: &str) -> Self {
+        self.policy = Some(json.to_string());
         self
     }
 
@@ -136,6 +144,15 @@ impl TestBroker {
             toml_str(&root.join("data")),
             self.tcp_port
         );
+        let policy_line = match &opts.policy {
+            Some(json) => {
+                let path = root.join("policy.json");
+                fs::write(&path, json).expect("write policy");
+                format!("policy_file = {}\n", toml_str(&path))
+            }
+            None => String::new(),
+        };
+        toml += &policy_line;
         if let (Some(port), Some(pki)) = (self.tls_port, &self.pki) {
             toml += &format!(
                 "\n[[listener]]\nkind = \"tls\"\nbind = \"127.0.0.1:{port}\"\n\
@@ -144,6 +161,7 @@ impl TestBroker {
                 toml_str(&pki.server_key),
                 toml_str(&pki.ca_cert)
             );
+            toml += &policy_line;
         }
         for (table, entries) in [("limits", &opts.limits), ("session", &opts.session)] {
             if !entries.is_empty() {
@@ -375,7 +393,7 @@ impl Drop for TestBroker {
 }
 
 /// The binary under test: `FLEETCORE_BIN` if set, else the one cargo built for this package.
-fn broker_binary() -> PathBuf {
+pub fn broker_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("FLEETCORE_BIN") {
         return PathBuf::from(path);
     }
