@@ -23,6 +23,11 @@ pub enum Authz {
 }
 
 impl Authz {
+    /// Binds `policies` to already-collected policy variables.
+    pub fn bind_vars(policies: &[&Policy], vars: &Vars) -> Authz {
+        Authz::Bound(Box::new(Bound::new(policies, vars)))
+    }
+
     /// Binds `policies` for a client with this id and (optional) certificate.
     pub fn bind(policies: &[&Policy], client_id: &str, cert: Option<&ClientCert>) -> Authz {
         let mut vars = Vars {

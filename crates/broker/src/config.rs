@@ -68,6 +68,12 @@ impl Config {
             match l.kind {
                 ListenerKind::Tls => {
                     l.tls_files()?;
+                    if l.registry == Some(true) && l.policy_file.is_some() {
+                        return Err(format!(
+                            "listener {} (tls): use either the registry's policies or policy_file, not both",
+                            l.bind
+                        ));
+                    }
                     if l.allow_anonymous {
                         return Err(format!(
                             "listener {} (tls): allow_anonymous is only for kind = \"tcp\"",
@@ -76,6 +82,12 @@ impl Config {
                     }
                 }
                 ListenerKind::Tcp => {
+                    if l.registry == Some(true) {
+                        return Err(format!(
+                            "listener {} (tcp): registry = true needs client certificates (kind = \"tls\")",
+                            l.bind
+                        ));
+                    }
                     if l.cert_file.is_some() || l.key_file.is_some() || l.client_ca_file.is_some() {
                         return Err(format!(
                             "listener {} (tcp): cert_file/key_file/client_ca_file belong to kind = \"tls\"",
@@ -132,6 +144,10 @@ pub struct ListenerConfig {
     /// An AWS IoT Core policy document (JSON) that binds every client on this
     /// listener. Without it, clients that get in may do anything.
     pub policy_file: Option<PathBuf>,
+    /// TLS: client certificates must be registered and ACTIVE in the registry,
+    /// and the policies attached to them apply (AWS IoT Core's model).
+    /// Default true for kind = "tls".
+    pub registry: Option<bool>,
 }
 
 impl ListenerConfig {
@@ -144,7 +160,13 @@ impl ListenerConfig {
             key_file: None,
             client_ca_file: None,
             policy_file: None,
+            registry: None,
         }
+    }
+
+    /// Whether certificates on this listener are checked against the registry.
+    pub fn uses_registry(&self) -> bool {
+        self.registry.unwrap_or(self.kind == ListenerKind::Tls)
     }
 
     /// Short name for logs and metrics labels.

@@ -53,6 +53,8 @@ pub struct PeerInfo {
     pub cert: Option<ClientCert>,
     /// The policy that binds clients of this listener, if any.
     pub policy: Option<Arc<fleetcore_policy::Policy>>,
+    /// Certificates must be registered and ACTIVE; their attached policies apply.
+    pub uses_registry: bool,
 }
 
 /// Why a connection ended.
@@ -150,6 +152,7 @@ where
             setup.expiry_secs,
             version,
             conn_id,
+            setup.cert_id.clone(),
         )
         .await;
     let mut conn = Conn {
@@ -172,6 +175,8 @@ where
         problem_info: setup.problem_info,
         connect_expiry: setup.expiry_secs,
         authz: setup.authz,
+        authz_gen: setup.authz_gen,
+        cert: peer.cert.clone(),
     };
     let mut props = setup.connack_props;
     props.session_expiry_interval = setup.told_expiry;
@@ -288,6 +293,9 @@ struct Setup {
     will: Option<(Message, u32)>,
     connack_props: ConnackProperties,
     authz: Authz,
+    /// Registry generation the authorization was bound at (registry listeners).
+    authz_gen: Option<u64>,
+    cert_id: Option<Arc<str>>,
 }
 
 /// Checks CONNECT and settles what the connection may do; refuses it with
@@ -332,9 +340,20 @@ async fn negotiate<S: AsyncWrite + Unpin>(
                 ),
             ));
         }
-        let authz = match &peer.policy {
-            None => Authz::AllowAll,
-            Some(policy) => Authz::bind(&[policy], &client_id, peer.cert.as_ref()),
+        let mut authz_gen = None;
+        let mut cert_id = None;
+        let authz = match (&peer.cert, &peer.policy) {
+            (Some(cert), _) if peer.uses_registry => {
+                // Read the generation first, so a change racing with this
+                // connect is seen at the first check.
+                authz_gen = Some(hub.registry.generation());
+                cert_id = Some(Arc::from(cert.fingerprint.as_str()));
+                hub.registry
+                    .resolve(cert, &client_id)
+                    .map_err(|why| refuse(ConnectReasonCode::NotAuthorized, why))?
+            }
+            (_, Some(policy)) => Authz::bind(&[policy], &client_id, peer.cert.as_ref()),
+            _ => Authz::AllowAll,
         };
         if !authz.allows(Action::Connect, &client_id) {
             return Err(refuse(
@@ -426,6 +445,8 @@ async fn negotiate<S: AsyncWrite + Unpin>(
             will,
             connack_props,
             authz,
+            authz_gen,
+            cert_id,
         })
     })();
     match result {
@@ -463,6 +484,8 @@ struct Conn<S> {
     problem_info: bool,
     connect_expiry: u32,
     authz: Authz,
+    authz_gen: Option<u64>,
+    cert: Option<ClientCert>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
@@ -478,6 +501,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let mut last_in = Instant::now();
         let max_packet = self.hub.config.limits.max_packet_size as usize;
         loop {
+            if let Err(exit) = self.refresh_authz() {
+                return exit;
+            }
             self.pump();
             if !self.out.is_empty() {
                 if let Err(e) = self.flush().await {
@@ -547,6 +573,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     return Exit::Refuse(DisconnectReasonCode::KeepAliveTimeout, "keep-alive timeout".into());
                 }
             }
+        }
+    }
+
+    /// Rebinds this connection's policies when the registry changed since
+    /// they were bound; ends it if its certificate is no longer ACTIVE.
+    fn refresh_authz(&mut self) -> Result<(), Exit> {
+        let (Some(bound_at), Some(cert)) = (self.authz_gen, &self.cert) else {
+            return Ok(());
+        };
+        let now = self.hub.registry.generation();
+        if now == bound_at {
+            return Ok(());
+        }
+        self.authz_gen = Some(now);
+        match self.hub.registry.resolve(cert, &self.session.client_id) {
+            Ok(a) => {
+                self.authz = a;
+                Ok(())
+            }
+            Err(why) => Err(Exit::Refuse(DisconnectReasonCode::NotAuthorized, why)),
         }
     }
 

@@ -1,9 +1,9 @@
 //! The hub: state shared by every connection, and the operations on it.
 //!
 //! It holds the subscription router, the retained-message tree, the session
-//! registry and the store handle. The publish path reads the router (sharded,
+//! session index, the device registry and the store handle. The publish path reads the router (sharded,
 //! read-locked) and the per-session queues (one lock per session); the
-//! registry lock is taken only when clients connect, disconnect or expire.
+//! session-index lock is taken only when clients connect, disconnect or expire.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -46,7 +46,7 @@ pub struct Routed {
 }
 
 #[derive(Default)]
-struct Registry {
+struct SessionIndex {
     sessions: HashMap<Arc<str>, Arc<Session>>,
     /// (deadline unix ms, session id, client id) of detached persistent sessions.
     expiring: BTreeSet<(u64, SessionId, Arc<str>)>,
@@ -67,8 +67,10 @@ pub struct Hub {
     pub topic_limits: TopicLimits,
     pub router: Router<SubEntry>,
     pub retained: RwLock<RetainedTree<Arc<Message>>>,
-    registry: Mutex<Registry>,
+    index: Mutex<SessionIndex>,
     pub store: Store,
+    /// Things, certificates, policies and their attachments.
+    pub registry: crate::registry::Registry,
     next_id: AtomicU64,
     shared_rr: AtomicUsize,
     /// Connections currently open (all listeners).
@@ -87,12 +89,14 @@ impl Hub {
             max_levels: config.limits.max_topic_levels,
         };
         let (shutdown_tx, _) = watch::channel(false);
+        let registry = crate::registry::Registry::new(store.clone(), &loaded.records);
         let hub = Arc::new(Hub {
+            registry,
             config,
             topic_limits,
             router: Router::new(),
             retained: RwLock::new(RetainedTree::new()),
-            registry: Mutex::new(Registry::default()),
+            index: Mutex::new(SessionIndex::default()),
             store,
             next_id: AtomicU64::new(1),
             shared_rr: AtomicUsize::new(0),
@@ -170,7 +174,7 @@ impl Hub {
             }
         }
         let deadline = disconnected_at + ls.session.expiry_interval_secs as u64 * 1000;
-        let mut reg = self.registry.lock();
+        let mut reg = self.index.lock();
         reg.expiring
             .insert((deadline, session.id, client_id.clone()));
         reg.sessions.insert(client_id, session);
@@ -189,7 +193,7 @@ impl Hub {
     }
 
     pub fn session_count(&self) -> usize {
-        self.registry.lock().sessions.len()
+        self.index.lock().sessions.len()
     }
 
     // ----- publish -------------------------------------------------------
@@ -335,11 +339,12 @@ impl Hub {
         expiry_secs: u32,
         version: Version,
         conn_id: u64,
+        cert_id: Option<Arc<str>>,
     ) -> Attached {
         let mut kicked_once = false;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
-            let existing = self.registry.lock().sessions.get(&client_id).cloned();
+            let existing = self.index.lock().sessions.get(&client_id).cloned();
             if let Some(s) = &existing {
                 let busy = {
                     let st = s.state.lock();
@@ -366,6 +371,7 @@ impl Hub {
             let link = ConnLink {
                 conn_id,
                 kick: kick_tx,
+                cert_id: cert_id.clone(),
             };
             match existing {
                 Some(old) if !clean_start => {
@@ -387,7 +393,7 @@ impl Hub {
                     let record = (expiry_secs > 0).then(|| stored_session(&st));
                     drop(st);
                     if let Some(k) = deadline_key {
-                        self.registry.lock().expiring.remove(&k);
+                        self.index.lock().expiring.remove(&k);
                     }
                     match record {
                         Some(rec) => self.store.submit_nowait(vec![Op::PutSession {
@@ -413,7 +419,7 @@ impl Hub {
                     ));
                     session.state.lock().conn = Some(link);
                     let replaced = {
-                        let mut reg = self.registry.lock();
+                        let mut reg = self.index.lock();
                         let current = reg.sessions.get(&client_id).cloned();
                         let same = match (&current, &existing) {
                             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -539,7 +545,7 @@ impl Hub {
         }
         drop(st);
         self.store.submit_nowait(ops);
-        self.registry.lock().expiring.insert((
+        self.index.lock().expiring.insert((
             now + expiry as u64 * 1000,
             session.id,
             session.client_id.clone(),
@@ -582,7 +588,7 @@ impl Hub {
             }
         }
         if remove_from_registry {
-            let mut reg = self.registry.lock();
+            let mut reg = self.index.lock();
             if reg
                 .sessions
                 .get(&session.client_id)
@@ -605,7 +611,7 @@ impl Hub {
     pub fn expire_sessions(&self) -> usize {
         let now = now_ms();
         let due: Vec<(u64, SessionId, Arc<str>)> = {
-            let mut reg = self.registry.lock();
+            let mut reg = self.index.lock();
             let mut due = Vec::new();
             while let Some(first) = reg.expiring.first() {
                 if first.0 > now {
@@ -619,7 +625,7 @@ impl Hub {
         };
         let mut ended = 0;
         for (_, id, client_id) in due {
-            let session = self.registry.lock().sessions.get(&client_id).cloned();
+            let session = self.index.lock().sessions.get(&client_id).cloned();
             let Some(session) = session else { continue };
             if session.id != id {
                 continue;
@@ -654,9 +660,47 @@ impl Hub {
         }]))
     }
 
+    /// Changes a certificate's state; leaving ACTIVE cuts off every live
+    /// connection that authenticated with it, at once.
+    pub async fn set_certificate_state(
+        &self,
+        id: &str,
+        state: crate::registry::CertState,
+    ) -> Result<crate::registry::CertRecord, crate::registry::RegistryError> {
+        let rec = self.registry.set_certificate_state(id, state).await?;
+        if state != crate::registry::CertState::Active {
+            let n = self.kick_certificate(id, &format!("certificate {id} is now {state}"));
+            tracing::warn!(certificate = %id, state = %state, connections = n, "certificate left ACTIVE; its connections were cut off");
+        }
+        Ok(rec)
+    }
+
+    /// Disconnects every connection authenticated by this certificate
+    /// (MQTT 5: DISCONNECT 0x87). Returns how many were told.
+    pub fn kick_certificate(&self, cert_id: &str, message: &str) -> usize {
+        let sessions: Vec<Arc<Session>> = self.registry_sessions();
+        let mut n = 0;
+        for s in sessions {
+            if let Some(link) = &s.state.lock().conn {
+                if link.cert_id.as_deref() == Some(cert_id) {
+                    let _ = link.kick.send(Kick {
+                        reason: mqtt_proto::v5::DisconnectReasonCode::NotAuthorized,
+                        message: message.to_string(),
+                    });
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    fn registry_sessions(&self) -> Vec<Arc<Session>> {
+        self.index.lock().sessions.values().cloned().collect()
+    }
+
     /// Tells every attached connection to close (used at shutdown).
     pub fn kick_all(&self, reason: mqtt_proto::v5::DisconnectReasonCode, message: &str) {
-        let sessions: Vec<Arc<Session>> = self.registry.lock().sessions.values().cloned().collect();
+        let sessions: Vec<Arc<Session>> = self.index.lock().sessions.values().cloned().collect();
         for s in sessions {
             if let Some(link) = &s.state.lock().conn {
                 let _ = link.kick.send(Kick {

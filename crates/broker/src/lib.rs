@@ -13,6 +13,7 @@
 //! - [`listener`]: accept loops, connection limits, EMFILE back-off.
 //! - [`tls`]: rustls server configuration and client certificate subjects.
 //! - [`authz`]: IoT Core policy decisions for one connection.
+//! - [`registry`]: things, certificates, policies, CAs and their attachments.
 //! - [`metrics`]: the metric names the broker records.
 //!
 //! [`Server`] assembles these: it opens the store, restores retained
@@ -27,6 +28,7 @@ pub mod listener;
 pub mod message;
 pub mod metrics;
 pub mod protocol;
+pub mod registry;
 pub mod retained;
 pub mod router;
 pub mod session;

@@ -98,6 +98,7 @@ pub async fn run(hub: Arc<Hub>, listener: Listener) {
             allow_anonymous: listener.config.allow_anonymous,
             cert: None,
             policy: listener.policy.clone(),
+            uses_registry: listener.config.uses_registry(),
         };
         let hub = hub.clone();
         let tls = listener.tls.clone();

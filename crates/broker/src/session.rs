@@ -63,6 +63,8 @@ pub struct Kick {
 pub struct ConnLink {
     pub conn_id: u64,
     pub kick: mpsc::UnboundedSender<Kick>,
+    /// The registered certificate the connection authenticated with.
+    pub cert_id: Option<Arc<str>>,
 }
 
 /// A will waiting for its delay (or for the session to end).

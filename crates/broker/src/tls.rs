@@ -97,6 +97,8 @@ pub struct ClientCert {
     pub attributes: Vec<(String, String)>,
     /// Issuer attributes by short name.
     pub issuer_attributes: Vec<(String, String)>,
+    /// SHA-256 of the DER, lower-case hex: the certificate id (as IoT Core's certificateId).
+    pub fingerprint: String,
 }
 
 impl ClientCert {
@@ -117,6 +119,7 @@ impl ClientCert {
             serial: cert.raw_serial_as_string().replace(':', ""),
             attributes,
             issuer_attributes,
+            fingerprint: sha256_hex(der),
         };
         Some(info)
     }
@@ -138,4 +141,10 @@ fn name_attributes(name: &x509_parser::x509::X509Name) -> Vec<(String, String)> 
         }
     }
     out
+}
+
+/// SHA-256 of `bytes`, lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }

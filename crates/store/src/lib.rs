@@ -14,7 +14,7 @@
 //! # File
 //! Tables: `retained` (topic → postcard [`StoredMessage`]), `sessions` (client id → postcard
 //! [`StoredSession`]), `queue` ((client id, seq) → postcard [`StoredQueued`]) and `meta`
-//! (`schema_version` → 1). A file with another schema version is refused at open; a record
+//! (`schema_version` → 1), and `registry` ((kind, key) → bytes: things, certificates, policies). A file with another schema version is refused at open; a record
 //! that fails to decode is skipped with a warning, so one bad record never stops the broker.
 #![forbid(unsafe_code)]
 
@@ -37,6 +37,9 @@ const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Registry records (things, certificates, policies, ...): (kind, key) -> opaque bytes.
+/// The broker owns their types; the store only keeps them.
+const REGISTRY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("registry");
 const SCHEMA_KEY: &str = "schema_version";
 /// The layout of tables and records this code reads and writes.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -185,6 +188,16 @@ pub enum Op {
         client_id: String,
         seq: u64,
     },
+    /// Writes one registry record (kind: "thing", "certificate", "policy", ...).
+    PutRecord {
+        kind: &'static str,
+        key: String,
+        value: Vec<u8>,
+    },
+    DeleteRecord {
+        kind: &'static str,
+        key: String,
+    },
 }
 
 impl Op {
@@ -204,6 +217,8 @@ impl Op {
                 client_id, item, ..
             } => client_id.len() + 16 + item.msg.approx_len() + 4 * item.subscription_ids.len(),
             Op::DeleteRetained { topic } => topic.len(),
+            Op::PutRecord { kind, key, value } => kind.len() + key.len() + value.len(),
+            Op::DeleteRecord { kind, key } => kind.len() + key.len(),
             Op::DeleteSession { client_id } | Op::DeleteQueued { client_id, .. } => {
                 client_id.len() + 8
             }
@@ -217,6 +232,8 @@ pub struct Loaded {
     /// Retained messages; the topic is inside each.
     pub retained: Vec<StoredMessage>,
     pub sessions: Vec<LoadedSession>,
+    /// Registry records as (kind, key, value), in key order.
+    pub records: Vec<(String, String, Vec<u8>)>,
 }
 
 /// A persistent session with its queue of waiting deliveries.
@@ -417,6 +434,7 @@ fn init_schema(db: &Database, path: &Path) -> Result<(), StoreError> {
             txn.open_table(RETAINED)?;
             txn.open_table(SESSIONS)?;
             txn.open_table(QUEUE)?;
+            txn.open_table(REGISTRY)?;
         }
         txn.commit()?;
         Ok(None)
@@ -494,6 +512,13 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
         );
     }
     loaded.sessions = sessions.into_values().collect();
+    for entry in txn.open_table(REGISTRY)?.iter()? {
+        let (key, value) = entry?;
+        let (kind, k) = key.value();
+        loaded
+            .records
+            .push((kind.to_owned(), k.to_owned(), value.value().to_vec()));
+    }
     Ok(loaded)
 }
 

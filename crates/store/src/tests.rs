@@ -488,3 +488,47 @@ fn committed_ops_survive_sigkill() {
         assert_eq!(s.queue.first(), Some(&(1, queued("t", 1))));
     }
 }
+
+#[tokio::test]
+async fn registry_records_survive_reopen_and_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let (store, _) = open(&path);
+        store
+            .submit(vec![
+                Op::PutRecord {
+                    kind: "thing",
+                    key: "computer-a".into(),
+                    value: b"a".to_vec(),
+                },
+                Op::PutRecord {
+                    kind: "thing",
+                    key: "computer-b".into(),
+                    value: b"b".to_vec(),
+                },
+                Op::PutRecord {
+                    kind: "policy",
+                    key: "agent".into(),
+                    value: b"p".to_vec(),
+                },
+            ])
+            .await
+            .unwrap();
+        store
+            .submit(vec![Op::DeleteRecord {
+                kind: "thing",
+                key: "computer-b".into(),
+            }])
+            .await
+            .unwrap();
+    }
+    let (_store, loaded) = open(&path);
+    assert_eq!(
+        loaded.records,
+        vec![
+            ("policy".to_string(), "agent".to_string(), b"p".to_vec()),
+            ("thing".to_string(), "computer-a".to_string(), b"a".to_vec()),
+        ]
+    );
+}

@@ -8,7 +8,7 @@ use redb::{Database, Durability};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::{Op, Opener, StoreError, QUEUE, RETAINED, SESSIONS};
+use crate::{Op, Opener, StoreError, QUEUE, REGISTRY, RETAINED, SESSIONS};
 
 /// About this many bytes of records end a batch early, so one transaction stays bounded.
 const MAX_BATCH_BYTES: usize = 8 << 20;
@@ -158,6 +158,7 @@ impl Writer {
             let mut retained = txn.open_table(RETAINED).map_err(io_err)?;
             let mut sessions = txn.open_table(SESSIONS).map_err(io_err)?;
             let mut queue = txn.open_table(QUEUE).map_err(io_err)?;
+            let mut registry = txn.open_table(REGISTRY).map_err(io_err)?;
             for op in batch.iter().flat_map(|r| &r.ops) {
                 match op {
                     Op::PutRetained { topic, msg } => {
@@ -180,6 +181,10 @@ impl Writer {
                         item,
                     } => queue.insert((client_id.as_str(), *seq), encode(item)?.as_slice()),
                     Op::DeleteQueued { client_id, seq } => queue.remove((client_id.as_str(), *seq)),
+                    Op::PutRecord { kind, key, value } => {
+                        registry.insert((*kind, key.as_str()), value.as_slice())
+                    }
+                    Op::DeleteRecord { kind, key } => registry.remove((*kind, key.as_str())),
                 }
                 .map_err(io_err)?;
             }

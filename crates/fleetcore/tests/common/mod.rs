@@ -47,6 +47,7 @@ pub struct BrokerOpts {
     limits: Vec<(String, String)>,
     session: Vec<(String, String)>,
     policy: Option<String>,
+    registry: bool,
 }
 
 impl BrokerOpts {
@@ -70,6 +71,14 @@ impl BrokerOpts {
     /// (written to a file and named as `policy_file`).
     pub fn policy(mut self, json: &str) -> Self {
         self.policy = Some(json.to_string());
+        self
+    }
+
+    /// Makes the TLS listener check certificates against the registry (the
+    /// default in production); otherwise the tests' TLS listener trusts any
+    /// certificate from the test CA.
+    pub fn registry(mut self) -> Self {
+        self.registry = true;
         self
     }
 
@@ -161,7 +170,12 @@ impl TestBroker {
                 toml_str(&pki.server_key),
                 toml_str(&pki.ca_cert)
             );
-            toml += &policy_line;
+            if opts.registry {
+                toml += "registry = true\n";
+            } else {
+                toml += "registry = false\n";
+                toml += &policy_line;
+            }
         }
         for (table, entries) in [("limits", &opts.limits), ("session", &opts.session)] {
             if !entries.is_empty() {
