@@ -11,7 +11,7 @@ COPY --from=build /src/target/release/fleetcore /usr/local/bin/fleetcore
 COPY config/docker.toml /etc/fleetcore/fleetcore.toml
 USER fleetcore
 VOLUME /var/lib/fleetcore
-EXPOSE 1883 8883
+EXPOSE 1883 8883 8080
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["fleetcore"]
 CMD ["serve", "--config", "/etc/fleetcore/fleetcore.toml"]

@@ -7,7 +7,16 @@
 //!   ([`ca::Ca::create_keys_and_certificate`], `CreateKeysAndCertificate`), signs CRLs
 //!   ([`ca::Ca::crl`]), and reads certificates made elsewhere ([`ca::inspect_pem`],
 //!   [`ca::is_signed_by`]) so they can be registered.
+//! - [`api`]: the admin HTTP API (axum) of `docs/admin-api.md`: things, certificates,
+//!   policies, CAs, CRL, `/metrics`, `/healthz`, behind a bearer token. It talks to the
+//!   broker only through the [`Hub`](fleetcore_broker::hub::Hub)'s registry and
+//!   `set_certificate_state`.
+//! - [`openapi`]: the OpenAPI 3.1 description served at `/openapi.json`.
+//! - [`token`]: the admin token file (made once, mode 0600).
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod ca;
+pub mod openapi;
+pub mod token;

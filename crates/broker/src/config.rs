@@ -19,6 +19,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub limits: Limits,
     pub session: SessionConfig,
+    pub admin: AdminConfig,
+    pub pki: PkiConfig,
 }
 
 impl Default for Config {
@@ -29,6 +31,8 @@ impl Default for Config {
             listeners: Vec::new(),
             limits: Limits::default(),
             session: SessionConfig::default(),
+            admin: AdminConfig::default(),
+            pki: PkiConfig::default(),
         }
     }
 }
@@ -67,7 +71,8 @@ impl Config {
         for l in &self.listeners {
             match l.kind {
                 ListenerKind::Tls => {
-                    l.tls_files()?;
+                    // cert_file, key_file and client_ca_file may be omitted: `fleetcore
+                    // serve` fills them in from [pki] before starting (see `tls_files`).
                     if l.registry == Some(true) && l.policy_file.is_some() {
                         return Err(format!(
                             "listener {} (tls): use either the registry's policies or policy_file, not both",
@@ -97,7 +102,54 @@ impl Config {
                 }
             }
         }
+        if self.pki.server_names.is_empty() {
+            return Err("pki.server_names needs at least one DNS name or IP address".into());
+        }
         Ok(())
+    }
+}
+
+/// The admin HTTP API (things, certificates, policies, CRL, metrics).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub enabled: bool,
+    /// Plain HTTP; keep it on loopback or behind a TLS-terminating proxy.
+    pub bind: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+/// Where the CA and the server certificate live, and what the server certificate names.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PkiConfig {
+    /// Relative paths are under `data_dir`.
+    pub dir: PathBuf,
+    /// Subject alternative names of the server certificate made with the CA.
+    pub server_names: Vec<String>,
+}
+
+impl Default for PkiConfig {
+    fn default() -> Self {
+        PkiConfig {
+            dir: PathBuf::from("pki"),
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+        }
+    }
+}
+
+impl Config {
+    /// The PKI directory: `pki.dir`, under `data_dir` when relative.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.data_dir.join(&self.pki.dir)
     }
 }
 
@@ -177,7 +229,8 @@ impl ListenerConfig {
         }
     }
 
-    /// The TLS files, all three required for kind = "tls".
+    /// The TLS files, all three required for kind = "tls" by the time the server starts
+    /// (`fleetcore serve` fills omitted ones in with the PKI's files).
     pub fn tls_files(&self) -> Result<(&Path, &Path, &Path), String> {
         match (&self.cert_file, &self.key_file, &self.client_ca_file) {
             (Some(c), Some(k), Some(ca)) => Ok((c, k, ca)),

@@ -1,13 +1,19 @@
 //! The `fleetcore` command: `serve` runs the broker; further subcommands
 //! (certificates, things, policies) will talk to a running server's admin API.
 
-use std::path::PathBuf;
+mod client;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use fleetcore_broker::config::{Config, LogFormat};
+use fleetcore_admin::api::AdminState;
+use fleetcore_admin::ca::{Ca, CaFiles};
+use fleetcore_broker::config::{AdminConfig, Config, ListenerKind, LogFormat};
 use fleetcore_broker::Server;
 
 #[derive(Parser)]
@@ -31,6 +37,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print the embedded default configuration (documented) and exit.
     DefaultConfig,
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 #[derive(clap::Args)]
@@ -55,6 +63,7 @@ fn main() -> ExitCode {
             print!("{DOCUMENTED_CONFIG}");
             ExitCode::SUCCESS
         }
+        Command::Client(cmd) => client::run(cmd),
         Command::Serve(args) => match serve(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -128,14 +137,133 @@ fn serve(args: ServeArgs) -> Result<()> {
         // Handlers first: a SIGTERM that arrives while the listeners are being
         // bound must still mean a graceful stop, not the default kill.
         let signals = Signals::install()?;
+        let metrics = fleetcore_admin::api::install_metrics()
+            .context("cannot install the metrics recorder")?;
+        let ca = load_pki(&mut config)?;
+        let admin = config.admin.clone();
+        let token_path = config.data_dir.join("admin.token");
         let server = Server::start(config).await?;
+        let admin_task = if admin.enabled {
+            match start_admin(&admin, &token_path, server.hub().clone(), ca, metrics).await {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    let _ = server.shutdown(Duration::from_secs(2)).await;
+                    return Err(e);
+                }
+            }
+        } else {
+            tracing::info!("admin API disabled ([admin] enabled = false)");
+            None
+        };
+        if let Some(admin_task) = &admin_task {
+            tracing::info!(
+                "ready. Provision a first device with: fleetcore cert create --thing NAME --out DIR (admin API on http://{}, token in {})",
+                admin_task.addr,
+                token_path.display()
+            );
+        }
         signals.wait().await;
+        if let Some(admin_task) = admin_task {
+            admin_task.stop().await;
+        }
         server
             .shutdown(Duration::from_secs(10))
             .await
             .context("store flush at shutdown failed")?;
         Ok(())
     })
+}
+
+/// Loads the CA (or creates it at first start) and points TLS listeners that name no
+/// files of their own at the PKI's server certificate and CA.
+fn load_pki(config: &mut Config) -> Result<Arc<Ca>> {
+    let dir = config.pki_dir();
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let files = CaFiles::in_dir(&dir);
+    let (ca, created) = Ca::load_or_init(&files, &config.pki.server_names)
+        .with_context(|| format!("cannot load or create the CA in {}", dir.display()))?;
+    if created {
+        tracing::info!(
+            dir = %dir.display(),
+            server_names = ?config.pki.server_names,
+            "created a new CA and server certificate; devices and clients trust {}",
+            files.ca_cert.display()
+        );
+    } else {
+        tracing::info!(dir = %dir.display(), subject = %ca.ca_info().subject, "loaded the CA");
+    }
+    for l in &mut config.listeners {
+        if l.kind == ListenerKind::Tls {
+            l.cert_file.get_or_insert_with(|| files.server_cert.clone());
+            l.key_file.get_or_insert_with(|| files.server_key.clone());
+            l.client_ca_file
+                .get_or_insert_with(|| files.ca_cert.clone());
+        }
+    }
+    Ok(Arc::new(ca))
+}
+
+/// The running admin API.
+struct AdminTask {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminTask {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        // In-flight requests get a moment to finish; the broker's own shutdown follows.
+        if tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("admin API still busy after 5 s; stopping anyway");
+        }
+    }
+}
+
+async fn start_admin(
+    admin: &AdminConfig,
+    token_path: &Path,
+    hub: Arc<fleetcore_broker::hub::Hub>,
+    ca: Arc<Ca>,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+) -> Result<AdminTask> {
+    let (token, created) =
+        fleetcore_admin::token::load_or_create(token_path).with_context(|| {
+            format!(
+                "cannot read or create the admin token {}",
+                token_path.display()
+            )
+        })?;
+    if created {
+        tracing::info!(path = %token_path.display(), "created the admin API token (mode 0600)");
+    } else {
+        tracing::info!(path = %token_path.display(), "using the admin API token");
+    }
+    let listener = tokio::net::TcpListener::bind(admin.bind)
+        .await
+        .with_context(|| format!("admin API: cannot bind [admin] bind = {}", admin.bind))?;
+    let addr = listener.local_addr().context("admin API: local address")?;
+    let state = AdminState {
+        hub,
+        ca,
+        token,
+        metrics: Some(metrics),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        if let Err(e) = fleetcore_admin::api::serve(listener, state, shutdown).await {
+            tracing::error!(error = %e, "admin API stopped");
+        }
+    });
+    tracing::info!(addr = %addr, "admin API listening (plain HTTP)");
+    Ok(AdminTask { addr, stop, task })
 }
 
 /// SIGTERM and SIGINT, listened for from before the server starts.
@@ -174,6 +302,8 @@ mod tests {
         assert_eq!(format!("{:?}", doc.session), format!("{:?}", def.session));
         assert_eq!(format!("{:?}", doc.log), format!("{:?}", def.log));
         assert_eq!(doc.data_dir, def.data_dir);
+        assert_eq!(format!("{:?}", doc.admin), format!("{:?}", def.admin));
+        assert_eq!(format!("{:?}", doc.pki), format!("{:?}", def.pki));
         assert_eq!(
             format!("{:?}", doc.effective_listeners()),
             format!("{:?}", def.effective_listeners())
@@ -211,5 +341,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.listeners[0].kind_name(), "tls");
+    }
+
+    /// A TLS listener may leave its files out: the PKI under data_dir supplies them.
+    #[test]
+    fn tls_listener_without_files_uses_the_pki() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c: Config = toml::from_str(&format!(
+            "data_dir = {:?}\n[[listener]]\nkind = \"tls\"\nbind = \"127.0.0.1:0\"\nkey_file = \"own.key\"\n",
+            dir.path().join("data")
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        load_pki(&mut c).unwrap();
+        let l = &c.listeners[0];
+        let pki = dir.path().join("data").join("pki");
+        assert_eq!(
+            l.cert_file.as_deref(),
+            Some(pki.join("server.pem").as_path())
+        );
+        assert_eq!(l.key_file.as_deref(), Some(Path::new("own.key")));
+        assert_eq!(
+            l.client_ca_file.as_deref(),
+            Some(pki.join("ca.pem").as_path())
+        );
+        assert!(pki.join("ca.key").exists());
     }
 }

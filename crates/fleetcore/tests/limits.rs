@@ -601,7 +601,7 @@ impl LimitedBroker {
         fs::write(
             &config,
             format!(
-                "data_dir = {:?}\n\n[log]\nformat = \"human\"\nlevel = \"info\"\n\n\
+                "data_dir = {:?}\n\n[admin]\nenabled = false\n\n[log]\nformat = \"human\"\nlevel = \"info\"\n\n\
                  [[listener]]\nkind = \"tcp\"\nbind = \"127.0.0.1:{port}\"\nallow_anonymous = true\n",
                 dir.path().join("data").to_str().expect("utf-8 path")
             ),

@@ -210,7 +210,7 @@ fn bad_policy_file_stops_the_start_naming_statement_and_field() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[[listener]]\nkind = \"tcp\"\nbind = \"127.0.0.1:0\"\nallow_anonymous = true\npolicy_file = {:?}\n",
+            "data_dir = {:?}\n[admin]\nenabled = false\n[[listener]]\nkind = \"tcp\"\nbind = \"127.0.0.1:0\"\nallow_anonymous = true\npolicy_file = {:?}\n",
             dir.path().join("data"),
             policy
         ),

@@ -48,6 +48,8 @@ pub struct BrokerOpts {
     session: Vec<(String, String)>,
     policy: Option<String>,
     registry: bool,
+    admin: bool,
+    server_pki: bool,
 }
 
 impl BrokerOpts {
@@ -82,6 +84,22 @@ impl BrokerOpts {
         self
     }
 
+    /// Enables the admin API on a free loopback port (otherwise the harness writes
+    /// `[admin] enabled = false`); see [`TestBroker::admin_url`] and [`TestBroker::admin`].
+    pub fn admin(mut self) -> Self {
+        self.admin = true;
+        self
+    }
+
+    /// Adds a TLS listener that names no certificate files, so it uses the PKI the
+    /// server makes under `data_dir/pki` (its CA is [`TestBroker::ca_file`]); no test
+    /// [`Pki`] is generated.
+    pub fn server_pki(mut self) -> Self {
+        self.tls = true;
+        self.server_pki = true;
+        self
+    }
+
     /// Sets `[session] key = value`.
     pub fn session(mut self, key: &str, value: impl Display) -> Self {
         self.session.push((key.to_string(), value.to_string()));
@@ -98,6 +116,7 @@ pub struct TestBroker {
     log_path: PathBuf,
     tcp_port: u16,
     tls_port: Option<u16>,
+    admin_port: Option<u16>,
     pki: Option<Pki>,
     child: Option<Child>,
     starts: u32,
@@ -113,7 +132,7 @@ impl TestBroker {
             .tempdir()
             .expect("create temp dir");
         let root = dir.path().to_path_buf();
-        let pki = opts.tls.then(|| Pki::generate(&root.join("pki")));
+        let pki = (opts.tls && !opts.server_pki).then(|| Pki::generate(&root.join("pki")));
         let mut broker = TestBroker {
             config_path: root.join("fleetcore.toml"),
             log_path: root.join("broker.log"),
@@ -121,6 +140,7 @@ impl TestBroker {
             bin,
             tcp_port: 0,
             tls_port: None,
+            admin_port: None,
             pki,
             child: None,
             starts: 0,
@@ -128,9 +148,10 @@ impl TestBroker {
         // A port picked by binding to :0 can be taken by another test before the broker
         // binds it; when that happens, pick again.
         for attempt in 1..=3 {
-            let ports = free_ports(if opts.tls { 2 } else { 1 });
+            let ports = free_ports(1 + usize::from(opts.tls) + usize::from(opts.admin));
             broker.tcp_port = ports[0];
-            broker.tls_port = ports.get(1).copied();
+            broker.tls_port = opts.tls.then(|| ports[1]);
+            broker.admin_port = opts.admin.then(|| ports[ports.len() - 1]);
             broker.write_config(&opts);
             match broker.spawn_and_wait() {
                 Ok(()) => return broker,
@@ -162,14 +183,16 @@ impl TestBroker {
             None => String::new(),
         };
         toml += &policy_line;
-        if let (Some(port), Some(pki)) = (self.tls_port, &self.pki) {
-            toml += &format!(
-                "\n[[listener]]\nkind = \"tls\"\nbind = \"127.0.0.1:{port}\"\n\
-                 cert_file = {}\nkey_file = {}\nclient_ca_file = {}\n",
-                toml_str(&pki.server_cert),
-                toml_str(&pki.server_key),
-                toml_str(&pki.ca_cert)
-            );
+        if let Some(port) = self.tls_port {
+            toml += &format!("\n[[listener]]\nkind = \"tls\"\nbind = \"127.0.0.1:{port}\"\n");
+            if let Some(pki) = &self.pki {
+                toml += &format!(
+                    "cert_file = {}\nkey_file = {}\nclient_ca_file = {}\n",
+                    toml_str(&pki.server_cert),
+                    toml_str(&pki.server_key),
+                    toml_str(&pki.ca_cert)
+                );
+            }
             if opts.registry {
                 toml += "registry = true\n";
             } else {
@@ -177,6 +200,12 @@ impl TestBroker {
                 toml += &policy_line;
             }
         }
+        // The admin API's default port is fixed (8080): tests that do not ask for it
+        // turn it off, so parallel brokers do not fight over that port.
+        toml += &match self.admin_port {
+            Some(port) => format!("\n[admin]\nenabled = true\nbind = \"127.0.0.1:{port}\"\n"),
+            None => "\n[admin]\nenabled = false\n".to_string(),
+        };
         for (table, entries) in [("limits", &opts.limits), ("session", &opts.session)] {
             if !entries.is_empty() {
                 toml += &format!("\n[{table}]\n");
@@ -219,6 +248,7 @@ impl TestBroker {
 
         let ports: Vec<u16> = std::iter::once(self.tcp_port)
             .chain(self.tls_port)
+            .chain(self.admin_port)
             .collect();
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
@@ -359,7 +389,7 @@ impl TestBroker {
             "--port".into(),
             self.tls_port().to_string(),
             "--tls-ca".into(),
-            path_str(&self.pki().ca_cert),
+            path_str(&self.ca_file()),
         ]
     }
 
@@ -387,9 +417,166 @@ impl TestBroker {
             "-p".into(),
             self.tls_port().to_string(),
             "--cafile".into(),
-            path_str(&self.pki().ca_cert),
+            path_str(&self.ca_file()),
         ]
     }
+}
+
+impl TestBroker {
+    /// The broker's data directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir().join("data")
+    }
+
+    /// The CA clients trust for the TLS listener: the test [`Pki`]'s, or with
+    /// [`BrokerOpts::server_pki`] the one the server made in `data_dir/pki`.
+    pub fn ca_file(&self) -> PathBuf {
+        match &self.pki {
+            Some(pki) => pki.ca_cert.clone(),
+            None => self.data_dir().join("pki").join("ca.pem"),
+        }
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+            .expect("broker started without BrokerOpts::admin()")
+    }
+
+    /// `http://127.0.0.1:<admin port>`.
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port())
+    }
+
+    /// The admin token the server wrote to `data_dir/admin.token`.
+    pub fn admin_token(&self) -> String {
+        let path = self.data_dir().join("admin.token");
+        fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+            .trim()
+            .to_string()
+    }
+
+    /// One admin API request with the server's token; `body` is sent as JSON.
+    pub fn admin(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> HttpResponse {
+        let body = body.map(|b| b.to_string());
+        http_request(
+            self.admin_port(),
+            method,
+            path,
+            Some(&self.admin_token()),
+            body.as_deref(),
+        )
+    }
+}
+
+/// An HTTP answer, read whole.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The first header of this name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON; panics with the body when it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.text()))
+    }
+}
+
+/// One HTTP/1.1 request to 127.0.0.1:`port` over a fresh connection (`Connection: close`),
+/// with an optional bearer token and JSON body; the answer is read to the end.
+pub fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> HttpResponse {
+    use std::io::Write;
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the admin API");
+    stream.set_read_timeout(Some(STEP)).expect("set timeout");
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req += &format!("Authorization: Bearer {t}\r\n");
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() {
+        req += "Content-Type: application/json\r\n";
+    }
+    req += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
+    stream.write_all(req.as_bytes()).expect("send request");
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .unwrap_or_else(|e| panic!("{method} {path}: reading the answer failed: {e}"));
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "{method} {path}: no HTTP header in {:?}",
+                String::from_utf8_lossy(&raw)
+            )
+        });
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: bad status line in {head:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
+        let size_text = String::from_utf8_lossy(&data[..eol]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        let start = eol + 2;
+        out.extend_from_slice(&data[start..start + size]);
+        data = &data[start + size + 2..];
+    }
+    out
 }
 
 impl Drop for TestBroker {

@@ -1,0 +1,1490 @@
+//! The operator commands: `fleetcore thing|cert|policy|ca ...`.
+//!
+//! Every command except `ca init` is one or two calls to the admin API of a running
+//! `fleetcore serve` (see `docs/admin-api.md`): it finds the API and its token from the
+//! client options ([`ClientOpts`]), sends the request, and prints the answer as a table
+//! for people or, with `--json`, the API's JSON exactly as it came. `ca init` works on
+//! local files only, so a CA can exist before the server first starts.
+//!
+//! Failures end in one line on stderr (`fleetcore: thing "x" not found (404)`) and a
+//! non-zero exit status.
+
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Subcommand};
+use fleetcore_admin::ca::{Ca, CaFiles};
+use serde_json::{json, Map, Value};
+
+/// Where the admin API is and how to authenticate: global to `thing`, `cert`, `policy`
+/// and `ca`, so they can go before or after the subcommand.
+#[derive(Args, Debug, Clone)]
+#[command(next_help_heading = "Admin API options")]
+pub struct ClientOpts {
+    /// Base URL of the admin API of a running `fleetcore serve`.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETCORE_ADMIN_URL",
+        default_value = "http://127.0.0.1:8080",
+        value_name = "URL"
+    )]
+    admin_url: String,
+    /// Bearer token for the admin API. Without it the token is read from
+    /// <DATA_DIR>/admin.token, which the server writes at first start.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETCORE_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+    /// The server's data directory: where admin.token is read from, and where
+    /// `ca init` puts pki/ by default.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETCORE_DATA_DIR",
+        default_value = "./data",
+        value_name = "DIR"
+    )]
+    data_dir: PathBuf,
+    /// Print the API's JSON answer as is instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// The operator subcommands, flattened into `fleetcore`'s own list.
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Manage things: the devices and agents of the fleet.
+    Thing(ThingArgs),
+    /// Issue, register, inspect, revoke and delete device certificates.
+    Cert(CertArgs),
+    /// Manage IoT Core policies and attach them to certificates.
+    Policy(PolicyArgs),
+    /// Create the local CA; register your own CAs; fetch the revocation list.
+    Ca(CaArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ThingArgs {
+    #[command(subcommand)]
+    cmd: ThingCmd,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Examples:
+  fleetcore cert create --thing computer-a --policy agent --out ./certs
+  fleetcore cert sign --csr computer-a.csr --thing computer-a --out computer-a.cert.pem
+  fleetcore cert revoke 3f1c...e9")]
+pub struct CertArgs {
+    #[command(subcommand)]
+    cmd: CertCmd,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct PolicyArgs {
+    #[command(subcommand)]
+    cmd: PolicyCmd,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+#[derive(Args, Debug)]
+pub struct CaArgs {
+    #[command(subcommand)]
+    cmd: CaCmd,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+/// `--type` and `--attr` of `thing create` and `thing update`.
+#[derive(Args, Debug)]
+struct ThingFields {
+    /// The thing type (free text, e.g. "agent").
+    #[arg(long = "type", value_name = "TYPE")]
+    thing_type: Option<String>,
+    /// An attribute, KEY=VALUE; repeat for several.
+    #[arg(long = "attr", value_name = "KEY=VALUE", value_parser = parse_attr)]
+    attrs: Vec<(String, String)>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ThingCmd {
+    /// Create a thing.
+    Create {
+        /// Thing name: 1 to 128 of a-z A-Z 0-9 : _ -
+        name: String,
+        #[command(flatten)]
+        fields: ThingFields,
+    },
+    /// List every thing.
+    List,
+    /// Show a thing and the certificates attached to it.
+    Describe {
+        /// Thing name.
+        name: String,
+    },
+    /// Change a thing's type or attributes.
+    ///
+    /// Attributes are merged into the existing ones (`--attr KEY=` removes KEY) unless
+    /// --replace is given.
+    Update {
+        /// Thing name.
+        name: String,
+        #[command(flatten)]
+        fields: ThingFields,
+        /// Replace all attributes with the --attr given (none: remove them all).
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Delete a thing (refused while certificates are attached to it).
+    Delete {
+        /// Thing name.
+        name: String,
+    },
+    /// Attach a certificate to a thing: clients with that certificate are that thing.
+    Attach {
+        /// Thing name.
+        name: String,
+        /// Certificate id (SHA-256 of the certificate, hex).
+        #[arg(long = "cert", value_name = "CERT_ID")]
+        cert: String,
+    },
+    /// Detach a certificate from a thing.
+    Detach {
+        /// Thing name.
+        name: String,
+        /// Certificate id (SHA-256 of the certificate, hex).
+        #[arg(long = "cert", value_name = "CERT_ID")]
+        cert: String,
+    },
+}
+
+/// `--policy`, `--days` and `--state` of the commands that make or register a certificate.
+#[derive(Args, Debug)]
+struct IssueOpts {
+    /// Attach this policy to the certificate; repeat for several.
+    #[arg(long = "policy", value_name = "POLICY")]
+    policies: Vec<String>,
+    /// State of the new certificate (ACTIVE unless the server is told otherwise).
+    #[arg(long, value_name = "STATE", ignore_case = true, value_parser = state_parser())]
+    state: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum CertCmd {
+    /// Issue a certificate with a new private key for a thing, written to a directory.
+    ///
+    /// Writes DIR/NAME.cert.pem, DIR/NAME.private.key (mode 0600) and DIR/ca.pem, and
+    /// prints the certificate id. The server never keeps the key. Existing files are
+    /// never replaced (an identical ca.pem is left as it is).
+    Create {
+        /// The thing the certificate is for (its CN); created if missing, and the
+        /// certificate is attached to it.
+        #[arg(long, value_name = "NAME")]
+        thing: String,
+        /// Directory to write the files into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[command(flatten)]
+        issue: IssueOpts,
+        /// Validity in days (the server's default when not given).
+        #[arg(long, value_name = "N")]
+        days: Option<u32>,
+    },
+    /// Issue a certificate for a certificate signing request (the key stays on the device).
+    Sign {
+        /// The CSR, PEM.
+        #[arg(long, value_name = "FILE")]
+        csr: PathBuf,
+        /// The thing the certificate is for (its CN; without it, the CSR's CN). Created
+        /// if missing, and the certificate is attached to it.
+        #[arg(long, value_name = "NAME")]
+        thing: Option<String>,
+        #[command(flatten)]
+        issue: IssueOpts,
+        /// Validity in days (the server's default when not given).
+        #[arg(long, value_name = "N")]
+        days: Option<u32>,
+        /// Write the certificate to FILE (never replaced) instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Register a certificate issued elsewhere.
+    ///
+    /// It must chain to the fleetcore CA or to a CA added with `fleetcore ca register`.
+    Register {
+        /// The certificate, PEM.
+        #[arg(long, value_name = "FILE")]
+        pem: PathBuf,
+        /// Attach the certificate to this thing.
+        #[arg(long, value_name = "NAME")]
+        thing: Option<String>,
+        #[command(flatten)]
+        issue: IssueOpts,
+    },
+    /// List every certificate.
+    List,
+    /// Show a certificate with its state, things and policies.
+    Describe {
+        /// Certificate id.
+        id: String,
+    },
+    /// Change a certificate's state.
+    ///
+    /// Leaving ACTIVE disconnects its live connections at once; REVOKED is final.
+    SetState {
+        /// Certificate id.
+        id: String,
+        /// The new state.
+        #[arg(ignore_case = true, value_parser = state_parser())]
+        state: String,
+    },
+    /// Revoke a certificate: set-state REVOKED.
+    ///
+    /// Its live connections are closed at once, it can never be reactivated, and it
+    /// appears in the CRL.
+    Revoke {
+        /// Certificate id.
+        id: String,
+    },
+    /// Delete a certificate (refused while it is ACTIVE or attached).
+    Delete {
+        /// Certificate id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Create a policy from an IoT Core policy document (JSON).
+    Create {
+        /// Policy name.
+        name: String,
+        /// The policy document, JSON.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// List every policy.
+    List,
+    /// Show a policy with every version's document.
+    Get {
+        /// Policy name.
+        name: String,
+    },
+    /// Add a new version of a policy.
+    Version {
+        /// Policy name.
+        name: String,
+        /// The policy document, JSON.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// Make the new version the one in force.
+        #[arg(long)]
+        default: bool,
+    },
+    /// Make a version the one in force.
+    SetDefault {
+        /// Policy name.
+        name: String,
+        /// Version number.
+        version: u32,
+    },
+    /// Delete a policy (refused while attached).
+    Delete {
+        /// Policy name.
+        name: String,
+    },
+    /// Attach a policy to a certificate.
+    Attach {
+        /// Policy name.
+        name: String,
+        /// Certificate id.
+        #[arg(long = "cert", value_name = "CERT_ID")]
+        cert: String,
+    },
+    /// Detach a policy from a certificate.
+    Detach {
+        /// Policy name.
+        name: String,
+        /// Certificate id.
+        #[arg(long = "cert", value_name = "CERT_ID")]
+        cert: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCmd {
+    /// Create the fleetcore CA and a server certificate (local files, no server needed).
+    ///
+    /// Writes ca.pem, ca.key, server.pem and server.key (keys mode 0600). Refuses to
+    /// replace them unless --force.
+    Init {
+        /// Directory for the files [default: <DATA_DIR>/pki].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// A DNS name or IP address of the server; repeat for several; the first is the
+        /// server certificate's CN [default: localhost, 127.0.0.1].
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+        /// Replace existing files: a new CA invalidates every certificate it issued.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Register your own CA: certificates it signed can then be registered.
+    Register {
+        /// The CA certificate, PEM.
+        #[arg(long, value_name = "FILE")]
+        pem: PathBuf,
+    },
+    /// List the CAs: the fleetcore CA first, then registered ones.
+    List,
+    /// Fetch the certificate revocation list.
+    Crl {
+        /// Write the CRL to FILE (replaced atomically), DER unless --pem. Without it the
+        /// CRL is printed as PEM.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// With --out: write PEM instead of DER.
+        #[arg(long)]
+        pem: bool,
+    },
+}
+
+const STATES: [&str; 4] = ["ACTIVE", "INACTIVE", "REVOKED", "PENDING_ACTIVATION"];
+
+fn state_parser() -> impl TypedValueParser<Value = String> {
+    PossibleValuesParser::new(STATES).map(|s| s.to_ascii_uppercase())
+}
+
+fn parse_attr(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
+}
+
+/// Runs one operator command; prints its output, or one error line, and says how it went.
+pub fn run(cmd: ClientCommand) -> ExitCode {
+    match dispatch(cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleetcore: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cmd: ClientCommand) -> Result<()> {
+    match cmd {
+        ClientCommand::Thing(a) => thing(a.cmd, &a.opts),
+        ClientCommand::Cert(a) => cert(a.cmd, &a.opts),
+        ClientCommand::Policy(a) => policy(a.cmd, &a.opts),
+        ClientCommand::Ca(a) => ca(a.cmd, &a.opts),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// thing
+// ---------------------------------------------------------------------------------------
+
+fn thing(cmd: ThingCmd, opts: &ClientOpts) -> Result<()> {
+    let api = Api::new(opts)?;
+    match cmd {
+        ThingCmd::Create { name, fields } => {
+            let mut body = json!({ "name": name });
+            if let Some(t) = fields.thing_type {
+                body["type"] = json!(t);
+            }
+            if !fields.attrs.is_empty() {
+                body["attributes"] = Value::Object(attr_map(fields.attrs));
+            }
+            let reply = api.call(Method::Post, "/things", Some(body))?;
+            show(opts, &reply, |v| {
+                format!("created thing {}\n{}", field(v, "name"), thing_details(v))
+            })
+        }
+        ThingCmd::List => {
+            let reply = api.call(Method::Get, "/things", None)?;
+            show(opts, &reply, |v| {
+                let rows = list(v, "things")
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            field(t, "name"),
+                            field(t, "type"),
+                            attrs_inline(t),
+                            field(t, "version"),
+                            time_field(t, "created_ms"),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["NAME", "TYPE", "ATTRIBUTES", "VERSION", "CREATED"],
+                    rows,
+                    "no things",
+                )
+            })
+        }
+        ThingCmd::Describe { name } => {
+            let reply = api.call(Method::Get, &format!("/things/{}", enc(&name)), None)?;
+            show(opts, &reply, thing_details)
+        }
+        ThingCmd::Update {
+            name,
+            fields,
+            replace,
+        } => {
+            if fields.thing_type.is_none() && fields.attrs.is_empty() && !replace {
+                bail!("nothing to update: give --type, --attr KEY=VALUE or --replace");
+            }
+            let mut body = json!({ "merge": !replace });
+            if let Some(t) = fields.thing_type {
+                body["type"] = json!(t);
+            }
+            if replace || !fields.attrs.is_empty() {
+                body["attributes"] = Value::Object(attr_map(fields.attrs));
+            }
+            let path = format!("/things/{}", enc(&name));
+            let reply = api.call(Method::Patch, &path, Some(body))?;
+            show(opts, &reply, |v| {
+                format!("updated thing {}\n{}", field(v, "name"), thing_details(v))
+            })
+        }
+        ThingCmd::Delete { name } => {
+            let reply = api.call(Method::Delete, &format!("/things/{}", enc(&name)), None)?;
+            show(opts, &reply, |_| format!("deleted thing {name}"))
+        }
+        ThingCmd::Attach { name, cert } => {
+            let path = format!("/things/{}/principals/{}", enc(&name), enc(&cert));
+            let reply = api.call(Method::Put, &path, None)?;
+            show(opts, &reply, |_| {
+                format!("attached certificate {cert} to thing {name}")
+            })
+        }
+        ThingCmd::Detach { name, cert } => {
+            let path = format!("/things/{}/principals/{}", enc(&name), enc(&cert));
+            let reply = api.call(Method::Delete, &path, None)?;
+            show(opts, &reply, |_| {
+                format!("detached certificate {cert} from thing {name}")
+            })
+        }
+    }
+}
+
+fn attr_map(attrs: Vec<(String, String)>) -> Map<String, Value> {
+    attrs
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect()
+}
+
+fn attrs_inline(thing: &Value) -> String {
+    match thing.get("attributes").and_then(Value::as_object) {
+        Some(m) if !m.is_empty() => m
+            .iter()
+            .map(|(k, v)| format!("{k}={}", scalar(v)))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "-".to_string(),
+    }
+}
+
+fn thing_details(v: &Value) -> String {
+    let mut rows = vec![
+        ("name", field(v, "name")),
+        ("type", field(v, "type")),
+        ("attributes", attrs_inline(v)),
+        ("version", field(v, "version")),
+        ("created", time_field(v, "created_ms")),
+    ];
+    if v.get("principals").is_some() {
+        rows.push(("certificates", joined(v, "principals")));
+    }
+    details(&rows)
+}
+
+// ---------------------------------------------------------------------------------------
+// cert
+// ---------------------------------------------------------------------------------------
+
+fn cert(cmd: CertCmd, opts: &ClientOpts) -> Result<()> {
+    match cmd {
+        CertCmd::Create {
+            thing,
+            out,
+            issue,
+            days,
+        } => cert_create(opts, thing, out, issue, days),
+        CertCmd::Sign {
+            csr,
+            thing,
+            issue,
+            days,
+            out,
+        } => cert_sign(opts, csr, thing, issue, days, out),
+        CertCmd::Register { pem, thing, issue } => {
+            let pem_text = read_text(&pem)?;
+            let api = Api::new(opts)?;
+            let mut body = json!({ "certificate_pem": pem_text });
+            add_issue_opts(&mut body, thing, issue, None);
+            let reply = api.call(Method::Post, "/certificates/register", Some(body))?;
+            show(opts, &reply, |v| {
+                format!("registered certificate\n{}", cert_details(v))
+            })
+        }
+        CertCmd::List => {
+            let api = Api::new(opts)?;
+            let reply = api.call(Method::Get, "/certificates", None)?;
+            show(opts, &reply, |v| {
+                let rows = list(v, "certificates")
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            field(c, "id"),
+                            field(c, "state"),
+                            field(c, "subject_cn"),
+                            time_field(c, "not_after_ms"),
+                        ]
+                    })
+                    .collect();
+                table(&["ID", "STATE", "CN", "NOT AFTER"], rows, "no certificates")
+            })
+        }
+        CertCmd::Describe { id } => {
+            let api = Api::new(opts)?;
+            let reply = api.call(Method::Get, &format!("/certificates/{}", enc(&id)), None)?;
+            show(opts, &reply, cert_details)
+        }
+        CertCmd::SetState { id, state } => set_state(opts, &id, &state),
+        CertCmd::Revoke { id } => set_state(opts, &id, "REVOKED"),
+        CertCmd::Delete { id } => {
+            let api = Api::new(opts)?;
+            let path = format!("/certificates/{}", enc(&id));
+            let reply = api.call(Method::Delete, &path, None)?;
+            show(opts, &reply, |_| format!("deleted certificate {id}"))
+        }
+    }
+}
+
+fn add_issue_opts(body: &mut Value, thing: Option<String>, issue: IssueOpts, days: Option<u32>) {
+    if let Some(thing) = thing {
+        body["thing"] = json!(thing);
+    }
+    if !issue.policies.is_empty() {
+        body["policies"] = json!(issue.policies);
+    }
+    if let Some(state) = issue.state {
+        body["state"] = json!(state);
+    }
+    if let Some(days) = days {
+        body["days"] = json!(days);
+    }
+}
+
+fn set_state(opts: &ClientOpts, id: &str, state: &str) -> Result<()> {
+    let api = Api::new(opts)?;
+    let path = format!("/certificates/{}/state", enc(id));
+    let reply = api.call(Method::Put, &path, Some(json!({ "state": state })))?;
+    show(opts, &reply, |v| {
+        let head = match state {
+            "REVOKED" => format!("revoked certificate {id}; its live connections were closed"),
+            "ACTIVE" => format!("certificate {id} is ACTIVE"),
+            _ => format!("certificate {id} is {state}; its live connections were closed"),
+        };
+        format!("{head}\n{}", cert_details(v))
+    })
+}
+
+fn cert_details(v: &Value) -> String {
+    let mut rows = vec![
+        ("id", field(v, "id")),
+        ("state", field(v, "state")),
+        ("subject", field(v, "subject")),
+        ("issuer", field(v, "issuer")),
+        ("serial", field(v, "serial")),
+        ("not after", time_field(v, "not_after_ms")),
+        ("created", time_field(v, "created_ms")),
+        ("updated", time_field(v, "updated_ms")),
+    ];
+    if v.get("revoked_ms").is_some_and(|r| !r.is_null()) {
+        rows.push(("revoked", time_field(v, "revoked_ms")));
+    }
+    if v.get("things").is_some() {
+        rows.push(("things", joined(v, "things")));
+    }
+    if v.get("policies").is_some() {
+        rows.push(("policies", joined(v, "policies")));
+    }
+    details(&rows)
+}
+
+/// The three files `cert create` writes.
+struct CertFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+fn cert_create(
+    opts: &ClientOpts,
+    thing: String,
+    out: PathBuf,
+    issue: IssueOpts,
+    days: Option<u32>,
+) -> Result<()> {
+    // The thing name becomes a file name: hold it to IoT Core's rules before it can
+    // reach outside DIR.
+    let name_ok = (1..=128).contains(&thing.len())
+        && thing
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'));
+    if !name_ok {
+        bail!(
+            "invalid thing name {thing:?}: 1 to 128 characters from a-z, A-Z, 0-9, ':', '_', '-'"
+        );
+    }
+    let files = CertFiles {
+        cert: out.join(format!("{thing}.cert.pem")),
+        key: out.join(format!("{thing}.private.key")),
+        ca: out.join("ca.pem"),
+    };
+    // Checked before asking for a certificate, so a refusal leaves nothing behind.
+    for path in [&files.cert, &files.key] {
+        if path.symlink_metadata().is_ok() {
+            bail!(
+                "{} already exists; refusing to overwrite it (remove it or choose another --out)",
+                path.display()
+            );
+        }
+    }
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    let api = Api::new(opts)?;
+
+    let mut body = json!({});
+    add_issue_opts(&mut body, Some(thing.clone()), issue, days);
+    let reply = api.call(Method::Post, "/certificates/create", Some(body))?;
+    let v = reply.json()?;
+    let id = field(&v, "certificate_id");
+    let get = |key: &str| {
+        v.get(key)
+            .and_then(Value::as_str)
+            .ok_or_else(|| anyhow!("the admin API's answer has no {key:?}"))
+    };
+    let written = (|| -> Result<bool> {
+        write_new(&files.key, get("private_key_pem")?.as_bytes(), 0o600)?;
+        write_new(&files.cert, get("certificate_pem")?.as_bytes(), 0o644)?;
+        let ca_pem = get("ca_pem")?;
+        // Several devices' files may share one directory and its ca.pem.
+        match fs::read(&files.ca) {
+            Ok(existing) if existing == ca_pem.as_bytes() => Ok(false),
+            Ok(_) => bail!(
+                "{} exists and holds a different CA certificate; it was not replaced",
+                files.ca.display()
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                write_new(&files.ca, ca_pem.as_bytes(), 0o644)?;
+                Ok(true)
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", files.ca.display())),
+        }
+    })()
+    .with_context(|| {
+        format!(
+            "certificate {id} was issued for thing {thing} but its files were not all written \
+             (revoke it with `fleetcore cert revoke {id}` if it is not needed)"
+        )
+    })?;
+
+    if opts.json {
+        let out = json!({
+            "certificate_id": id,
+            "certificate_file": files.cert,
+            "private_key_file": files.key,
+            "ca_file": files.ca,
+        });
+        return print_out(&format!("{out}\n"));
+    }
+    let ca_note = if written { "" } else { " (unchanged)" };
+    print_out(&format!(
+        "issued certificate {id} for thing {thing}\n\
+         {}\n",
+        details(&[
+            ("certificate", files.cert.display().to_string()),
+            (
+                "private key",
+                format!(
+                    "{} (mode 0600; the only copy, the server does not keep it)",
+                    files.key.display()
+                ),
+            ),
+            ("CA", format!("{}{ca_note}", files.ca.display())),
+        ])
+    ))
+}
+
+fn cert_sign(
+    opts: &ClientOpts,
+    csr: PathBuf,
+    thing: Option<String>,
+    issue: IssueOpts,
+    days: Option<u32>,
+    out: Option<PathBuf>,
+) -> Result<()> {
+    let csr_pem = read_text(&csr)?;
+    if let Some(out) = &out {
+        if out.symlink_metadata().is_ok() {
+            bail!("{} already exists; refusing to overwrite it", out.display());
+        }
+    }
+    let api = Api::new(opts)?;
+    let mut body = json!({ "csr_pem": csr_pem });
+    add_issue_opts(&mut body, thing, issue, days);
+    let reply = api.call(Method::Post, "/certificates/from-csr", Some(body))?;
+    let v = reply.json()?;
+    let id = field(&v, "certificate_id");
+    let pem = v
+        .get("certificate_pem")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("the admin API's answer has no \"certificate_pem\""))?;
+    if let Some(out) = &out {
+        write_new(out, pem.as_bytes(), 0o644)
+            .with_context(|| format!("certificate {id} was issued but could not be written"))?;
+    }
+    if opts.json {
+        return reply.print_raw();
+    }
+    match out {
+        Some(out) => print_out(&format!(
+            "issued certificate {id}, written to {}\n",
+            out.display()
+        )),
+        None => {
+            // The PEM alone on stdout, so it can be redirected into a file.
+            eprintln!("certificate id: {id}");
+            print_out(pem)
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// policy
+// ---------------------------------------------------------------------------------------
+
+fn policy(cmd: PolicyCmd, opts: &ClientOpts) -> Result<()> {
+    match cmd {
+        PolicyCmd::Create { name, file } => {
+            let document = read_policy(&file)?;
+            let api = Api::new(opts)?;
+            let body = json!({ "name": name, "document": document });
+            let reply = api.call(Method::Post, "/policies", Some(body))?;
+            show(opts, &reply, |v| {
+                format!("created policy {}\n{}", field(v, "name"), policy_summary(v))
+            })
+        }
+        PolicyCmd::List => {
+            let api = Api::new(opts)?;
+            let reply = api.call(Method::Get, "/policies", None)?;
+            show(opts, &reply, |v| {
+                let rows = list(v, "policies")
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            field(p, "name"),
+                            field(p, "default_version"),
+                            version_numbers(p)
+                                .iter()
+                                .map(u64::to_string)
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            time_field(p, "created_ms"),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["NAME", "DEFAULT VERSION", "VERSIONS", "CREATED"],
+                    rows,
+                    "no policies",
+                )
+            })
+        }
+        PolicyCmd::Get { name } => {
+            let api = Api::new(opts)?;
+            let reply = api.call(Method::Get, &format!("/policies/{}", enc(&name)), None)?;
+            show(opts, &reply, policy_full)
+        }
+        PolicyCmd::Version {
+            name,
+            file,
+            default,
+        } => {
+            let document = read_policy(&file)?;
+            let api = Api::new(opts)?;
+            let path = format!("/policies/{}/versions", enc(&name));
+            let body = json!({ "document": document, "set_as_default": default });
+            let reply = api.call(Method::Post, &path, Some(body))?;
+            show(opts, &reply, |v| {
+                let newest = version_numbers(v).last().copied().unwrap_or_default();
+                format!(
+                    "added version {newest} to policy {}\n{}",
+                    field(v, "name"),
+                    policy_summary(v)
+                )
+            })
+        }
+        PolicyCmd::SetDefault { name, version } => {
+            let api = Api::new(opts)?;
+            let path = format!("/policies/{}/default-version", enc(&name));
+            let reply = api.call(Method::Put, &path, Some(json!({ "version": version })))?;
+            show(opts, &reply, |v| {
+                format!(
+                    "version {version} of policy {name} is now in force\n{}",
+                    policy_summary(v)
+                )
+            })
+        }
+        PolicyCmd::Delete { name } => {
+            let api = Api::new(opts)?;
+            let path = format!("/policies/{}", enc(&name));
+            let reply = api.call(Method::Delete, &path, None)?;
+            show(opts, &reply, |_| format!("deleted policy {name}"))
+        }
+        PolicyCmd::Attach { name, cert } => {
+            let api = Api::new(opts)?;
+            let path = format!("/policies/{}/targets/{}", enc(&name), enc(&cert));
+            let reply = api.call(Method::Put, &path, None)?;
+            show(opts, &reply, |_| {
+                format!("attached policy {name} to certificate {cert}")
+            })
+        }
+        PolicyCmd::Detach { name, cert } => {
+            let api = Api::new(opts)?;
+            let path = format!("/policies/{}/targets/{}", enc(&name), enc(&cert));
+            let reply = api.call(Method::Delete, &path, None)?;
+            show(opts, &reply, |_| {
+                format!("detached policy {name} from certificate {cert}")
+            })
+        }
+    }
+}
+
+/// Reads a policy document and checks locally that it is JSON; the server checks the rest.
+fn read_policy(path: &Path) -> Result<Value> {
+    let text = read_text(path)?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a JSON policy document", path.display()))
+}
+
+/// The version numbers of a Policy, ascending.
+fn version_numbers(policy: &Value) -> Vec<u64> {
+    let mut numbers: Vec<u64> = policy
+        .get("versions")
+        .and_then(Value::as_object)
+        .map(|m| m.keys().filter_map(|k| k.parse().ok()).collect())
+        .unwrap_or_default();
+    numbers.sort_unstable();
+    numbers
+}
+
+fn policy_summary(v: &Value) -> String {
+    details(&[
+        ("name", field(v, "name")),
+        ("default version", field(v, "default_version")),
+        (
+            "versions",
+            version_numbers(v)
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        ("created", time_field(v, "created_ms")),
+    ])
+}
+
+fn policy_full(v: &Value) -> String {
+    let mut text = policy_summary(v);
+    let default = v.get("default_version").and_then(Value::as_u64);
+    let versions = v.get("versions").and_then(Value::as_object);
+    for n in version_numbers(v) {
+        let Some(version) = versions.and_then(|m| m.get(&n.to_string())) else {
+            continue;
+        };
+        let mark = if Some(n) == default { ", in force" } else { "" };
+        text += &format!(
+            "\n\nversion {n} ({}{mark}):\n",
+            time_field(version, "created_ms")
+        );
+        let document = match version.get("document") {
+            // A document stored as text is shown parsed when it is JSON.
+            Some(Value::String(s)) => serde_json::from_str::<Value>(s)
+                .ok()
+                .and_then(|d| serde_json::to_string_pretty(&d).ok())
+                .unwrap_or_else(|| s.clone()),
+            Some(d) => serde_json::to_string_pretty(d).unwrap_or_default(),
+            None => "-".to_string(),
+        };
+        text += &indent(&document, "  ");
+    }
+    text
+}
+
+// ---------------------------------------------------------------------------------------
+// ca
+// ---------------------------------------------------------------------------------------
+
+fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
+    match cmd {
+        CaCmd::Init { dir, sans, force } => {
+            let dir = dir.unwrap_or_else(|| opts.data_dir.join("pki"));
+            let sans = if sans.is_empty() {
+                vec!["localhost".to_string(), "127.0.0.1".to_string()]
+            } else {
+                sans
+            };
+            let files = CaFiles::in_dir(&dir);
+            let ca = Ca::init(&files, &sans, force)?;
+            if opts.json {
+                let out = json!({
+                    "ca_id": ca.ca_info().id,
+                    "ca_cert": files.ca_cert,
+                    "ca_key": files.ca_key,
+                    "server_cert": files.server_cert,
+                    "server_key": files.server_key,
+                    "server_names": sans,
+                });
+                return print_out(&format!("{out}\n"));
+            }
+            print_out(&format!(
+                "created the fleetcore CA (id {}) and a server certificate for {}\n{}\n\
+                 Devices must trust ca.pem; TLS listeners present server.pem. \
+                 Keep ca.key secret.\n",
+                ca.ca_info().id,
+                sans.join(", "),
+                details(&[
+                    ("CA certificate", files.ca_cert.display().to_string()),
+                    ("CA key", format!("{} (mode 0600)", files.ca_key.display())),
+                    (
+                        "server certificate",
+                        files.server_cert.display().to_string()
+                    ),
+                    (
+                        "server key",
+                        format!("{} (mode 0600)", files.server_key.display())
+                    ),
+                ])
+            ))
+        }
+        CaCmd::Register { pem } => {
+            let pem_text = read_text(&pem)?;
+            let api = Api::new(opts)?;
+            let body = json!({ "certificate_pem": pem_text });
+            let reply = api.call(Method::Post, "/cas", Some(body))?;
+            show(opts, &reply, |v| {
+                format!("registered CA\n{}", ca_details(v))
+            })
+        }
+        CaCmd::List => {
+            let api = Api::new(opts)?;
+            let reply = api.call(Method::Get, "/cas", None)?;
+            show(opts, &reply, |v| {
+                let rows = list(v, "cas")
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            field(c, "id"),
+                            field(c, "subject"),
+                            time_field(c, "created_ms"),
+                        ]
+                    })
+                    .collect();
+                table(&["ID", "SUBJECT", "CREATED"], rows, "no CAs")
+            })
+        }
+        CaCmd::Crl { out, pem } => {
+            let api = Api::new(opts)?;
+            let as_pem = pem || out.is_none();
+            let path = if as_pem { "/crl?format=pem" } else { "/crl" };
+            let reply = api.call(Method::Get, path, None)?;
+            match out {
+                None => print_out(&String::from_utf8_lossy(&reply.body)),
+                Some(out) => {
+                    write_replace(&out, &reply.body)?;
+                    let format = if as_pem { "PEM" } else { "DER" };
+                    if opts.json {
+                        let v = json!({ "file": out, "format": format, "bytes": reply.body.len() });
+                        print_out(&format!("{v}\n"))
+                    } else {
+                        print_out(&format!(
+                            "wrote the CRL ({format}, {} bytes) to {}\n",
+                            reply.body.len(),
+                            out.display()
+                        ))
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn ca_details(v: &Value) -> String {
+    details(&[
+        ("id", field(v, "id")),
+        ("subject", field(v, "subject")),
+        ("created", time_field(v, "created_ms")),
+    ])
+}
+
+// ---------------------------------------------------------------------------------------
+// The admin API
+// ---------------------------------------------------------------------------------------
+
+/// How long a connection to the admin API may take to open, and a whole request.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// The most the CLI reads of one answer (the largest are certificate lists and CRLs).
+const MAX_BODY: u64 = 256 * 1024 * 1024;
+
+#[derive(Clone, Copy, Debug)]
+enum Method {
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+/// A connection to one admin API with its token.
+struct Api {
+    base: String,
+    authorization: String,
+    agent: ureq::Agent,
+}
+
+/// A successful answer.
+struct Reply {
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Result<Value> {
+        serde_json::from_slice(&self.body).context("the admin API answered with invalid JSON")
+    }
+
+    /// Prints the body as it came (`--json`); an empty answer (204) prints nothing.
+    fn print_raw(&self) -> Result<()> {
+        if self.body.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::from_utf8_lossy(&self.body).into_owned();
+        if !text.ends_with('\n') {
+            text.push('\n');
+        }
+        print_out(&text)
+    }
+}
+
+impl Api {
+    fn new(opts: &ClientOpts) -> Result<Api> {
+        let base = opts.admin_url.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!(
+                "invalid --admin-url {:?}: expected http://HOST:PORT or https://HOST:PORT",
+                opts.admin_url
+            );
+        }
+        let token = token(opts)?;
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            // The admin API is normally on loopback: an HTTP_PROXY meant for the
+            // internet must not capture it.
+            .proxy(None)
+            .user_agent(concat!("fleetcore-cli/", env!("CARGO_PKG_VERSION")))
+            .build();
+        Ok(Api {
+            base,
+            authorization: format!("Bearer {token}"),
+            agent: ureq::Agent::new_with_config(config),
+        })
+    }
+
+    /// Sends one request; any answer but 2xx becomes an error naming the API's message.
+    fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Reply> {
+        let url = format!("{}{path}", self.base);
+        let auth = self.authorization.as_str();
+        let sent = match method {
+            Method::Get => self.agent.get(&url).header("Authorization", auth).call(),
+            Method::Delete => self.agent.delete(&url).header("Authorization", auth).call(),
+            Method::Post | Method::Put | Method::Patch => {
+                let builder = match method {
+                    Method::Post => self.agent.post(&url),
+                    Method::Put => self.agent.put(&url),
+                    _ => self.agent.patch(&url),
+                }
+                .header("Authorization", auth);
+                match body {
+                    Some(body) => builder.send_json(&body),
+                    None => builder.send_empty(),
+                }
+            }
+        };
+        let mut response = sent.map_err(|e| self.transport_error(e))?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY)
+            .read_to_vec()
+            .map_err(|e| self.transport_error(e))?;
+        if (200..300).contains(&status) {
+            Ok(Reply { body })
+        } else {
+            Err(anyhow!(api_error_message(status, &body)))
+        }
+    }
+
+    fn transport_error(&self, e: ureq::Error) -> anyhow::Error {
+        let reason = match &e {
+            ureq::Error::Io(io) => match io.kind() {
+                io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+                io::ErrorKind::ConnectionReset => "connection reset".to_string(),
+                io::ErrorKind::TimedOut => "timed out".to_string(),
+                _ => io.to_string(),
+            },
+            ureq::Error::Timeout(t) => format!("no answer in time ({t})"),
+            ureq::Error::HostNotFound => "host not found".to_string(),
+            ureq::Error::BadUri(u) => format!("invalid URL {u}"),
+            other => other.to_string(),
+        };
+        anyhow!(
+            "cannot reach the admin API at {}: {reason} — is fleetcore serve running?",
+            self.base
+        )
+    }
+}
+
+/// One line for a non-2xx answer: the API's own message when it sent one.
+fn api_error_message(status: u16, body: &[u8]) -> String {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let message = parsed
+        .as_ref()
+        .and_then(|v| v.pointer("/error/message"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let mut line = match message {
+        Some(m) => format!("{m} ({status})"),
+        None => {
+            let text = String::from_utf8_lossy(body);
+            let first = text.lines().next().unwrap_or("").trim();
+            if first.is_empty() {
+                format!("the admin API answered {status}")
+            } else {
+                format!("the admin API answered {status}: {first}")
+            }
+        }
+    };
+    if status == 401 {
+        line += " — check --token, FLEETCORE_ADMIN_TOKEN or <data-dir>/admin.token";
+    }
+    line
+}
+
+/// The token: --token or FLEETCORE_ADMIN_TOKEN, else <data-dir>/admin.token.
+fn token(opts: &ClientOpts) -> Result<String> {
+    if let Some(t) = &opts.token {
+        let t = t.trim();
+        if t.is_empty() {
+            bail!("the admin token given with --token or FLEETCORE_ADMIN_TOKEN is empty");
+        }
+        return Ok(t.to_string());
+    }
+    let path = opts.data_dir.join("admin.token");
+    match fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
+        Ok(_) => bail!("the admin token file {} is empty", path.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => bail!(
+            "no admin token: {} does not exist and neither --token nor FLEETCORE_ADMIN_TOKEN \
+             is set (point --data-dir at the server's data directory, or pass the token)",
+            path.display()
+        ),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => bail!(
+            "cannot read the admin token {}: permission denied (run as the user that runs \
+             fleetcore serve, or pass --token)",
+            path.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("cannot read the admin token {}", path.display())),
+    }
+}
+
+/// Percent-encodes one path segment (everything but RFC 3986's unreserved characters).
+fn enc(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out += &format!("%{b:02X}");
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------
+// Files
+// ---------------------------------------------------------------------------------------
+
+fn read_text(path: &Path) -> Result<String> {
+    fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Writes a file that must not exist yet, with `mode` from its creation (a key is never
+/// readable by others, not even for an instant).
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                anyhow!(
+                    "{} already exists; refusing to overwrite it",
+                    path.display()
+                )
+            } else {
+                anyhow!("cannot create {}: {e}", path.display())
+            }
+        })?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes a file through a temporary one and a rename, so readers (a web server serving
+/// the CRL) never see half of it.
+fn write_replace(path: &Path, contents: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut name = std::ffi::OsString::from(".");
+    name.push(path.file_name().unwrap_or_default());
+    name.push(".tmp");
+    let tmp = dir.join(name);
+    let _ = fs::remove_file(&tmp);
+    write_new(&tmp, contents, 0o644)?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+}
+
+// ---------------------------------------------------------------------------------------
+// Output
+// ---------------------------------------------------------------------------------------
+
+/// Prints the raw JSON with `--json`, else what `human` makes of it.
+fn show(opts: &ClientOpts, reply: &Reply, human: impl FnOnce(&Value) -> String) -> Result<()> {
+    if opts.json {
+        return reply.print_raw();
+    }
+    let value = if reply.body.is_empty() {
+        Value::Null
+    } else {
+        reply.json()?
+    };
+    let mut text = human(&value);
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    print_out(&text)
+}
+
+/// Writes to stdout; a closed pipe (`| head`) ends the output quietly.
+fn print_out(text: &str) -> Result<()> {
+    let mut stdout = io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(e).context("cannot write output"),
+        _ => Ok(()),
+    }
+}
+
+fn list<'a>(v: &'a Value, key: &str) -> &'a [Value] {
+    v.get(key)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn field(v: &Value, key: &str) -> String {
+    v.get(key).map(scalar).unwrap_or_else(|| "-".to_string())
+}
+
+fn time_field(v: &Value, key: &str) -> String {
+    v.get(key)
+        .and_then(Value::as_i64)
+        .map(format_ms)
+        .unwrap_or_else(|| "-".to_string())
+}
+
+/// The strings of an array field, comma-separated, or "-".
+fn joined(v: &Value, key: &str) -> String {
+    let items: Vec<String> = list(v, key).iter().map(scalar).collect();
+    if items.is_empty() {
+        "-".to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// `label:  value` lines with the values aligned.
+fn details(rows: &[(&str, String)]) -> String {
+    let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    rows.iter()
+        .map(|(k, v)| format!("{:<width$}  {v}", format!("{k}:")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Columns padded to their widest cell; `empty` instead when there are no rows.
+fn table(headers: &[&str], rows: Vec<Vec<String>>, empty: &str) -> String {
+    if rows.is_empty() {
+        return empty.to_string();
+    }
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let last = cells.len().saturating_sub(1);
+        cells
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == last {
+                    c
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let mut out = vec![line(headers.iter().map(|h| h.to_string()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}
+
+fn indent(text: &str, prefix: &str) -> String {
+    text.lines()
+        .map(|l| format!("{prefix}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Milliseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
+fn format_ms(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days to a civil date: Howard Hinnant's algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_utc_rfc3339() {
+        assert_eq!(format_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_ms(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(format_ms(1_767_225_599_999), "2025-12-31T23:59:59Z");
+        assert_eq!(format_ms(-1000), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        assert_eq!(enc("computer-a_1.x~"), "computer-a_1.x~");
+        assert_eq!(enc("a:b/c d"), "a%3Ab%2Fc%20d");
+    }
+
+    #[test]
+    fn attributes_split_at_the_first_equals_sign() {
+        assert_eq!(parse_attr("k=v=w").unwrap(), ("k".into(), "v=w".into()));
+        assert_eq!(parse_attr("k=").unwrap(), ("k".into(), String::new()));
+        assert!(parse_attr("=v").is_err());
+        assert!(parse_attr("kv").is_err());
+    }
+
+    #[test]
+    fn api_errors_become_one_line_with_the_status() {
+        let body = br#"{"error":{"code":"NotFound","message":"thing \"x\" not found"}}"#;
+        assert_eq!(api_error_message(404, body), "thing \"x\" not found (404)");
+        assert_eq!(
+            api_error_message(502, b"Bad gateway\nmore"),
+            "the admin API answered 502: Bad gateway"
+        );
+        assert!(api_error_message(401, b"").contains("--token"));
+    }
+
+    #[test]
+    fn tables_align_columns_and_leave_the_last_unpadded() {
+        let t = table(
+            &["NAME", "TYPE"],
+            vec![vec!["a-long-name".into(), "x".into()]],
+            "none",
+        );
+        assert_eq!(t, "NAME         TYPE\na-long-name  x");
+        assert_eq!(table(&["NAME"], vec![], "no things"), "no things");
+    }
+
+    #[test]
+    fn policy_versions_sort_numerically() {
+        let p = json!({"versions": {"10": {}, "2": {}, "1": {}}});
+        assert_eq!(version_numbers(&p), vec![1, 2, 10]);
+    }
+}

@@ -1,0 +1,809 @@
+//! The operator CLI (`fleetcore thing|cert|policy|ca`) run as a real binary: its help,
+//! the local `ca init`, its errors without a server, and whole operator flows against a
+//! real `fleetcore serve` with the admin API on a loopback port.
+//!
+//! Every process started here is killed by its PID when its owner is dropped, and every
+//! wait has a deadline.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The bound for one CLI run.
+const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the server may take to answer GET /healthz after it was started.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn binary() -> PathBuf {
+    match std::env::var_os("FLEETCORE_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_fleetcore")),
+    }
+}
+
+/// What one CLI run printed and how it ended.
+struct Out {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn ok(self, what: &str) -> Out {
+        assert!(
+            self.status.success(),
+            "`fleetcore {what}` failed ({}):\nstdout: {}\nstderr: {}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Asserts a failure with exactly one line on stderr, and returns that line.
+    fn fails(self, what: &str) -> String {
+        assert!(
+            !self.status.success(),
+            "`fleetcore {what}` should have failed:\nstdout: {}\nstderr: {}",
+            self.stdout,
+            self.stderr
+        );
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one error line expected: {:?}", self.stderr);
+        assert!(lines[0].starts_with("fleetcore: "), "{:?}", lines[0]);
+        lines[0].to_string()
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("--json output does not parse ({e}): {}", self.stdout))
+    }
+}
+
+/// Runs the CLI in `cwd` with `args`, without any FLEETCORE_* variable from the
+/// environment of the test, and waits at most [`RUN_TIMEOUT`].
+fn fleetcore(cwd: &Path, args: &[&str]) -> Out {
+    let out_path = cwd.join(".cli.stdout");
+    let err_path = cwd.join(".cli.stderr");
+    let mut child = Command::new(binary())
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("FLEETCORE_ADMIN_URL")
+        .env_remove("FLEETCORE_ADMIN_TOKEN")
+        .env_remove("FLEETCORE_DATA_DIR")
+        .env_remove("FLEETCORE_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(File::create(&out_path).expect("create stdout file"))
+        .stderr(File::create(&err_path).expect("create stderr file"))
+        .spawn()
+        .expect("run fleetcore");
+    let status = match wait_timeout(&mut child, RUN_TIMEOUT) {
+        Some(status) => status,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`fleetcore {}` did not finish in {RUN_TIMEOUT:?}",
+                args.join(" ")
+            );
+        }
+    };
+    Out {
+        status,
+        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: fs::read_to_string(&err_path).unwrap_or_default(),
+    }
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A loopback port nothing listens on (at the moment it is returned).
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+fn temp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("fleetcore-cli-")
+        .tempdir()
+        .expect("create temp dir")
+}
+
+// ---------------------------------------------------------------------------------------
+// Without a server
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn every_command_has_help() {
+    let dir = temp();
+    let top = fleetcore(dir.path(), &["--help"]).ok("--help");
+    for cmd in ["thing", "cert", "policy", "ca"] {
+        assert!(
+            top.stdout.contains(&format!("\n  {cmd} ")),
+            "--help lists {cmd}: {}",
+            top.stdout
+        );
+    }
+    let commands: &[&[&str]] = &[
+        &["thing"],
+        &["thing", "create"],
+        &["thing", "list"],
+        &["thing", "describe"],
+        &["thing", "update"],
+        &["thing", "delete"],
+        &["thing", "attach"],
+        &["thing", "detach"],
+        &["cert"],
+        &["cert", "create"],
+        &["cert", "sign"],
+        &["cert", "register"],
+        &["cert", "list"],
+        &["cert", "describe"],
+        &["cert", "set-state"],
+        &["cert", "revoke"],
+        &["cert", "delete"],
+        &["policy"],
+        &["policy", "create"],
+        &["policy", "list"],
+        &["policy", "get"],
+        &["policy", "version"],
+        &["policy", "set-default"],
+        &["policy", "delete"],
+        &["policy", "attach"],
+        &["policy", "detach"],
+        &["ca"],
+        &["ca", "init"],
+        &["ca", "register"],
+        &["ca", "list"],
+        &["ca", "crl"],
+    ];
+    for cmd in commands {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let what = args.join(" ");
+        let out = fleetcore(dir.path(), &args).ok(&what);
+        assert!(
+            out.stdout.contains("Usage: fleetcore "),
+            "{what}: {}",
+            out.stdout
+        );
+        assert!(out.stdout.contains("--admin-url"), "{what}: {}", out.stdout);
+    }
+    let out = fleetcore(dir.path(), &["cert", "create", "--help"]).ok("cert create --help");
+    for flag in [
+        "--thing", "--out", "--policy", "--days", "--state", "--json",
+    ] {
+        assert!(out.stdout.contains(flag), "cert create --help: {flag}");
+    }
+}
+
+#[test]
+fn bad_arguments_are_refused_before_anything_is_sent() {
+    let dir = temp();
+    let out = fleetcore(dir.path(), &["cert", "set-state", "abc", "BROKEN"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("PENDING_ACTIVATION"), "{}", out.stderr);
+    let out = fleetcore(dir.path(), &["thing", "create", "a", "--attr", "novalue"]);
+    assert_eq!(out.status.code(), Some(2), "{}", out.stderr);
+    assert!(out.stderr.contains("KEY=VALUE"), "{}", out.stderr);
+}
+
+#[test]
+fn ca_init_writes_private_keys_0600_and_refuses_to_replace_them() {
+    let dir = temp();
+    let out = fleetcore(
+        dir.path(),
+        &[
+            "ca",
+            "init",
+            "--data-dir",
+            "data",
+            "--san",
+            "broker.example.com",
+        ],
+    )
+    .ok("ca init");
+    let pki = dir.path().join("data/pki");
+    for (file, expected) in [
+        ("ca.pem", 0o644),
+        ("ca.key", 0o600),
+        ("server.pem", 0o644),
+        ("server.key", 0o600),
+    ] {
+        assert_eq!(mode(&pki.join(file)), expected, "{file}");
+        assert!(out.stdout.contains(file), "{}", out.stdout);
+    }
+    let ca_pem = fs::read_to_string(pki.join("ca.pem")).expect("ca.pem");
+    assert!(ca_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+
+    let line = fleetcore(dir.path(), &["ca", "init", "--data-dir", "data"]).fails("ca init again");
+    assert!(
+        line.contains("already exists") && line.contains("--force"),
+        "{line}"
+    );
+    assert_eq!(
+        fs::read_to_string(pki.join("ca.pem")).expect("ca.pem"),
+        ca_pem,
+        "a refused ca init left the CA alone"
+    );
+
+    fleetcore(dir.path(), &["ca", "init", "--data-dir", "data", "--force"]).ok("ca init --force");
+    assert_ne!(
+        fs::read_to_string(pki.join("ca.pem")).expect("ca.pem"),
+        ca_pem
+    );
+    assert_eq!(mode(&pki.join("ca.key")), 0o600);
+
+    // --dir instead of <data-dir>/pki, and --json.
+    let out = fleetcore(dir.path(), &["ca", "init", "--dir", "elsewhere", "--json"])
+        .ok("ca init --dir --json");
+    let v = out.json();
+    assert_eq!(v["ca_key"], "elsewhere/ca.key", "{v}");
+    assert_eq!(v["ca_id"].as_str().map(str::len), Some(64), "{v}");
+    assert_eq!(mode(&dir.path().join("elsewhere/server.key")), 0o600);
+}
+
+#[test]
+fn unreachable_admin_api_says_so_in_one_line() {
+    let dir = temp();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let line = fleetcore(
+        dir.path(),
+        &["thing", "list", "--token", "t0ken", "--admin-url", &url],
+    )
+    .fails("thing list");
+    assert_eq!(
+        line,
+        format!(
+            "fleetcore: cannot reach the admin API at {url}: connection refused — is fleetcore serve running?"
+        )
+    );
+}
+
+#[test]
+fn missing_token_is_explained_and_the_token_file_is_used() {
+    let dir = temp();
+    let line = fleetcore(dir.path(), &["cert", "list", "--data-dir", "nowhere"]).fails("cert list");
+    assert!(
+        line.contains("no admin token")
+            && line.contains("nowhere/admin.token")
+            && line.contains("--token"),
+        "{line}"
+    );
+
+    // With the token file present, the CLI goes on to the (absent) server.
+    fs::create_dir_all(dir.path().join("data")).expect("mkdir");
+    fs::write(dir.path().join("data/admin.token"), "abc\n").expect("write token");
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let line = fleetcore(dir.path(), &["cert", "list", "--admin-url", &url])
+        .fails("cert list with ./data/admin.token");
+    assert!(line.contains("cannot reach the admin API"), "{line}");
+}
+
+#[test]
+fn cert_create_refuses_to_overwrite_before_asking_for_a_certificate() {
+    let dir = temp();
+    fs::create_dir_all(dir.path().join("certs")).expect("mkdir");
+    fs::write(dir.path().join("certs/computer-a.private.key"), "keep me").expect("write");
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let line = fleetcore(
+        dir.path(),
+        &[
+            "cert",
+            "create",
+            "--thing",
+            "computer-a",
+            "--out",
+            "certs",
+            "--token",
+            "t",
+            "--admin-url",
+            &url,
+        ],
+    )
+    .fails("cert create over an existing key");
+    assert!(
+        line.contains("computer-a.private.key") && line.contains("refusing to overwrite"),
+        "{line}"
+    );
+    assert_eq!(
+        fs::read_to_string(dir.path().join("certs/computer-a.private.key")).expect("read"),
+        "keep me"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Against a running server
+// ---------------------------------------------------------------------------------------
+
+/// `fleetcore serve` with the admin API on a free loopback port, in its own directory.
+struct Server {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    admin_url: String,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = temp();
+        let log = dir.path().join("server.log");
+        let mut server = Server {
+            dir,
+            child: None,
+            admin_url: String::new(),
+            log,
+        };
+        // A port picked by binding to :0 can be taken before the server binds it; then
+        // pick again.
+        for attempt in 1..=3 {
+            let (mqtt, admin) = (free_port(), free_port());
+            let config = format!(
+                "data_dir = \"data\"\n\n[log]\nformat = \"human\"\nlevel = \"info\"\n\n\
+                 [[listener]]\nkind = \"tcp\"\nbind = \"127.0.0.1:{mqtt}\"\nallow_anonymous = true\n\n\
+                 [admin]\nenabled = true\nbind = \"127.0.0.1:{admin}\"\n"
+            );
+            fs::write(server.path().join("fleetcore.toml"), config).expect("write config");
+            let log_file = File::options()
+                .create(true)
+                .append(true)
+                .open(&server.log)
+                .expect("open log");
+            let child = Command::new(binary())
+                .args(["serve", "--config", "fleetcore.toml"])
+                .current_dir(server.path())
+                .env_remove("FLEETCORE_DATA_DIR")
+                .env_remove("FLEETCORE_CONFIG")
+                .stdin(Stdio::null())
+                .stdout(log_file.try_clone().expect("clone log"))
+                .stderr(log_file)
+                .spawn()
+                .expect("run fleetcore serve");
+            server.child = Some(child);
+            server.admin_url = format!("http://127.0.0.1:{admin}");
+            match server.wait_healthy(admin) {
+                Ok(()) => return server,
+                Err(why) => {
+                    server.kill();
+                    let text = fs::read_to_string(&server.log).unwrap_or_default();
+                    if attempt < 3 && text.to_lowercase().contains("in use") {
+                        continue;
+                    }
+                    panic!("fleetcore serve did not serve the admin API: {why}\nlog:\n{text}");
+                }
+            }
+        }
+        unreachable!()
+    }
+
+    /// Waits until the token file exists and GET /healthz with it answers 200.
+    fn wait_healthy(&mut self, port: u16) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let token_path = self.dir.path().join("data/admin.token");
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(format!("exited early with {status}"));
+            }
+            if let Ok(token) = fs::read_to_string(&token_path) {
+                if healthz(port, token.trim()).is_some_and(|s| s.starts_with("HTTP/1.1 200")) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no healthy answer within {START_TIMEOUT:?}"));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The CLI run in the server's directory, so ./data/admin.token is found by default.
+    fn cli(&self, args: &[&str]) -> Out {
+        let mut all = vec!["--admin-url", self.admin_url.as_str()];
+        // Global options go after the subcommand; put them last.
+        let mut args = args.to_vec();
+        args.append(&mut all);
+        fleetcore(self.path(), &args)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = wait_timeout(&mut child, Duration::from_secs(10));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// GET /healthz over a plain socket; the status line, if any answer came.
+fn healthz(port: u16, token: &str) -> Option<String> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    answer.lines().next().map(str::to_string)
+}
+
+const POLICY: &str = r#"{
+  "Version": "2012-10-17",
+  "Statement": [
+    { "Effect": "Allow", "Action": "iot:Connect", "Resource": "arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}" },
+    { "Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"], "Resource": "arn:aws:iot:*:*:topic/agents/${iot:Connection.Thing.ThingName}/*" }
+  ]
+}"#;
+
+#[test]
+fn operator_issues_a_certificate_for_a_thing_and_revokes_it() {
+    let server = Server::start();
+    let dir = server.path();
+
+    let out = server
+        .cli(&[
+            "thing",
+            "create",
+            "computer-a",
+            "--type",
+            "agent",
+            "--attr",
+            "account=customer-b",
+        ])
+        .ok("thing create");
+    assert!(out.stdout.contains("computer-a"), "{}", out.stdout);
+    assert!(out.stdout.contains("account=customer-b"), "{}", out.stdout);
+
+    let things = server
+        .cli(&["thing", "list", "--json"])
+        .ok("thing list --json")
+        .json();
+    let names: Vec<&str> = things["things"]
+        .as_array()
+        .expect("things array")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["computer-a"]);
+    let table = server.cli(&["thing", "list"]).ok("thing list");
+    assert!(table.stdout.starts_with("NAME"), "{}", table.stdout);
+
+    fs::write(dir.join("agent.json"), POLICY).expect("write policy");
+    server
+        .cli(&["policy", "create", "agent", "--file", "agent.json"])
+        .ok("policy create");
+    let got = server.cli(&["policy", "get", "agent"]).ok("policy get");
+    assert!(got.stdout.contains("version 1"), "{}", got.stdout);
+    assert!(got.stdout.contains("iot:Connect"), "{}", got.stdout);
+
+    let out = server
+        .cli(&[
+            "cert",
+            "create",
+            "--thing",
+            "computer-a",
+            "--policy",
+            "agent",
+            "--out",
+            "certs",
+        ])
+        .ok("cert create");
+    let id = out
+        .stdout
+        .split_whitespace()
+        .find(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no certificate id in: {}", out.stdout))
+        .to_string();
+    let certs = dir.join("certs");
+    for file in ["computer-a.cert.pem", "computer-a.private.key", "ca.pem"] {
+        assert!(out.stdout.contains(file), "{}", out.stdout);
+    }
+    assert_eq!(mode(&certs.join("computer-a.private.key")), 0o600);
+    let key = fs::read_to_string(certs.join("computer-a.private.key")).expect("key");
+    assert!(key.contains("PRIVATE KEY-----"), "{key}");
+    let cert = fs::read_to_string(certs.join("computer-a.cert.pem")).expect("cert");
+    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_eq!(
+        fs::read_to_string(certs.join("ca.pem")).expect("ca.pem"),
+        fs::read_to_string(dir.join("data/pki/ca.pem")).expect("server's ca.pem"),
+        "ca.pem is the server's CA"
+    );
+
+    let v = server
+        .cli(&["cert", "describe", &id, "--json"])
+        .ok("cert describe --json")
+        .json();
+    assert_eq!(v["state"], "ACTIVE", "{v}");
+    assert_eq!(v["subject_cn"], "computer-a", "{v}");
+    assert_eq!(v["things"], serde_json::json!(["computer-a"]), "{v}");
+    assert_eq!(v["policies"], serde_json::json!(["agent"]), "{v}");
+
+    // Same thing, same directory: nothing is replaced.
+    let line = server
+        .cli(&["cert", "create", "--thing", "computer-a", "--out", "certs"])
+        .fails("cert create again");
+    assert!(line.contains("refusing to overwrite"), "{line}");
+    assert_eq!(
+        fs::read_to_string(certs.join("computer-a.private.key")).expect("key"),
+        key
+    );
+
+    let out = server.cli(&["cert", "revoke", &id]).ok("cert revoke");
+    assert!(out.stdout.contains("REVOKED"), "{}", out.stdout);
+    let v = server
+        .cli(&["cert", "describe", &id, "--json"])
+        .ok("cert describe after revoke")
+        .json();
+    assert_eq!(v["state"], "REVOKED", "{v}");
+    let line = server
+        .cli(&["cert", "set-state", &id, "active"])
+        .fails("reactivating a revoked certificate");
+    assert!(line.ends_with("(409)"), "{line}");
+
+    let crl = dir.join("crl.der");
+    server
+        .cli(&["ca", "crl", "--out", "crl.der"])
+        .ok("ca crl --out");
+    assert_eq!(fs::read(&crl).expect("crl")[0], 0x30, "DER SEQUENCE");
+    let pem = server.cli(&["ca", "crl"]).ok("ca crl");
+    assert!(pem.stdout.contains("BEGIN X509 CRL"), "{}", pem.stdout);
+
+    let list = server
+        .cli(&["cert", "list", "--json"])
+        .ok("cert list")
+        .json();
+    assert_eq!(
+        list["certificates"].as_array().map(Vec::len),
+        Some(1),
+        "{list}"
+    );
+}
+
+#[test]
+fn errors_from_the_api_are_one_line_with_the_status() {
+    let server = Server::start();
+    let line = server
+        .cli(&["thing", "describe", "nobody"])
+        .fails("thing describe nobody");
+    assert!(line.contains("nobody") && line.ends_with("(404)"), "{line}");
+
+    let line = server
+        .cli(&["thing", "list", "--token", "wrong"])
+        .fails("wrong token");
+    assert!(line.contains("(401)") && line.contains("--token"), "{line}");
+
+    fs::write(server.path().join("bad.json"), "{ not json").expect("write");
+    let line = server
+        .cli(&["policy", "create", "bad", "--file", "bad.json"])
+        .fails("policy create with bad JSON");
+    assert!(
+        line.contains("bad.json is not a JSON policy document"),
+        "{line}"
+    );
+
+    fs::write(server.path().join("deny.json"), r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Conect","Resource":"*"}]}"#).expect("write");
+    let line = server
+        .cli(&["policy", "create", "typo", "--file", "deny.json"])
+        .fails("policy create with a bad action");
+    assert!(line.ends_with("(400)"), "{line}");
+}
+
+#[test]
+fn things_policies_and_attachments_round_trip() {
+    let server = Server::start();
+    let dir = server.path();
+    server
+        .cli(&[
+            "thing",
+            "create",
+            "computer-b",
+            "--attr",
+            "a=1",
+            "--attr",
+            "b=2",
+        ])
+        .ok("thing create");
+    let v = server
+        .cli(&[
+            "thing",
+            "update",
+            "computer-b",
+            "--attr",
+            "a=",
+            "--attr",
+            "c=3",
+            "--json",
+        ])
+        .ok("thing update (merge)")
+        .json();
+    assert_eq!(
+        v["attributes"],
+        serde_json::json!({"b": "2", "c": "3"}),
+        "{v}"
+    );
+    let v = server
+        .cli(&[
+            "thing",
+            "update",
+            "computer-b",
+            "--replace",
+            "--attr",
+            "z=9",
+            "--json",
+        ])
+        .ok("thing update --replace")
+        .json();
+    assert_eq!(v["attributes"], serde_json::json!({"z": "9"}), "{v}");
+
+    // A CSR: the key never leaves this test.
+    let key = rcgen::KeyPair::generate().expect("key");
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+        .expect("params")
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("csr pem");
+    fs::write(dir.join("b.csr"), csr).expect("write csr");
+    let out = server
+        .cli(&[
+            "cert",
+            "sign",
+            "--csr",
+            "b.csr",
+            "--thing",
+            "computer-b",
+            "--out",
+            "b.pem",
+        ])
+        .ok("cert sign");
+    assert!(fs::read_to_string(dir.join("b.pem"))
+        .expect("b.pem")
+        .starts_with("-----BEGIN CERTIFICATE-----"));
+    let id = out
+        .stdout
+        .split_whitespace()
+        .find(|w| w.trim_end_matches(',').len() == 64)
+        .map(|w| w.trim_end_matches(',').to_string())
+        .unwrap_or_else(|| panic!("no id in {}", out.stdout));
+
+    fs::write(dir.join("p.json"), POLICY).expect("write policy");
+    server
+        .cli(&["policy", "create", "p", "--file", "p.json"])
+        .ok("policy create");
+    server
+        .cli(&["policy", "version", "p", "--file", "p.json", "--default"])
+        .ok("policy version");
+    let v = server
+        .cli(&["policy", "set-default", "p", "1", "--json"])
+        .ok("policy set-default")
+        .json();
+    assert_eq!(v["default_version"], 1, "{v}");
+    server
+        .cli(&["policy", "attach", "p", "--cert", &id])
+        .ok("policy attach");
+    let line = server
+        .cli(&["policy", "delete", "p"])
+        .fails("policy delete while attached");
+    assert!(line.ends_with("(409)"), "{line}");
+    server
+        .cli(&["policy", "detach", "p", "--cert", &id])
+        .ok("policy detach");
+    server.cli(&["policy", "delete", "p"]).ok("policy delete");
+
+    let line = server
+        .cli(&["thing", "delete", "computer-b"])
+        .fails("thing delete while attached");
+    assert!(line.ends_with("(409)"), "{line}");
+    server
+        .cli(&["thing", "detach", "computer-b", "--cert", &id])
+        .ok("thing detach");
+    server
+        .cli(&["thing", "delete", "computer-b"])
+        .ok("thing delete");
+    server
+        .cli(&["cert", "set-state", &id, "INACTIVE"])
+        .ok("cert set-state INACTIVE");
+    server.cli(&["cert", "delete", &id]).ok("cert delete");
+
+    let cas = server.cli(&["ca", "list", "--json"]).ok("ca list").json();
+    assert_eq!(cas["cas"].as_array().map(Vec::len), Some(1), "{cas}");
+}
+
+#[test]
+fn certificates_from_a_registered_ca_can_be_registered() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa,
+        KeyPair, KeyUsagePurpose,
+    };
+    let server = Server::start();
+    let dir = server.path();
+
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, "own CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let own_ca =
+        CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca");
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
+    leaf.distinguished_name = DistinguishedName::new();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "computer-d");
+    let leaf = leaf
+        .signed_by(&KeyPair::generate().expect("key"), &own_ca)
+        .expect("sign leaf");
+    fs::write(dir.join("own-ca.pem"), own_ca.pem()).expect("write");
+    fs::write(dir.join("leaf.pem"), leaf.pem()).expect("write");
+
+    // Not yet: the leaf chains to nothing fleetcore knows.
+    let line = server
+        .cli(&["cert", "register", "--pem", "leaf.pem"])
+        .fails("cert register before its CA");
+    assert!(line.ends_with("(400)"), "{line}");
+
+    server
+        .cli(&["ca", "register", "--pem", "own-ca.pem"])
+        .ok("ca register");
+    let cas = server.cli(&["ca", "list"]).ok("ca list");
+    assert!(cas.stdout.contains("CN=own CA"), "{}", cas.stdout);
+
+    let v = server
+        .cli(&[
+            "cert",
+            "register",
+            "--pem",
+            "leaf.pem",
+            "--thing",
+            "computer-d",
+            "--state",
+            "inactive",
+            "--json",
+        ])
+        .ok("cert register")
+        .json();
+    assert_eq!(v["state"], "INACTIVE", "{v}");
+    assert_eq!(v["subject_cn"], "computer-d", "{v}");
+}

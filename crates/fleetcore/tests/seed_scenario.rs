@@ -1,0 +1,411 @@
+//! The seed scenario end to end, with the real binary and real clients: a backend
+//! provisions two agents in two accounts through the admin API (things with an `account`
+//! attribute, one shared `agent` policy, certificates from the server's own CA); the
+//! agents connect over mutual TLS to a registry listener, each gets only its own orders,
+//! retained configuration arrives on subscribe, unregistered certificates are refused,
+//! and revoking a certificate cuts its connection off at once and lands on the CRL.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use x509_parser::prelude::*;
+
+const SEC: Duration = Duration::from_secs(1);
+
+/// The shared agent policy of docs (iot-core-semantics.md): one document for every
+/// agent, scoped by the thing's `account` attribute and its name.
+const AGENT_POLICY: &str = r#"{
+  "Version": "2012-10-17",
+  "Statement": [
+    { "Effect": "Allow", "Action": "iot:Connect",
+      "Resource": "arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}" },
+    { "Effect": "Allow", "Action": "iot:Subscribe",
+      "Resource": "arn:aws:iot:*:*:topicfilter/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*" },
+    { "Effect": "Allow", "Action": ["iot:Receive", "iot:Publish"],
+      "Resource": "arn:aws:iot:*:*:topic/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*" } ] }"#;
+
+const BACKEND_POLICY: &str = r#"{
+  "Version": "2012-10-17",
+  "Statement": [
+    { "Effect": "Allow", "Action": ["iot:Connect", "iot:Publish", "iot:RetainPublish"], "Resource": "*" } ] }"#;
+
+fn ok(resp: HttpResponse, status: u16) -> Value {
+    assert_eq!(resp.status, status, "{}", resp.text());
+    if resp.body.is_empty() {
+        Value::Null
+    } else {
+        resp.json()
+    }
+}
+
+/// POST /certificates/create for `thing`, written as PEM files in `dir`.
+fn provision(
+    broker: &TestBroker,
+    dir: &Path,
+    thing: &str,
+    policies: &[&str],
+) -> (String, ClientCert) {
+    let c = ok(
+        broker.admin(
+            "POST",
+            "/certificates/create",
+            Some(&json!({"thing": thing, "policies": policies})),
+        ),
+        201,
+    );
+    let cert = dir.join(format!("{thing}.pem"));
+    let key = dir.join(format!("{thing}.key"));
+    std::fs::write(&cert, c["certificate_pem"].as_str().unwrap()).unwrap();
+    std::fs::write(&key, c["private_key_pem"].as_str().unwrap()).unwrap();
+    (
+        c["certificate_id"].as_str().unwrap().to_string(),
+        ClientCert { cert, key },
+    )
+}
+
+fn paho_as(
+    broker: &TestBroker,
+    cert: &ClientCert,
+    protocol: &str,
+    client_id: &str,
+    more: &[&str],
+) -> Vec<String> {
+    let mut args = broker.paho_tls(cert);
+    args.extend(["--protocol", protocol, "--client-id", client_id].map(String::from));
+    args.extend(more.iter().map(|s| s.to_string()));
+    args
+}
+
+fn publish_as_backend(
+    broker: &TestBroker,
+    backend: &ClientCert,
+    topic: &str,
+    payload: &str,
+    retain: bool,
+) {
+    let mut args = with(
+        &broker.mosq_tls(backend),
+        &[
+            "-V", "mqttv5", "-i", "backend", "-q", "1", "-t", topic, "-m", payload,
+        ],
+    );
+    if retain {
+        args.push("-r".into());
+    }
+    mosquitto_pub(&args);
+}
+
+#[test]
+fn two_agents_in_two_accounts_get_their_own_orders_and_revocation_cuts_off_at_once() {
+    let broker = TestBroker::start(BrokerOpts::new().server_pki().registry().admin());
+    let certs = tempfile::tempdir().unwrap();
+
+    // --- provisioning, as a backend would do it ---------------------------------------
+    for (thing, account) in [("computer-a", "customer-a"), ("computer-b", "customer-b")] {
+        ok(
+            broker.admin(
+                "POST",
+                "/things",
+                Some(&json!({"name": thing, "type": "agent", "attributes": {"account": account}})),
+            ),
+            201,
+        );
+    }
+    ok(
+        broker.admin(
+            "POST",
+            "/policies",
+            Some(&json!({"name": "agent", "document": AGENT_POLICY})),
+        ),
+        201,
+    );
+    ok(
+        broker.admin(
+            "POST",
+            "/policies",
+            Some(&json!({"name": "backend", "document": BACKEND_POLICY})),
+        ),
+        201,
+    );
+    let (id_a, cert_a) = provision(&broker, certs.path(), "computer-a", &["agent"]);
+    let (_id_b, cert_b) = provision(&broker, certs.path(), "computer-b", &["agent"]);
+    let (_, backend) = provision(&broker, certs.path(), "backend", &["backend"]);
+
+    // --- isolation: no reaching into the other account ---------------------------------
+    for (protocol, refused) in [("5", "135"), ("3.1.1", "128")] {
+        let mut c = paho(
+            "subscribe.py",
+            &paho_as(
+                &broker,
+                &cert_a,
+                protocol,
+                "computer-a",
+                &[
+                    "--filter",
+                    "customer-b/computer-b/#",
+                    "--exit-after-subscribe",
+                ],
+            ),
+        );
+        let ev = c.expect_event("suback", 10 * SEC);
+        assert_eq!(ev.get("codes"), refused, "v{protocol}: {}", c.transcript());
+    }
+    let mut p = paho(
+        "publish.py",
+        &paho_as(
+            &broker,
+            &cert_a,
+            "5",
+            "computer-a",
+            &["--topic", "customer-b/computer-b/orders", "--qos", "1"],
+        ),
+    );
+    let ev = p.expect_event("nack", 10 * SEC);
+    assert_eq!(ev.get("reason_code"), "135", "{}", p.transcript());
+    // A client id other than the thing name binds no thing variables: no CONNECT.
+    let mut c = paho(
+        "subscribe.py",
+        &paho_as(
+            &broker,
+            &cert_a,
+            "5",
+            "computer-b",
+            &[
+                "--filter",
+                "customer-a/computer-a/#",
+                "--exit-after-subscribe",
+            ],
+        ),
+    );
+    assert_eq!(
+        c.expect_event("connack", 10 * SEC).get("reason_code"),
+        "135",
+        "{}",
+        c.transcript()
+    );
+
+    // --- each agent receives its own orders, and only those ----------------------------
+    let mut sub_a = mosquitto_sub(&with(
+        &broker.mosq_tls(&cert_a),
+        &[
+            "-V",
+            "mqttv5",
+            "-i",
+            "computer-a",
+            "-q",
+            "1",
+            "-t",
+            "customer-a/computer-a/#",
+        ],
+    ));
+    let mut sub_b = mosquitto_sub(&with(
+        &broker.mosq_tls(&cert_b),
+        &[
+            "-V",
+            "mqttv311",
+            "-i",
+            "computer-b",
+            "-q",
+            "1",
+            "-t",
+            "customer-b/computer-b/#",
+        ],
+    ));
+    publish_as_backend(
+        &broker,
+        &backend,
+        "customer-a/computer-a/orders",
+        "order-a1",
+        false,
+    );
+    publish_as_backend(
+        &broker,
+        &backend,
+        "customer-b/computer-b/orders",
+        "order-b1",
+        false,
+    );
+    publish_as_backend(
+        &broker,
+        &backend,
+        "customer-a/computer-a/orders",
+        "order-a2",
+        false,
+    );
+    for want in ["order-a1", "order-a2"] {
+        let (_, _, topic, payload) = expect_mosq_msg(&mut sub_a, STEP);
+        assert_eq!(
+            (topic.as_str(), payload.as_str()),
+            ("customer-a/computer-a/orders", want)
+        );
+    }
+    let (_, _, topic, payload) = expect_mosq_msg(&mut sub_b, STEP);
+    assert_eq!(
+        (topic.as_str(), payload.as_str()),
+        ("customer-b/computer-b/orders", "order-b1")
+    );
+
+    // --- a retained order arrives on (re)subscribe -------------------------------------
+    publish_as_backend(
+        &broker,
+        &backend,
+        "customer-a/computer-a/config",
+        "cfg-1",
+        true,
+    );
+    let (_, _, _, payload) = expect_mosq_msg(&mut sub_a, STEP);
+    assert_eq!(payload, "cfg-1");
+    sub_a.kill();
+    let mut agent_a = paho(
+        "subscribe.py",
+        &paho_as(
+            &broker,
+            &cert_a,
+            "5",
+            "computer-a",
+            &["--filter", "customer-a/computer-a/#", "--timeout", "60"],
+        ),
+    );
+    assert_eq!(
+        agent_a.expect_event("connack", 10 * SEC).get("reason_code"),
+        "0"
+    );
+    let msg = agent_a.expect_event("message", 10 * SEC);
+    assert_eq!(
+        (msg.get("topic"), msg.get("payload"), msg.get("retain")),
+        ("customer-a/computer-a/config", "cfg-1", "1"),
+        "{}",
+        agent_a.transcript()
+    );
+
+    // --- a certificate from the same CA that is not registered is refused ----------------
+    let (id_x, cert_x) = provision(&broker, certs.path(), "stranger", &[]);
+    ok(
+        broker.admin(
+            "PUT",
+            &format!("/certificates/{id_x}/state"),
+            Some(&json!({"state": "INACTIVE"})),
+        ),
+        200,
+    );
+    ok(
+        broker.admin(
+            "DELETE",
+            &format!("/things/stranger/principals/{id_x}"),
+            None,
+        ),
+        204,
+    );
+    ok(
+        broker.admin("DELETE", &format!("/certificates/{id_x}"), None),
+        204,
+    );
+    let mut x = paho(
+        "subscribe.py",
+        &paho_as(
+            &broker,
+            &cert_x,
+            "5",
+            "stranger",
+            &["--filter", "x/#", "--exit-after-subscribe"],
+        ),
+    );
+    assert_eq!(
+        x.expect_event("connack", 10 * SEC).get("reason_code"),
+        "135",
+        "{}",
+        x.transcript()
+    );
+    let out = mosquitto_pub_output(&with(
+        &broker.mosq_tls(&cert_x),
+        &["-V", "mqttv311", "-i", "stranger", "-t", "x/y", "-m", "m"],
+    ));
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not authorised"),
+        "v3.1.1 CONNACK return code 5 expected\n{}",
+        describe(&out)
+    );
+
+    // --- revocation: the live connection is cut at once, reconnects are refused ----------
+    let start = Instant::now();
+    let rec = ok(
+        broker.admin(
+            "PUT",
+            &format!("/certificates/{id_a}/state"),
+            Some(&json!({"state": "REVOKED"})),
+        ),
+        200,
+    );
+    assert_eq!(rec["state"], "REVOKED");
+    let ev = agent_a.expect_event("disconnected", 5 * SEC);
+    let took = start.elapsed();
+    assert_eq!(
+        (ev.get("reason_code"), ev.get("from_broker")),
+        ("135", "1"),
+        "{}",
+        agent_a.transcript()
+    );
+    assert!(took < SEC, "revoked agent disconnected after {took:?}");
+    let mut again = paho(
+        "subscribe.py",
+        &paho_as(
+            &broker,
+            &cert_a,
+            "5",
+            "computer-a",
+            &[
+                "--filter",
+                "customer-a/computer-a/#",
+                "--exit-after-subscribe",
+            ],
+        ),
+    );
+    assert_eq!(
+        again.expect_event("connack", 10 * SEC).get("reason_code"),
+        "135",
+        "{}",
+        again.transcript()
+    );
+
+    // The other agent is untouched.
+    publish_as_backend(
+        &broker,
+        &backend,
+        "customer-b/computer-b/orders",
+        "order-b2",
+        false,
+    );
+    let (_, _, _, payload) = expect_mosq_msg(&mut sub_b, STEP);
+    assert_eq!(payload, "order-b2");
+
+    // --- and the CRL lists it ---------------------------------------------------------
+    let serial = ok(
+        broker.admin("GET", &format!("/certificates/{id_a}"), None),
+        200,
+    )["serial"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches('0')
+        .to_string();
+    let crl = broker.admin("GET", "/crl", None);
+    assert_eq!(crl.status, 200);
+    let (_, crl) = CertificateRevocationList::from_der(&crl.body).expect("CRL parses");
+    let listed: Vec<String> = crl
+        .iter_revoked_certificates()
+        .map(|r| {
+            r.raw_serial()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+                .trim_start_matches('0')
+                .to_string()
+        })
+        .collect();
+    assert_eq!(listed, vec![serial]);
+    broker.assert_no_panic_logged();
+}
