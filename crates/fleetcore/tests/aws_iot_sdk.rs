@@ -25,6 +25,25 @@ const PER_DEVICE: &str = r#"{
 
 fn run_agent(broker: &TestBroker, protocol: &str) {
     let pki = broker.pki();
+    let args = [
+        "--client-id",
+        "thing-1",
+        "--protocol",
+        protocol,
+        "--allowed",
+        "acct/thing-1/#",
+        "--allowed-topic",
+        "acct/thing-1/orders",
+        "--denied",
+        "acct/thing-2/#",
+        "--denied-topic",
+        "acct/thing-2/orders",
+    ];
+    run_sdk(broker, &pki.ca_cert, &pki.thing1, &args);
+}
+
+/// Runs the SDK agent script with this CA file and client certificate.
+fn run_sdk(broker: &TestBroker, ca: &std::path::Path, cert: &ClientCert, args: &[&str]) {
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/awsiot_agent.py");
     let mut cmd = Command::new("python3");
@@ -32,25 +51,12 @@ fn run_agent(broker: &TestBroker, protocol: &str) {
         .args(["--host", "localhost", "--port"])
         .arg(broker.tls_port().to_string())
         .arg("--ca")
-        .arg(&pki.ca_cert)
+        .arg(ca)
         .arg("--cert")
-        .arg(&pki.thing1.cert)
+        .arg(&cert.cert)
         .arg("--key")
-        .arg(&pki.thing1.key)
-        .args([
-            "--client-id",
-            "thing-1",
-            "--protocol",
-            protocol,
-            "--allowed",
-            "acct/thing-1/#",
-            "--allowed-topic",
-            "acct/thing-1/orders",
-            "--denied",
-            "acct/thing-2/#",
-            "--denied-topic",
-            "acct/thing-2/orders",
-        ]);
+        .arg(&cert.key)
+        .args(args);
     let out = run(cmd, Duration::from_secs(60));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_ne!(
@@ -74,5 +80,82 @@ fn aws_iot_device_sdk_mqtt311_connects_and_is_held_to_its_policy() {
 fn aws_iot_device_sdk_mqtt5_connects_and_gets_0x87_for_denied_topics() {
     let broker = TestBroker::start(BrokerOpts::new().tls().policy(PER_DEVICE));
     run_agent(&broker, "5");
+    broker.assert_no_panic_logged();
+}
+
+/// The seed scenario's agent, provisioned as a backend would (thing with an `account`
+/// attribute, certificate from the server's CA, the one shared `agent` policy keyed on
+/// the thing variables), then run with the SDK against the registry listener.
+#[test]
+fn aws_iot_device_sdk_against_the_registry_with_the_shared_thing_policy() {
+    let agent_policy = r#"{
+      "Version": "2012-10-17",
+      "Statement": [
+        { "Effect": "Allow", "Action": "iot:Connect",
+          "Resource": "arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}" },
+        { "Effect": "Allow", "Action": "iot:Subscribe",
+          "Resource": "arn:aws:iot:*:*:topicfilter/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*" },
+        { "Effect": "Allow", "Action": ["iot:Receive", "iot:Publish"],
+          "Resource": "arn:aws:iot:*:*:topic/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*" } ] }"#;
+    let broker = TestBroker::start(BrokerOpts::new().server_pki().registry().admin());
+    let status = |r: HttpResponse, want: u16| {
+        assert_eq!(r.status, want, "{}", r.text());
+        r
+    };
+    status(
+        broker.admin(
+            "POST",
+            "/things",
+            Some(
+                &serde_json::json!({"name": "computer-a", "attributes": {"account": "customer-b"}}),
+            ),
+        ),
+        201,
+    );
+    status(
+        broker.admin(
+            "POST",
+            "/policies",
+            Some(&serde_json::json!({"name": "agent", "document": agent_policy})),
+        ),
+        201,
+    );
+    let created = status(
+        broker.admin(
+            "POST",
+            "/certificates/create",
+            Some(&serde_json::json!({"thing": "computer-a", "policies": ["agent"]})),
+        ),
+        201,
+    )
+    .json();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = ClientCert {
+        cert: dir.path().join("computer-a.cert.pem"),
+        key: dir.path().join("computer-a.private.key"),
+    };
+    std::fs::write(&cert.cert, created["certificate_pem"].as_str().unwrap()).unwrap();
+    std::fs::write(&cert.key, created["private_key_pem"].as_str().unwrap()).unwrap();
+    for protocol in ["3.1.1", "5"] {
+        run_sdk(
+            &broker,
+            &broker.ca_file(),
+            &cert,
+            &[
+                "--client-id",
+                "computer-a",
+                "--protocol",
+                protocol,
+                "--allowed",
+                "customer-b/computer-a/#",
+                "--allowed-topic",
+                "customer-b/computer-a/configurationChanges",
+                "--denied",
+                "customer-b/computer-b/#",
+                "--denied-topic",
+                "customer-b/computer-b/configurationChanges",
+            ],
+        );
+    }
     broker.assert_no_panic_logged();
 }
