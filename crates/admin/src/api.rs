@@ -32,6 +32,8 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::ca::{self, Ca, CaError, CertInfo};
+use crate::tls::AdminPeer;
+use axum::extract::ConnectInfo;
 
 /// Validity of issued device certificates when the request does not say.
 pub const DEFAULT_DAYS: u32 = 365;
@@ -40,8 +42,12 @@ pub const DEFAULT_DAYS: u32 = 365;
 pub struct AdminState {
     pub hub: Arc<Hub>,
     pub ca: Arc<Ca>,
-    /// The bearer token every request must carry.
+    /// The bearer token every request must carry (unless it comes with an admin
+    /// client certificate).
     pub token: String,
+    /// With `[admin] tls = true`: a request on a connection whose verified client
+    /// certificate has this subject CN needs no token. `None`: the token only.
+    pub client_cert_cn: Option<String>,
     /// Renders `GET /metrics`; `None` answers 503 (no recorder installed).
     pub metrics: Option<PrometheusHandle>,
 }
@@ -79,7 +85,8 @@ impl ApiError {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "Unauthorized",
-            "missing or wrong bearer token (Authorization: Bearer <token from admin.token>)",
+            "missing or wrong bearer token (Authorization: Bearer <token from admin.token>) \
+             and no admin client certificate",
         )
     }
 
@@ -218,6 +225,23 @@ pub fn router(state: AdminState) -> Router {
     .with_state(state)
 }
 
+/// Serves the API over TLS on `listener` until `shutdown` resolves: `tls` as made by
+/// [`crate::tls::server_config`]; a request is let in with the bearer token or on a
+/// connection with a verified client certificate whose CN is
+/// [`AdminState::client_cert_cn`].
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: AdminState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = crate::tls::TlsListener::new(listener, tls)?;
+    let app = router(state).into_make_service_with_connect_info::<AdminPeer>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -243,7 +267,16 @@ async fn require_token(State(st): State<Shared>, req: Request, next: Next) -> Re
         Some(t) => bool::from(t.as_bytes().ct_eq(st.token.as_bytes())),
         None => false,
     };
-    if ok {
+    // Over TLS, a verified client certificate with the admin CN will do instead.
+    let peer_cn = req
+        .extensions()
+        .get::<ConnectInfo<AdminPeer>>()
+        .and_then(|p| p.0.client_cn.as_deref());
+    let by_cert = match (peer_cn, &st.client_cert_cn) {
+        (Some(cn), Some(admin_cn)) => bool::from(cn.as_bytes().ct_eq(admin_cn.as_bytes())),
+        _ => false,
+    };
+    if ok || by_cert {
         next.run(req).await
     } else {
         ApiError::unauthorized().into_response()
@@ -948,6 +981,7 @@ mod tests {
             hub,
             ca: Arc::new(ca),
             token: "secret".into(),
+            client_cert_cn: None,
             metrics: Some(
                 metrics_exporter_prometheus::PrometheusBuilder::new()
                     .build_recorder()

@@ -13,10 +13,13 @@
 //!   `set_certificate_state`.
 //! - [`openapi`]: the OpenAPI 3.1 description served at `/openapi.json`.
 //! - [`token`]: the admin token file (made once, mode 0600).
+//! - [`tls`]: TLS for the admin API (`[admin] tls = true`), with optional admin client
+//!   certificates.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod ca;
 pub mod openapi;
+pub mod tls;
 pub mod token;

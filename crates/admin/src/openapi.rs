@@ -13,7 +13,7 @@ fn error_responses(codes: &[u16]) -> Map<String, Value> {
     for code in codes {
         let what = match code {
             400 => "InvalidRequest: bad JSON, name, policy document, PEM or CSR",
-            401 => "Unauthorized: missing or wrong bearer token",
+            401 => "Unauthorized: missing or wrong bearer token (and no admin client certificate)",
             404 => "NotFound",
             409 => "Conflict: already exists, still attached, or revoked",
             503 => "StoreUnavailable: the change could not be written",

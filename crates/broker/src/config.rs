@@ -102,6 +102,9 @@ impl Config {
                 }
             }
         }
+        if self.admin.tls && self.admin.client_cert_cn.trim().is_empty() {
+            return Err("admin.client_cert_cn may not be empty".into());
+        }
         if self.pki.server_names.is_empty() {
             return Err("pki.server_names needs at least one DNS name or IP address".into());
         }
@@ -114,8 +117,14 @@ impl Config {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub enabled: bool,
-    /// Plain HTTP; keep it on loopback or behind a TLS-terminating proxy.
+    /// Plain HTTP unless `tls`; keep plain HTTP on loopback.
     pub bind: SocketAddr,
+    /// Serve the API over TLS with the PKI's server certificate; clients may then
+    /// authenticate with an admin client certificate instead of the token.
+    pub tls: bool,
+    /// With `tls`: the subject CN a client certificate (issued by the fleetcore CA) must
+    /// have to be let in without the token.
+    pub client_cert_cn: String,
 }
 
 impl Default for AdminConfig {
@@ -123,6 +132,8 @@ impl Default for AdminConfig {
         AdminConfig {
             enabled: true,
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: false,
+            client_cert_cn: "fleetcore-admin".into(),
         }
     }
 }

@@ -66,6 +66,9 @@ enum Exit {
     Lost(String),
     /// We end it, telling a v5 client why.
     Refuse(DisconnectReasonCode, String),
+    /// We end it without a word: the stream is mid-packet (an interrupted
+    /// write), so nothing more can be said on it.
+    Abort(String),
 }
 
 type PendingAck =
@@ -75,7 +78,10 @@ type PendingAck =
 enum AfterCommit {
     Puback(Pid, bool),
     Pubrec(Pid, bool),
-    Suback(v5::Suback, Vec<Delivery>),
+    Suback(v5::Suback),
+    /// An acknowledgement that needed no commit, queued behind ones that do,
+    /// so acknowledgements leave in the order their publishes arrived.
+    Ready(Box<Packet>, &'static str),
 }
 
 /// Serves one accepted (and, for TLS, handshaken) connection to the end.
@@ -160,6 +166,7 @@ where
         stream,
         version,
         session: attached.session.clone(),
+        conn_id,
         inbuf,
         out: BytesMut::new(),
         inflight: BTreeMap::new(),
@@ -223,6 +230,7 @@ where
             if *with_will { will } else { None },
         ),
         Exit::Lost(why) => (format!("connection lost: {why}"), will),
+        Exit::Abort(why) => (why.clone(), will),
         Exit::Refuse(code, why) => {
             if version.is_v5() {
                 let mut d = v5::Disconnect::new(*code);
@@ -232,14 +240,17 @@ where
                 conn.send(&Packet::Disconnect(d), "disconnect");
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.flush()).await;
             }
-            Box::pin(linger(&mut conn.stream)).await;
             (format!("{why} (reason 0x{:02X})", *code as u8), will)
         }
     };
     tracing::info!(client_id = %setup.client_id, peer = %peer.addr, reason = %reason_text, "client disconnected");
+    // Let go of the session before lingering, so a takeover is not kept waiting.
     let inflight: Vec<Inflight> = std::mem::take(&mut conn.inflight).into_values().collect();
     let qos2 = std::mem::take(&mut conn.incoming_qos2);
     hub.detach(&conn.session, conn_id, inflight, qos2, will);
+    if matches!(exit, Exit::Refuse(..)) {
+        Box::pin(linger(&mut conn.stream)).await;
+    }
 }
 
 /// Closes our side and reads (and discards) what the client still sends,
@@ -465,6 +476,7 @@ struct Conn<S> {
     stream: S,
     version: Version,
     session: Arc<Session>,
+    conn_id: u64,
     inbuf: BytesMut,
     out: BytesMut,
     /// Outgoing QoS 1/2 messages awaiting acknowledgement, by packet id.
@@ -506,7 +518,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             }
             self.pump();
             if !self.out.is_empty() {
-                if let Err(e) = self.flush().await {
+                // A takeover or revocation must not wait behind a client that
+                // stopped reading.
+                let flushed = tokio::select! {
+                    r = self.flush() => r,
+                    k = kick_rx.recv() => {
+                        let why = k.map(|k| k.message).unwrap_or_else(|| "session taken over".into());
+                        return Exit::Abort(format!("{why} (while a write was stalled)"));
+                    }
+                };
+                if let Err(e) = flushed {
                     return Exit::Lost(e);
                 }
             }
@@ -520,6 +541,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 self.inbuf.reserve(1024);
             }
             let ka_deadline = last_in + ka.unwrap_or(far);
+            // A 3.1.1 publisher at the Receive Maximum waits for its commits.
+            let read_open = self.version.is_v5()
+                || self.awaiting_commit < self.hub.config.limits.receive_maximum as usize;
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => {
@@ -538,7 +562,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     }
                 }
                 _ = self.session.wake.notified() => {}
-                r = self.stream.read_buf(&mut self.inbuf) => {
+                r = self.stream.read_buf(&mut self.inbuf), if read_open => {
                     match r {
                         Ok(0) => return Exit::Lost("closed by peer".into()),
                         Err(e) => return Exit::Lost(e.to_string()),
@@ -562,7 +586,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                                     Err(e) => return Exit::Refuse(e.reason(), e.to_string()),
                                 }
                             }
-                            if self.inbuf.is_empty() && self.inbuf.capacity() > 16 * 1024 {
+                            if self.inbuf.is_empty() && self.inbuf.capacity() > 4 * 1024 {
                                 // Give back the memory a large packet needed.
                                 self.inbuf = BytesMut::with_capacity(512);
                             }
@@ -596,6 +620,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
     }
 
+    /// Sends an acknowledgement, after any still waiting for a commit.
+    fn send_ack(&mut self, packet: Packet, name: &'static str) {
+        if self.pending.is_empty() {
+            self.send(&packet, name);
+        } else {
+            self.pending.push_back(Box::pin(async move {
+                (AfterCommit::Ready(Box::new(packet), name), Ok(()))
+            }));
+        }
+    }
+
     fn send(&mut self, packet: &Packet, name: &'static str) {
         match protocol::encode(self.version, packet, &mut self.out) {
             Ok(0) => {}
@@ -606,20 +641,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
     }
 
+    /// Writes the buffer out. Each write call must make progress within
+    /// [`WRITE_STALL`]: a slow client that keeps reading is not cut off, one
+    /// that stopped reading is.
     async fn flush(&mut self) -> Result<(), String> {
         let n = self.out.len();
-        let write = async {
-            self.stream.write_all(&self.out).await?;
-            self.stream.flush().await
-        };
-        match tokio::time::timeout(WRITE_STALL, write).await {
+        let mut pos = 0;
+        while pos < n {
+            match tokio::time::timeout(WRITE_STALL, self.stream.write(&self.out[pos..])).await {
+                Err(_) => return Err("write stalled: the client is not reading".into()),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Ok(0)) => return Err("connection closed while writing".into()),
+                Ok(Ok(w)) => pos += w,
+            }
+        }
+        match tokio::time::timeout(WRITE_STALL, self.stream.flush()).await {
             Err(_) => return Err("write stalled: the client is not reading".into()),
             Ok(Err(e)) => return Err(e.to_string()),
             Ok(Ok(())) => {}
         }
         m::bytes_out(n);
         self.out.clear();
-        if self.out.capacity() > 4 * OUT_HIGH_WATER {
+        // An idle connection keeps no large buffer from an earlier burst.
+        if self.out.capacity() > 8 * 1024 {
             self.out = BytesMut::new();
         }
         Ok(())
@@ -692,7 +736,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     fn pump(&mut self) {
         let now = now_ms();
         while self.inflight.len() < self.out_window && self.out.len() < OUT_HIGH_WATER {
-            let next = self.session.state.lock().queue.pop_front();
+            let next = {
+                let mut st = self.session.state.lock();
+                // Only the connection attached to the session takes from its queue.
+                if st.conn.as_ref().map(|l| l.conn_id) != Some(self.conn_id) {
+                    break;
+                }
+                st.queue.pop_front()
+            };
             let Some(d) = next else { break };
             if d.msg.is_expired(now) {
                 m::dropped("expired");
@@ -786,7 +837,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 rec.properties.reason_string = reason.filter(|_| self.problem_info);
                 self.send(&Packet::Pubrec(rec), "pubrec");
             }
-            AfterCommit::Suback(mut suback, retained) => {
+            AfterCommit::Ready(packet, name) => self.send(&packet, name),
+            AfterCommit::Suback(mut suback) => {
                 if res.is_err() {
                     for code in suback.topics.iter_mut() {
                         *code = SubscribeReasonCode::UnspecifiedError;
@@ -794,7 +846,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     suback.properties.reason_string = reason.filter(|_| self.problem_info);
                 }
                 self.send(&Packet::Suback(suback), "suback");
-                self.queue_retained(retained);
             }
         }
         Ok(())
@@ -994,10 +1045,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         if let Some(pid) = pid {
             if qos == QoS::Level2 && self.incoming_qos2.contains(&pid.value()) {
                 // A resend of a QoS 2 message already taken: acknowledge, don't route again.
-                self.send(&Packet::Pubrec(v5::Pubrec::new_success(pid)), "pubrec");
+                self.send_ack(Packet::Pubrec(v5::Pubrec::new_success(pid)), "pubrec");
                 return Ok(());
             }
-            if self.awaiting_commit + self.incoming_qos2.len() >= limits.receive_maximum as usize {
+            // MQTT 5 clients were told the Receive Maximum and break it at their
+            // peril; 3.1.1 clients cannot be told, so they are slowed down
+            // instead (the read loop stops reading while commits are pending).
+            if self.version.is_v5()
+                && self.awaiting_commit + self.incoming_qos2.len()
+                    >= limits.receive_maximum as usize
+            {
                 return Err(Exit::Refuse(
                     DisconnectReasonCode::ReceiveMaximumExceeded,
                     format!(
@@ -1031,7 +1088,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     } else {
                         PubackReasonCode::NoMatchingSubscribers
                     };
-                    self.send(&Packet::Puback(v5::Puback::new(pid, code)), "puback");
+                    self.send_ack(Packet::Puback(v5::Puback::new(pid, code)), "puback");
                 }
             },
             (QoS::Level2, Some(pid)) => {
@@ -1046,7 +1103,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         } else {
                             PubrecReasonCode::NoMatchingSubscribers
                         };
-                        self.send(&Packet::Pubrec(v5::Pubrec::new(pid, code)), "pubrec");
+                        self.send_ack(Packet::Pubrec(v5::Pubrec::new(pid, code)), "pubrec");
                     }
                 }
             }
@@ -1064,14 +1121,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 PubackReasonCode::from_u8(code).unwrap_or(PubackReasonCode::UnspecifiedError),
             );
             ack.properties.reason_string = reason;
-            self.send(&Packet::Puback(ack), "puback");
+            self.send_ack(Packet::Puback(ack), "puback");
         } else {
             let mut rec = v5::Pubrec::new(
                 pid,
                 PubrecReasonCode::from_u8(code).unwrap_or(PubrecReasonCode::UnspecifiedError),
             );
             rec.properties.reason_string = reason;
-            self.send(&Packet::Pubrec(rec), "pubrec");
+            self.send_ack(Packet::Pubrec(rec), "pubrec");
         }
     }
 
@@ -1164,13 +1221,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let suback = v5::Suback::new(s.pid, codes);
         match self.hub.persist_session(&self.session) {
             Some(commit) => self.pending.push_back(Box::pin(async move {
-                (AfterCommit::Suback(suback, retained), commit.await)
+                (AfterCommit::Suback(suback), commit.await)
             })),
-            None => {
-                self.send(&Packet::Suback(suback), "suback");
-                self.queue_retained(retained);
-            }
+            None => self.send(&Packet::Suback(suback), "suback"),
         }
+        // Queued now, not after the SUBACK's commit: a newer retained message
+        // published meanwhile must arrive after this snapshot, never before it.
+        self.queue_retained(retained);
         Ok(())
     }
 

@@ -139,6 +139,7 @@ impl Hub {
         {
             let mut st = session.state.lock();
             st.disconnected_at_ms = Some(disconnected_at);
+            st.stored = true;
             let mut max_seq = 0;
             for (seq, q) in &ls.queue {
                 max_seq = max_seq.max(*seq);
@@ -388,9 +389,13 @@ impl Hub {
                     st.disconnected_at_ms = None;
                     // Reconnected in time: a delayed will is not sent.
                     st.pending_will = None;
+                    if let Some(t) = st.will_timer.take() {
+                        t.abort();
+                    }
                     let resend = std::mem::take(&mut st.inflight);
                     let incoming_qos2 = std::mem::take(&mut st.incoming_qos2);
                     let record = (expiry_secs > 0).then(|| stored_session(&st));
+                    st.stored |= record.is_some();
                     drop(st);
                     if let Some(k) = deadline_key {
                         self.index.lock().expiring.remove(&k);
@@ -439,7 +444,11 @@ impl Hub {
                         self.forget_stored_session(&client_id);
                     }
                     if expiry_secs > 0 {
-                        let rec = stored_session(&session.state.lock());
+                        let rec = {
+                            let mut st = session.state.lock();
+                            st.stored = true;
+                            stored_session(&st)
+                        };
                         self.store.submit_nowait(vec![Op::PutSession {
                             client_id: client_id.to_string(),
                             session: rec,
@@ -477,11 +486,17 @@ impl Hub {
     ) {
         let mut st = session.state.lock();
         if st.conn.as_ref().map(|l| l.conn_id) != Some(conn_id) {
-            // Forced off by a takeover that could not wait; nothing is ours any more.
-            drop(st);
-            if let Some((w, _)) = will {
-                self.publish(w);
+            // Forced off by a takeover that could not wait: the session now
+            // belongs to the new connection. Hand back what was in flight (it
+            // goes out again, first) and keep quiet about the will: the client
+            // is back.
+            if !st.ended {
+                for inf in inflight.into_iter().rev() {
+                    st.queue.push_front(inf.delivery);
+                }
+                st.incoming_qos2.extend(incoming_qos2);
             }
+            drop(will);
             return;
         }
         st.conn = None;
@@ -493,7 +508,7 @@ impl Hub {
             drop(st);
             self.end_session(session, true);
             if let Some((w, _)) = will {
-                self.publish(w);
+                self.publish_will(w);
             }
             return;
         }
@@ -521,6 +536,7 @@ impl Hub {
         }
         st.queue.retain(|d| d.qos != QoS::Level0);
         st.next_seq = next_seq;
+        st.stored = true;
         ops.push(Op::PutSession {
             client_id: client,
             session: stored_session(&st),
@@ -537,10 +553,13 @@ impl Hub {
                 st.pending_will = Some(PendingWill { msg: w, generation });
                 let hub = self.clone();
                 let s = session.clone();
-                tokio::spawn(async move {
+                let timer = tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(delay as u64)).await;
                     hub.fire_pending_will(&s, generation);
                 });
+                if let Some(old) = st.will_timer.replace(timer.abort_handle()) {
+                    old.abort();
+                }
             }
         }
         drop(st);
@@ -551,8 +570,14 @@ impl Hub {
             session.client_id.clone(),
         ));
         if let Some(w) = will_due {
-            self.publish(w);
+            self.publish_will(w);
         }
+    }
+
+    /// Publishes a will; its expiry interval starts now.
+    pub fn publish_will(&self, mut will: Message) {
+        will.restamp();
+        self.publish(will);
     }
 
     fn fire_pending_will(&self, session: &Arc<Session>, generation: u64) {
@@ -564,7 +589,7 @@ impl Hub {
             }
         };
         if let Some(w) = will {
-            self.publish(w.msg);
+            self.publish_will(w.msg);
         }
     }
 
@@ -579,7 +604,14 @@ impl Hub {
             st.ended = true;
             st.queue.clear();
             let filters: Vec<String> = st.subscriptions.drain().map(|(f, _)| f).collect();
-            (filters, st.pending_will.take(), st.expiry_secs > 0)
+            if let Some(t) = st.will_timer.take() {
+                t.abort();
+            }
+            (
+                filters,
+                st.pending_will.take(),
+                st.expiry_secs > 0 || st.stored,
+            )
         };
         for raw in filters {
             if let Ok(p) = parse_filter(&raw, &self.topic_limits) {
@@ -601,7 +633,7 @@ impl Hub {
             self.forget_stored_session(&session.client_id);
         }
         if let Some(w) = will {
-            self.publish(w.msg);
+            self.publish_will(w.msg);
         }
         m::gauge_sessions(self.session_count());
     }
@@ -648,10 +680,11 @@ impl Hub {
 
     /// Records the subscription set of a persistent session in the store.
     pub fn persist_session(&self, session: &Session) -> Option<fleetcore_store::Commit> {
-        let st = session.state.lock();
+        let mut st = session.state.lock();
         if st.expiry_secs == 0 || st.ended {
             return None;
         }
+        st.stored = true;
         let rec = stored_session(&st);
         drop(st);
         Some(self.store.submit(vec![Op::PutSession {

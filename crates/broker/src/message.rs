@@ -64,6 +64,15 @@ impl Message {
         }
     }
 
+    /// Restarts the Message Expiry Interval from now: a will's interval
+    /// counts from when it is published, not from CONNECT.
+    pub fn restamp(&mut self) {
+        self.expires_at_ms = self
+            .properties
+            .message_expiry_interval
+            .map(|secs| now_ms() + secs as u64 * 1000);
+    }
+
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_at_ms.is_some_and(|t| t <= now_ms)
     }

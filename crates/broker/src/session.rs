@@ -103,6 +103,10 @@ pub struct SessionState {
     pub next_seq: u64,
     pub pending_will: Option<PendingWill>,
     pub will_generation: u64,
+    /// The timer task of a delayed will, aborted when the client comes back.
+    pub will_timer: Option<tokio::task::AbortHandle>,
+    /// A record of this session was written to the store (so ending it must delete it).
+    pub stored: bool,
     /// Set once the session has been removed; a late publisher's delivery is dropped.
     pub ended: bool,
 }
@@ -133,6 +137,8 @@ impl Session {
                 next_seq: 1,
                 pending_will: None,
                 will_generation: 0,
+                will_timer: None,
+                stored: false,
                 ended: false,
             }),
             wake: Notify::new(),

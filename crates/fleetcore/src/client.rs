@@ -46,6 +46,34 @@ pub struct ClientOpts {
         value_name = "TOKEN"
     )]
     token: Option<String>,
+    /// CA certificate (PEM) to trust for an https:// admin URL
+    /// [default: <DATA_DIR>/pki/ca.pem].
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETCORE_ADMIN_CACERT",
+        value_name = "FILE"
+    )]
+    cacert: Option<PathBuf>,
+    /// Client certificate (PEM) for an https:// admin URL, e.g. admin.cert.pem from
+    /// `fleetcore ca admin-cert`; with it no token is needed (nor read from admin.token).
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETCORE_ADMIN_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --client-cert.
+    #[arg(
+        long,
+        global = true,
+        env = "FLEETCORE_ADMIN_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
     /// The server's data directory: where admin.token is read from, and where
     /// `ca init` puts pki/ by default.
     #[arg(
@@ -344,6 +372,27 @@ enum CaCmd {
         /// Replace existing files: a new CA invalidates every certificate it issued.
         #[arg(long)]
         force: bool,
+    },
+    /// Issue an admin client certificate with the local CA (no server needed).
+    ///
+    /// Writes DIR/admin.cert.pem and DIR/admin.private.key (mode 0600), signed by the CA
+    /// in <DATA_DIR>/pki. With `[admin] tls = true`, a client presenting it (CN
+    /// fleetcore-admin unless `[admin] client_cert_cn` says otherwise) needs no token:
+    /// `fleetcore --admin-url https://HOST:PORT --client-cert DIR/admin.cert.pem
+    /// --client-key DIR/admin.private.key thing list`. Existing files are never replaced.
+    AdminCert {
+        /// Directory to write the files into (created if missing, mode 0700).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Directory of the CA [default: <DATA_DIR>/pki].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// The certificate's subject CN: the server's `[admin] client_cert_cn`.
+        #[arg(long, value_name = "NAME", default_value = "fleetcore-admin")]
+        cn: String,
+        /// Validity in days.
+        #[arg(long, value_name = "N", default_value_t = 365)]
+        days: u32,
     },
     /// Register your own CA: certificates it signed can then be registered.
     Register {
@@ -993,6 +1042,7 @@ fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
                 ])
             ))
         }
+        CaCmd::AdminCert { out, dir, cn, days } => admin_cert(opts, out, dir, &cn, days),
         CaCmd::Register { pem } => {
             let pem_text = read_text(&pem)?;
             let api = Api::new(opts)?;
@@ -1045,6 +1095,59 @@ fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
     }
 }
 
+/// `ca admin-cert`: a client certificate for the admin API, from the local CA.
+fn admin_cert(
+    opts: &ClientOpts,
+    out: PathBuf,
+    dir: Option<PathBuf>,
+    cn: &str,
+    days: u32,
+) -> Result<()> {
+    if days == 0 {
+        bail!("--days must be at least 1");
+    }
+    let dir = dir.unwrap_or_else(|| opts.data_dir.join("pki"));
+    let cert_file = out.join("admin.cert.pem");
+    let key_file = out.join("admin.private.key");
+    for path in [&cert_file, &key_file] {
+        if path.symlink_metadata().is_ok() {
+            bail!(
+                "{} already exists; refusing to overwrite it (remove it or choose another --out)",
+                path.display()
+            );
+        }
+    }
+    let ca = Ca::load(&CaFiles::in_dir(&dir))
+        .with_context(|| format!("cannot load the CA in {}", dir.display()))?;
+    let (issued, key_pem) = ca.create_keys_and_certificate(cn, days)?;
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&out)
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    write_new(&key_file, key_pem.as_bytes(), 0o600)?;
+    write_new(&cert_file, issued.pem.as_bytes(), 0o644)?;
+    if opts.json {
+        let v = json!({
+            "certificate_id": issued.id,
+            "subject_cn": issued.subject_cn,
+            "certificate_file": cert_file,
+            "private_key_file": key_file,
+        });
+        return print_out(&format!("{v}\n"));
+    }
+    print_out(&format!(
+        "issued admin client certificate {} (CN {cn}, {days} days)\n{}\n\
+         With [admin] tls = true it opens the admin API without the token; keep the key \
+         as safe as admin.token.\n",
+        issued.id,
+        details(&[
+            ("certificate", cert_file.display().to_string()),
+            ("private key", format!("{} (mode 0600)", key_file.display())),
+        ])
+    ))
+}
+
 fn ca_details(v: &Value) -> String {
     details(&[
         ("id", field(v, "id")),
@@ -1075,7 +1178,8 @@ enum Method {
 /// A connection to one admin API with its token.
 struct Api {
     base: String,
-    authorization: String,
+    /// `Bearer <token>`; `None` when a client certificate stands in for the token.
+    authorization: Option<String>,
     agent: ureq::Agent,
 }
 
@@ -1111,8 +1215,14 @@ impl Api {
                 opts.admin_url
             );
         }
-        let token = token(opts)?;
+        // A client certificate replaces the token, unless one is given explicitly too.
+        let token = match (&opts.client_cert, &opts.token) {
+            (Some(_), None) => None,
+            _ => Some(token(opts)?),
+        };
+        let tls = tls_config(opts, base.starts_with("https://"))?;
         let config = ureq::Agent::config_builder()
+            .tls_config(tls)
             .http_status_as_error(false)
             .timeout_connect(Some(CONNECT_TIMEOUT))
             .timeout_global(Some(REQUEST_TIMEOUT))
@@ -1123,7 +1233,7 @@ impl Api {
             .build();
         Ok(Api {
             base,
-            authorization: format!("Bearer {token}"),
+            authorization: token.map(|t| format!("Bearer {t}")),
             agent: ureq::Agent::new_with_config(config),
         })
     }
@@ -1131,17 +1241,17 @@ impl Api {
     /// Sends one request; any answer but 2xx becomes an error naming the API's message.
     fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Reply> {
         let url = format!("{}{path}", self.base);
-        let auth = self.authorization.as_str();
+        let auth = self.authorization.as_deref();
         let sent = match method {
-            Method::Get => self.agent.get(&url).header("Authorization", auth).call(),
-            Method::Delete => self.agent.delete(&url).header("Authorization", auth).call(),
+            Method::Get => with_auth(self.agent.get(&url), auth).call(),
+            Method::Delete => with_auth(self.agent.delete(&url), auth).call(),
             Method::Post | Method::Put | Method::Patch => {
                 let builder = match method {
                     Method::Post => self.agent.post(&url),
                     Method::Put => self.agent.put(&url),
                     _ => self.agent.patch(&url),
-                }
-                .header("Authorization", auth);
+                };
+                let builder = with_auth(builder, auth);
                 match body {
                     Some(body) => builder.send_json(&body),
                     None => builder.send_empty(),
@@ -1183,6 +1293,61 @@ impl Api {
     }
 }
 
+fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: Option<&str>) -> ureq::RequestBuilder<B> {
+    match auth {
+        Some(a) => req.header("Authorization", a),
+        None => req,
+    }
+}
+
+/// Reads every certificate in a PEM file.
+fn read_pem_certs(path: &Path, what: &str) -> Result<Vec<ureq::tls::Certificate<'static>>> {
+    let pem = fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let ureq::tls::PemItem::Certificate(c) =
+            item.with_context(|| format!("{} is not valid PEM", path.display()))?
+        {
+            certs.push(c);
+        }
+    }
+    if certs.is_empty() {
+        bail!("{} holds no certificate ({what})", path.display());
+    }
+    Ok(certs)
+}
+
+/// TLS for an https:// admin URL: trust --cacert (or <data-dir>/pki/ca.pem) and present
+/// --client-cert/--client-key when given.
+fn tls_config(opts: &ClientOpts, https: bool) -> Result<ureq::tls::TlsConfig> {
+    use ureq::tls::{ClientCert, PrivateKey, RootCerts, TlsConfig};
+    let builder = TlsConfig::builder();
+    if !https {
+        if opts.client_cert.is_some() {
+            bail!("--client-cert needs an https:// admin URL (the server's [admin] tls = true)");
+        }
+        return Ok(builder.build());
+    }
+    let cacert = opts
+        .cacert
+        .clone()
+        .unwrap_or_else(|| opts.data_dir.join("pki").join("ca.pem"));
+    let roots = read_pem_certs(&cacert, "the CA certificate").with_context(|| {
+        "an https:// admin URL needs the CA that signed the server's certificate: \
+         --cacert FILE or FLEETCORE_ADMIN_CACERT (default <data-dir>/pki/ca.pem)"
+    })?;
+    let mut builder = builder.root_certs(RootCerts::new_with_certs(&roots));
+    if let (Some(cert), Some(key)) = (&opts.client_cert, &opts.client_key) {
+        let chain = read_pem_certs(cert, "the client certificate")?;
+        let key_pem =
+            fs::read(key).with_context(|| format!("cannot read the key {}", key.display()))?;
+        let key = PrivateKey::from_pem(&key_pem)
+            .with_context(|| format!("{} holds no private key", key.display()))?;
+        builder = builder.client_cert(Some(ClientCert::new_with_certs(&chain, key)));
+    }
+    Ok(builder.build())
+}
+
 /// One line for a non-2xx answer: the API's own message when it sent one.
 fn api_error_message(status: u16, body: &[u8]) -> String {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
@@ -1204,7 +1369,8 @@ fn api_error_message(status: u16, body: &[u8]) -> String {
         }
     };
     if status == 401 {
-        line += " — check --token, FLEETCORE_ADMIN_TOKEN or <data-dir>/admin.token";
+        line += " — check --token, FLEETCORE_ADMIN_TOKEN or <data-dir>/admin.token \
+                 (or --client-cert/--client-key over https)";
     }
     line
 }

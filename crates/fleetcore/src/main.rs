@@ -3,7 +3,6 @@
 
 mod client;
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -38,7 +37,7 @@ enum Command {
     /// Print the embedded default configuration (documented) and exit.
     DefaultConfig,
     #[command(flatten)]
-    Client(client::ClientCommand),
+    Client(Box<client::ClientCommand>),
 }
 
 #[derive(clap::Args)]
@@ -63,7 +62,7 @@ fn main() -> ExitCode {
             print!("{DOCUMENTED_CONFIG}");
             ExitCode::SUCCESS
         }
-        Command::Client(cmd) => client::run(cmd),
+        Command::Client(cmd) => client::run(*cmd),
         Command::Serve(args) => match serve(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -142,9 +141,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         let ca = load_pki(&mut config)?;
         let admin = config.admin.clone();
         let token_path = config.data_dir.join("admin.token");
+        let pki_files = CaFiles::in_dir(&config.pki_dir());
         let server = Server::start(config).await?;
         let admin_task = if admin.enabled {
-            match start_admin(&admin, &token_path, server.hub().clone(), ca, metrics).await {
+            let hub = server.hub().clone();
+            match start_admin(&admin, &token_path, &pki_files, hub, ca, metrics).await {
                 Ok(task) => Some(task),
                 Err(e) => {
                     let _ = server.shutdown(Duration::from_secs(2)).await;
@@ -157,8 +158,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         };
         if let Some(admin_task) = &admin_task {
             tracing::info!(
-                "ready. Provision a first device with: fleetcore cert create --thing NAME --out DIR (admin API on http://{}, token in {})",
-                admin_task.addr,
+                "ready. Provision a first device with: fleetcore cert create --thing NAME --out DIR (admin API on {}, token in {})",
+                admin_task.url,
                 token_path.display()
             );
         }
@@ -206,7 +207,8 @@ fn load_pki(config: &mut Config) -> Result<Arc<Ca>> {
 
 /// The running admin API.
 struct AdminTask {
-    addr: SocketAddr,
+    /// `http://` or `https://` and the bound address.
+    url: String,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -227,6 +229,7 @@ impl AdminTask {
 async fn start_admin(
     admin: &AdminConfig,
     token_path: &Path,
+    pki: &CaFiles,
     hub: Arc<fleetcore_broker::hub::Hub>,
     ca: Arc<Ca>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
@@ -243,6 +246,16 @@ async fn start_admin(
     } else {
         tracing::info!(path = %token_path.display(), "using the admin API token");
     }
+    // TLS: the PKI's server certificate; client certificates are optional and must
+    // chain to the fleetcore CA when sent.
+    let tls = if admin.tls {
+        let cfg =
+            fleetcore_admin::tls::server_config(&pki.server_cert, &pki.server_key, &pki.ca_cert)
+                .context("admin API: [admin] tls = true")?;
+        Some(cfg)
+    } else {
+        None
+    };
     let listener = tokio::net::TcpListener::bind(admin.bind)
         .await
         .with_context(|| format!("admin API: cannot bind [admin] bind = {}", admin.bind))?;
@@ -251,19 +264,36 @@ async fn start_admin(
         hub,
         ca,
         token,
+        client_cert_cn: admin.tls.then(|| admin.client_cert_cn.clone()),
         metrics: Some(metrics),
+    };
+    let url = match tls {
+        Some(_) => format!("https://{addr}"),
+        None => format!("http://{addr}"),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let shutdown = async move {
             let _ = stopped.await;
         };
-        if let Err(e) = fleetcore_admin::api::serve(listener, state, shutdown).await {
+        let served = match tls {
+            Some(tls) => fleetcore_admin::api::serve_tls(listener, tls, state, shutdown).await,
+            None => fleetcore_admin::api::serve(listener, state, shutdown).await,
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "admin API stopped");
         }
     });
-    tracing::info!(addr = %addr, "admin API listening (plain HTTP)");
-    Ok(AdminTask { addr, stop, task })
+    if admin.tls {
+        tracing::info!(
+            addr = %addr,
+            client_cert_cn = %admin.client_cert_cn,
+            "admin API listening (TLS; bearer token or an admin client certificate)"
+        );
+    } else {
+        tracing::info!(addr = %addr, "admin API listening (plain HTTP)");
+    }
+    Ok(AdminTask { url, stop, task })
 }
 
 /// SIGTERM and SIGINT, listened for from before the server starts.

@@ -180,6 +180,7 @@ fn every_command_has_help() {
         &["policy", "detach"],
         &["ca"],
         &["ca", "init"],
+        &["ca", "admin-cert"],
         &["ca", "register"],
         &["ca", "list"],
         &["ca", "crl"],

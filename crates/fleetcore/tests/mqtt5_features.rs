@@ -689,6 +689,24 @@ fn disconnect_with_a_session_expiry_interval_replaces_the_connect_one() {
     );
 }
 
+#[test]
+fn session_ended_by_disconnect_expiry_0_stays_gone_after_a_restart() {
+    let mut broker = TestBroker::start(BrokerOpts::new());
+    let mut client = V5::connect(&broker, "se-gone", &["--session-expiry", "3600"]);
+    assert_eq!(client.subscribe(&["gone/#"], &[]), [1]);
+    client.disconnect(&[("session_expiry", "0")]);
+    thread::sleep(Duration::from_millis(500));
+    assert_eq!(broker.terminate().code(), Some(0));
+    broker.restart();
+    let resume = ["--no-clean-start", "--session-expiry", "300"];
+    let client = V5::connect(&broker, "se-gone", &resume);
+    assert_eq!(
+        client.connack().get("session_present"),
+        "0",
+        "the stored session must have been deleted when it ended"
+    );
+}
+
 // ---- will delay -------------------------------------------------------------------------------
 
 fn will_watcher(broker: &TestBroker) -> V5 {

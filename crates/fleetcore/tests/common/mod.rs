@@ -49,6 +49,7 @@ pub struct BrokerOpts {
     policy: Option<String>,
     registry: bool,
     admin: bool,
+    admin_tls: bool,
     server_pki: bool,
 }
 
@@ -88,6 +89,15 @@ impl BrokerOpts {
     /// `[admin] enabled = false`); see [`TestBroker::admin_url`] and [`TestBroker::admin`].
     pub fn admin(mut self) -> Self {
         self.admin = true;
+        self
+    }
+
+    /// Enables the admin API like [`admin`](Self::admin), served over TLS
+    /// (`[admin] tls = true`) with the PKI the server makes under `data_dir/pki`; see
+    /// [`TestBroker::admin_https_url`].
+    pub fn admin_tls(mut self) -> Self {
+        self.admin = true;
+        self.admin_tls = true;
         self
     }
 
@@ -203,6 +213,9 @@ impl TestBroker {
         // The admin API's default port is fixed (8080): tests that do not ask for it
         // turn it off, so parallel brokers do not fight over that port.
         toml += &match self.admin_port {
+            Some(port) if opts.admin_tls => {
+                format!("\n[admin]\nenabled = true\nbind = \"127.0.0.1:{port}\"\ntls = true\n")
+            }
             Some(port) => format!("\n[admin]\nenabled = true\nbind = \"127.0.0.1:{port}\"\n"),
             None => "\n[admin]\nenabled = false\n".to_string(),
         };
@@ -445,6 +458,11 @@ impl TestBroker {
     /// `http://127.0.0.1:<admin port>`.
     pub fn admin_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.admin_port())
+    }
+
+    /// `https://127.0.0.1:<admin port>` (with [`BrokerOpts::admin_tls`]).
+    pub fn admin_https_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.admin_port())
     }
 
     /// The admin token the server wrote to `data_dir/admin.token`.
