@@ -528,6 +528,19 @@ fn csr_common_name(csr_pem: &str) -> ApiResult<Option<String>> {
     Ok(cn)
 }
 
+/// A device certificate may never carry the CN that opens the admin API over
+/// TLS (`[admin] client_cert_cn`, by default "fleetcore-admin"), or one could be
+/// issued that is an admin credential.
+fn refuse_admin_cn(st: &AdminState, cn: &str) -> ApiResult<()> {
+    let reserved = st.client_cert_cn.as_deref().unwrap_or("fleetcore-admin");
+    if cn == reserved || cn == "fleetcore-admin" {
+        return Err(ApiError::invalid(format!(
+            "{cn:?} is reserved for admin client certificates; choose another thing name"
+        )));
+    }
+    Ok(())
+}
+
 async fn certificate_from_csr(
     State(st): State<Shared>,
     JsonBody(b): JsonBody<FromCsr>,
@@ -540,6 +553,7 @@ async fn certificate_from_csr(
             ApiError::invalid("the CSR has no CN: give \"thing\" to name the certificate")
         })?,
     };
+    refuse_admin_cn(&st, &cn)?;
     let issued = st
         .ca
         .sign_csr(&b.csr_pem, &cn, b.days.unwrap_or(DEFAULT_DAYS))?;
@@ -578,6 +592,7 @@ async fn create_certificate(
 ) -> ApiResult<Response> {
     let state = parse_state(b.state.as_deref())?;
     check_policies(&st, &b.policies)?;
+    refuse_admin_cn(&st, &b.thing)?;
     let (issued, key_pem) = st
         .ca
         .create_keys_and_certificate(&b.thing, b.days.unwrap_or(DEFAULT_DAYS))?;
@@ -624,6 +639,9 @@ async fn register_certificate(
 ) -> ApiResult<Response> {
     let state = parse_state(b.state.as_deref())?;
     let info = ca::inspect_pem(&b.certificate_pem)?;
+    if let Some(cn) = &info.subject_cn {
+        refuse_admin_cn(&st, cn)?;
+    }
     if info.is_ca {
         return Err(ApiError::invalid(format!(
             "certificate {} is a CA certificate; register CAs with POST /cas",

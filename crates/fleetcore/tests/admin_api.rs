@@ -631,3 +631,25 @@ fn admin_port_in_use_stops_the_start_with_a_clear_error() {
     );
     drop(busy);
 }
+
+#[test]
+fn no_device_certificate_is_issued_with_the_admin_common_name() {
+    let broker = broker();
+    let msg = expect_error(
+        &broker.admin(
+            "POST",
+            "/certificates/create",
+            Some(&json!({"thing": "fleetcore-admin"})),
+        ),
+        400,
+        "InvalidRequest",
+    );
+    assert!(msg.contains("reserved"), "{msg}");
+    // Nothing was created on the way.
+    let things = expect(&broker.admin("GET", "/things", None), 200);
+    assert_eq!(
+        things["things"].as_array().map(Vec::len),
+        Some(0),
+        "{things}"
+    );
+}
