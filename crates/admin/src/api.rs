@@ -869,7 +869,11 @@ async fn register_ca(
             created_ms: ms(SystemTime::now()),
         })
         .await?;
-    tracing::info!(ca = %rec.id, subject = %rec.subject, "CA registered");
+    // Registry listeners trust it from the next TLS handshake on.
+    st.hub
+        .reload_trust()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "TlsReload", e))?;
+    tracing::info!(ca = %rec.id, subject = %rec.subject, "CA registered; TLS listeners now trust it");
     Ok(created(
         json!({"id": rec.id, "subject": rec.subject, "created_ms": rec.created_ms}),
     ))

@@ -78,6 +78,8 @@ pub struct Hub {
     /// Signalled whenever a connection ends (used to wait for drain at shutdown).
     pub connection_gone: Notify,
     shutdown_tx: watch::Sender<bool>,
+    /// TLS configurations of registry listeners, rebuilt when CAs are registered.
+    pub tls_sources: Mutex<Vec<Arc<crate::tls::TlsSource>>>,
 }
 
 impl Hub {
@@ -103,6 +105,7 @@ impl Hub {
             connections: AtomicUsize::new(0),
             connection_gone: Notify::new(),
             shutdown_tx,
+            tls_sources: Mutex::new(Vec::new()),
         });
         let now = now_ms();
         {
@@ -729,6 +732,17 @@ impl Hub {
 
     fn registry_sessions(&self) -> Vec<Arc<Session>> {
         self.index.lock().sessions.values().cloned().collect()
+    }
+
+    /// Makes registry listeners trust the CAs registered in the registry
+    /// (besides their `client_ca_file`), from the next handshake on.
+    pub fn reload_trust(&self) -> Result<(), String> {
+        let extra: Vec<String> = self.registry.cas().into_iter().map(|c| c.pem).collect();
+        for src in self.tls_sources.lock().iter() {
+            src.reload(&extra)
+                .map_err(|e| format!("rebuilding TLS trust with registered CAs: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Tells every attached connection to close (used at shutdown).

@@ -94,9 +94,9 @@ impl Server {
                 ListenerKind::Tcp => None,
                 ListenerKind::Tls => {
                     let (cert_file, key_file, client_ca_file) = lc.tls_files().map_err(err)?;
-                    let cfg = tls::server_config(cert_file, key_file, client_ca_file, &[])
+                    let src = tls::TlsSource::new(cert_file, key_file, client_ca_file)
                         .map_err(|e| err(e.to_string()))?;
-                    Some(tokio_rustls::TlsAcceptor::from(cfg))
+                    Some(Arc::new(src))
                 }
             };
             let policy = match &lc.policy_file {
@@ -131,6 +131,12 @@ impl Server {
             "store opened"
         );
         let hub = Hub::new(config, store, loaded);
+        for l in &bound {
+            if let (Some(src), true) = (&l.tls, l.config.uses_registry()) {
+                hub.tls_sources.lock().push(src.clone());
+            }
+        }
+        hub.reload_trust().map_err(StartError::Config)?;
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
         for l in bound {

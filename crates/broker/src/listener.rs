@@ -25,7 +25,7 @@ use crate::tls::ClientCert;
 pub struct Listener {
     pub config: ListenerConfig,
     pub socket: TcpListener,
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Arc<crate::tls::TlsSource>>,
     /// The policy every client on this listener is bound by, if any.
     pub policy: Option<Arc<fleetcore_policy::Policy>>,
 }
@@ -106,7 +106,7 @@ pub async fn run(hub: Arc<Hub>, listener: Listener) {
             let _guard = guard;
             match tls {
                 None => connection::serve(hub, sock, peer, deadline).await,
-                Some(acceptor) => serve_tls(hub, acceptor, sock, peer, deadline).await,
+                Some(source) => serve_tls(hub, source.acceptor(), sock, peer, deadline).await,
             }
         });
     }

@@ -58,6 +58,18 @@ pub fn server_config(
     client_ca_file: &Path,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(cert_file, key_file, client_ca_file, &[], alpn)
+}
+
+/// As [`server_config`], also trusting the CA certificates in `extra_cas` (PEM),
+/// such as CAs registered in the registry.
+pub fn server_config_with(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca_file: &Path,
+    extra_cas: &[String],
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = read_certs(cert_file, "a server certificate")?;
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| TlsError::File {
         what: "a private key",
@@ -69,6 +81,13 @@ pub fn server_config(
         roots
             .add(ca)
             .map_err(|e| TlsError::Config(format!("CA in {}: {e}", client_ca_file.display())))?;
+    }
+    for pem in extra_cas {
+        for ca in CertificateDer::pem_slice_iter(pem.as_bytes()).flatten() {
+            roots
+                .add(ca)
+                .map_err(|e| TlsError::Config(format!("registered CA: {e}")))?;
+        }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -147,4 +166,48 @@ fn name_attributes(name: &x509_parser::x509::X509Name) -> Vec<(String, String)> 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A TLS listener's configuration, rebuilt when the set of trusted CAs
+/// changes (a CA registered through the admin API), without a restart.
+pub struct TlsSource {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: PathBuf,
+    current: parking_lot::RwLock<tokio_rustls::TlsAcceptor>,
+}
+
+impl TlsSource {
+    pub fn new(
+        cert_file: &Path,
+        key_file: &Path,
+        client_ca_file: &Path,
+    ) -> Result<TlsSource, TlsError> {
+        let cfg = server_config(cert_file, key_file, client_ca_file, &[])?;
+        Ok(TlsSource {
+            cert_file: cert_file.into(),
+            key_file: key_file.into(),
+            client_ca_file: client_ca_file.into(),
+            current: parking_lot::RwLock::new(tokio_rustls::TlsAcceptor::from(cfg)),
+        })
+    }
+
+    /// The acceptor for the next handshake.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        self.current.read().clone()
+    }
+
+    /// Rebuilds the configuration trusting `client_ca_file` plus `extra_cas`.
+    /// On error the previous configuration stays in force.
+    pub fn reload(&self, extra_cas: &[String]) -> Result<(), TlsError> {
+        let cfg = server_config_with(
+            &self.cert_file,
+            &self.key_file,
+            &self.client_ca_file,
+            extra_cas,
+            &[],
+        )?;
+        *self.current.write() = tokio_rustls::TlsAcceptor::from(cfg);
+        Ok(())
+    }
 }

@@ -653,3 +653,81 @@ fn no_device_certificate_is_issued_with_the_admin_common_name() {
         "{things}"
     );
 }
+
+/// Bring your own PKI: a device whose certificate comes from the customer's CA gets
+/// through the TLS handshake of a registry listener only once that CA is registered
+/// (no restart), and then only because its certificate is registered too.
+#[test]
+fn device_from_a_registered_foreign_ca_can_connect_without_a_restart() {
+    let broker = TestBroker::start(BrokerOpts::new().server_pki().registry().admin());
+    let ca = foreign_ca();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "legacy-1");
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let leaf = params.signed_by(&key, &ca).unwrap().pem();
+    let dir = tempfile::tempdir().unwrap();
+    let device = ClientCert {
+        cert: dir.path().join("legacy-1.pem"),
+        key: dir.path().join("legacy-1.key"),
+    };
+    std::fs::write(&device.cert, &leaf).unwrap();
+    std::fs::write(&device.key, key.serialize_pem()).unwrap();
+    let publish = || {
+        let mut args = broker.mosq_tls(&device);
+        args.extend(
+            [
+                "-i",
+                "legacy-1",
+                "-t",
+                "legacy/1/status",
+                "-m",
+                "up",
+                "-q",
+                "1",
+            ]
+            .map(String::from),
+        );
+        mosquitto_pub_output(&args)
+    };
+    let before = publish();
+    assert!(
+        !before.status.success(),
+        "an unknown CA must fail the handshake: {}",
+        describe(&before)
+    );
+
+    expect(
+        &broker.admin("POST", "/cas", Some(&json!({"certificate_pem": ca.pem()}))),
+        201,
+    );
+    let everything = r#"{"Version":"2012-10-17","Statement":{"Effect":"Allow","Action":"iot:*","Resource":"*"}}"#;
+    expect(
+        &broker.admin(
+            "POST",
+            "/policies",
+            Some(&json!({"name": "all", "document": everything})),
+        ),
+        201,
+    );
+    // Trusted CA, but the certificate is not registered yet: refused at CONNECT.
+    let unregistered = publish();
+    assert!(
+        !unregistered.status.success(),
+        "{}",
+        describe(&unregistered)
+    );
+    expect(
+        &broker.admin(
+            "POST",
+            "/certificates/register",
+            Some(&json!({"certificate_pem": leaf, "policies": ["all"]})),
+        ),
+        201,
+    );
+    let after = publish();
+    assert!(after.status.success(), "{}", describe(&after));
+    broker.assert_no_panic_logged();
+}
