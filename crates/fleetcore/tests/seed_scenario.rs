@@ -409,3 +409,105 @@ fn two_agents_in_two_accounts_get_their_own_orders_and_revocation_cuts_off_at_on
     assert_eq!(listed, vec![serial]);
     broker.assert_no_panic_logged();
 }
+
+/// A new default policy version applies to a session that is already connected: the
+/// next delivery is checked against it (iot:Receive), with no reconnect.
+#[test]
+fn policy_change_applies_to_a_live_session_at_its_next_delivery() {
+    let broker = TestBroker::start(BrokerOpts::new().server_pki().registry().admin());
+    let certs = tempfile::tempdir().unwrap();
+    ok(
+        broker.admin(
+            "POST",
+            "/things",
+            Some(&json!({"name": "computer-a", "attributes": {"account": "customer-a"}})),
+        ),
+        201,
+    );
+    ok(
+        broker.admin(
+            "POST",
+            "/policies",
+            Some(&json!({"name": "agent", "document": AGENT_POLICY})),
+        ),
+        201,
+    );
+    ok(
+        broker.admin(
+            "POST",
+            "/policies",
+            Some(&json!({"name": "backend", "document": BACKEND_POLICY})),
+        ),
+        201,
+    );
+    let (_, agent) = provision(&broker, certs.path(), "computer-a", &["agent"]);
+    let (_, backend) = provision(&broker, certs.path(), "backend", &["backend"]);
+    let mut sub = mosquitto_sub(&with(
+        &broker.mosq_tls(&agent),
+        &[
+            "-V",
+            "mqttv5",
+            "-i",
+            "computer-a",
+            "-q",
+            "1",
+            "-t",
+            "customer-a/computer-a/#",
+        ],
+    ));
+    thread_sleep_ms(300);
+    publish_as_backend(
+        &broker,
+        &backend,
+        "customer-a/computer-a/one",
+        "before",
+        false,
+    );
+    assert_eq!(expect_mosq_msg(&mut sub, 5 * SEC).3, "before");
+
+    // Version 2 of the shared policy no longer lets agents receive: set as default.
+    let no_receive =
+        AGENT_POLICY.replace(r#"["iot:Receive", "iot:Publish"]"#, r#"["iot:Publish"]"#);
+    assert_ne!(no_receive, AGENT_POLICY);
+    ok(
+        broker.admin(
+            "POST",
+            "/policies/agent/versions",
+            Some(&json!({"document": no_receive, "set_as_default": true})),
+        ),
+        201,
+    );
+    publish_as_backend(
+        &broker,
+        &backend,
+        "customer-a/computer-a/two",
+        "after",
+        false,
+    );
+    // Back to version 1: deliveries resume on the same connection.
+    ok(
+        broker.admin(
+            "PUT",
+            "/policies/agent/default-version",
+            Some(&json!({"version": 1})),
+        ),
+        200,
+    );
+    publish_as_backend(
+        &broker,
+        &backend,
+        "customer-a/computer-a/three",
+        "again",
+        false,
+    );
+    assert_eq!(
+        expect_mosq_msg(&mut sub, 5 * SEC).3,
+        "again",
+        "the message published under version 2 must not have been delivered"
+    );
+    broker.assert_no_panic_logged();
+}
+
+fn thread_sleep_ms(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
