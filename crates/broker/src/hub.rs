@@ -37,10 +37,15 @@ pub struct SubEntry {
 }
 
 /// What a publish did.
+/// A store commit (or two) a publish waits for before it is acknowledged.
+pub type PendingCommit = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(), fleetcore_store::StoreError>> + Send>,
+>;
+
 pub struct Routed {
     /// Resolves when the durable copies this publish created are on disk.
     /// `None` when there was nothing to write.
-    pub commit: Option<fleetcore_store::Commit>,
+    pub commit: Option<PendingCommit>,
     /// How many subscriptions received it.
     pub matched: usize,
 }
@@ -209,20 +214,31 @@ impl Hub {
     pub fn publish(&self, msg: Message) -> Routed {
         let msg = Arc::new(msg);
         let mut ops = Vec::new();
+        let mut retained_commit = None;
         if msg.retain {
             let topic = msg.topic.to_string();
-            if msg.payload.is_empty() {
-                if self.retained.write().remove(&topic).is_some() {
-                    ops.push(Op::DeleteRetained { topic });
-                }
+            // The store op is submitted while the tree is still locked, so
+            // memory and disk see concurrent changes to one topic in one order.
+            let mut tree = self.retained.write();
+            let op = if msg.payload.is_empty() {
+                tree.remove(&topic).map(|_| Op::DeleteRetained { topic })
             } else {
-                ops.push(Op::PutRetained {
-                    topic: topic.clone(),
+                tree.insert(&topic, msg.clone());
+                Some(Op::PutRetained {
+                    topic,
                     msg: msg.to_stored(),
-                });
-                self.retained.write().insert(&topic, msg.clone());
+                })
+            };
+            if let Some(op) = op {
+                if msg.qos == QoS::Level0 {
+                    self.store.submit_nowait(vec![op]);
+                } else {
+                    retained_commit = Some(self.store.submit(vec![op]));
+                }
             }
-            m::gauge_retained(self.retained.read().len());
+            let n = tree.len();
+            drop(tree);
+            m::gauge_retained(n);
         }
         let mut matches: Vec<Match<SubEntry>> = Vec::new();
         self.router.matches(&msg.topic, &mut matches);
@@ -266,13 +282,21 @@ impl Hub {
                 matched += 1;
             }
         }
-        let commit = if ops.is_empty() {
+        let rest = if ops.is_empty() {
             None
         } else if msg.qos == QoS::Level0 {
             self.store.submit_nowait(ops);
             None
         } else {
             Some(self.store.submit(ops))
+        };
+        let commit: Option<PendingCommit> = match (retained_commit, rest) {
+            (None, None) => None,
+            (Some(c), None) | (None, Some(c)) => Some(Box::pin(c)),
+            (Some(a), Some(b)) => Some(Box::pin(async move {
+                a.await?;
+                b.await
+            })),
         };
         Routed { commit, matched }
     }
@@ -605,6 +629,14 @@ impl Hub {
                 return;
             }
             st.ended = true;
+            // A connection still attached (a reconnect racing with expiry) must
+            // not live on without its session.
+            if let Some(link) = st.conn.take() {
+                let _ = link.kick.send(Kick {
+                    reason: mqtt_proto::v5::DisconnectReasonCode::AdministrativeAction,
+                    message: "session ended".into(),
+                });
+            }
             st.queue.clear();
             let filters: Vec<String> = st.subscriptions.drain().map(|(f, _)| f).collect();
             if let Some(t) = st.will_timer.take() {
