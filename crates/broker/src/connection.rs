@@ -854,7 +854,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     fn queue_retained(&self, retained: Vec<Delivery>) {
         let max = self.hub.config.limits.max_queued_messages;
         for d in retained {
-            if let crate::session::Enqueued::Dropped(r) = self.session.enqueue(d, max) {
+            if let crate::session::Enqueued::Dropped(r) =
+                self.session.enqueue(d, max, &self.hub.store)
+            {
                 m::dropped(r);
             }
         }

@@ -213,7 +213,7 @@ impl Hub {
     /// they are durable.
     pub fn publish(&self, msg: Message) -> Routed {
         let msg = Arc::new(msg);
-        let mut ops = Vec::new();
+        let mut commits = Vec::new();
         let mut retained_commit = None;
         if msg.retain {
             let topic = msg.topic.to_string();
@@ -265,7 +265,7 @@ impl Hub {
             while j < direct.len() && direct[j].session.id == direct[i].session.id {
                 j += 1;
             }
-            if self.deliver(&msg, &direct[i..j], &mut ops) {
+            if self.deliver(&msg, &direct[i..j], &mut commits) {
                 matched += 1;
             }
             i = j;
@@ -278,21 +278,23 @@ impl Hub {
                 .map(|i| (start + i) % n)
                 .find(|&i| members[i].session.state.lock().conn.is_some())
                 .unwrap_or(start % n);
-            if self.deliver(&msg, &members[pick..=pick], &mut ops) {
+            if self.deliver(&msg, &members[pick..=pick], &mut commits) {
                 matched += 1;
             }
         }
-        let rest = if ops.is_empty() {
-            None
-        } else if msg.qos == QoS::Level0 {
-            self.store.submit_nowait(ops);
-            None
-        } else {
-            Some(self.store.submit(ops))
+        let rest: Option<PendingCommit> = match commits.len() {
+            0 => None,
+            1 => commits.pop().map(|c| Box::pin(c) as PendingCommit),
+            _ => Some(Box::pin(async move {
+                futures_util::future::try_join_all(commits)
+                    .await
+                    .map(|_| ())
+            })),
         };
         let commit: Option<PendingCommit> = match (retained_commit, rest) {
             (None, None) => None,
-            (Some(c), None) | (None, Some(c)) => Some(Box::pin(c)),
+            (Some(c), None) => Some(Box::pin(c)),
+            (None, Some(c)) => Some(c),
             (Some(a), Some(b)) => Some(Box::pin(async move {
                 a.await?;
                 b.await
@@ -302,7 +304,12 @@ impl Hub {
     }
 
     /// Offers `msg` to one session through its matching subscriptions `subs`.
-    fn deliver(&self, msg: &Arc<Message>, subs: &[SubEntry], ops: &mut Vec<Op>) -> bool {
+    fn deliver(
+        &self,
+        msg: &Arc<Message>,
+        subs: &[SubEntry],
+        commits: &mut Vec<fleetcore_store::Commit>,
+    ) -> bool {
         let mut qos = None;
         let mut retain = false;
         let mut subscription_ids = Vec::new();
@@ -326,15 +333,11 @@ impl Hub {
         let entry = &subs[0];
         match entry
             .session
-            .enqueue(d, self.config.limits.max_queued_messages)
+            .enqueue(d, self.config.limits.max_queued_messages, &self.store)
         {
             Enqueued::Queued => true,
-            Enqueued::NeedsStore(seq, item) => {
-                ops.push(Op::PutQueued {
-                    client_id: entry.session.client_id.to_string(),
-                    seq,
-                    item,
-                });
+            Enqueued::Stored(commit) => {
+                commits.push(commit);
                 true
             }
             Enqueued::Dropped(reason) => {
@@ -589,8 +592,10 @@ impl Hub {
                 }
             }
         }
-        drop(st);
+        // Submitted before the lock is released, so a reconnecting client's
+        // acknowledgements (deletes) can only come after these writes.
         self.store.submit_nowait(ops);
+        drop(st);
         self.index.lock().expiring.insert((
             now + expiry as u64 * 1000,
             session.id,

@@ -78,9 +78,10 @@ pub struct PendingWill {
 pub enum Enqueued {
     /// Queued in memory.
     Queued,
-    /// Queued, and this durable copy must reach the store before the
-    /// publisher is acknowledged.
-    NeedsStore(u64, fleetcore_store::StoredQueued),
+    /// Queued, and its durable copy was submitted to the store (under the
+    /// session's lock, so it is ordered before any later delete of it); the
+    /// publisher is acknowledged once this commit completes.
+    Stored(fleetcore_store::Commit),
     /// Not queued (the reason is a metrics label).
     Dropped(&'static str),
 }
@@ -147,7 +148,12 @@ impl Session {
 
     /// Offers a delivery. An attached session queues everything (up to
     /// `max_queued`); a detached persistent one queues QoS 1/2 only, durably.
-    pub fn enqueue(&self, mut d: Delivery, max_queued: usize) -> Enqueued {
+    pub fn enqueue(
+        &self,
+        mut d: Delivery,
+        max_queued: usize,
+        store: &fleetcore_store::Store,
+    ) -> Enqueued {
         let mut st = self.state.lock();
         if st.ended {
             return Enqueued::Dropped("session_ended");
@@ -163,7 +169,11 @@ impl Session {
             let seq = st.next_seq;
             st.next_seq += 1;
             d.seq = Some(seq);
-            Enqueued::NeedsStore(seq, d.to_stored())
+            Enqueued::Stored(store.submit(vec![fleetcore_store::Op::PutQueued {
+                client_id: self.client_id.to_string(),
+                seq,
+                item: d.to_stored(),
+            }]))
         } else {
             Enqueued::Queued
         };
