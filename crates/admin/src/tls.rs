@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
+use fleetcore_broker::tls::TlsError;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
@@ -50,22 +51,11 @@ fn read_certs(
     path: &Path,
     what: &'static str,
 ) -> Result<Vec<CertificateDer<'static>>, AdminTlsError> {
-    let file_error = |e: rustls_pki_types::pem::Error| AdminTlsError::File {
-        what,
-        path: path.into(),
-        reason: e.to_string(),
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(file_error)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(file_error)?;
-    if certs.is_empty() {
-        return Err(AdminTlsError::Empty {
-            what,
-            path: path.into(),
-        });
-    }
-    Ok(certs)
+    fleetcore_broker::tls::read_certs(path, what).map_err(|e| match e {
+        TlsError::File { what, path, reason } => AdminTlsError::File { what, path, reason },
+        TlsError::Empty { what, path } => AdminTlsError::Empty { what, path },
+        TlsError::Config(m) => AdminTlsError::Config(m),
+    })
 }
 
 /// The admin API's rustls configuration: `cert_file`/`key_file` as the server's identity;

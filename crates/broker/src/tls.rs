@@ -28,7 +28,11 @@ pub enum TlsError {
     Config(String),
 }
 
-fn read_certs(path: &Path, what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// Every certificate in a PEM file; an error names the file and what was expected.
+pub fn read_certs(
+    path: &Path,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs: Result<Vec<_>, _> = CertificateDer::pem_file_iter(path)
         .map_err(|e| TlsError::File {
             what,
