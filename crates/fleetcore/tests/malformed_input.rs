@@ -5,10 +5,11 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::raw::*;
 use common::*;
 
 const CONNECT_TIMEOUT_SECS: u64 = 1;
@@ -74,34 +75,6 @@ impl Arena {
 
 // ---- MQTT bytes -------------------------------------------------------------------------
 
-fn varint(mut n: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            return out;
-        }
-    }
-}
-
-fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first_byte];
-    out.extend(varint(body.len()));
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(s: &str) -> Vec<u8> {
-    let mut out = (s.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(s.as_bytes());
-    out
-}
-
 fn connect_packet(version: u8, client_id: &str) -> Vec<u8> {
     let mut body = string("MQTT");
     body.push(version);
@@ -112,62 +85,6 @@ fn connect_packet(version: u8, client_id: &str) -> Vec<u8> {
     }
     body.extend(string(client_id));
     packet(0x10, &body)
-}
-
-enum Incoming {
-    Packet(u8, Vec<u8>),
-    Closed,
-    TimedOut,
-}
-
-fn read_exact_by(
-    stream: &mut TcpStream,
-    buf: &mut [u8],
-    deadline: Instant,
-) -> Result<(), Incoming> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Incoming::TimedOut);
-        }
-        stream
-            .set_read_timeout(Some(left))
-            .expect("set_read_timeout");
-        match stream.read(&mut buf[filled..]) {
-            Ok(0) => return Err(Incoming::Closed),
-            Ok(n) => filled += n,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Err(Incoming::TimedOut)
-            }
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(_) => return Err(Incoming::Closed), // reset counts as closed
-        }
-    }
-    Ok(())
-}
-
-fn read_packet(stream: &mut TcpStream, deadline: Instant) -> Incoming {
-    let mut first = [0u8; 1];
-    if let Err(r) = read_exact_by(stream, &mut first, deadline) {
-        return r;
-    }
-    let mut len = 0usize;
-    for shift in [0, 7, 14, 21] {
-        let mut b = [0u8; 1];
-        if let Err(r) = read_exact_by(stream, &mut b, deadline) {
-            return r;
-        }
-        len |= usize::from(b[0] & 0x7F) << shift;
-        if b[0] & 0x80 == 0 {
-            break;
-        }
-    }
-    let mut body = vec![0u8; len];
-    match read_exact_by(stream, &mut body, deadline) {
-        Ok(()) => Incoming::Packet(first[0], body),
-        Err(r) => r,
-    }
 }
 
 /// Opens a connection and completes CONNECT/CONNACK.

@@ -13,11 +13,12 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::io::{ErrorKind, Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::raw::*;
 use common::*;
 
 // ---- a paho client driven over its control socket ------------------------------------
@@ -885,70 +886,6 @@ fn client_maximum_packet_size_drops_larger_messages_for_that_client_only() {
 
 const RECEIVE_MAXIMUM: u16 = 5;
 
-fn varint(mut n: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            return out;
-        }
-    }
-}
-
-fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first_byte];
-    out.extend(varint(body.len()));
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(s: &str) -> Vec<u8> {
-    let mut out = (s.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(s.as_bytes());
-    out
-}
-
-/// The next packet as (first byte, body); `None` when the socket closes or `deadline`
-/// passes.
-fn read_packet(stream: &mut TcpStream, deadline: Instant) -> Option<(u8, Vec<u8>)> {
-    let mut read_exact = |buf: &mut [u8]| -> Option<()> {
-        let mut filled = 0;
-        while filled < buf.len() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            stream.set_read_timeout(Some(left)).ok()?;
-            match stream.read(&mut buf[filled..]) {
-                Ok(0) => return None,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return None,
-            }
-        }
-        Some(())
-    };
-    let mut first = [0u8; 1];
-    read_exact(&mut first)?;
-    let mut len = 0usize;
-    for shift in [0, 7, 14, 21] {
-        let mut b = [0u8; 1];
-        read_exact(&mut b)?;
-        len |= usize::from(b[0] & 0x7F) << shift;
-        if b[0] & 0x80 == 0 {
-            break;
-        }
-    }
-    let mut body = vec![0u8; len];
-    read_exact(&mut body)?;
-    Some((first[0], body))
-}
-
 /// The two-byte-integer property `id` of a CONNACK body, if present.
 fn connack_u16_property(body: &[u8], id: u8) -> Option<u16> {
     let (mut len, mut i) = (0usize, 2usize);
@@ -997,7 +934,9 @@ fn server_receive_maximum_is_announced_and_exceeding_it_is_disconnect_0x93() {
     stream
         .write_all(&packet(0x10, &connect))
         .expect("send CONNECT");
-    let (kind, connack) = read_packet(&mut stream, Instant::now() + STEP).expect("CONNACK");
+    let (kind, connack) = read_packet(&mut stream, Instant::now() + STEP)
+        .packet()
+        .expect("CONNACK");
     assert_eq!(
         kind, 0x20,
         "expected CONNACK, got {kind:#04x} {connack:02x?}"
@@ -1021,7 +960,7 @@ fn server_receive_maximum_is_announced_and_exceeding_it_is_disconnect_0x93() {
     let mut pubrecs = 0;
     let deadline = Instant::now() + STEP;
     let disconnect = loop {
-        match read_packet(&mut stream, deadline) {
+        match read_packet(&mut stream, deadline).packet() {
             Some((0x50, _)) => pubrecs += 1,
             Some((0xE0, body)) => break body,
             Some((kind, body)) => panic!("unexpected packet {kind:#04x} {body:02x?}"),
@@ -1038,7 +977,9 @@ fn server_receive_maximum_is_announced_and_exceeding_it_is_disconnect_0x93() {
     );
     assert_eq!(pubrecs, RECEIVE_MAXIMUM, "PUBRECs before the DISCONNECT");
     assert!(
-        read_packet(&mut stream, Instant::now() + STEP).is_none(),
+        read_packet(&mut stream, Instant::now() + STEP)
+            .packet()
+            .is_none(),
         "connection still open after DISCONNECT"
     );
     broker.assert_no_panic_logged();
