@@ -69,6 +69,18 @@ impl Config {
             );
         }
         for l in &self.listeners {
+            if l.tokens_enabled() && l.registry == Some(false) {
+                return Err(format!(
+                    "listener {}: tokens are checked against the registry; they need registry = true",
+                    l.bind
+                ));
+            }
+            if l.websocket && !l.websocket_path.starts_with('/') {
+                return Err(format!(
+                    "listener {}: websocket_path must start with '/' (got {:?})",
+                    l.bind, l.websocket_path
+                ));
+            }
             match l.kind {
                 ListenerKind::Tls => {
                     // cert_file, key_file and client_ca_file may be omitted: `fleetcore
@@ -87,9 +99,9 @@ impl Config {
                     }
                 }
                 ListenerKind::Tcp => {
-                    if l.registry == Some(true) {
+                    if l.registry == Some(true) && !l.tokens_enabled() {
                         return Err(format!(
-                            "listener {} (tcp): registry = true needs client certificates (kind = \"tls\")",
+                            "listener {} (tcp): registry = true needs client certificates (kind = \"tls\") or tokens = true",
                             l.bind
                         ));
                     }
@@ -209,8 +221,29 @@ pub struct ListenerConfig {
     pub policy_file: Option<PathBuf>,
     /// TLS: client certificates must be registered and ACTIVE in the registry,
     /// and the policies attached to them apply (AWS IoT Core's model).
-    /// Default true for kind = "tls".
+    /// Default true for kind = "tls", and for any listener with `tokens = true`.
     pub registry: Option<bool>,
+    /// Also serve MQTT over WebSocket (HTTP upgrade at `websocket_path`,
+    /// subprotocol `mqtt` or `mqttv3.1`). On kind = "tls" the listener then
+    /// dispatches on ALPN (`x-amzn-mqtt-ca`/`mqtt` → MQTT, `http/1.1` → HTTP)
+    /// and, without ALPN, on the first byte; client certificates become
+    /// optional (a client without one must present a token).
+    #[serde(default)]
+    pub websocket: bool,
+    /// The HTTP path MQTT over WebSocket is served at.
+    #[serde(default = "default_ws_path")]
+    pub websocket_path: String,
+    /// Accept device tokens (`fleetcore token issue`) as the MQTT password, with
+    /// the thing name as user name. Default true for kind = "tls" with websocket.
+    pub tokens: Option<bool>,
+    /// Every connection starts with a PROXY protocol header (v2 or v1) from a
+    /// load balancer, naming the real client address.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+}
+
+fn default_ws_path() -> String {
+    "/mqtt".into()
 }
 
 impl ListenerConfig {
@@ -224,19 +257,34 @@ impl ListenerConfig {
             client_ca_file: None,
             policy_file: None,
             registry: None,
+            websocket: false,
+            websocket_path: default_ws_path(),
+            tokens: None,
+            proxy_protocol: false,
         }
     }
 
-    /// Whether certificates on this listener are checked against the registry.
+    /// Whether clients on this listener are checked against the registry
+    /// (registered certificates, or tokens signed by the registry's keys).
     pub fn uses_registry(&self) -> bool {
-        self.registry.unwrap_or(self.kind == ListenerKind::Tls)
+        self.registry
+            .unwrap_or(self.kind == ListenerKind::Tls || self.tokens_enabled())
     }
 
-    /// Short name for logs and metrics labels.
+    /// Whether a device token is accepted as the MQTT password.
+    pub fn tokens_enabled(&self) -> bool {
+        self.tokens
+            .unwrap_or(self.kind == ListenerKind::Tls && self.websocket)
+    }
+
+    /// Short name for logs and metrics labels: tcp, tls, ws (plain TCP with
+    /// WebSocket) or wss (TLS with ALPN dispatch and WebSocket).
     pub fn kind_name(&self) -> &'static str {
-        match self.kind {
-            ListenerKind::Tcp => "tcp",
-            ListenerKind::Tls => "tls",
+        match (self.kind, self.websocket) {
+            (ListenerKind::Tcp, false) => "tcp",
+            (ListenerKind::Tls, false) => "tls",
+            (ListenerKind::Tcp, true) => "ws",
+            (ListenerKind::Tls, true) => "wss",
         }
     }
 

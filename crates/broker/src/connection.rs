@@ -46,8 +46,13 @@ const OUT_HIGH_WATER: usize = 64 * 1024;
 /// Who is on the other end, as the listener saw it.
 #[derive(Debug, Clone)]
 pub struct PeerInfo {
+    /// The client's address (from the PROXY header when the listener takes one).
     pub addr: SocketAddr,
+    /// The load balancer's address, when a PROXY header named the client.
+    pub proxied_by: Option<SocketAddr>,
     pub listener: &'static str,
+    /// What carries MQTT: "mqtt" (TCP), "mqtts" (TLS), "ws" or "wss".
+    pub transport: &'static str,
     pub allow_anonymous: bool,
     /// The verified client certificate (TLS listeners).
     pub cert: Option<ClientCert>,
@@ -55,6 +60,8 @@ pub struct PeerInfo {
     pub policy: Option<Arc<fleetcore_policy::Policy>>,
     /// Certificates must be registered and ACTIVE; their attached policies apply.
     pub uses_registry: bool,
+    /// A device token is accepted as the password (user name = thing name).
+    pub tokens: bool,
 }
 
 /// Why a connection ended.
@@ -196,13 +203,24 @@ where
     tracing::info!(
         client_id = %setup.client_id,
         peer = %peer.addr,
+        via = %peer.proxied_by.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
         listener = peer.listener,
+        transport = peer.transport,
         protocol = version.level(),
         cn = peer.cert.as_ref().and_then(|c| c.subject_cn.as_deref()).unwrap_or("-"),
         clean_start = setup.clean_start,
         session_present = attached.session_present,
         keep_alive = setup.keep_alive,
         "client connected"
+    );
+    m::client_connected(
+        peer.listener,
+        peer.transport,
+        if peer.cert.is_some() {
+            "certificate"
+        } else {
+            "none"
+        },
     );
     // Resend what was in flight when the previous connection ended.
     for inf in attached.resend {

@@ -28,12 +28,14 @@ pub mod listener;
 pub mod message;
 pub mod metrics;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod registry;
 pub mod retained;
 pub mod router;
 pub mod session;
 pub mod tls;
 pub mod topic;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -94,7 +96,18 @@ impl Server {
                 ListenerKind::Tcp => None,
                 ListenerKind::Tls => {
                     let (cert_file, key_file, client_ca_file) = lc.tls_files().map_err(err)?;
-                    let src = tls::TlsSource::new(cert_file, key_file, client_ca_file)
+                    let mut opts = tls::TlsOptions {
+                        client_cert_optional: lc.tokens_enabled(),
+                        ..Default::default()
+                    };
+                    if lc.websocket {
+                        opts.alpn = tls::ALPN_MQTT
+                            .iter()
+                            .chain([&tls::ALPN_HTTP])
+                            .map(|p| p.to_vec())
+                            .collect();
+                    }
+                    let src = tls::TlsSource::new(cert_file, key_file, client_ca_file, opts)
                         .map_err(|e| err(e.to_string()))?;
                     Some(Arc::new(src))
                 }

@@ -11,6 +11,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -19,7 +21,9 @@ use crate::config::ListenerConfig;
 use crate::connection::{self, PeerInfo};
 use crate::hub::Hub;
 use crate::metrics as m;
-use crate::tls::ClientCert;
+use crate::proxy_protocol::{self, Proxied};
+use crate::tls::{ClientCert, ALPN_HTTP, ALPN_MQTT};
+use crate::websocket::{self, HttpOutcome, Prefixed};
 
 /// A bound listener socket and how to serve what it accepts.
 pub struct Listener {
@@ -41,9 +45,21 @@ impl Drop for ConnGuard {
     }
 }
 
+/// What every connection of one listener needs to know about it.
+struct Dispatch {
+    websocket: bool,
+    websocket_path: String,
+    proxy_protocol: bool,
+}
+
 /// Runs the accept loop until shutdown.
 pub async fn run(hub: Arc<Hub>, listener: Listener) {
     let kind = listener.config.kind_name();
+    let dispatch = Arc::new(Dispatch {
+        websocket: listener.config.websocket,
+        websocket_path: listener.config.websocket_path.clone(),
+        proxy_protocol: listener.config.proxy_protocol,
+    });
     let mut shutdown = hub.shutdown_signal();
     let mut backoff = Duration::from_millis(10);
     let mut logged_exhaustion = false;
@@ -94,23 +110,134 @@ pub async fn run(hub: Arc<Hub>, listener: Listener) {
         let deadline = Instant::now() + Duration::from_secs(hub.config.limits.connect_timeout_secs);
         let peer = PeerInfo {
             addr,
+            proxied_by: None,
             listener: kind,
+            transport: if listener.tls.is_some() {
+                "mqtts"
+            } else {
+                "mqtt"
+            },
             allow_anonymous: listener.config.allow_anonymous,
             cert: None,
             policy: listener.policy.clone(),
             uses_registry: listener.config.uses_registry(),
+            tokens: listener.config.tokens_enabled(),
         };
         let hub = hub.clone();
         let tls = listener.tls.clone();
+        let dispatch = dispatch.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            match tls {
-                None => connection::serve(hub, sock, peer, deadline).await,
-                Some(source) => serve_tls(hub, source.acceptor(), sock, peer, deadline).await,
-            }
+            serve_socket(hub, sock, peer, tls, dispatch, deadline).await
         });
     }
     tracing::info!(listener = kind, "listener stopped");
+}
+
+/// Everything between accept and the MQTT connection: the PROXY header, the
+/// TLS handshake, and on WebSocket listeners the choice between MQTT and HTTP.
+async fn serve_socket(
+    hub: Arc<Hub>,
+    mut sock: TcpStream,
+    mut peer: PeerInfo,
+    tls: Option<Arc<crate::tls::TlsSource>>,
+    dispatch: Arc<Dispatch>,
+    deadline: Instant,
+) {
+    if dispatch.proxy_protocol {
+        match proxy_protocol::read_header(&mut sock, deadline).await {
+            Ok(Proxied::Client(client)) => {
+                peer.proxied_by = Some(peer.addr);
+                peer.addr = client;
+            }
+            Ok(Proxied::Local) => {}
+            Err(why) => {
+                m::connection_refused("proxy_protocol");
+                tracing::info!(peer = %peer.addr, listener = peer.listener, reason = %why, "connection refused: bad PROXY protocol header");
+                return;
+            }
+        }
+    }
+    match tls {
+        None => {
+            if dispatch.websocket {
+                sniff_and_serve(hub, sock, peer, &dispatch, deadline).await
+            } else {
+                connection::serve(hub, sock, peer, deadline).await
+            }
+        }
+        Some(source) => serve_tls(hub, source.acceptor(), sock, peer, &dispatch, deadline).await,
+    }
+}
+
+/// A stream the WebSocket layer runs on, whatever is under it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// On a WebSocket listener without ALPN to go by: MQTT starts with a CONNECT
+/// packet (first byte 0x10); anything else is read as HTTP.
+async fn sniff_and_serve<S>(
+    hub: Arc<Hub>,
+    mut stream: S,
+    peer: PeerInfo,
+    dispatch: &Dispatch,
+    deadline: Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut first = BytesMut::with_capacity(1024);
+    match tokio::time::timeout_at(deadline, stream.read_buf(&mut first)).await {
+        Err(_) => {
+            m::connection_refused("connect_timeout");
+            tracing::info!(peer = %peer.addr, "nothing received within the connect timeout; closing");
+        }
+        Ok(Ok(0)) | Ok(Err(_)) => {}
+        Ok(Ok(_)) if first[0] == 0x10 => {
+            connection::serve(hub, Prefixed::new(first.freeze(), stream), peer, deadline).await
+        }
+        Ok(Ok(_)) => serve_http(hub, Box::new(stream), first, peer, dispatch, deadline).await,
+    }
+}
+
+async fn serve_http(
+    hub: Arc<Hub>,
+    stream: Box<dyn Io>,
+    head: BytesMut,
+    mut peer: PeerInfo,
+    dispatch: &Dispatch,
+    deadline: Instant,
+) {
+    let max_message = (hub.config.limits.max_packet_size as usize)
+        .saturating_mul(2)
+        .saturating_add(64 * 1024);
+    match websocket::serve_http(
+        stream,
+        head,
+        &dispatch.websocket_path,
+        max_message,
+        deadline,
+    )
+    .await
+    {
+        HttpOutcome::Mqtt(ws, subprotocol) => {
+            peer.transport = if peer.transport == "mqtts" {
+                "wss"
+            } else {
+                "ws"
+            };
+            m::websocket_upgraded(peer.listener, subprotocol);
+            tracing::debug!(peer = %peer.addr, subprotocol, "WebSocket upgrade");
+            connection::serve(hub, ws, peer, deadline).await
+        }
+        HttpOutcome::Answered(code, why) => {
+            m::connection_refused("http_request");
+            tracing::info!(peer = %peer.addr, listener = peer.listener, status = code, reason = %why, "HTTP request answered without upgrade");
+        }
+        HttpOutcome::Failed(why) => {
+            m::connection_refused("http_request");
+            tracing::info!(peer = %peer.addr, listener = peer.listener, reason = %why, "HTTP request failed");
+        }
+    }
 }
 
 async fn serve_tls(
@@ -118,6 +245,7 @@ async fn serve_tls(
     acceptor: TlsAcceptor,
     sock: TcpStream,
     mut peer: PeerInfo,
+    dispatch: &Dispatch,
     deadline: Instant,
 ) {
     let stream = match tokio::time::timeout_at(deadline, acceptor.accept(sock)).await {
@@ -139,7 +267,35 @@ async fn serve_tls(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(|der| ClientCert::from_der(der));
-    connection::serve(hub, stream, peer, deadline).await
+    if !dispatch.websocket {
+        return connection::serve(hub, stream, peer, deadline).await;
+    }
+    // ALPN decides where it can; a client that sent none is sniffed.
+    let alpn = stream.get_ref().1.alpn_protocol().map(|p| p.to_vec());
+    m::tls_alpn(peer.listener, alpn.as_deref());
+    match alpn.as_deref() {
+        Some(p) if ALPN_MQTT.contains(&p) => {
+            connection::serve(
+                hub,
+                Prefixed::new(bytes::Bytes::new(), stream),
+                peer,
+                deadline,
+            )
+            .await
+        }
+        Some(ALPN_HTTP) => {
+            serve_http(
+                hub,
+                Box::new(stream),
+                BytesMut::new(),
+                peer,
+                dispatch,
+                deadline,
+            )
+            .await
+        }
+        _ => sniff_and_serve(hub, stream, peer, dispatch, deadline).await,
+    }
 }
 
 fn is_resource_exhaustion(e: &io::Error) -> bool {

@@ -20,10 +20,36 @@ pub const MESSAGES_DROPPED: &str = "fleetcore_messages_dropped_total";
 pub const SESSIONS: &str = "fleetcore_sessions";
 pub const RETAINED: &str = "fleetcore_retained_messages";
 pub const ACCEPT_ERRORS: &str = "fleetcore_accept_errors_total";
+/// MQTT sessions begun (CONNACK success), by listener and transport
+/// (mqtt, mqtts, ws, wss) and how the client authenticated.
+pub const CLIENTS_CONNECTED: &str = "fleetcore_clients_connected_total";
+pub const TLS_ALPN: &str = "fleetcore_tls_alpn_total";
+pub const WEBSOCKET_UPGRADES: &str = "fleetcore_websocket_upgrades_total";
 
 pub fn connection_opened(listener: &'static str) {
     counter!(CONNECTIONS_TOTAL, "listener" => listener).increment(1);
     gauge!(CONNECTIONS_OPEN).increment(1.0);
+}
+
+pub fn client_connected(listener: &'static str, transport: &'static str, auth: &'static str) {
+    counter!(CLIENTS_CONNECTED, "listener" => listener, "transport" => transport, "auth" => auth)
+        .increment(1);
+}
+
+/// The ALPN protocol a TLS client and a dispatching listener agreed on.
+pub fn tls_alpn(listener: &'static str, alpn: Option<&[u8]>) {
+    let alpn = match alpn {
+        None => "none",
+        Some(b"x-amzn-mqtt-ca") => "x-amzn-mqtt-ca",
+        Some(b"mqtt") => "mqtt",
+        Some(b"http/1.1") => "http/1.1",
+        Some(_) => "other",
+    };
+    counter!(TLS_ALPN, "listener" => listener, "alpn" => alpn).increment(1);
+}
+
+pub fn websocket_upgraded(listener: &'static str, subprotocol: &'static str) {
+    counter!(WEBSOCKET_UPGRADES, "listener" => listener, "subprotocol" => subprotocol).increment(1);
 }
 
 pub fn connection_closed() {

@@ -54,15 +54,32 @@ pub fn read_certs(
     Ok(certs)
 }
 
+/// How a listener's TLS is set up beyond its files.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// ALPN protocols offered, in preference order (empty: ALPN ignored).
+    pub alpn: Vec<Vec<u8>>,
+    /// Let clients without a certificate complete the handshake (they must
+    /// then authenticate another way, e.g. with a token). A certificate that
+    /// is presented must still verify.
+    pub client_cert_optional: bool,
+}
+
+/// ALPN protocol ids that select MQTT on a listener with ALPN dispatch:
+/// AWS IoT's `x-amzn-mqtt-ca` (sent by the AWS SDKs on port 443) and `mqtt`.
+pub const ALPN_MQTT: [&[u8]; 2] = [b"x-amzn-mqtt-ca", b"mqtt"];
+/// ALPN protocol id that selects HTTP (and so MQTT over WebSocket).
+pub const ALPN_HTTP: &[u8] = b"http/1.1";
+
 /// A rustls server configuration that requires a client certificate
 /// chaining to one of the CAs in `client_ca_file`.
 pub fn server_config(
     cert_file: &Path,
     key_file: &Path,
     client_ca_file: &Path,
-    alpn: &[&[u8]],
+    opts: &TlsOptions,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    server_config_with(cert_file, key_file, client_ca_file, &[], alpn)
+    server_config_with(cert_file, key_file, client_ca_file, &[], opts)
 }
 
 /// As [`server_config`], also trusting the CA certificates in `extra_cas` (PEM),
@@ -72,7 +89,7 @@ pub fn server_config_with(
     key_file: &Path,
     client_ca_file: &Path,
     extra_cas: &[String],
-    alpn: &[&[u8]],
+    opts: &TlsOptions,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = read_certs(cert_file, "a server certificate")?;
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| TlsError::File {
@@ -94,7 +111,12 @@ pub fn server_config_with(
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let mut verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if opts.client_cert_optional {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
@@ -103,7 +125,7 @@ pub fn server_config_with(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(format!("server certificate and key: {e}")))?;
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    cfg.alpn_protocols = opts.alpn.clone();
     Ok(Arc::new(cfg))
 }
 
@@ -178,6 +200,7 @@ pub struct TlsSource {
     cert_file: PathBuf,
     key_file: PathBuf,
     client_ca_file: PathBuf,
+    opts: TlsOptions,
     current: parking_lot::RwLock<tokio_rustls::TlsAcceptor>,
 }
 
@@ -186,12 +209,14 @@ impl TlsSource {
         cert_file: &Path,
         key_file: &Path,
         client_ca_file: &Path,
+        opts: TlsOptions,
     ) -> Result<TlsSource, TlsError> {
-        let cfg = server_config(cert_file, key_file, client_ca_file, &[])?;
+        let cfg = server_config(cert_file, key_file, client_ca_file, &opts)?;
         Ok(TlsSource {
             cert_file: cert_file.into(),
             key_file: key_file.into(),
             client_ca_file: client_ca_file.into(),
+            opts,
             current: parking_lot::RwLock::new(tokio_rustls::TlsAcceptor::from(cfg)),
         })
     }
@@ -209,7 +234,7 @@ impl TlsSource {
             &self.key_file,
             &self.client_ca_file,
             extra_cas,
-            &[],
+            &self.opts,
         )?;
         *self.current.write() = tokio_rustls::TlsAcceptor::from(cfg);
         Ok(())

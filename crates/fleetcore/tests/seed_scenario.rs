@@ -7,65 +7,14 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::fleet::*;
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use x509_parser::prelude::*;
 
 const SEC: Duration = Duration::from_secs(1);
-
-/// The shared agent policy of docs (iot-core-semantics.md): one document for every
-/// agent, scoped by the thing's `account` attribute and its name.
-const AGENT_POLICY: &str = r#"{
-  "Version": "2012-10-17",
-  "Statement": [
-    { "Effect": "Allow", "Action": "iot:Connect",
-      "Resource": "arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}" },
-    { "Effect": "Allow", "Action": "iot:Subscribe",
-      "Resource": "arn:aws:iot:*:*:topicfilter/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*" },
-    { "Effect": "Allow", "Action": ["iot:Receive", "iot:Publish"],
-      "Resource": "arn:aws:iot:*:*:topic/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*" } ] }"#;
-
-const BACKEND_POLICY: &str = r#"{
-  "Version": "2012-10-17",
-  "Statement": [
-    { "Effect": "Allow", "Action": ["iot:Connect", "iot:Publish", "iot:RetainPublish"], "Resource": "*" } ] }"#;
-
-fn ok(resp: HttpResponse, status: u16) -> Value {
-    assert_eq!(resp.status, status, "{}", resp.text());
-    if resp.body.is_empty() {
-        Value::Null
-    } else {
-        resp.json()
-    }
-}
-
-/// POST /certificates/create for `thing`, written as PEM files in `dir`.
-fn provision(
-    broker: &TestBroker,
-    dir: &Path,
-    thing: &str,
-    policies: &[&str],
-) -> (String, ClientCert) {
-    let c = ok(
-        broker.admin(
-            "POST",
-            "/certificates/create",
-            Some(&json!({"thing": thing, "policies": policies})),
-        ),
-        201,
-    );
-    let cert = dir.join(format!("{thing}.pem"));
-    let key = dir.join(format!("{thing}.key"));
-    std::fs::write(&cert, c["certificate_pem"].as_str().unwrap()).unwrap();
-    std::fs::write(&key, c["private_key_pem"].as_str().unwrap()).unwrap();
-    (
-        c["certificate_id"].as_str().unwrap().to_string(),
-        ClientCert { cert, key },
-    )
-}
 
 fn paho_as(
     broker: &TestBroker,

@@ -56,6 +56,12 @@ def connection_args(description):
                    help="3.1.1: clean_session=False; 5: clean_start=False with --session-expiry")
     p.add_argument("--session-expiry", type=int, default=3600)
     p.add_argument("--timeout", type=float, default=20.0, help="overall deadline, seconds")
+    p.add_argument("--websocket", metavar="PATH",
+                   help="MQTT over WebSocket at this HTTP path (wss with --tls-ca)")
+    p.add_argument("--username")
+    p.add_argument("--password", help="e.g. a fleetcore device token")
+    p.add_argument("--http-proxy", metavar="HOST:PORT",
+                   help="reach the broker through this HTTP proxy (CONNECT); needs PySocks")
     return p
 
 
@@ -78,7 +84,20 @@ class Conn:
         }
         if not v5:
             kwargs["clean_session"] = not args.persistent
+        if args.websocket:
+            kwargs["transport"] = "websockets"
         self.client = c = mqtt.Client(**kwargs)
+        if args.websocket:
+            c.ws_set_options(path=args.websocket)
+        if args.username is not None:
+            c.username_pw_set(args.username, args.password)
+        if args.http_proxy:
+            try:
+                import socks
+            except ImportError:
+                fail(10, "PySocks is not installed: python3 -m pip install PySocks")
+            host, port = args.http_proxy.rsplit(":", 1)
+            c.proxy_set(proxy_type=socks.HTTP, proxy_addr=host, proxy_port=int(port))
         if args.tls_ca:
             c.tls_set(ca_certs=args.tls_ca, certfile=args.cert, keyfile=args.key)
         if will:

@@ -13,6 +13,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod fleet;
 pub mod raw;
 
 use std::fmt::Display;
@@ -53,6 +54,8 @@ pub struct BrokerOpts {
     admin: bool,
     admin_tls: bool,
     server_pki: bool,
+    wss: Option<String>,
+    ws: Option<String>,
 }
 
 impl BrokerOpts {
@@ -112,6 +115,24 @@ impl BrokerOpts {
         self
     }
 
+    /// Adds the port-443-style listener: `kind = "tls"` with `websocket = true`
+    /// (ALPN dispatch, MQTT over WebSocket at /mqtt, tokens), with the same
+    /// certificates and registry setting as the TLS listener (implies [`tls`](Self::tls)).
+    /// `extra` is appended to its `[[listener]]` table as is (TOML lines).
+    pub fn wss(mut self, extra: &str) -> Self {
+        self.tls = true;
+        self.wss = Some(extra.to_string());
+        self
+    }
+
+    /// Adds a plain WebSocket listener (`kind = "tcp"`, `websocket = true`,
+    /// anonymous clients allowed unless `extra` says otherwise); `extra` is
+    /// appended to its table.
+    pub fn ws(mut self, extra: &str) -> Self {
+        self.ws = Some(extra.to_string());
+        self
+    }
+
     /// Sets `[session] key = value`.
     pub fn session(mut self, key: &str, value: impl Display) -> Self {
         self.session.push((key.to_string(), value.to_string()));
@@ -128,6 +149,8 @@ pub struct TestBroker {
     log_path: PathBuf,
     tcp_port: u16,
     tls_port: Option<u16>,
+    wss_port: Option<u16>,
+    ws_port: Option<u16>,
     admin_port: Option<u16>,
     pki: Option<Pki>,
     child: Option<Child>,
@@ -152,6 +175,8 @@ impl TestBroker {
             bin,
             tcp_port: 0,
             tls_port: None,
+            wss_port: None,
+            ws_port: None,
             admin_port: None,
             pki,
             child: None,
@@ -160,10 +185,18 @@ impl TestBroker {
         // A port picked by binding to :0 can be taken by another test before the broker
         // binds it; when that happens, pick again.
         for attempt in 1..=3 {
-            let ports = free_ports(1 + usize::from(opts.tls) + usize::from(opts.admin));
-            broker.tcp_port = ports[0];
-            broker.tls_port = opts.tls.then(|| ports[1]);
-            broker.admin_port = opts.admin.then(|| ports[ports.len() - 1]);
+            let mut ports = free_ports(
+                1 + usize::from(opts.tls)
+                    + usize::from(opts.wss.is_some())
+                    + usize::from(opts.ws.is_some())
+                    + usize::from(opts.admin),
+            )
+            .into_iter();
+            broker.tcp_port = ports.next().unwrap();
+            broker.tls_port = opts.tls.then(|| ports.next().unwrap());
+            broker.wss_port = opts.wss.is_some().then(|| ports.next().unwrap());
+            broker.ws_port = opts.ws.is_some().then(|| ports.next().unwrap());
+            broker.admin_port = opts.admin.then(|| ports.next().unwrap());
             broker.write_config(&opts);
             match broker.spawn_and_wait() {
                 Ok(()) => return broker,
@@ -195,8 +228,16 @@ impl TestBroker {
             None => String::new(),
         };
         toml += &policy_line;
-        if let Some(port) = self.tls_port {
+        let tls_listeners = self
+            .tls_port
+            .map(|p| (p, None))
+            .into_iter()
+            .chain(self.wss_port.map(|p| (p, opts.wss.as_deref())));
+        for (port, wss_extra) in tls_listeners {
             toml += &format!("\n[[listener]]\nkind = \"tls\"\nbind = \"127.0.0.1:{port}\"\n");
+            if let Some(extra) = wss_extra {
+                toml += &format!("websocket = true\n{extra}\n");
+            }
             if let Some(pki) = &self.pki {
                 toml += &format!(
                     "cert_file = {}\nkey_file = {}\nclient_ca_file = {}\n",
@@ -210,7 +251,20 @@ impl TestBroker {
             } else {
                 toml += "registry = false\n";
                 toml += &policy_line;
+                if wss_extra.is_some_and(|e| !e.contains("tokens")) {
+                    // Tokens are checked against the registry.
+                    toml += "tokens = false\n";
+                }
             }
+        }
+        if let (Some(port), Some(extra)) = (self.ws_port, &opts.ws) {
+            toml += &format!(
+                "\n[[listener]]\nkind = \"tcp\"\nbind = \"127.0.0.1:{port}\"\nwebsocket = true\n"
+            );
+            if !extra.contains("allow_anonymous") {
+                toml += "allow_anonymous = true\n";
+            }
+            toml += &format!("{extra}\n");
         }
         // The admin API's default port is fixed (8080): tests that do not ask for it
         // turn it off, so parallel brokers do not fight over that port.
@@ -263,6 +317,8 @@ impl TestBroker {
 
         let ports: Vec<u16> = std::iter::once(self.tcp_port)
             .chain(self.tls_port)
+            .chain(self.wss_port)
+            .chain(self.ws_port)
             .chain(self.admin_port)
             .collect();
         let deadline = Instant::now() + START_TIMEOUT;
@@ -307,6 +363,18 @@ impl TestBroker {
     pub fn tls_port(&self) -> u16 {
         self.tls_port
             .expect("broker started without BrokerOpts::tls()")
+    }
+
+    /// The port of the [`BrokerOpts::wss`] listener (the stand-in for 443).
+    pub fn wss_port(&self) -> u16 {
+        self.wss_port
+            .expect("broker started without BrokerOpts::wss()")
+    }
+
+    /// The port of the [`BrokerOpts::ws`] listener.
+    pub fn ws_port(&self) -> u16 {
+        self.ws_port
+            .expect("broker started without BrokerOpts::ws()")
     }
 
     pub fn pki(&self) -> &Pki {
@@ -406,6 +474,47 @@ impl TestBroker {
             "--tls-ca".into(),
             path_str(&self.ca_file()),
         ]
+    }
+
+    /// Arguments for the paho scripts to reach the [`BrokerOpts::wss`] listener over
+    /// WebSocket (path /mqtt) inside TLS, with a client certificate when one is given.
+    pub fn paho_wss(&self, client: Option<&ClientCert>) -> Vec<String> {
+        let mut args = strings([
+            "--host",
+            "localhost",
+            "--port",
+            &self.wss_port().to_string(),
+            "--websocket",
+            "/mqtt",
+            "--tls-ca",
+            &path_str(&self.ca_file()),
+        ]);
+        if let Some(c) = client {
+            args.extend(strings([
+                "--cert",
+                &path_str(&c.cert),
+                "--key",
+                &path_str(&c.key),
+            ]));
+        }
+        args
+    }
+
+    /// Arguments for mosquitto_pub/sub to reach the [`BrokerOpts::wss`] listener with
+    /// MQTT over TLS (mosquitto's clients send no ALPN unless told to).
+    pub fn mosq_wss(&self, client: &ClientCert) -> Vec<String> {
+        strings([
+            "-h",
+            "localhost",
+            "-p",
+            &self.wss_port().to_string(),
+            "--cafile",
+            &path_str(&self.ca_file()),
+            "--cert",
+            &path_str(&client.cert),
+            "--key",
+            &path_str(&client.key),
+        ])
     }
 
     /// Arguments for mosquitto_pub/sub to reach the plain-TCP listener.
