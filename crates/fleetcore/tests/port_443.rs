@@ -483,3 +483,126 @@ fn registered_identity_on_443_is_the_one_on_8883_and_revocation_cuts_wss_off() {
     assert!(!out.status.success(), "{}", describe(&out));
     broker.assert_no_panic_logged();
 }
+
+/// The AWS IoT Device SDK v2 turns on ALPN `x-amzn-mqtt-ca` by itself when the port is
+/// 443 (and only then), so this test serves the real port 443 on 127.0.0.1 (root or
+/// CAP_NET_BIND_SERVICE needed, as CI has) and checks in the broker's metrics that
+/// exactly that ALPN was negotiated, for the SDK's 3.1.1 and MQTT 5 clients.
+#[test]
+fn aws_iot_sdk_on_port_443_negotiates_alpn_x_amzn_mqtt_ca() {
+    let broker = TestBroker::start(
+        BrokerOpts::new()
+            .tls()
+            .policy(PER_DEVICE)
+            .admin()
+            .wss_on_port(443, ""),
+    );
+    let pki = broker.pki();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/awsiot_agent.py");
+    for protocol in ["3.1.1", "5"] {
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script)
+            .args(["--host", "localhost", "--port", "443", "--ca"])
+            .arg(&pki.ca_cert)
+            .arg("--cert")
+            .arg(&pki.thing1.cert)
+            .arg("--key")
+            .arg(&pki.thing1.key)
+            .args([
+                "--client-id",
+                "thing-1",
+                "--protocol",
+                protocol,
+                "--allowed",
+                "acct/thing-1/#",
+                "--allowed-topic",
+                "acct/thing-1/orders",
+                "--denied",
+                "acct/thing-2/#",
+                "--denied-topic",
+                "acct/thing-2/orders",
+            ]);
+        let out = run(cmd, 60 * SEC);
+        assert!(
+            out.status.code() != Some(10),
+            "awsiotsdk is not installed: python3 -m pip install awsiotsdk"
+        );
+        assert!(
+            out.status.success(),
+            "SDK {protocol} on 443 failed\n{}\n{}",
+            describe(&out),
+            broker.log_tail()
+        );
+    }
+    let metrics = broker.admin("GET", "/metrics", None).text();
+    let alpn_line = metrics
+        .lines()
+        .find(|l| l.starts_with("fleetcore_tls_alpn_total") && l.contains("x-amzn-mqtt-ca"))
+        .unwrap_or_else(|| panic!("no x-amzn-mqtt-ca handshakes counted\n{metrics}"));
+    let count: f64 = alpn_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 2.0, "{alpn_line}");
+    assert!(
+        !metrics
+            .lines()
+            .any(|l| l.starts_with("fleetcore_tls_alpn_total") && l.contains("alpn=\"none\"")),
+        "every SDK handshake carried ALPN\n{metrics}"
+    );
+    broker.assert_no_panic_logged();
+}
+
+#[test]
+fn mqtt_js_over_wss_with_a_client_certificate_gets_an_order() {
+    let broker = TestBroker::start(BrokerOpts::new().tls().policy(PER_DEVICE).wss(""));
+    let pki = broker.pki();
+    for protocol in ["5", "4"] {
+        let mut agent = mqttjs(&strings_of(&[
+            "--url",
+            &format!("wss://localhost:{}/mqtt", broker.wss_port()),
+            "--ca",
+            &pki.ca_cert.display().to_string(),
+            "--cert",
+            &pki.thing1.cert.display().to_string(),
+            "--key",
+            &pki.thing1.key.display().to_string(),
+            "--client-id",
+            "thing-1",
+            "--protocol",
+            protocol,
+            "--filter",
+            "acct/thing-1/#",
+            "--count",
+            "1",
+        ]));
+        assert_eq!(
+            agent.expect_event("suback", 15 * SEC).get("codes"),
+            "1",
+            "{}",
+            agent.transcript()
+        );
+        mosquitto_pub(&args(
+            broker.mosq_tls(&pki.thing1),
+            &[
+                "-i",
+                "thing-1-pub",
+                "-q",
+                "1",
+                "-t",
+                "acct/thing-1/orders",
+                "-m",
+                "from-mqtt.js",
+            ],
+        ));
+        agent.expect_success(10 * SEC);
+        assert_eq!(
+            payloads(&agent.events()),
+            ["from-mqtt.js"],
+            "MQTT {protocol}"
+        );
+    }
+    broker.assert_no_panic_logged();
+}
+
+fn strings_of(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}

@@ -55,6 +55,7 @@ pub struct BrokerOpts {
     admin_tls: bool,
     server_pki: bool,
     wss: Option<String>,
+    wss_fixed_port: Option<u16>,
     ws: Option<String>,
 }
 
@@ -125,6 +126,13 @@ impl BrokerOpts {
         self
     }
 
+    /// As [`wss`](Self::wss), on this fixed port of 127.0.0.1 (e.g. the real 443, which
+    /// needs root or CAP_NET_BIND_SERVICE).
+    pub fn wss_on_port(mut self, port: u16, extra: &str) -> Self {
+        self.wss_fixed_port = Some(port);
+        self.wss(extra)
+    }
+
     /// Adds a plain WebSocket listener (`kind = "tcp"`, `websocket = true`,
     /// anonymous clients allowed unless `extra` says otherwise); `extra` is
     /// appended to its table.
@@ -187,14 +195,17 @@ impl TestBroker {
         for attempt in 1..=3 {
             let mut ports = free_ports(
                 1 + usize::from(opts.tls)
-                    + usize::from(opts.wss.is_some())
+                    + usize::from(opts.wss.is_some() && opts.wss_fixed_port.is_none())
                     + usize::from(opts.ws.is_some())
                     + usize::from(opts.admin),
             )
             .into_iter();
             broker.tcp_port = ports.next().unwrap();
             broker.tls_port = opts.tls.then(|| ports.next().unwrap());
-            broker.wss_port = opts.wss.is_some().then(|| ports.next().unwrap());
+            broker.wss_port = opts
+                .wss
+                .is_some()
+                .then(|| opts.wss_fixed_port.unwrap_or_else(|| ports.next().unwrap()));
             broker.ws_port = opts.ws.is_some().then(|| ports.next().unwrap());
             broker.admin_port = opts.admin.then(|| ports.next().unwrap());
             broker.write_config(&opts);
@@ -1210,6 +1221,21 @@ pub fn paho(script: &str, args: &[String]) -> LineChild {
     let mut cmd = Command::new("python3");
     cmd.arg("-u").arg(clients_dir().join(script)).args(args);
     LineChild::spawn(script, cmd)
+}
+
+/// Starts the MQTT.js agent (tests/clients/node/mqttjs_agent.js) with these arguments.
+/// Fails the test, saying what to run, when Node.js or the npm packages are missing.
+pub fn mqttjs(args: &[String]) -> LineChild {
+    require_program("node");
+    let dir = clients_dir().join("node");
+    assert!(
+        dir.join("node_modules").join("mqtt").is_dir(),
+        "MQTT.js is not installed: run npm ci --prefix {}",
+        dir.display()
+    );
+    let mut cmd = Command::new("node");
+    cmd.arg(dir.join("mqttjs_agent.js")).args(args);
+    LineChild::spawn("mqttjs", cmd)
 }
 
 fn clients_dir() -> PathBuf {
