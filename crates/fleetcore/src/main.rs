@@ -400,4 +400,31 @@ mod tests {
         );
         assert!(pki.join("ca.key").exists());
     }
+
+    #[test]
+    fn port_443_and_plain_websocket_listeners_take_their_defaults() {
+        let c: Config = toml::from_str(
+            "[[listener]]\nkind = \"tls\"\nbind = \"0.0.0.0:443\"\nwebsocket = true\n\
+             [[listener]]\nkind = \"tcp\"\nbind = \"127.0.0.1:8083\"\nwebsocket = true\ntokens = true\nproxy_protocol = true\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let (wss, ws) = (&c.listeners[0], &c.listeners[1]);
+        assert_eq!((wss.kind_name(), ws.kind_name()), ("wss", "ws"));
+        assert_eq!(wss.websocket_path, "/mqtt");
+        assert!(wss.tokens_enabled() && wss.uses_registry() && !wss.proxy_protocol);
+        assert!(ws.tokens_enabled() && ws.uses_registry() && ws.proxy_protocol);
+
+        let bad: Config = toml::from_str(
+            "[[listener]]\nkind = \"tls\"\nbind = \"0.0.0.0:443\"\nwebsocket = true\nregistry = false\n",
+        )
+        .unwrap();
+        let err = bad.validate().unwrap_err();
+        assert!(err.contains("tokens") && err.contains("registry"), "{err}");
+        let bad: Config = toml::from_str(
+            "[[listener]]\nkind = \"tcp\"\nbind = \"0.0.0.0:80\"\nwebsocket = true\nwebsocket_path = \"mqtt\"\n",
+        )
+        .unwrap();
+        assert!(bad.validate().unwrap_err().contains("websocket_path"));
+    }
 }
