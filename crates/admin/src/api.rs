@@ -1,5 +1,5 @@
 //! The admin HTTP API (`docs/admin-api.md` is the contract): things, certificates,
-//! policies, CAs, the CRL, metrics and health, behind one bearer token.
+//! policies, CAs, device tokens, the CRL, metrics and health, behind one bearer token.
 //!
 //! Every route is listed once in [`routes`]; the router and the OpenAPI description
 //! ([`crate::openapi`]) are both checked against that list. Errors are JSON
@@ -25,6 +25,8 @@ use axum::{Json, Router};
 use fleetcore_broker::hub::Hub;
 use fleetcore_broker::registry::{CaRecord, PolicyRecord};
 use fleetcore_broker::registry::{CertRecord, CertState, NewCert, RegistryError, Thing};
+use fleetcore_broker::registry::{IssuedToken, TokenKeyInfo};
+use fleetcore_broker::token::utc_text;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -193,6 +195,9 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
             put(attach_policy).delete(detach_policy),
         ),
         ("/cas", post(register_ca).get(list_cas)),
+        ("/tokens", post(issue_token)),
+        ("/tokens/keys", get(list_token_keys)),
+        ("/tokens/keys/rotate", post(rotate_token_key)),
         ("/crl", get(crl)),
         ("/metrics", get(metrics)),
         ("/healthz", get(healthz)),
@@ -897,6 +902,142 @@ async fn list_cas(State(st): State<Shared>) -> Json<Value> {
     Json(json!({"cas": cas}))
 }
 
+// ----- device tokens -----------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    thing: String,
+    /// "90s", "30m", "1h", "2d", or a number of seconds.
+    #[serde(default)]
+    ttl: Option<Value>,
+    #[serde(default)]
+    ttl_secs: Option<u64>,
+    #[serde(default)]
+    certificate_id: Option<String>,
+}
+
+/// A token lifetime as requests give it: a whole number of seconds, alone or followed by
+/// `s`, `m`, `h` or `d` (`"90s"`, `"30m"`, `"1h"`, `"2d"`).
+pub fn parse_ttl(text: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "ttl {text:?}: expected a whole number followed by s, m, h or d \
+             (e.g. \"90s\", \"30m\", \"1h\", \"2d\"), or a number of seconds"
+        )
+    };
+    let t = text.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(bad)
+}
+
+fn ttl_value(v: &Value) -> ApiResult<u64> {
+    match v {
+        Value::String(s) => parse_ttl(s).map_err(ApiError::invalid),
+        Value::Number(n) => n.as_u64().ok_or_else(|| {
+            ApiError::invalid(format!("ttl {n}: expected a whole number of seconds"))
+        }),
+        other => Err(ApiError::invalid(format!(
+            "ttl {other}: expected a string such as \"1h\" or a number of seconds"
+        ))),
+    }
+}
+
+fn issued_token_view(t: &IssuedToken) -> Value {
+    let c = &t.claims;
+    json!({
+        "token": t.token,
+        "thing": c.thing,
+        "certificate_id": c.cert,
+        "key_id": c.kid,
+        "issued_at": utc_text(c.iat),
+        "expires_at": utc_text(c.exp),
+        "issued_at_ms": c.iat.saturating_mul(1000),
+        "expires_at_ms": c.exp.saturating_mul(1000),
+    })
+}
+
+fn token_key_view(k: &TokenKeyInfo) -> Value {
+    let mut v = json!({
+        "key_id": k.kid,
+        "created": utc_text(k.created_ms / 1000),
+        "created_ms": k.created_ms,
+        "signing": k.signing,
+        "public_key": k.public_key,
+    });
+    if let Some(until) = k.verify_until_ms {
+        v["verify_until"] = json!(utc_text(until / 1000));
+        v["verify_until_ms"] = json!(until);
+    }
+    v
+}
+
+async fn issue_token(
+    State(st): State<Shared>,
+    JsonBody(b): JsonBody<NewToken>,
+) -> ApiResult<Response> {
+    let reg = &st.hub.registry;
+    let ttl_secs = match (&b.ttl, b.ttl_secs) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "give either \"ttl\" or \"ttl_secs\", not both",
+            ))
+        }
+        (Some(v), None) => ttl_value(v)?,
+        (None, Some(secs)) => secs,
+        (None, None) => reg.token_config().default_ttl_secs,
+    };
+    let issued = reg
+        .issue_token(
+            &b.thing,
+            b.certificate_id.as_deref(),
+            Duration::from_secs(ttl_secs),
+        )
+        .await?;
+    tracing::info!(
+        thing = %issued.claims.thing,
+        certificate = %issued.claims.cert,
+        key_id = %issued.claims.kid,
+        expires_at = %utc_text(issued.claims.exp),
+        "device token issued"
+    );
+    Ok(created(issued_token_view(&issued)))
+}
+
+async fn list_token_keys(State(st): State<Shared>) -> Json<Value> {
+    let keys: Vec<Value> = st
+        .hub
+        .registry
+        .token_keys()
+        .iter()
+        .map(token_key_view)
+        .collect();
+    Json(json!({ "keys": keys }))
+}
+
+async fn rotate_token_key(State(st): State<Shared>) -> ApiResult<Response> {
+    let key = st.hub.registry.rotate_token_key().await?;
+    tracing::info!(key_id = %key.kid, "token signing key rotated");
+    Ok(created(token_key_view(&key)))
+}
+
 // ----- CRL, metrics, health, description ---------------------------------------
 
 #[derive(Deserialize)]
@@ -1083,6 +1224,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn token_lifetimes_parse_with_their_unit() {
+        for (text, secs) in [
+            ("90s", 90),
+            ("30m", 1800),
+            ("1h", 3600),
+            ("2d", 172_800),
+            ("3600", 3600),
+            (" 5m ", 300),
+            ("0s", 0),
+        ] {
+            assert_eq!(parse_ttl(text), Ok(secs), "{text}");
+        }
+        for text in [
+            "",
+            "h",
+            "1x",
+            "1H",
+            "1.5h",
+            "-1h",
+            "1h30m",
+            "99999999999999999999d",
+        ] {
+            let e = parse_ttl(text).unwrap_err();
+            assert!(e.contains("\"1h\""), "{text}: {e}");
+        }
+        assert_eq!(ttl_value(&json!(60)).unwrap(), 60);
+        assert!(ttl_value(&json!(-1)).is_err());
+        assert!(ttl_value(&json!(true)).is_err());
     }
 
     #[tokio::test]

@@ -12,10 +12,10 @@ fn error_responses(codes: &[u16]) -> Map<String, Value> {
     let mut m = Map::new();
     for code in codes {
         let what = match code {
-            400 => "InvalidRequest: bad JSON, name, policy document, PEM or CSR",
+            400 => "InvalidRequest: bad JSON, name, policy document, PEM, CSR or token lifetime",
             401 => "Unauthorized: missing or wrong bearer token (and no admin client certificate)",
             404 => "NotFound",
-            409 => "Conflict: already exists, still attached, or revoked",
+            409 => "Conflict: already exists, still attached, revoked, or (tokens) no ACTIVE certificate attached to the thing",
             503 => "StoreUnavailable: the change could not be written",
             _ => "error",
         };
@@ -123,6 +123,15 @@ pub fn spec() -> Value {
             "post": op("Register a CA certificate (bring your own PKI)", Some("NewCa"), 201, Some(schema("Ca")), &[400, 409, 503]),
             "get": op("List CAs, the fleetcore CA first", None, 200, Some(list_of("cas", "Ca")), &[]),
         },
+        "/tokens": {
+            "post": op("Issue a short-lived signed token for a thing, standing for one of its ACTIVE certificates (the MQTT password, user name = thing name)", Some("NewToken"), 201, Some(schema("IssuedToken")), &[400, 404, 409, 503]),
+        },
+        "/tokens/keys": {
+            "get": op("The token signing keys, oldest first (public parts only): the signing one, and retired ones that still verify", None, 200, Some(list_of("keys", "TokenKey")), &[]),
+        },
+        "/tokens/keys/rotate": {
+            "post": op("Make a new signing key now; tokens signed by the previous one stay valid until they expire", None, 201, Some(schema("TokenKey")), &[503]),
+        },
         "/crl": {
             "get": {
                 "summary": "The CA's certificate revocation list: DER, or PEM with ?format=pem",
@@ -224,6 +233,22 @@ pub fn spec() -> Value {
         "Ca": {"type": "object", "required": ["id", "subject", "created_ms"], "properties": {
             "id": {"type": "string"}, "subject": {"type": "string"}, "created_ms": {"type": "integer"},
             "source": {"type": "string", "enum": ["fleetcore", "registered"]}}},
+        "NewToken": {"type": "object", "required": ["thing"], "additionalProperties": false, "properties": {
+            "thing": {"type": "string"},
+            "ttl": {"description": "lifetime: a whole number followed by s, m, h or d (\"90s\", \"30m\", \"1h\", \"2d\"), or a number of seconds; default [tokens] default_ttl_secs, at most max_ttl_secs", "oneOf": [{"type": "string"}, {"type": "integer", "minimum": 1}]},
+            "ttl_secs": {"type": "integer", "minimum": 1, "description": "lifetime in seconds (instead of ttl)"},
+            "certificate_id": {"type": "string", "description": "an ACTIVE certificate attached to the thing; default: its most recently created one"}}},
+        "IssuedToken": {"type": "object", "required": ["token", "thing", "certificate_id", "key_id", "issued_at", "expires_at", "issued_at_ms", "expires_at_ms"], "properties": {
+            "token": {"type": "string", "description": "fct1.<claims>.<signature>"}, "thing": {"type": "string"},
+            "certificate_id": {"type": "string"}, "key_id": {"type": "string"},
+            "issued_at": {"type": "string", "format": "date-time"}, "expires_at": {"type": "string", "format": "date-time"},
+            "issued_at_ms": {"type": "integer"}, "expires_at_ms": {"type": "integer"}}},
+        "TokenKey": {"type": "object", "required": ["key_id", "created", "created_ms", "signing", "public_key"], "properties": {
+            "key_id": {"type": "string"}, "created": {"type": "string", "format": "date-time"}, "created_ms": {"type": "integer"},
+            "signing": {"type": "boolean", "description": "true for the key new tokens are signed with"},
+            "verify_until": {"type": "string", "format": "date-time", "description": "retired keys: tokens they signed are accepted until then"},
+            "verify_until_ms": {"type": "integer"},
+            "public_key": {"type": "string", "description": "Ed25519 public key, base64url without padding"}}},
         "Health": {"type": "object", "required": ["status", "connections", "sessions"], "properties": {
             "status": {"type": "string", "const": "ok"}, "connections": {"type": "integer"}, "sessions": {"type": "integer"}}},
     });

@@ -21,6 +21,7 @@ pub struct Config {
     pub session: SessionConfig,
     pub admin: AdminConfig,
     pub pki: PkiConfig,
+    pub tokens: TokenConfig,
 }
 
 impl Default for Config {
@@ -33,6 +34,7 @@ impl Default for Config {
             session: SessionConfig::default(),
             admin: AdminConfig::default(),
             pki: PkiConfig::default(),
+            tokens: TokenConfig::default(),
         }
     }
 }
@@ -117,6 +119,18 @@ impl Config {
         if self.admin.tls && self.admin.client_cert_cn.trim().is_empty() {
             return Err("admin.client_cert_cn may not be empty".into());
         }
+        let t = &self.tokens;
+        if t.max_ttl_secs == 0 {
+            return Err("tokens.max_ttl_secs must be at least 1".into());
+        }
+        if t.default_ttl_secs == 0 || t.default_ttl_secs > t.max_ttl_secs {
+            return Err(
+                "tokens.default_ttl_secs must be at least 1 and at most tokens.max_ttl_secs".into(),
+            );
+        }
+        if t.key_rotation_secs == 0 {
+            return Err("tokens.key_rotation_secs must be at least 1".into());
+        }
         if self.pki.server_names.is_empty() {
             return Err("pki.server_names needs at least one DNS name or IP address".into());
         }
@@ -146,6 +160,30 @@ impl Default for AdminConfig {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tls: false,
             client_cert_cn: "fleetcore-admin".into(),
+        }
+    }
+}
+
+/// Short-lived signed device tokens (the MQTT password where client certificates
+/// cannot pass): their lifetimes and how often the signing key changes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// The longest lifetime a token may be issued with; also how long a retired
+    /// signing key keeps verifying after its successor was made.
+    pub max_ttl_secs: u64,
+    /// The lifetime of a token when the request names none.
+    pub default_ttl_secs: u64,
+    /// A signing key older than this is replaced by a new one at the next issue.
+    pub key_rotation_secs: u64,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            max_ttl_secs: 24 * 3600,
+            default_ttl_secs: 3600,
+            key_rotation_secs: 7 * 24 * 3600,
         }
     }
 }

@@ -96,7 +96,8 @@ impl Hub {
             max_levels: config.limits.max_topic_levels,
         };
         let (shutdown_tx, _) = watch::channel(false);
-        let registry = crate::registry::Registry::new(store.clone(), &loaded.records);
+        let registry =
+            crate::registry::Registry::new(store.clone(), &loaded.records, config.tokens.clone());
         let hub = Arc::new(Hub {
             registry,
             config,

@@ -14,6 +14,7 @@
 //! - [`tls`]: rustls server configuration and client certificate subjects.
 //! - [`authz`]: IoT Core policy decisions for one connection.
 //! - [`registry`]: things, certificates, policies, CAs and their attachments.
+//! - [`token`]: signed device tokens (MQTT password) and their keys.
 //! - [`metrics`]: the metric names the broker records.
 //!
 //! [`Server`] assembles these: it opens the store, restores retained
@@ -34,6 +35,7 @@ pub mod retained;
 pub mod router;
 pub mod session;
 pub mod tls;
+pub mod token;
 pub mod topic;
 pub mod websocket;
 

@@ -7,10 +7,15 @@
 //! rebind their policies when it moved, so a policy, attachment or attribute
 //! change applies to live sessions at their next packet. Certificates leaving
 //! `ACTIVE` are also kicked at once by the hub (see `Hub::kick_certificate`).
+//!
+//! It also keeps the signing keys of device tokens (records of kind `token-key`, with
+//! their private keys) and issues and checks tokens (see [`crate::token`]). Key changes
+//! do not move the generation: they change no authorization.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use fleetcore_policy::{Policy, Vars};
 use fleetcore_store::{Op, Store, StoreError};
@@ -18,8 +23,11 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
 use crate::authz::Authz;
+use crate::config::TokenConfig;
 use crate::message::now_ms;
 use crate::tls::ClientCert;
+pub use crate::token::{IssuedToken, TokenClaims, TokenError, TokenKeyInfo};
+use crate::token::{Keyring, StoredKey, TokenKey};
 
 const THING: &str = "thing";
 const CERT: &str = "certificate";
@@ -27,6 +35,7 @@ const POLICY: &str = "policy";
 const CA: &str = "ca";
 const POLICY_ATTACHMENT: &str = "policy-attachment";
 const THING_ATTACHMENT: &str = "thing-attachment";
+const TOKEN_KEY: &str = "token-key";
 
 /// A named device (or any principal) with a type and string attributes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +180,9 @@ pub struct Registry {
     write: tokio::sync::Mutex<()>,
     generation: AtomicU64,
     store: Store,
+    /// Device token keys; read on every token CONNECT, changed under `write`.
+    tokens: RwLock<Keyring>,
+    token_config: TokenConfig,
 }
 
 fn valid_thing_name(name: &str) -> Result<()> {
@@ -243,11 +255,23 @@ fn del(kind: &'static str, key: &str) -> Op {
 
 impl Registry {
     /// Rebuilds the registry from the store's records. A record that no
-    /// longer reads is skipped with a warning.
-    pub fn new(store: Store, records: &[(String, String, Vec<u8>)]) -> Registry {
+    /// longer reads is skipped with a warning. `tokens` sets token lifetimes and
+    /// key rotation.
+    pub fn new(
+        store: Store,
+        records: &[(String, String, Vec<u8>)],
+        tokens: TokenConfig,
+    ) -> Registry {
         let mut st = State::default();
+        let mut keyring = Keyring::new(tokens.max_ttl_secs);
         for (kind, key, value) in records {
             let ok = match kind.as_str() {
+                TOKEN_KEY => serde_json::from_slice::<StoredKey>(value)
+                    .ok()
+                    .filter(|k| &k.kid == key)
+                    .and_then(|k| TokenKey::load(&k).ok())
+                    .map(|k| keyring.add(k))
+                    .is_some(),
                 THING => serde_json::from_slice::<Thing>(value)
                     .map(|t| st.things.insert(key.clone(), t))
                     .is_ok(),
@@ -296,6 +320,8 @@ impl Registry {
             write: tokio::sync::Mutex::new(()),
             generation: AtomicU64::new(1),
             store,
+            tokens: RwLock::new(keyring),
+            token_config: tokens,
         }
     }
 
@@ -781,50 +807,247 @@ impl Registry {
         cert: &ClientCert,
         client_id: &str,
     ) -> std::result::Result<Authz, String> {
+        resolve_in(&self.state.read(), cert, client_id)
+    }
+
+    // ----- device tokens -----------------------------------------------
+
+    /// Token lifetimes and key rotation, as configured.
+    pub fn token_config(&self) -> &TokenConfig {
+        &self.token_config
+    }
+
+    /// Checks a token's form, key, signature and times now; reads memory only.
+    pub fn verify_token(&self, token: &str) -> std::result::Result<TokenClaims, TokenError> {
+        self.tokens.read().verify(token, now_ms())
+    }
+
+    /// Who a verified token's holder is and what it may do: the certificate it names
+    /// must be registered and ACTIVE, the thing it names must exist and be attached to
+    /// that certificate. The answer is what [`resolve`](Self::resolve) gives for that
+    /// certificate (its policies, and variables from its subject, as for a TLS client),
+    /// with the certificate, whose fingerprint identifies the connection for
+    /// revocation and for re-resolving when the generation moves.
+    pub fn resolve_token(
+        &self,
+        claims: &TokenClaims,
+        client_id: &str,
+    ) -> std::result::Result<(Authz, ClientCert), String> {
+        use rustls_pki_types::pem::PemObject;
         let st = self.state.read();
-        let Some(rec) = st.certs.get(&cert.fingerprint) else {
-            return Err(format!(
-                "certificate {} (CN {:?}) is not registered",
-                cert.fingerprint,
-                cert.subject_cn.as_deref().unwrap_or("")
-            ));
-        };
+        let rec = st.certs.get(&claims.cert).ok_or_else(|| {
+            format!(
+                "certificate {} named by the token is not registered",
+                claims.cert
+            )
+        })?;
         if rec.state != CertState::Active {
             return Err(format!("certificate {} is {}", rec.id, rec.state));
         }
-        let attached_things = st.cert_things.get(&rec.id);
-        let mut vars = Vars {
-            client_id: Some(client_id.to_owned()),
-            cert_subject: cert.attributes.clone(),
-            cert_issuer: cert.issuer_attributes.clone(),
-            cert_serial: Some(cert.serial.clone()),
-            ..Vars::default()
+        if !st.things.contains_key(&claims.thing) {
+            return Err(format!(
+                "thing {:?} named by the token does not exist",
+                claims.thing
+            ));
+        }
+        if !st
+            .cert_things
+            .get(&rec.id)
+            .is_some_and(|t| t.contains(&claims.thing))
+        {
+            return Err(format!(
+                "thing {:?} is no longer attached to certificate {}",
+                claims.thing, rec.id
+            ));
+        }
+        let cert = rustls_pki_types::CertificateDer::from_pem_slice(rec.pem.as_bytes())
+            .ok()
+            .and_then(|der| ClientCert::from_der(&der))
+            .filter(|c| c.fingerprint == rec.id)
+            .ok_or_else(|| format!("certificate {}: its stored PEM does not read", rec.id))?;
+        let authz = resolve_in(&st, &cert, client_id)?;
+        Ok((authz, cert))
+    }
+
+    /// Issues a token for `thing`, standing for certificate `cert` (which must be ACTIVE
+    /// and attached to the thing) or, without one, for the thing's most recently created
+    /// ACTIVE certificate; valid for `ttl` (1 s up to `[tokens] max_ttl_secs`). Makes
+    /// a signing key first when there is none or the current one is older than
+    /// `[tokens] key_rotation_secs`.
+    pub async fn issue_token(
+        &self,
+        thing: &str,
+        cert: Option<&str>,
+        ttl: Duration,
+    ) -> Result<IssuedToken> {
+        self.issue_token_at(thing, cert, ttl, now_ms()).await
+    }
+
+    async fn issue_token_at(
+        &self,
+        thing: &str,
+        cert: Option<&str>,
+        ttl: Duration,
+        now: u64,
+    ) -> Result<IssuedToken> {
+        let max = self.token_config.max_ttl_secs;
+        let ttl_secs = ttl.as_secs();
+        if ttl_secs == 0 {
+            return Err(RegistryError::Invalid(
+                "token lifetime must be at least 1 second".into(),
+            ));
+        }
+        if ttl_secs > max || (ttl_secs == max && ttl.subsec_nanos() > 0) {
+            return Err(RegistryError::Invalid(format!(
+                "token lifetime of {ttl_secs} s is more than the maximum of {max} s ([tokens] max_ttl_secs)"
+            )));
+        }
+        let _w = self.write.lock().await;
+        let cert_id = self.token_certificate(thing, cert)?;
+        let rotate = match self.tokens.read().signing_key() {
+            None => true,
+            Some(k) => {
+                now.saturating_sub(k.created_ms())
+                    >= self.token_config.key_rotation_secs.saturating_mul(1000)
+            }
         };
-        if let Some(thing_name) = cert.subject_cn.as_deref() {
-            let attached = attached_things.is_some_and(|s| s.contains(thing_name));
-            vars.thing_attached = Some(attached);
-            if attached && client_id == thing_name {
-                if let Some(thing) = st.things.get(thing_name) {
-                    vars.thing_name = Some(thing.name.clone());
-                    vars.thing_type = thing.thing_type.clone();
-                    vars.thing_attributes = thing
-                        .attributes
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect();
+        if rotate {
+            let key = self.new_token_key(now).await?;
+            tracing::info!(key_id = %key.kid, "made a new token signing key");
+        }
+        let iat = now / 1000;
+        let issued = self
+            .tokens
+            .read()
+            .issue(thing, &cert_id, iat, iat.saturating_add(ttl_secs))
+            .map_err(|e| RegistryError::Store(e.to_string()))?;
+        Ok(issued)
+    }
+
+    /// The certificate a token for `thing` stands for (see `issue_token`).
+    fn token_certificate(&self, thing: &str, cert: Option<&str>) -> Result<String> {
+        let st = self.state.read();
+        if !st.things.contains_key(thing) {
+            return Err(not_found("thing", thing));
+        }
+        let attached = |id: &str| st.cert_things.get(id).is_some_and(|t| t.contains(thing));
+        match cert {
+            Some(id) => {
+                let rec = st.certs.get(id).ok_or_else(|| not_found("certificate", id))?;
+                if rec.state != CertState::Active {
+                    return Err(RegistryError::Conflict(format!(
+                        "certificate {id} is {}; a token can only stand for an ACTIVE certificate",
+                        rec.state
+                    )));
                 }
+                if !attached(id) {
+                    return Err(RegistryError::Conflict(format!(
+                        "certificate {id} is not attached to thing {thing:?}"
+                    )));
+                }
+                Ok(id.to_owned())
+            }
+            None => st
+                .certs
+                .values()
+                .filter(|c| c.state == CertState::Active && attached(&c.id))
+                .max_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)))
+                .map(|c| c.id.clone())
+                .ok_or_else(|| {
+                    RegistryError::Conflict(format!(
+                        "thing {thing:?} has no ACTIVE certificate attached; a token stands for one \
+                         (issue one with POST /certificates/create or attach one)"
+                    ))
+                }),
+        }
+    }
+
+    /// Makes a new signing key now: the current one retires and verifies for
+    /// `[tokens] max_ttl_secs` more.
+    pub async fn rotate_token_key(&self) -> Result<TokenKeyInfo> {
+        let _w = self.write.lock().await;
+        self.new_token_key(now_ms()).await
+    }
+
+    /// Every token key, oldest first; the last one signs.
+    pub fn token_keys(&self) -> Vec<TokenKeyInfo> {
+        self.tokens.read().infos()
+    }
+
+    /// Stores a new signing key and drops retired keys past their grace period, then
+    /// puts them in force. Called with `write` held.
+    async fn new_token_key(&self, now: u64) -> Result<TokenKeyInfo> {
+        let (created_ms, pruned) = {
+            let ring = self.tokens.read();
+            // Newer than every key, even if the clock stepped back.
+            let newest = ring.signing_key().map(|k| k.created_ms().saturating_add(1));
+            (now.max(newest.unwrap_or(0)), ring.expired_keys(now))
+        };
+        let stored = StoredKey::generate(created_ms).map_err(|e| RegistryError::Store(e.0))?;
+        let key = TokenKey::load(&stored).map_err(|e| RegistryError::Store(e.0))?;
+        let mut ops = vec![put(TOKEN_KEY, &stored.kid, &stored)];
+        ops.extend(pruned.iter().map(|kid| del(TOKEN_KEY, kid)));
+        self.commit(ops).await?;
+        let mut ring = self.tokens.write();
+        ring.add(key);
+        for kid in &pruned {
+            ring.remove(kid);
+            tracing::info!(key_id = %kid, "pruned a retired token key");
+        }
+        ring.infos()
+            .pop()
+            .ok_or_else(|| RegistryError::Store("the new token key is missing".into()))
+    }
+}
+
+/// [`Registry::resolve`] with the state already read.
+fn resolve_in(
+    st: &State,
+    cert: &ClientCert,
+    client_id: &str,
+) -> std::result::Result<Authz, String> {
+    let Some(rec) = st.certs.get(&cert.fingerprint) else {
+        return Err(format!(
+            "certificate {} (CN {:?}) is not registered",
+            cert.fingerprint,
+            cert.subject_cn.as_deref().unwrap_or("")
+        ));
+    };
+    if rec.state != CertState::Active {
+        return Err(format!("certificate {} is {}", rec.id, rec.state));
+    }
+    let attached_things = st.cert_things.get(&rec.id);
+    let mut vars = Vars {
+        client_id: Some(client_id.to_owned()),
+        cert_subject: cert.attributes.clone(),
+        cert_issuer: cert.issuer_attributes.clone(),
+        cert_serial: Some(cert.serial.clone()),
+        ..Vars::default()
+    };
+    if let Some(thing_name) = cert.subject_cn.as_deref() {
+        let attached = attached_things.is_some_and(|s| s.contains(thing_name));
+        vars.thing_attached = Some(attached);
+        if attached && client_id == thing_name {
+            if let Some(thing) = st.things.get(thing_name) {
+                vars.thing_name = Some(thing.name.clone());
+                vars.thing_type = thing.thing_type.clone();
+                vars.thing_attributes = thing
+                    .attributes
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
             }
         }
-        let policies: Vec<Arc<Policy>> = st
-            .cert_policies
-            .get(&rec.id)
-            .into_iter()
-            .flatten()
-            .filter_map(|name| st.policies.get(name).map(|(_, p)| p.clone()))
-            .collect();
-        let refs: Vec<&Policy> = policies.iter().map(|p| p.as_ref()).collect();
-        Ok(Authz::bind_vars(&refs, &vars))
     }
+    let policies: Vec<Arc<Policy>> = st
+        .cert_policies
+        .get(&rec.id)
+        .into_iter()
+        .flatten()
+        .filter_map(|name| st.policies.get(name).map(|(_, p)| p.clone()))
+        .collect();
+    let refs: Vec<&Policy> = policies.iter().map(|p| p.as_ref()).collect();
+    Ok(Authz::bind_vars(&refs, &vars))
 }
 
 fn not_found(what: &str, name: &str) -> RegistryError {
@@ -865,7 +1088,7 @@ mod tests {
     async fn identity_follows_registration_state_attachments_and_attributes() {
         let dir = tempfile::tempdir().unwrap();
         let (store, loaded) = Store::open(&dir.path().join("s.redb"), Default::default()).unwrap();
-        let reg = Registry::new(store.clone(), &loaded.records);
+        let reg = Registry::new(store.clone(), &loaded.records, TokenConfig::default());
         let c = cert("aa11", "computer-a");
         assert!(reg
             .resolve(&c, "computer-a")
@@ -929,7 +1152,7 @@ mod tests {
         drop(reg);
         drop(store);
         let (store, loaded) = Store::open(&dir.path().join("s.redb"), Default::default()).unwrap();
-        let reg = Registry::new(store, &loaded.records);
+        let reg = Registry::new(store, &loaded.records, TokenConfig::default());
         assert_eq!(reg.certificate("aa11").unwrap().state, CertState::Revoked);
         assert_eq!(reg.certificate_policies("aa11"), vec!["agent".to_string()]);
         assert_eq!(
@@ -946,7 +1169,7 @@ mod tests {
     async fn bad_input_is_refused_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
         let (store, loaded) = Store::open(&dir.path().join("s.redb"), Default::default()).unwrap();
-        let reg = Registry::new(store, &loaded.records);
+        let reg = Registry::new(store, &loaded.records, TokenConfig::default());
         let e = reg
             .create_thing("bad name", None, BTreeMap::new())
             .await
@@ -968,5 +1191,388 @@ mod tests {
         assert!(matches!(e, RegistryError::Conflict(_)));
         let e = reg.attach_thing("t", "nope").await.unwrap_err();
         assert!(matches!(e, RegistryError::NotFound(_)));
+    }
+
+    // ----- device tokens -------------------------------------------------
+
+    fn open(dir: &std::path::Path, tokens: TokenConfig) -> (Registry, Store) {
+        let (store, loaded) = Store::open(&dir.join("s.redb"), Default::default()).unwrap();
+        (Registry::new(store.clone(), &loaded.records, tokens), store)
+    }
+
+    /// A real self-signed certificate (CN = `cn`, O = customer-b), as registered and
+    /// as a TLS client would present it.
+    fn real_cert(cn: &str) -> (NewCert, ClientCert) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "customer-b");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let client = ClientCert::from_der(cert.der()).unwrap();
+        let new = NewCert {
+            id: client.fingerprint.clone(),
+            pem: cert.pem(),
+            subject: client.subject.clone(),
+            subject_cn: client.subject_cn.clone(),
+            issuer: client.issuer.clone(),
+            serial: client.serial.clone(),
+            not_after_ms: u64::MAX,
+        };
+        (new, client)
+    }
+
+    const VARIABLES: &str = r#"{"Version":"2012-10-17","Statement":[
+      {"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}"},
+      {"Effect":"Allow","Action":"iot:Subscribe","Resource":"arn:aws:iot:*:*:topicfilter/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*"},
+      {"Effect":"Allow","Action":"iot:Publish","Resource":"arn:aws:iot:*:*:topic/org/${iot:Certificate.Subject.Organization}/${iot:Certificate.Subject.CommonName}"},
+      {"Effect":"Allow","Action":"iot:Publish","Resource":"arn:aws:iot:*:*:topic/serial/${iot:Certificate.SerialNumber}"},
+      {"Effect":"Allow","Action":"iot:Receive","Resource":"arn:aws:iot:*:*:topic/id/${iot:ClientId}"},
+      {"Effect":"Deny","Action":"iot:Receive","Resource":"arn:aws:iot:*:*:topic/id/blocked"}]}"#;
+
+    /// A thing `computer-a` (account customer-b) with a real ACTIVE certificate, the
+    /// VARIABLES policy attached.
+    async fn device(reg: &Registry) -> ClientCert {
+        let (new, client) = real_cert("computer-a");
+        reg.register_certificate(new, CertState::Active)
+            .await
+            .unwrap();
+        reg.create_thing(
+            "computer-a",
+            None,
+            BTreeMap::from([("account".into(), "customer-b".into())]),
+        )
+        .await
+        .unwrap();
+        reg.create_policy("vars", VARIABLES).await.unwrap();
+        reg.attach_policy("vars", &client.fingerprint)
+            .await
+            .unwrap();
+        reg.attach_thing("computer-a", &client.fingerprint)
+            .await
+            .unwrap();
+        client
+    }
+
+    fn decisions(a: &Authz, serial: &str) -> Vec<bool> {
+        let serial_topic = format!("serial/{serial}");
+        let cases: [(Action, &str); 12] = [
+            (Action::Connect, "computer-a"),
+            (Action::Connect, "computer-b"),
+            (Action::Subscribe, "customer-b/computer-a/#"),
+            (Action::Subscribe, "customer-b/computer-b/#"),
+            (Action::Publish, "org/customer-b/computer-a"),
+            (Action::Publish, "org/customer-c/computer-a"),
+            (Action::Publish, &serial_topic),
+            (Action::Publish, "serial/00"),
+            (Action::Receive, "id/computer-a"),
+            (Action::Receive, "id/someone-else"),
+            (Action::Receive, "id/blocked"),
+            (Action::Publish, "anything"),
+        ];
+        cases
+            .iter()
+            .map(|(act, name)| a.allows(*act, name))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_token_grants_exactly_what_its_certificate_grants() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, _store) = open(dir.path(), TokenConfig::default());
+        let client = device(&reg).await;
+        let issued = reg
+            .issue_token("computer-a", None, Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert_eq!(issued.claims.cert, client.fingerprint);
+        assert_eq!(issued.claims.thing, "computer-a");
+        assert_eq!(issued.claims.exp - issued.claims.iat, 600);
+        let claims = reg.verify_token(&issued.token).unwrap();
+        assert_eq!(claims, issued.claims);
+
+        for client_id in ["computer-a", "someone-else", "blocked"] {
+            let by_cert = reg.resolve(&client, client_id).unwrap();
+            let (by_token, cert) = reg.resolve_token(&claims, client_id).unwrap();
+            assert_eq!(cert, client, "the token's certificate reads as the TLS one");
+            let d = decisions(&by_token, &client.serial);
+            assert_eq!(
+                d,
+                decisions(&by_cert, &client.serial),
+                "client id {client_id}"
+            );
+            if client_id == "computer-a" {
+                // The expected decisions, so a sameness of "all false" cannot pass.
+                assert_eq!(
+                    d,
+                    [
+                        true, false, true, false, true, false, true, false, true, false, false,
+                        false
+                    ]
+                );
+            }
+        }
+        // A policy change applies to both alike.
+        reg.create_policy_version("vars", AGENT, true)
+            .await
+            .unwrap();
+        let (by_token, _) = reg.resolve_token(&claims, "computer-a").unwrap();
+        let by_cert = reg.resolve(&client, "computer-a").unwrap();
+        assert_eq!(
+            decisions(&by_token, &client.serial),
+            decisions(&by_cert, &client.serial)
+        );
+        assert!(!by_token.allows(Action::Publish, "org/customer-b/computer-a"));
+    }
+
+    #[tokio::test]
+    async fn a_token_stops_working_with_its_certificate_or_thing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, _store) = open(dir.path(), TokenConfig::default());
+        let client = device(&reg).await;
+        let id = client.fingerprint.clone();
+        let issued = reg
+            .issue_token("computer-a", Some(&id), Duration::from_secs(600))
+            .await
+            .unwrap();
+        let claims = reg.verify_token(&issued.token).unwrap();
+        assert!(reg.resolve_token(&claims, "computer-a").is_ok());
+
+        let mut unknown = claims.clone();
+        unknown.cert = "00".repeat(32);
+        let e = reg.resolve_token(&unknown, "computer-a").unwrap_err();
+        assert!(e.contains("not registered"), "{e}");
+
+        reg.set_certificate_state(&id, CertState::Inactive)
+            .await
+            .unwrap();
+        let e = reg.resolve_token(&claims, "computer-a").unwrap_err();
+        assert_eq!(e, format!("certificate {id} is INACTIVE"));
+        reg.set_certificate_state(&id, CertState::Active)
+            .await
+            .unwrap();
+        assert!(reg.resolve_token(&claims, "computer-a").is_ok());
+
+        reg.detach_thing("computer-a", &id).await.unwrap();
+        let e = reg.resolve_token(&claims, "computer-a").unwrap_err();
+        assert!(e.contains("no longer attached"), "{e}");
+        reg.delete_thing("computer-a").await.unwrap();
+        let e = reg.resolve_token(&claims, "computer-a").unwrap_err();
+        assert!(e.contains("does not exist"), "{e}");
+        reg.create_thing("computer-a", None, BTreeMap::new())
+            .await
+            .unwrap();
+        reg.attach_thing("computer-a", &id).await.unwrap();
+        assert!(reg.resolve_token(&claims, "computer-a").is_ok());
+
+        reg.set_certificate_state(&id, CertState::Revoked)
+            .await
+            .unwrap();
+        let e = reg.resolve_token(&claims, "computer-a").unwrap_err();
+        assert_eq!(e, format!("certificate {id} is REVOKED"));
+        // The token itself still verifies: the certificate is what was withdrawn.
+        assert!(reg.verify_token(&issued.token).is_ok());
+    }
+
+    #[tokio::test]
+    async fn issuing_checks_the_thing_the_certificate_and_the_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TokenConfig {
+            max_ttl_secs: 7200,
+            ..TokenConfig::default()
+        };
+        let (reg, _store) = open(dir.path(), cfg);
+        let hour = Duration::from_secs(3600);
+        let e = reg.issue_token("nobody", None, hour).await.unwrap_err();
+        assert_eq!(
+            e,
+            RegistryError::NotFound("thing \"nobody\" not found".into())
+        );
+
+        reg.create_thing("t", None, BTreeMap::new()).await.unwrap();
+        let e = reg.issue_token("t", None, hour).await.unwrap_err();
+        assert!(matches!(e, RegistryError::Conflict(_)), "{e}");
+        assert!(
+            e.to_string().contains("no ACTIVE certificate attached"),
+            "{e}"
+        );
+        assert!(reg.token_keys().is_empty(), "no key is made for a refusal");
+
+        for id in ["c1", "c2", "c3"] {
+            reg.register_certificate(new_cert(id, "t"), CertState::Active)
+                .await
+                .unwrap();
+        }
+        reg.attach_thing("t", "c1").await.unwrap();
+        reg.attach_thing("t", "c2").await.unwrap();
+        // Several attached and ACTIVE: the most recently created one.
+        let t = reg.issue_token("t", None, hour).await.unwrap();
+        assert_eq!(t.claims.cert, "c2");
+        reg.set_certificate_state("c2", CertState::Revoked)
+            .await
+            .unwrap();
+        let t = reg.issue_token("t", None, hour).await.unwrap();
+        assert_eq!(t.claims.cert, "c1");
+        reg.set_certificate_state("c1", CertState::Inactive)
+            .await
+            .unwrap();
+        let e = reg.issue_token("t", None, hour).await.unwrap_err();
+        assert!(e.to_string().contains("no ACTIVE certificate"), "{e}");
+
+        // A named certificate: known, ACTIVE and attached to the thing.
+        let e = reg.issue_token("t", Some("c9"), hour).await.unwrap_err();
+        assert_eq!(
+            e,
+            RegistryError::NotFound("certificate \"c9\" not found".into())
+        );
+        let e = reg.issue_token("t", Some("c1"), hour).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "certificate c1 is INACTIVE; a token can only stand for an ACTIVE certificate"
+        );
+        let e = reg.issue_token("t", Some("c3"), hour).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "certificate c3 is not attached to thing \"t\""
+        );
+        reg.attach_thing("t", "c3").await.unwrap();
+        let t = reg.issue_token("t", Some("c3"), hour).await.unwrap();
+        assert_eq!(t.claims.cert, "c3");
+
+        // Lifetimes: at least a second, at most [tokens] max_ttl_secs.
+        let e = reg
+            .issue_token("t", None, Duration::from_millis(999))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e,
+            RegistryError::Invalid("token lifetime must be at least 1 second".into())
+        );
+        let e = reg
+            .issue_token("t", None, Duration::from_secs(7201))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "token lifetime of 7201 s is more than the maximum of 7200 s ([tokens] max_ttl_secs)"
+        );
+        let t = reg
+            .issue_token("t", None, Duration::from_secs(7200))
+            .await
+            .unwrap();
+        assert_eq!(t.claims.exp - t.claims.iat, 7200);
+    }
+
+    #[tokio::test]
+    async fn token_keys_rotate_retire_prune_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TokenConfig {
+            max_ttl_secs: 100,
+            default_ttl_secs: 10,
+            key_rotation_secs: 1000,
+        };
+        let (reg, store) = open(dir.path(), cfg.clone());
+        reg.create_thing("t", None, BTreeMap::new()).await.unwrap();
+        reg.register_certificate(new_cert("c1", "t"), CertState::Active)
+            .await
+            .unwrap();
+        reg.attach_thing("t", "c1").await.unwrap();
+        assert!(reg.token_keys().is_empty());
+        let ttl = Duration::from_secs(100);
+        let t0 = now_ms() - 2_000_000;
+
+        // The first issue makes the key; it signs until it is key_rotation_secs old.
+        let a = reg.issue_token_at("t", None, ttl, t0).await.unwrap();
+        let k1 = a.claims.kid.clone();
+        let b = reg
+            .issue_token_at("t", None, ttl, t0 + 999_000)
+            .await
+            .unwrap();
+        assert_eq!(b.claims.kid, k1);
+        let keys = reg.token_keys();
+        assert_eq!(keys.len(), 1);
+        assert_eq!((keys[0].created_ms, keys[0].signing), (t0, true));
+
+        // Then the next issue makes a new one; the old one verifies max_ttl_secs more.
+        let c = reg
+            .issue_token_at("t", None, ttl, t0 + 1_000_000)
+            .await
+            .unwrap();
+        let k2 = c.claims.kid.clone();
+        assert_ne!(k2, k1);
+        let keys = reg.token_keys();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(
+            (keys[0].kid.as_str(), keys[0].signing),
+            (k1.as_str(), false)
+        );
+        assert_eq!(keys[0].verify_until_ms, Some(t0 + 1_100_000));
+        assert_eq!((keys[1].kid.as_str(), keys[1].signing), (k2.as_str(), true));
+        assert!(reg.tokens.read().verify(&b.token, t0 + 1_050_000).is_ok());
+        assert!(reg.tokens.read().verify(&c.token, t0 + 1_050_000).is_ok());
+
+        // A manual rotation (now, past k1's grace period) prunes k1 from memory and store.
+        let k3 = reg.rotate_token_key().await.unwrap();
+        assert!(k3.signing && k3.created_ms >= t0 + 2_000_000);
+        let keys = reg.token_keys();
+        let kids: Vec<&str> = keys.iter().map(|k| k.kid.as_str()).collect();
+        assert_eq!(kids, [k2.as_str(), k3.kid.as_str()]);
+        assert_eq!(
+            reg.tokens.read().verify(&b.token, t0 + 1_050_000),
+            Err(TokenError::UnknownKey(k1.clone()))
+        );
+        let fresh = reg
+            .issue_token("t", None, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(fresh.claims.kid, k3.kid, "a fresh key is not rotated again");
+
+        // Reopened: the same keys (private parts included: old tokens still verify).
+        drop(reg);
+        drop(store);
+        let (reg, _store) = open(dir.path(), cfg);
+        assert_eq!(reg.token_keys(), keys);
+        assert_eq!(reg.verify_token(&fresh.token).unwrap(), fresh.claims);
+        assert!(reg.tokens.read().verify(&c.token, t0 + 1_050_000).is_ok());
+        let (_, loaded) = {
+            drop(reg);
+            drop(_store);
+            Store::open(&dir.path().join("s.redb"), Default::default()).unwrap()
+        };
+        let stored: Vec<&str> = loaded
+            .records
+            .iter()
+            .filter(|(kind, _, _)| kind == TOKEN_KEY)
+            .map(|(_, key, _)| key.as_str())
+            .collect();
+        assert_eq!(stored.len(), 2, "k1 was deleted from the store: {stored:?}");
+        assert!(!stored.contains(&k1.as_str()));
+    }
+
+    #[tokio::test]
+    async fn unreadable_token_key_records_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("s.redb"), Default::default()).unwrap();
+        let mut good = StoredKey::generate(1).unwrap();
+        good.kid = "good".into();
+        let mut bad = StoredKey::generate(2).unwrap();
+        bad.kid = "bad".into();
+        bad.pkcs8 = "AAAA".into();
+        store
+            .submit(vec![
+                put(TOKEN_KEY, "good", &good),
+                put(TOKEN_KEY, "bad", &bad),
+                put(TOKEN_KEY, "other-name", &good),
+            ])
+            .await
+            .unwrap();
+        drop(store);
+        let (reg, _store) = open(dir.path(), TokenConfig::default());
+        let kids: Vec<String> = reg.token_keys().into_iter().map(|k| k.kid).collect();
+        assert_eq!(kids, ["good"]);
     }
 }

@@ -1,4 +1,4 @@
-//! The operator commands: `fleetcore thing|cert|policy|ca ...`.
+//! The operator commands: `fleetcore thing|cert|policy|ca|token ...`.
 //!
 //! Every command except `ca init` is one or two calls to the admin API of a running
 //! `fleetcore serve` (see `docs/admin-api.md`): it finds the API and its token from the
@@ -22,8 +22,8 @@ use clap::{Args, Subcommand};
 use fleetcore_admin::ca::{Ca, CaFiles};
 use serde_json::{json, Map, Value};
 
-/// Where the admin API is and how to authenticate: global to `thing`, `cert`, `policy`
-/// and `ca`, so they can go before or after the subcommand.
+/// Where the admin API is and how to authenticate: global to `thing`, `cert`, `policy`,
+/// `ca` and `token`, so they can go before or after the subcommand.
 #[derive(Args, Debug, Clone)]
 #[command(next_help_heading = "Admin API options")]
 pub struct ClientOpts {
@@ -100,6 +100,8 @@ pub enum ClientCommand {
     Policy(PolicyArgs),
     /// Create the local CA; register your own CAs; fetch the revocation list.
     Ca(CaArgs),
+    /// Issue short-lived device tokens (an MQTT password) and manage their signing keys.
+    Token(TokenArgs),
 }
 
 #[derive(Args, Debug)]
@@ -137,6 +139,64 @@ pub struct CaArgs {
     cmd: CaCmd,
     #[command(flatten)]
     opts: ClientOpts,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+A token lets a device connect without a client certificate (behind a TLS-inspecting
+proxy, or from a browser): MQTT user name = the thing name, password = the token. It
+grants what the policies of the certificate it stands for allow, until it expires or
+that certificate leaves ACTIVE or is detached from the thing.
+
+Examples:
+  TOKEN=$(fleetcore token issue --thing computer-a --ttl 1h)
+  mosquitto_sub -h HOST -p PORT --cafile ca.pem -i computer-a -u computer-a -P \"$TOKEN\" -t 'customer-b/computer-a/#'
+  fleetcore token keys
+  fleetcore token rotate-key")]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    cmd: TokenCmd,
+    #[command(flatten)]
+    opts: ClientOpts,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCmd {
+    /// Issue a token for a thing; prints only the token.
+    ///
+    /// The token alone goes to stdout, so `TOKEN=$(fleetcore token issue --thing NAME)`
+    /// works; what it stands for and when it expires go to stderr (all of it on stdout
+    /// with --json). The thing needs an ACTIVE certificate attached: the token grants
+    /// what that certificate's policies allow, until it expires or the certificate
+    /// leaves ACTIVE or is detached from the thing.
+    Issue {
+        /// The thing the token is for: the MQTT user name to connect with.
+        #[arg(long, value_name = "NAME")]
+        thing: String,
+        /// Lifetime: a whole number followed by s, m, h or d (90s, 30m, 1h, 2d), or
+        /// seconds; at most the server's [tokens] max_ttl_secs (24h unless configured)
+        /// [default: the server's [tokens] default_ttl_secs, 1h unless configured].
+        #[arg(long, value_name = "DURATION", value_parser = parse_ttl_arg)]
+        ttl: Option<String>,
+        /// The certificate the token stands for, ACTIVE and attached to the thing
+        /// [default: the thing's most recently created ACTIVE certificate].
+        #[arg(long = "cert", value_name = "CERT_ID")]
+        cert: Option<String>,
+    },
+    /// List the token signing keys: the one that signs, and retired ones still accepted.
+    Keys,
+    /// Make a new signing key now.
+    ///
+    /// New tokens are signed with it; tokens signed by earlier keys stay valid until
+    /// they expire. The server also does this by itself at the first issue after the
+    /// key is [tokens] key_rotation_secs old (7 days unless configured).
+    RotateKey,
+}
+
+/// `--ttl`: checked here so a typo fails before anything is sent; the server gets the
+/// text as written.
+fn parse_ttl_arg(text: &str) -> Result<String, String> {
+    fleetcore_admin::api::parse_ttl(text).map(|_| text.trim().to_string())
 }
 
 /// `--type` and `--attr` of `thing create` and `thing update`.
@@ -444,6 +504,7 @@ fn dispatch(cmd: ClientCommand) -> Result<()> {
         ClientCommand::Cert(a) => cert(a.cmd, &a.opts),
         ClientCommand::Policy(a) => policy(a.cmd, &a.opts),
         ClientCommand::Ca(a) => ca(a.cmd, &a.opts),
+        ClientCommand::Token(a) => token_cmd(a.cmd, &a.opts),
     }
 }
 
@@ -1154,6 +1215,84 @@ fn ca_details(v: &Value) -> String {
         ("subject", field(v, "subject")),
         ("created", time_field(v, "created_ms")),
     ])
+}
+
+// ---------------------------------------------------------------------------------------
+// token
+// ---------------------------------------------------------------------------------------
+
+fn token_cmd(cmd: TokenCmd, opts: &ClientOpts) -> Result<()> {
+    let api = Api::new(opts)?;
+    match cmd {
+        TokenCmd::Issue { thing, ttl, cert } => {
+            let mut body = json!({ "thing": thing });
+            if let Some(ttl) = ttl {
+                body["ttl"] = json!(ttl);
+            }
+            if let Some(cert) = cert {
+                body["certificate_id"] = json!(cert);
+            }
+            let reply = api.call(Method::Post, "/tokens", Some(body))?;
+            if opts.json {
+                return reply.print_raw();
+            }
+            let v = reply.json()?;
+            let token = v
+                .get("token")
+                .and_then(Value::as_str)
+                .ok_or_else(|| anyhow!("the admin API's answer has no \"token\""))?;
+            // The token alone on stdout, so it can be captured.
+            eprintln!(
+                "token for thing {} (certificate {}, key {}), expires {}",
+                field(&v, "thing"),
+                field(&v, "certificate_id"),
+                field(&v, "key_id"),
+                field(&v, "expires_at"),
+            );
+            print_out(&format!("{token}\n"))
+        }
+        TokenCmd::Keys => {
+            let reply = api.call(Method::Get, "/tokens/keys", None)?;
+            show(opts, &reply, token_keys_table)
+        }
+        TokenCmd::RotateKey => {
+            let reply = api.call(Method::Post, "/tokens/keys/rotate", None)?;
+            if opts.json {
+                return reply.print_raw();
+            }
+            let v = reply.json()?;
+            let keys = api.call(Method::Get, "/tokens/keys", None)?.json()?;
+            print_out(&format!(
+                "new signing key {} (created {}); tokens signed by earlier keys stay valid \
+                 until they expire\n{}\n",
+                field(&v, "key_id"),
+                time_field(&v, "created_ms"),
+                token_keys_table(&keys)
+            ))
+        }
+    }
+}
+
+fn token_keys_table(v: &Value) -> String {
+    let rows = list(v, "keys")
+        .iter()
+        .map(|k| {
+            let status = if k.get("signing").and_then(Value::as_bool) == Some(true) {
+                "signing".to_string()
+            } else {
+                format!(
+                    "retired, verifies until {}",
+                    time_field(k, "verify_until_ms")
+                )
+            };
+            vec![field(k, "key_id"), time_field(k, "created_ms"), status]
+        })
+        .collect();
+    table(
+        &["KEY ID", "CREATED", "STATUS"],
+        rows,
+        "no token keys yet (the first `fleetcore token issue` makes one)",
+    )
 }
 
 // ---------------------------------------------------------------------------------------

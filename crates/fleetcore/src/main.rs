@@ -337,6 +337,7 @@ mod tests {
         assert_eq!(doc.data_dir, def.data_dir);
         assert_eq!(format!("{:?}", doc.admin), format!("{:?}", def.admin));
         assert_eq!(format!("{:?}", doc.pki), format!("{:?}", def.pki));
+        assert_eq!(doc.tokens, def.tokens);
         assert_eq!(
             format!("{:?}", doc.effective_listeners()),
             format!("{:?}", def.effective_listeners())

@@ -49,6 +49,7 @@ pub struct BrokerOpts {
     tls: bool,
     limits: Vec<(String, String)>,
     session: Vec<(String, String)>,
+    tokens: Vec<(String, String)>,
     policy: Option<String>,
     registry: bool,
     admin: bool,
@@ -144,6 +145,12 @@ impl BrokerOpts {
     /// Sets `[session] key = value`.
     pub fn session(mut self, key: &str, value: impl Display) -> Self {
         self.session.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Sets `[tokens] key = value`.
+    pub fn tokens(mut self, key: &str, value: impl Display) -> Self {
+        self.tokens.push((key.to_string(), value.to_string()));
         self
     }
 }
@@ -286,7 +293,11 @@ impl TestBroker {
             Some(port) => format!("\n[admin]\nenabled = true\nbind = \"127.0.0.1:{port}\"\n"),
             None => "\n[admin]\nenabled = false\n".to_string(),
         };
-        for (table, entries) in [("limits", &opts.limits), ("session", &opts.session)] {
+        for (table, entries) in [
+            ("limits", &opts.limits),
+            ("session", &opts.session),
+            ("tokens", &opts.tokens),
+        ] {
             if !entries.is_empty() {
                 toml += &format!("\n[{table}]\n");
                 for (k, v) in entries {
