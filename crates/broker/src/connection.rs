@@ -34,6 +34,7 @@ use crate::metrics as m;
 use crate::protocol::{self, DecodeError, Packet, Version};
 use crate::session::{Inflight, InflightState, Kick, Session, SubOptions};
 use crate::tls::ClientCert;
+use crate::token::TokenClaims;
 use crate::topic::{parse_filter, validate_topic_name};
 use fleetcore_policy::Action;
 
@@ -190,7 +191,12 @@ where
         connect_expiry: setup.expiry_secs,
         authz: setup.authz,
         authz_gen: setup.authz_gen,
-        cert: peer.cert.clone(),
+        cert: peer.cert.clone().or(setup.token_cert),
+        token_expires: setup.token.as_ref().map(|t| {
+            Instant::now()
+                + Duration::from_millis((t.exp * 1000).saturating_sub(crate::message::now_ms()))
+        }),
+        token: setup.token,
     };
     let mut props = setup.connack_props;
     props.session_expiry_interval = setup.told_expiry;
@@ -216,10 +222,10 @@ where
     m::client_connected(
         peer.listener,
         peer.transport,
-        if peer.cert.is_some() {
-            "certificate"
-        } else {
-            "none"
+        match (&peer.cert, &conn.token) {
+            (Some(_), _) => "certificate",
+            (None, Some(_)) => "token",
+            (None, None) => "none",
         },
     );
     // Resend what was in flight when the previous connection ended.
@@ -325,6 +331,10 @@ struct Setup {
     /// Registry generation the authorization was bound at (registry listeners).
     authz_gen: Option<u64>,
     cert_id: Option<Arc<str>>,
+    /// The device token the client authenticated with, if it did.
+    token: Option<TokenClaims>,
+    /// The registered certificate the token stands for.
+    token_cert: Option<ClientCert>,
 }
 
 /// Checks CONNECT and settles what the connection may do; refuses it with
@@ -339,10 +349,35 @@ async fn negotiate<S: AsyncWrite + Unpin>(
     let limits = &hub.config.limits;
     let refuse = |code: ConnectReasonCode, why: String| (code, why);
     let result: Result<Setup, (ConnectReasonCode, String)> = (|| {
-        if peer.cert.is_none() && !peer.allow_anonymous {
+        // A device token as the password, where the listener takes tokens and the
+        // client came without a certificate (a certificate, when presented, decides).
+        let token = match (&peer.cert, &c.password) {
+            (None, Some(password)) if peer.tokens => {
+                let claims = std::str::from_utf8(password)
+                    .map_err(|_| "the password is not a device token".to_string())
+                    .and_then(|t| hub.registry.verify_token(t).map_err(|e| e.to_string()))
+                    .map_err(|why| refuse(ConnectReasonCode::BadUserNameOrPassword, why))?;
+                if c.username.as_deref() != Some(claims.thing.as_str()) {
+                    return Err(refuse(
+                        ConnectReasonCode::BadUserNameOrPassword,
+                        format!(
+                            "the user name must be the token's thing name {:?}",
+                            claims.thing
+                        ),
+                    ));
+                }
+                Some(claims)
+            }
+            _ => None,
+        };
+        if peer.cert.is_none() && token.is_none() && !peer.allow_anonymous {
             return Err(refuse(
                 ConnectReasonCode::NotAuthorized,
-                "this listener requires a client certificate".into(),
+                if peer.tokens {
+                    "this listener requires a client certificate or a device token (MQTT password, thing name as user name)".into()
+                } else {
+                    "this listener requires a client certificate".into()
+                },
             ));
         }
         let mut assigned = None;
@@ -371,7 +406,19 @@ async fn negotiate<S: AsyncWrite + Unpin>(
         }
         let mut authz_gen = None;
         let mut cert_id = None;
+        let mut token_cert = None;
         let authz = match (&peer.cert, &peer.policy) {
+            (None, _) if token.is_some() => {
+                let claims = token.as_ref().expect("checked");
+                authz_gen = Some(hub.registry.generation());
+                cert_id = Some(Arc::from(claims.cert.as_str()));
+                let (authz, cert) = hub
+                    .registry
+                    .resolve_token(claims, &client_id)
+                    .map_err(|why| refuse(ConnectReasonCode::NotAuthorized, why))?;
+                token_cert = Some(cert);
+                authz
+            }
             (Some(cert), _) if peer.uses_registry => {
                 // Read the generation first, so a change racing with this
                 // connect is seen at the first check.
@@ -476,6 +523,8 @@ async fn negotiate<S: AsyncWrite + Unpin>(
             authz,
             authz_gen,
             cert_id,
+            token,
+            token_cert,
         })
     })();
     match result {
@@ -515,7 +564,13 @@ struct Conn<S> {
     connect_expiry: u32,
     authz: Authz,
     authz_gen: Option<u64>,
+    /// The certificate authorization is bound to: the client's own, or the
+    /// registered one its device token stands for.
     cert: Option<ClientCert>,
+    /// A token session: its claims, re-checked when the registry changes, and
+    /// when it expires.
+    token: Option<TokenClaims>,
+    token_expires: Option<Instant>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
@@ -614,6 +669,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 _ = tokio::time::sleep_until(ka_deadline), if ka.is_some() => {
                     return Exit::Refuse(DisconnectReasonCode::KeepAliveTimeout, "keep-alive timeout".into());
                 }
+                _ = tokio::time::sleep_until(self.token_expires.unwrap_or(last_in + far)), if self.token_expires.is_some() => {
+                    return Exit::Refuse(
+                        DisconnectReasonCode::MaximumConnectTime,
+                        "device token expired: connect again with a new one".into(),
+                    );
+                }
             }
         }
     }
@@ -629,7 +690,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             return Ok(());
         }
         self.authz_gen = Some(now);
-        match self.hub.registry.resolve(cert, &self.session.client_id) {
+        let resolved = match &self.token {
+            // A token session also ends when its thing is deleted or detached.
+            Some(claims) => self
+                .hub
+                .registry
+                .resolve_token(claims, &self.session.client_id)
+                .map(|(authz, _)| authz),
+            None => self.hub.registry.resolve(cert, &self.session.client_id),
+        };
+        match resolved {
             Ok(a) => {
                 self.authz = a;
                 Ok(())

@@ -606,3 +606,304 @@ fn mqtt_js_over_wss_with_a_client_certificate_gets_an_order() {
 fn strings_of(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
+
+/// A registry broker with the 443 listener and a provisioned fleet.
+fn token_broker(extra: BrokerOpts) -> (TestBroker, Fleet, tempfile::TempDir) {
+    let broker = TestBroker::start(extra.server_pki().registry().admin().wss(""));
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = provision_fleet(&broker, dir.path());
+    (broker, fleet, dir)
+}
+
+fn issue_token(broker: &TestBroker, thing: &str, ttl: &str) -> String {
+    let v = ok(
+        broker.admin(
+            "POST",
+            "/tokens",
+            Some(&json!({"thing": thing, "ttl": ttl})),
+        ),
+        201,
+    );
+    v["token"].as_str().expect("token").to_string()
+}
+
+/// paho over WSS without a client certificate, authenticating with a token.
+fn paho_token(broker: &TestBroker, user: &str, token: &str, more: &[&str]) -> LineChild {
+    let mut a = args(
+        broker.paho_wss(None),
+        &["--username", user, "--password", token],
+    );
+    a.extend(more.iter().map(|s| s.to_string()));
+    paho("subscribe.py", &a)
+}
+
+#[test]
+fn a_device_token_opens_wss_and_alpn_mqtt_with_the_certificates_policies() {
+    let (broker, fleet, _dir) = token_broker(BrokerOpts::new().ws("tokens = true"));
+    let token = issue_token(&broker, "computer-a", "1h");
+
+    // Over WSS, no client certificate, both protocol versions.
+    let mut agents = Vec::new();
+    for protocol in ["5", "3.1.1"] {
+        let mut agent = paho_token(
+            &broker,
+            "computer-a",
+            &token,
+            &[
+                "--protocol",
+                protocol,
+                "--client-id",
+                "computer-a",
+                "--filter",
+                "customer-a/computer-a/#",
+                "--count",
+                "1",
+                "--persistent",
+            ],
+        );
+        assert_eq!(
+            agent.expect_event("suback", 10 * SEC).get("codes"),
+            "1",
+            "v{protocol}: {}",
+            agent.transcript()
+        );
+        mosquitto_pub(&args(
+            broker.mosq_tls(&fleet.backend),
+            &[
+                "-i",
+                "backend",
+                "-q",
+                "1",
+                "-t",
+                AGENT_ORDERS,
+                "-m",
+                protocol,
+            ],
+        ));
+        agent.expect_success(10 * SEC);
+        assert_eq!(payloads(&agent.events()), [protocol]);
+        agents.push(agent);
+    }
+    // The same policy variables as the certificate: another account's topics are refused.
+    let mut nosy = paho_token(
+        &broker,
+        "computer-a",
+        &token,
+        &[
+            "--client-id",
+            "computer-a",
+            "--filter",
+            "customer-b/computer-b/#",
+            "--exit-after-subscribe",
+        ],
+    );
+    assert_eq!(nosy.expect_event("suback", 10 * SEC).get("codes"), "135");
+
+    // Over MQTT-over-TLS with ALPN "mqtt", no certificate: mosquitto with the token.
+    let mut sub = mosquitto_sub(&strings_of(&[
+        "-h",
+        "localhost",
+        "-p",
+        &broker.wss_port().to_string(),
+        "--cafile",
+        &broker.ca_file().display().to_string(),
+        "--tls-alpn",
+        "mqtt",
+        "-V",
+        "mqttv5",
+        "-i",
+        "computer-a",
+        "-u",
+        "computer-a",
+        "-P",
+        &token,
+        "-q",
+        "1",
+        "-t",
+        "customer-a/computer-a/#",
+    ]));
+    mosquitto_pub(&args(
+        broker.mosq_tls(&fleet.backend),
+        &[
+            "-i",
+            "backend",
+            "-q",
+            "1",
+            "-t",
+            AGENT_ORDERS,
+            "-m",
+            "via-alpn-mqtt",
+        ],
+    ));
+    assert_eq!(expect_mosq_msg(&mut sub, 10 * SEC).3, "via-alpn-mqtt");
+    drop(sub);
+
+    // On the plain WebSocket listener (behind a TLS-terminating reverse proxy).
+    let mut behind_proxy = paho(
+        "subscribe.py",
+        &strings_of(&[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &broker.ws_port().to_string(),
+            "--websocket",
+            "/mqtt",
+            "--username",
+            "computer-a",
+            "--password",
+            &token,
+            "--client-id",
+            "computer-a",
+            "--filter",
+            "customer-a/computer-a/#",
+            "--exit-after-subscribe",
+        ]),
+    );
+    assert_eq!(
+        behind_proxy.expect_event("suback", 10 * SEC).get("codes"),
+        "1"
+    );
+
+    // Refusals: wrong user name, a tampered token, no credentials at all.
+    let mut tampered = token.clone();
+    let last = tampered.pop().unwrap();
+    tampered.push(if last == 'A' { 'B' } else { 'A' });
+    for (user, password, code) in [
+        ("computer-b", token.as_str(), "134"),
+        ("computer-a", tampered.as_str(), "134"),
+        ("computer-a", "not-a-token", "134"),
+    ] {
+        let mut c = paho_token(
+            &broker,
+            user,
+            password,
+            &["--client-id", "computer-a", "--exit-after-subscribe"],
+        );
+        assert_eq!(
+            c.expect_event("connack", 10 * SEC).get("reason_code"),
+            code,
+            "{user} / {password}: {}",
+            c.transcript()
+        );
+    }
+    let mut anonymous = paho(
+        "subscribe.py",
+        &args(
+            broker.paho_wss(None),
+            &["--client-id", "computer-a", "--exit-after-subscribe"],
+        ),
+    );
+    assert_eq!(
+        anonymous
+            .expect_event("connack", 10 * SEC)
+            .get("reason_code"),
+        "135"
+    );
+    let metrics = broker.admin("GET", "/metrics", None).text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("fleetcore_clients_connected_total")
+                && l.contains("auth=\"token\"")
+                && l.contains("transport=\"wss\"")),
+        "{metrics}"
+    );
+    broker.assert_no_panic_logged();
+}
+
+#[test]
+fn an_expired_token_is_refused_and_a_live_session_ends_when_it_expires() {
+    let (broker, _fleet, _dir) = token_broker(BrokerOpts::new());
+    let token = issue_token(&broker, "computer-a", "3s");
+    let mut agent = paho_token(
+        &broker,
+        "computer-a",
+        &token,
+        &[
+            "--client-id",
+            "computer-a",
+            "--filter",
+            "customer-a/computer-a/#",
+            "--timeout",
+            "30",
+        ],
+    );
+    assert_eq!(agent.expect_event("suback", 10 * SEC).get("codes"), "1");
+    // Cut off at expiry with MQTT 5's "maximum connect time".
+    let ev = agent.expect_event("disconnected", 10 * SEC);
+    assert_eq!(
+        (ev.get("reason_code"), ev.get("from_broker")),
+        ("160", "1"),
+        "{}",
+        agent.transcript()
+    );
+    let mut again = paho_token(
+        &broker,
+        "computer-a",
+        &token,
+        &["--client-id", "computer-a", "--exit-after-subscribe"],
+    );
+    assert_eq!(
+        again.expect_event("connack", 10 * SEC).get("reason_code"),
+        "134"
+    );
+    assert!(
+        broker.log().contains("token expired at"),
+        "the refusal names the reason\n{}",
+        broker.log_tail()
+    );
+}
+
+#[test]
+fn revoking_the_certificate_behind_a_token_cuts_its_sessions_off() {
+    let (broker, fleet, _dir) = token_broker(BrokerOpts::new());
+    let token = issue_token(&broker, "computer-a", "1h");
+    let mut agent = paho_token(
+        &broker,
+        "computer-a",
+        &token,
+        &[
+            "--client-id",
+            "computer-a",
+            "--filter",
+            "customer-a/computer-a/#",
+            "--timeout",
+            "30",
+        ],
+    );
+    assert_eq!(agent.expect_event("suback", 10 * SEC).get("codes"), "1");
+    let start = Instant::now();
+    ok(
+        broker.admin(
+            "PUT",
+            &format!("/certificates/{}/state", fleet.agent_id),
+            Some(&json!({"state": "REVOKED"})),
+        ),
+        200,
+    );
+    let ev = agent.expect_event("disconnected", 5 * SEC);
+    assert_eq!(ev.get("reason_code"), "135", "{}", agent.transcript());
+    assert!(
+        start.elapsed() < 2 * SEC,
+        "cut off after {:?}",
+        start.elapsed()
+    );
+    // The token's signature is still good, but what it stands for is gone.
+    let mut again = paho_token(
+        &broker,
+        "computer-a",
+        &token,
+        &["--client-id", "computer-a", "--exit-after-subscribe"],
+    );
+    assert_eq!(
+        again.expect_event("connack", 10 * SEC).get("reason_code"),
+        "135"
+    );
+    // And no new token is issued for a thing without an active certificate.
+    let resp = broker.admin(
+        "POST",
+        "/tokens",
+        Some(&json!({"thing": "computer-a", "ttl": "1h"})),
+    );
+    assert!(resp.status >= 400, "{}", resp.text());
+}
