@@ -585,6 +585,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let far = Duration::from_secs(86400 * 365);
         let mut last_in = Instant::now();
         let max_packet = self.hub.config.limits.max_packet_size as usize;
+        // Packets the client sent right behind its CONNECT arrived with it.
+        if let Err(exit) = self.handle_buffered(will, max_packet) {
+            return exit;
+        }
         loop {
             if let Err(exit) = self.refresh_authz() {
                 return exit;
@@ -641,27 +645,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         Err(e) => return Exit::Lost(e.to_string()),
                         Ok(_) => {
                             last_in = Instant::now();
-                            loop {
-                                match protocol::frame_len(&self.inbuf, max_packet) {
-                                    Ok(Some(n)) => {
-                                        let frame = self.inbuf.split_to(n);
-                                        let packet = match protocol::decode(self.version, &frame) {
-                                            Ok(p) => p,
-                                            Err(e) => return Exit::Refuse(e.reason(), e.to_string()),
-                                        };
-                                        m::packet_in(packet_name(&packet), n);
-                                        tracing::trace!(client_id = %self.session.client_id, packet = packet_name(&packet), bytes = n, "packet received");
-                                        if let Err(exit) = self.handle(packet, will) {
-                                            return exit;
-                                        }
-                                    }
-                                    Ok(None) => break,
-                                    Err(e) => return Exit::Refuse(e.reason(), e.to_string()),
-                                }
-                            }
-                            if self.inbuf.is_empty() && self.inbuf.capacity() > 4 * 1024 {
-                                // Give back the memory a large packet needed.
-                                self.inbuf = BytesMut::with_capacity(512);
+                            if let Err(exit) = self.handle_buffered(will, max_packet) {
+                                return exit;
                             }
                         }
                     }
@@ -681,6 +666,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     /// Rebinds this connection's policies when the registry changed since
     /// they were bound; ends it if its certificate is no longer ACTIVE.
+    /// Handles every whole packet in the input buffer.
+    fn handle_buffered(
+        &mut self,
+        will: &mut Option<(Message, u32)>,
+        max_packet: usize,
+    ) -> Result<(), Exit> {
+        loop {
+            match protocol::frame_len(&self.inbuf, max_packet) {
+                Ok(Some(n)) => {
+                    let frame = self.inbuf.split_to(n);
+                    let packet = protocol::decode(self.version, &frame)
+                        .map_err(|e| Exit::Refuse(e.reason(), e.to_string()))?;
+                    m::packet_in(packet_name(&packet), n);
+                    tracing::trace!(client_id = %self.session.client_id, packet = packet_name(&packet), bytes = n, "packet received");
+                    self.handle(packet, will)?;
+                }
+                Ok(None) => break,
+                Err(e) => return Err(Exit::Refuse(e.reason(), e.to_string())),
+            }
+        }
+        if self.inbuf.is_empty() && self.inbuf.capacity() > 4 * 1024 {
+            // Give back the memory a large packet needed.
+            self.inbuf = BytesMut::with_capacity(512);
+        }
+        Ok(())
+    }
+
     fn refresh_authz(&mut self) -> Result<(), Exit> {
         let (Some(bound_at), Some(cert)) = (self.authz_gen, &self.cert) else {
             return Ok(());

@@ -103,3 +103,39 @@ fn delivery_qos_is_the_lower_of_publish_and_subscription_qos() {
         (1, false, "downgrade/x".to_string(), "two".to_string())
     );
 }
+
+/// A client that sends SUBSCRIBE and PUBLISH right behind its CONNECT, in the same TCP
+/// segment, gets every answer without having to send anything more (the packets that
+/// arrived with the CONNECT are not left waiting for the next read).
+#[test]
+fn packets_pipelined_behind_connect_are_answered_at_once() {
+    use common::raw::{packet, read_packet, string, Incoming};
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    let broker = TestBroker::start(BrokerOpts::new());
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", broker.tcp_port())).unwrap();
+    let mut connect = string("MQTT");
+    connect.extend([4, 0x02, 0, 60]);
+    connect.extend(string("pipelined"));
+    let mut sub = vec![0, 7];
+    sub.extend(string("pipe/#"));
+    sub.push(0);
+    let mut publish = string("pipe/x");
+    publish.extend_from_slice(b"hi");
+    let mut all = packet(0x10, &connect);
+    all.extend(packet(0x82, &sub));
+    all.extend(packet(0x30, &publish));
+    s.write_all(&all).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        match read_packet(&mut s, deadline) {
+            Incoming::Packet(t, body) => got.push((t, body)),
+            other => panic!("after {got:02x?}: {other:?}"),
+        }
+    }
+    assert_eq!(got[0], (0x20, vec![0, 0]), "CONNACK");
+    assert_eq!(got[1], (0x90, vec![0, 7, 0]), "SUBACK");
+    assert_eq!(got[2], (0x30, publish), "the PUBLISH back");
+}
