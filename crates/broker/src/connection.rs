@@ -32,7 +32,7 @@ use crate::hub::{Hub, SubEntry};
 use crate::message::{now_ms, Delivery, Message};
 use crate::metrics as m;
 use crate::protocol::{self, DecodeError, Packet, Version};
-use crate::session::{Inflight, InflightState, Kick, Session, SubOptions};
+use crate::session::{Inflight, InflightState, KickReceiver, Session, SubOptions};
 use crate::tls::ClientCert;
 use crate::token::TokenClaims;
 use crate::topic::{parse_filter, validate_topic_name};
@@ -576,7 +576,7 @@ struct Conn<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     async fn run(
         &mut self,
-        mut kick_rx: tokio::sync::mpsc::UnboundedReceiver<Kick>,
+        mut kick_rx: KickReceiver,
         keep_alive: u16,
         will: &mut Option<(Message, u32)>,
     ) -> Exit {
@@ -600,8 +600,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 let flushed = tokio::select! {
                     r = self.flush() => r,
                     k = kick_rx.recv() => {
-                        let why = k.map(|k| k.message).unwrap_or_else(|| "session taken over".into());
-                        return Exit::Abort(format!("{why} (while a write was stalled)"));
+                        return Exit::Abort(format!("{} (while a write was stalled)", k.message));
                     }
                 };
                 if let Err(e) = flushed {
@@ -614,9 +613,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     "server shutting down".into(),
                 );
             }
-            if self.inbuf.capacity() - self.inbuf.len() < 256 {
-                self.inbuf.reserve(1024);
-            }
             let ka_deadline = last_in + ka.unwrap_or(far);
             // A 3.1.1 publisher at the Receive Maximum waits for its commits.
             let read_open = self.version.is_v5()
@@ -627,10 +623,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     return Exit::Refuse(DisconnectReasonCode::ServerShuttingDown, "server shutting down".into());
                 }
                 k = kick_rx.recv() => {
-                    let k = k.unwrap_or(Kick {
-                        reason: DisconnectReasonCode::SessionTakenOver,
-                        message: "session taken over".into(),
-                    });
                     return Exit::Refuse(k.reason, k.message);
                 }
                 Some((after, res)) = self.pending.next(), if !self.pending.is_empty() => {
@@ -639,7 +631,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     }
                 }
                 _ = self.session.wake.notified() => {}
-                r = self.stream.read_buf(&mut self.inbuf), if read_open => {
+                r = ReadInto::new(&mut self.stream, &mut self.inbuf), if read_open => {
                     match r {
                         Ok(0) => return Exit::Lost("closed by peer".into()),
                         Err(e) => return Exit::Lost(e.to_string()),
@@ -686,9 +678,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 Err(e) => return Err(Exit::Refuse(e.reason(), e.to_string())),
             }
         }
-        if self.inbuf.is_empty() && self.inbuf.capacity() > 4 * 1024 {
-            // Give back the memory a large packet needed.
-            self.inbuf = BytesMut::with_capacity(512);
+        if self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
+            // An idle connection holds no input buffer (see ReadInto).
+            self.inbuf = BytesMut::new();
         }
         Ok(())
     }
@@ -761,11 +753,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             Ok(Ok(())) => {}
         }
         m::bytes_out(n);
-        self.out.clear();
-        // An idle connection keeps no large buffer from an earlier burst.
-        if self.out.capacity() > 8 * 1024 {
-            self.out = BytesMut::new();
-        }
+        // An idle connection keeps no output buffer either.
+        self.out = BytesMut::new();
         Ok(())
     }
 
@@ -1383,4 +1372,64 @@ fn packet_name(p: &Packet) -> &'static str {
         Packet::Disconnect(_) => "disconnect",
         Packet::Auth(_) => "auth",
     }
+}
+
+/// Reads what the stream has into `buf`, through a buffer on the stack, so an
+/// idle connection waiting to read holds no heap buffer: with a fleet of mostly
+/// idle devices that is most of the broker's memory. A packet in progress that
+/// left room in `buf` is read straight into it.
+struct ReadInto<'a, S> {
+    stream: &'a mut S,
+    buf: &'a mut BytesMut,
+}
+
+impl<'a, S> ReadInto<'a, S> {
+    fn new(stream: &'a mut S, buf: &'a mut BytesMut) -> Self {
+        ReadInto { stream, buf }
+    }
+}
+
+impl<S: AsyncRead + Unpin> Future for ReadInto<'_, S> {
+    type Output = std::io::Result<usize>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.buf.capacity() - this.buf.len() >= 1024 {
+            return read_spare(this.stream, this.buf, cx);
+        }
+        let mut scratch = [0u8; 4096];
+        let mut rb = tokio::io::ReadBuf::new(&mut scratch);
+        match Pin::new(&mut *this.stream).poll_read(cx, &mut rb) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                this.buf.extend_from_slice(rb.filled());
+                Poll::Ready(Ok(n))
+            }
+        }
+    }
+}
+
+/// `read_buf` as a poll function: reads into the spare capacity of `buf`.
+fn read_spare<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<std::io::Result<usize>> {
+    use std::task::Poll;
+    let len = buf.len();
+    buf.resize(buf.capacity(), 0);
+    let mut rb = tokio::io::ReadBuf::new(&mut buf[len..]);
+    let r = Pin::new(stream).poll_read(cx, &mut rb);
+    let n = match &r {
+        Poll::Ready(Ok(())) => rb.filled().len(),
+        _ => 0,
+    };
+    buf.truncate(len + n);
+    r.map(|r| r.map(|()| n))
 }

@@ -14,7 +14,7 @@ use fleetcore_store::{LoadedSession, Op, Store, StoredSession, StoredSubscriptio
 use mqtt_proto::v5::RetainHandling;
 use mqtt_proto::QoS;
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::message::{now_ms, Delivery, Message};
@@ -23,7 +23,7 @@ use crate::protocol::Version;
 use crate::retained::RetainedTree;
 use crate::router::{Match, Router};
 use crate::session::{
-    ConnLink, Enqueued, Inflight, Kick, PendingWill, Session, SessionId, SubOptions,
+    ConnLink, Enqueued, Inflight, Kick, KickReceiver, PendingWill, Session, SessionId, SubOptions,
 };
 use crate::topic::{parse_filter, TopicLimits};
 
@@ -61,7 +61,7 @@ struct SessionIndex {
 pub struct Attached {
     pub session: Arc<Session>,
     pub session_present: bool,
-    pub kick_rx: mpsc::UnboundedReceiver<Kick>,
+    pub kick_rx: KickReceiver,
     /// In-flight messages to resend (DUP) before anything new.
     pub resend: Vec<Inflight>,
     pub incoming_qos2: std::collections::HashSet<u16>,
@@ -384,7 +384,7 @@ impl Hub {
                 };
                 if let Some(kick) = busy {
                     if !kicked_once {
-                        let _ = kick.send(Kick {
+                        kick.send(Kick {
                             reason: mqtt_proto::v5::DisconnectReasonCode::SessionTakenOver,
                             message: "another connection with the same client id".into(),
                         });
@@ -399,7 +399,7 @@ impl Hub {
                     s.state.lock().conn = None;
                 }
             }
-            let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+            let (kick_tx, kick_rx) = crate::session::kick_slot();
             let link = ConnLink {
                 conn_id,
                 kick: kick_tx,
@@ -638,7 +638,7 @@ impl Hub {
             // A connection still attached (a reconnect racing with expiry) must
             // not live on without its session.
             if let Some(link) = st.conn.take() {
-                let _ = link.kick.send(Kick {
+                link.kick.send(Kick {
                     reason: mqtt_proto::v5::DisconnectReasonCode::AdministrativeAction,
                     message: "session ended".into(),
                 });
@@ -757,7 +757,7 @@ impl Hub {
         for s in sessions {
             if let Some(link) = &s.state.lock().conn {
                 if link.cert_id.as_deref() == Some(cert_id) {
-                    let _ = link.kick.send(Kick {
+                    link.kick.send(Kick {
                         reason: mqtt_proto::v5::DisconnectReasonCode::NotAuthorized,
                         message: message.to_string(),
                     });
@@ -788,7 +788,7 @@ impl Hub {
         let sessions: Vec<Arc<Session>> = self.index.lock().sessions.values().cloned().collect();
         for s in sessions {
             if let Some(link) = &s.state.lock().conn {
-                let _ = link.kick.send(Kick {
+                link.kick.send(Kick {
                     reason,
                     message: message.to_string(),
                 });

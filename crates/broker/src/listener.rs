@@ -161,12 +161,22 @@ async fn serve_socket(
     match tls {
         None => {
             if dispatch.websocket {
-                sniff_and_serve(hub, sock, peer, &dispatch, deadline).await
+                Box::pin(sniff_and_serve(hub, sock, peer, &dispatch, deadline)).await
             } else {
-                connection::serve(hub, sock, peer, deadline).await
+                Box::pin(connection::serve(hub, sock, peer, deadline)).await
             }
         }
-        Some(source) => serve_tls(hub, source.acceptor(), sock, peer, &dispatch, deadline).await,
+        Some(source) => {
+            Box::pin(serve_tls(
+                hub,
+                source.acceptor(),
+                sock,
+                peer,
+                &dispatch,
+                deadline,
+            ))
+            .await
+        }
     }
 }
 
@@ -193,9 +203,25 @@ async fn sniff_and_serve<S>(
         }
         Ok(Ok(0)) | Ok(Err(_)) => {}
         Ok(Ok(_)) if first[0] == 0x10 => {
-            connection::serve(hub, Prefixed::new(first.freeze(), stream), peer, deadline).await
+            Box::pin(connection::serve(
+                hub,
+                Prefixed::new(first.freeze(), stream),
+                peer,
+                deadline,
+            ))
+            .await
         }
-        Ok(Ok(_)) => serve_http(hub, Box::new(stream), first, peer, dispatch, deadline).await,
+        Ok(Ok(_)) => {
+            Box::pin(serve_http(
+                hub,
+                Box::new(stream),
+                first,
+                peer,
+                dispatch,
+                deadline,
+            ))
+            .await
+        }
     }
 }
 
@@ -227,7 +253,7 @@ async fn serve_http(
             };
             m::websocket_upgraded(peer.listener, subprotocol);
             tracing::debug!(peer = %peer.addr, subprotocol, "WebSocket upgrade");
-            connection::serve(hub, ws, peer, deadline).await
+            Box::pin(connection::serve(hub, ws, peer, deadline)).await
         }
         HttpOutcome::Answered(code, why) => {
             m::connection_refused("http_request");
@@ -268,7 +294,7 @@ async fn serve_tls(
         .and_then(|chain| chain.first())
         .and_then(|der| ClientCert::from_der(der));
     if !dispatch.websocket {
-        return connection::serve(hub, stream, peer, deadline).await;
+        return Box::pin(connection::serve(hub, stream, peer, deadline)).await;
     }
     // ALPN decides where it can; a client that sent none is sniffed.
     let alpn = stream.get_ref().1.alpn_protocol().map(|p| p.to_vec());
@@ -294,7 +320,7 @@ async fn serve_tls(
             )
             .await
         }
-        _ => sniff_and_serve(hub, stream, peer, dispatch, deadline).await,
+        _ => Box::pin(sniff_and_serve(hub, stream, peer, dispatch, deadline)).await,
     }
 }
 

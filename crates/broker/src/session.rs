@@ -18,7 +18,7 @@ use std::sync::Arc;
 use mqtt_proto::v5::{DisconnectReasonCode, RetainHandling};
 use mqtt_proto::QoS;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::message::{Delivery, Message};
 use crate::protocol::Version;
@@ -58,11 +58,59 @@ pub struct Kick {
     pub message: String,
 }
 
+/// Where a kick waits for its connection: the first kick wins, later ones are
+/// dropped (the connection is ending anyway). About 100 bytes a connection,
+/// against some 1.5 KB for an unbounded channel.
+#[derive(Debug, Default)]
+struct KickSlot {
+    kick: Mutex<Option<Kick>>,
+    notify: Notify,
+}
+
+/// The hub's end of a connection's kick slot.
+#[derive(Debug, Clone)]
+pub struct KickSender(Arc<KickSlot>);
+
+/// The connection's end of its kick slot.
+#[derive(Debug)]
+pub struct KickReceiver(Arc<KickSlot>);
+
+/// A new kick slot.
+pub fn kick_slot() -> (KickSender, KickReceiver) {
+    let slot = Arc::new(KickSlot::default());
+    (KickSender(slot.clone()), KickReceiver(slot))
+}
+
+impl KickSender {
+    /// Tells the connection to close, unless an earlier kick already did.
+    pub fn send(&self, kick: Kick) {
+        {
+            let mut k = self.0.kick.lock();
+            if k.is_none() {
+                *k = Some(kick);
+            }
+        }
+        self.0.notify.notify_one();
+    }
+}
+
+impl KickReceiver {
+    /// Waits for a kick. Cancel-safe: a kick is taken only when returned.
+    pub async fn recv(&mut self) -> Kick {
+        loop {
+            if let Some(k) = self.0.kick.lock().take() {
+                return k;
+            }
+            self.0.notify.notified().await;
+        }
+    }
+}
+
 /// The link from a session to the connection currently attached to it.
 #[derive(Debug)]
 pub struct ConnLink {
     pub conn_id: u64,
-    pub kick: mpsc::UnboundedSender<Kick>,
+    pub kick: KickSender,
     /// The registered certificate the connection authenticated with.
     pub cert_id: Option<Arc<str>>,
 }
