@@ -454,6 +454,9 @@ pub struct PubJob {
 pub struct PubResult {
     pub sent: u64,
     pub acked: u64,
+    /// From the first publish to the last one.
+    pub publish_seconds: f64,
+    /// Until the last acknowledgement (or the drain's end).
     pub seconds: f64,
     /// Sends held back because the in-flight window was full.
     pub window_full: u64,
@@ -553,6 +556,7 @@ pub async fn publish(
             tokio::task::yield_now().await;
         }
     }
+    res.publish_seconds = (Instant::now() - start).as_secs_f64();
     // The outstanding acknowledgements.
     let until = Instant::now() + drain;
     while inflight > 0 {
