@@ -147,11 +147,13 @@ EOF
     # the backend (CN loadtest-backend) everything.
     printf 'pattern readwrite +/%%u/#\nuser loadtest-backend\ntopic readwrite #\n' >"$d/acl"
     chmod 644 "$d/acl"
-    printf 'allow_anonymous false\nuse_identity_as_username true\nacl_file %s\n' "$d/acl"
+    printf 'allow_anonymous false\nacl_file %s\n' "$d/acl"
+    # (use_identity_as_username is a per-listener setting.)
     local tls="cafile $PKI/ca.pem
 certfile $PKI/server.pem
 keyfile $PKI/server.key
-require_certificate true"
+require_certificate true
+use_identity_as_username true"
     printf 'listener %s 127.0.0.1\n' "$DEV_PORT"
     [[ $TRANSPORT == wss ]] && printf 'protocol websockets\n'
     printf '%s\nlistener %s 127.0.0.1\n%s\n' "$tls" "$BACKEND_PORT" "$tls"
