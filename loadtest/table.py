@@ -13,7 +13,7 @@ ROWS = {
         ("connect latency p99 (ms)", "results.connections.latency.p99_ms", "lower", "{:.1f}"),
         ("handshake failures", "results.handshake_failures", "lower", "{:.0f}"),
         ("broker CPU per connection (µs)", "results.connect_cpu.broker_cpu_us_per_connection", "lower", "{:.0f}"),
-        ("connections per broker CPU-second (handshakes/s per core)", "results.connect_cpu.connections_per_broker_cpu_s", "higher", "{:.0f}"),
+        ("connections per broker CPU-second (mTLS: handshakes/s per core)", "results.connect_cpu.connections_per_broker_cpu_s", "higher", "{:.0f}"),
         ("broker RSS before (MiB)", "results.broker_rss_before_kib", "lower", "mib"),
         ("broker RSS after (MiB)", "results.broker_rss_after_kib", "lower", "mib"),
         ("broker RSS per connection (bytes)", "results.broker_rss_per_connection_bytes", "lower", "{:.0f}"),
