@@ -14,7 +14,9 @@
 # Environment:
 #   TRANSPORT   mtls (default: mutual TLS, device policy / ACL), tcp (plain, anonymous),
 #               wss (WebSocket over TLS with client certificates, path /mqtt)
-#   BROKERS     which to run (default "fleetcore mosquitto-defaults mosquitto-tuned")
+#   BROKERS     which to run (default "fleetcore mosquitto-defaults mosquitto-tuned");
+#               add rustls-null (idle only, mtls or tcp): a null broker that only accepts,
+#               handshakes and answers CONNECT/SUBSCRIBE, the ceiling for idle's figures
 #   RATES       push/fanin only: run once per --msg-rate value (a sweep)
 #   NO_BUILD=1  use the release binaries already built
 #   BROKER_CPU, LOADGEN_CPU   cores to pin to (default 0 and 1)
@@ -196,6 +198,15 @@ run_one() { # $1 = broker name, $2 = label suffix, rest = tool options
     mosquitto-tuned)
         mosquitto_conf "$d" tuned >"$d/mosquitto.conf"
         cmd="$MOSQUITTO -c $d/mosquitto.conf"
+        ;;
+    rustls-null)
+        # Accept + handshake + CONNACK/SUBACK and nothing else: the ceiling for `idle`.
+        cmd="$TOOL null-broker --bind 127.0.0.1:$DEV_PORT"
+        [[ $TRANSPORT == mtls ]] && cmd+=" --cert $PKI/server.pem --key $PKI/server.key --client-ca $PKI/ca.pem"
+        ;;
+    *)
+        echo "unknown broker $name" >&2
+        exit 2
         ;;
     esac
     # The start command, also used by the storm's restart.

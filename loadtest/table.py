@@ -111,16 +111,21 @@ def load(work, run):
 
 
 def table(scenario, docs, names):
-    out = ["| figure | " + " | ".join(names) + " | ratio fleetcore / mosquitto tuned | better |",
-           "|---" * (len(names) + 3) + "|"]
+    bases = [b for b in ("mosquitto-tuned", "rustls-null") if b in names] or ["mosquitto-tuned"]
+    heads = " | ".join(f"ratio fleetcore / {b}" for b in bases)
+    out = ["| figure | " + " | ".join(names) + f" | {heads} | better |",
+           "|---" * (len(names) + len(bases) + 2) + "|"]
     for label, path, better, f in ROWS[scenario]:
         vals = [get(d, path) for d in docs]
         if all(v is None for v in vals):
             continue
-        r = "–"
-        if "fleetcore" in names and "mosquitto-tuned" in names:
-            r = ratio(vals[names.index("fleetcore")], vals[names.index("mosquitto-tuned")])
-        out.append(f"| {label} | " + " | ".join(fmt(v, f) for v in vals) + f" | {r} | {better} |")
+        rs = []
+        for b in bases:
+            r = "–"
+            if "fleetcore" in names and b in names:
+                r = ratio(vals[names.index("fleetcore")], vals[names.index(b)])
+            rs.append(r)
+        out.append(f"| {label} | " + " | ".join(fmt(v, f) for v in vals) + " | " + " | ".join(rs) + f" | {better} |")
     errors = [f"{n}: {d['error']}" for n, d in zip(names, docs) if "error" in d]
     if errors:
         out.append("")

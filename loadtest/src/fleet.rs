@@ -71,7 +71,8 @@ impl Fleet {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let marker = match source {
             Source::Ca { cert, .. } => {
-                let pem = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+                let pem =
+                    std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
                 format!("ca {:016x} accounts {accounts}\n", fnv(&pem))
             }
             Source::Admin { url, policy, .. } => {
@@ -110,7 +111,7 @@ impl Fleet {
         match source {
             Source::Ca { cert, key } => fleet.mint(cert, key, &missing, accounts)?,
             Source::Admin { url, token, policy } => {
-                fleet.from_admin(url, token, policy, &missing, accounts)?
+                fleet.via_admin(url, token, policy, &missing, accounts)?
             }
         }
         eprintln!(
@@ -182,7 +183,7 @@ impl Fleet {
         Ok(())
     }
 
-    fn from_admin(
+    fn via_admin(
         &self,
         url: &str,
         token: &str,
@@ -228,7 +229,9 @@ impl Fleet {
                 bail!("creating thing {name}: HTTP {status}: {body}");
             }
             let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            let csr = Self::subject(&name, &acct)?.serialize_request(&key)?.pem()?;
+            let csr = Self::subject(&name, &acct)?
+                .serialize_request(&key)?
+                .pem()?;
             let pol = if i.is_some() {
                 policy
             } else {
@@ -246,10 +249,7 @@ impl Fleet {
             let cert = v["certificate_pem"]
                 .as_str()
                 .ok_or_else(|| anyhow!("no certificate_pem in {body}"))?;
-            std::fs::write(
-                self.path(&name),
-                format!("{cert}\n{}", key.serialize_pem()),
-            )?;
+            std::fs::write(self.path(&name), format!("{cert}\n{}", key.serialize_pem()))?;
         }
         Ok(())
     }
@@ -363,8 +363,10 @@ pub fn make_test_pki(names: &[&str]) -> anyhow::Result<(String, String, String, 
     let issuer = Issuer::new(ca_params, ca_key);
     let server_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut sp = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
-    sp.distinguished_name
-        .push(DnType::CommonName, names.first().copied().unwrap_or("localhost"));
+    sp.distinguished_name.push(
+        DnType::CommonName,
+        names.first().copied().unwrap_or("localhost"),
+    );
     sp.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let server = sp.signed_by(&server_key, &issuer)?;
     Ok((ca_pem, ca_key_pem, server.pem(), server_key.serialize_pem()))

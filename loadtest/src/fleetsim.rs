@@ -356,6 +356,7 @@ pub async fn device(
 
 /// Starts devices `ids` at `rate` per second (0 = as fast as `max_pending` allows), with at
 /// most `max_pending` connections between TCP connect and ready at once.
+#[allow(clippy::too_many_arguments)]
 pub async fn connect_fleet(
     ctx: &Arc<Ctx>,
     ids: std::ops::Range<usize>,
@@ -519,7 +520,15 @@ pub async fn publish(
                 inflight += 1;
             }
             let topic = fleet::topic(device, job.accounts, job.subject);
-            mqtt::publish(&mut m.wbuf, version, &topic, job.qos, pkid, job.retain, &pbuf);
+            mqtt::publish(
+                &mut m.wbuf,
+                version,
+                &topic,
+                job.qos,
+                pkid,
+                job.retain,
+                &pbuf,
+            );
             res.sent += 1;
             if m.wbuf.len() > 64 * 1024 {
                 break;

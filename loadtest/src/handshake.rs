@@ -58,7 +58,11 @@ fn configs(tls12: bool) -> anyhow::Result<(Arc<ServerConfig>, Arc<ClientConfig>)
 }
 
 /// Handshakes `n` times; returns (server CPU ns, client CPU ns).
-fn run(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>, n: u64) -> anyhow::Result<(u64, u64)> {
+fn run(
+    server: &Arc<ServerConfig>,
+    client: &Arc<ClientConfig>,
+    n: u64,
+) -> anyhow::Result<(u64, u64)> {
     let name = ServerName::try_from("localhost")?;
     let (mut s_ns, mut c_ns) = (0u64, 0u64);
     let mut buf = Vec::with_capacity(16 * 1024);
@@ -102,7 +106,10 @@ fn run(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>, n: u64) -> anyhow
             }
         }
         // Make sure the client certificate was really verified.
-        anyhow::ensure!(s.peer_certificates().is_some_and(|c| !c.is_empty()), "no client certificate");
+        anyhow::ensure!(
+            s.peer_certificates().is_some_and(|c| !c.is_empty()),
+            "no client certificate"
+        );
     }
     Ok((s_ns, c_ns))
 }
@@ -117,11 +124,20 @@ pub fn bench(n: u64, tls12: bool) -> anyhow::Result<Report> {
     let mut r = Report::new("handshake");
     r.param("handshakes", n);
     r.param("tls", if tls12 { "1.2" } else { "1.3" });
-    r.param("key", "ECDSA P-256 (server and client), client certificate required");
+    r.param(
+        "key",
+        "ECDSA P-256 (server and client), client certificate required",
+    );
     let per_s = n as f64 / (s_ns as f64 / 1e9);
-    r.set("server_cpu_us_per_handshake", round1(s_ns as f64 / n as f64 / 1000.0));
+    r.set(
+        "server_cpu_us_per_handshake",
+        round1(s_ns as f64 / n as f64 / 1000.0),
+    );
     r.set("server_handshakes_per_cpu_s", round1(per_s));
-    r.set("client_cpu_us_per_handshake", round1(c_ns as f64 / n as f64 / 1000.0));
+    r.set(
+        "client_cpu_us_per_handshake",
+        round1(c_ns as f64 / n as f64 / 1000.0),
+    );
     r.set("both_sides_per_s_wall", round1(n as f64 / wall));
     r.set("note", json!("server_handshakes_per_cpu_s is rustls alone on one core: the ceiling for a broker's mTLS handshakes per core"));
     r.line(format!(
@@ -134,6 +150,99 @@ pub fn bench(n: u64, tls12: bool) -> anyhow::Result<Report> {
         n as f64 / wall
     ));
     Ok(r)
+}
+
+/// A null broker: TLS (fleetcore's server configuration) or plain TCP, answering CONNECT,
+/// SUBSCRIBE and PINGREQ and nothing else. The `idle` scenario against it measures what
+/// accepting, the handshake and two packets cost with no broker logic: the ceiling for
+/// "connections per broker CPU-second" on this machine. Runs until SIGTERM/SIGINT or
+/// `max_secs`.
+pub async fn null_broker(
+    bind: std::net::SocketAddr,
+    tls: Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)>,
+    max_secs: u64,
+) -> anyhow::Result<()> {
+    use crate::mqtt;
+    use crate::net::{Io, Mqtt, Stream};
+    use rustls::pki_types::pem::PemObject;
+    let acceptor = match tls {
+        Some((cert, key, ca)) => {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(&ca)? {
+                roots.add(c?)?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()?;
+            let cfg = ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()?
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(
+                    CertificateDer::pem_file_iter(&cert)?.collect::<Result<Vec<_>, _>>()?,
+                    PrivateKeyDer::from_pem_file(&key)?,
+                )?;
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+        }
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    eprintln!(
+        "null broker listening on {bind} ({})",
+        if acceptor.is_some() {
+            "mutual TLS"
+        } else {
+            "plain TCP"
+        }
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let stop = tokio::time::sleep(std::time::Duration::from_secs(max_secs));
+    tokio::pin!(stop);
+    loop {
+        let (sock, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = &mut stop => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _ = sock.set_nodelay(true);
+            let io = match acceptor {
+                Some(a) => match a.accept(sock).await {
+                    Ok(s) => Io::ServerTls(Box::new(s)),
+                    Err(_) => return,
+                },
+                None => Io::Tcp(sock),
+            };
+            let mut m = Mqtt::new(Stream::Raw(io), mqtt::V311);
+            loop {
+                match m.recv().await {
+                    Ok(mqtt::Packet::Connect { version }) => {
+                        m.version = version;
+                        mqtt::connack(&mut m.wbuf, version);
+                    }
+                    Ok(mqtt::Packet::Subscribe { pkid }) => {
+                        mqtt::suback(&mut m.wbuf, m.version, pkid)
+                    }
+                    Ok(mqtt::Packet::PingReq) => mqtt::pingresp(&mut m.wbuf),
+                    Ok(mqtt::Packet::Publish(p)) if p.qos == 1 => mqtt::puback(&mut m.wbuf, p.pkid),
+                    Ok(mqtt::Packet::Disconnect { .. }) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                if !m.has_buffered() && m.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 }
 
 #[cfg(test)]

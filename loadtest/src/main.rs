@@ -35,7 +35,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// 1. Idle fleet: connect N devices at --rate, each subscribed to its own
+    /// Scenario 1: Idle fleet: connect N devices at --rate, each subscribed to its own
     /// account/device/#, hold them for --duration. Connect rate, broker RSS per
     /// connection, handshake failures, broker CPU per connection.
     Idle {
@@ -45,7 +45,7 @@ enum Cmd {
         #[arg(long, default_value_t = 2.0)]
         settle: f64,
     },
-    /// 2. Targeted push: with N devices connected, the backend publishes QoS 1 orders to
+    /// Scenario 2: Targeted push: with N devices connected, the backend publishes QoS 1 orders to
     /// random single devices at --msg-rate. Latency percentiles, lost, duplicated.
     Push {
         #[command(flatten)]
@@ -63,7 +63,7 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000_000)]
         max_messages: u64,
     },
-    /// 3. Telemetry fan-in: every device publishes to account/device/telemetry (total
+    /// Scenario 3: Telemetry fan-in: every device publishes to account/device/telemetry (total
     /// --msg-rate), one backend subscribes to +/+/telemetry. Delivered/s, latency, CPU.
     Fanin {
         #[command(flatten)]
@@ -79,7 +79,7 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000_000)]
         max_messages: u64,
     },
-    /// 4. Reconnect storm: N devices with persistent sessions disconnect; one QoS 1 order
+    /// Scenario 4: Reconnect storm: N devices with persistent sessions disconnect; one QoS 1 order
     /// per device is queued; --restart-cmd restarts the broker; all reconnect at once.
     /// Time to all reconnected+subscribed, time to every order delivered, lost.
     Storm {
@@ -104,7 +104,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0.0)]
         reconnect_rate: f64,
     },
-    /// 5. Retained config on resubscribe: one retained config per device, then all
+    /// Scenario 5: Retained config on resubscribe: one retained config per device, then all
     /// devices connect with clean sessions and subscribe. Time until every device has it.
     Retained {
         #[command(flatten)]
@@ -127,6 +127,22 @@ enum Cmd {
         tls12: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// A null broker (accept, TLS handshake, CONNACK, SUBACK, nothing else): run `idle`
+    /// against it for the connections-per-CPU-second ceiling of this machine.
+    NullBroker {
+        #[arg(long, default_value = "127.0.0.1:28883")]
+        bind: std::net::SocketAddr,
+        /// Server certificate, key and client CA (PEM); all three for mutual TLS, none for TCP.
+        #[arg(long, requires_all = ["key", "client_ca"])]
+        cert: Option<PathBuf>,
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        client_ca: Option<PathBuf>,
+        /// Stop after this many seconds (also on SIGTERM/SIGINT).
+        #[arg(long, default_value_t = 3600)]
+        max_secs: u64,
     },
     /// Write a test PKI: ca.pem, ca.key (also the client CA), server.pem, server.key.
     Pki {
@@ -282,10 +298,9 @@ async fn build_ctx(c: &Common) -> anyhow::Result<Arc<Ctx>> {
         if !u.uses_tls() {
             return Ok(None);
         }
-        let ca = c
-            .ca
-            .as_ref()
-            .with_context(|| format!("{u} needs --ca (the broker's CA certificate)"))?;
+        let ca =
+            c.ca.as_ref()
+                .with_context(|| format!("{u} needs --ca (the broker's CA certificate)"))?;
         Ok(Some(TlsBase::new(ca, &u.host)?))
     };
     let fleet = if !any_tls {
@@ -392,11 +407,28 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         | Cmd::Storm { common, .. }
         | Cmd::Retained { common, .. }
         | Cmd::Mint { common } => common.clone(),
-        Cmd::Handshake { handshakes, tls12, json } => {
+        Cmd::Handshake {
+            handshakes,
+            tls12,
+            json,
+        } => {
             let (n, t) = (*handshakes, *tls12);
             let r = tokio::task::spawn_blocking(move || handshake::bench(n, t)).await??;
             output(&r, *json);
             return Ok(());
+        }
+        Cmd::NullBroker {
+            bind,
+            cert,
+            key,
+            client_ca,
+            max_secs,
+        } => {
+            let tls = match (cert, key, client_ca) {
+                (Some(c), Some(k), Some(ca)) => Some((c.clone(), k.clone(), ca.clone())),
+                _ => None,
+            };
+            return handshake::null_broker(*bind, tls, *max_secs).await;
         }
         Cmd::Pki { out, names } => {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -410,12 +442,18 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             ] {
                 std::fs::write(out.join(f), pem)?;
             }
-            eprintln!("wrote ca.pem, ca.key, server.pem, server.key to {}", out.display());
+            eprintln!(
+                "wrote ca.pem, ca.key, server.pem, server.key to {}",
+                out.display()
+            );
             return Ok(());
         }
     };
     if c.devices > 10_000_000 {
-        bail!("--devices {} is beyond what this tool bounds runs to", c.devices);
+        bail!(
+            "--devices {} is beyond what this tool bounds runs to",
+            c.devices
+        );
     }
     let ctx = build_ctx(&c).await?;
     if let Cmd::Mint { .. } = cmd {
@@ -507,7 +545,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 )
                 .await?
             }
-            Cmd::Mint { .. } | Cmd::Handshake { .. } | Cmd::Pki { .. } => unreachable!(),
+            Cmd::Mint { .. } | Cmd::Handshake { .. } | Cmd::Pki { .. } | Cmd::NullBroker { .. } => {
+                unreachable!()
+            }
         })
     };
     let mut r = match tokio::time::timeout(hard, fut).await {

@@ -44,14 +44,33 @@ pub struct Publish {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Packet {
     /// `code` is the 3.1.1 return code or the MQTT 5 reason code (0 = accepted).
-    ConnAck { session_present: bool, code: u8 },
+    ConnAck {
+        session_present: bool,
+        code: u8,
+    },
     Publish(Publish),
-    PubAck { pkid: u16 },
+    PubAck {
+        pkid: u16,
+    },
     /// Only the first return/reason code (every SUBSCRIBE here carries one filter).
-    SubAck { pkid: u16, code: u8 },
+    SubAck {
+        pkid: u16,
+        code: u8,
+    },
     PingResp,
     /// MQTT 5 reason code (0 when absent); 3.1.1 brokers never send it.
-    Disconnect { reason: u8 },
+    Disconnect {
+        reason: u8,
+    },
+    /// CONNECT (only its protocol level: what a minimal server needs to answer).
+    Connect {
+        version: u8,
+    },
+    /// SUBSCRIBE (only its packet identifier).
+    Subscribe {
+        pkid: u16,
+    },
+    PingReq,
     /// Any other packet type (first byte of the fixed header).
     Other(u8),
 }
@@ -308,6 +327,17 @@ pub fn parse(buf: &mut BytesMut, version: u8) -> Result<Option<Packet>, Error> {
                 code: body[0],
             }
         }
+        1 => {
+            need(&body, 7)?;
+            Packet::Connect { version: body[6] }
+        }
+        8 => {
+            need(&body, 2)?;
+            Packet::Subscribe {
+                pkid: body.get_u16(),
+            }
+        }
+        12 => Packet::PingReq,
         13 => Packet::PingResp,
         14 => Packet::Disconnect {
             reason: body.first().copied().unwrap_or(0),
@@ -315,6 +345,31 @@ pub fn parse(buf: &mut BytesMut, version: u8) -> Result<Option<Packet>, Error> {
         _ => Packet::Other(first),
     };
     Ok(Some(packet))
+}
+
+/// CONNACK accepted, no session (a minimal server's answer).
+pub fn connack(buf: &mut BytesMut, version: u8) {
+    if version == V5 {
+        buf.put_slice(&[0x20, 3, 0, 0, 0]);
+    } else {
+        buf.put_slice(&[0x20, 2, 0, 0]);
+    }
+}
+
+/// SUBACK granting QoS 1 to one filter.
+pub fn suback(buf: &mut BytesMut, version: u8, pkid: u16) {
+    let v5 = version == V5;
+    buf.put_u8(0x90);
+    buf.put_u8(if v5 { 4 } else { 3 });
+    buf.put_u16(pkid);
+    if v5 {
+        buf.put_u8(0);
+    }
+    buf.put_u8(1);
+}
+
+pub fn pingresp(buf: &mut BytesMut) {
+    buf.put_slice(&[0xD0, 0x00]);
 }
 
 /// Whether a SUBACK code grants the subscription.
@@ -386,6 +441,45 @@ mod tests {
     }
 
     #[test]
+    fn server_side_packets_round_trip() {
+        for version in [V311, V5] {
+            let mut buf = BytesMut::new();
+            connect(
+                &mut buf,
+                &Connect {
+                    version,
+                    client_id: "d",
+                    clean: true,
+                    keep_alive: 0,
+                    session_expiry: 0,
+                },
+            );
+            subscribe(&mut buf, version, 42, "a/b/#", 1);
+            assert_eq!(
+                parse(&mut buf, version).unwrap(),
+                Some(Packet::Connect { version })
+            );
+            assert_eq!(
+                parse(&mut buf, version).unwrap(),
+                Some(Packet::Subscribe { pkid: 42 })
+            );
+            connack(&mut buf, version);
+            suback(&mut buf, version, 42);
+            assert_eq!(
+                parse(&mut buf, version).unwrap(),
+                Some(Packet::ConnAck {
+                    session_present: false,
+                    code: 0
+                })
+            );
+            assert_eq!(
+                parse(&mut buf, version).unwrap(),
+                Some(Packet::SubAck { pkid: 42, code: 1 })
+            );
+        }
+    }
+
+    #[test]
     fn connect_encodes_session_expiry_for_v5() {
         let mut buf = BytesMut::new();
         connect(
@@ -402,8 +496,8 @@ mod tests {
         assert_eq!(
             &buf[..],
             &[
-                0x10, 22, 0, 4, b'M', b'Q', b'T', b'T', 5, 0, 0, 60, 5, 0x11, 0, 0, 0x0E, 0x10,
-                0, 4, b'd', b'e', b'v', b'1'
+                0x10, 22, 0, 4, b'M', b'Q', b'T', b'T', 5, 0, 0, 60, 5, 0x11, 0, 0, 0x0E, 0x10, 0,
+                4, b'd', b'e', b'v', b'1'
             ][..]
         );
     }

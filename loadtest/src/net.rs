@@ -129,15 +129,24 @@ pub fn parse_source_addrs(s: &str) -> anyhow::Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         if let Some((a, b)) = part.split_once('-') {
-            let a: Ipv4Addr = a.trim().parse().with_context(|| format!("bad address {a}"))?;
-            let b: Ipv4Addr = b.trim().parse().with_context(|| format!("bad address {b}"))?;
+            let a: Ipv4Addr = a
+                .trim()
+                .parse()
+                .with_context(|| format!("bad address {a}"))?;
+            let b: Ipv4Addr = b
+                .trim()
+                .parse()
+                .with_context(|| format!("bad address {b}"))?;
             let (a, b) = (u32::from(a), u32::from(b));
             if b < a || b - a > 65_536 {
                 bail!("bad address range {part}");
             }
             out.extend((a..=b).map(|n| IpAddr::V4(Ipv4Addr::from(n))));
         } else {
-            out.push(part.parse().with_context(|| format!("bad address {part}"))?);
+            out.push(
+                part.parse()
+                    .with_context(|| format!("bad address {part}"))?,
+            );
         }
     }
     if out.is_empty() {
@@ -228,6 +237,8 @@ impl Fail {
 pub enum Io {
     Tcp(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// The server side, for the null broker.
+    ServerTls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 impl AsyncRead for Io {
@@ -239,6 +250,7 @@ impl AsyncRead for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -252,6 +264,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -259,6 +272,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_flush(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -266,6 +280,7 @@ impl AsyncWrite for Io {
         match self.get_mut() {
             Io::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Io::ServerTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -325,7 +340,11 @@ impl Stream {
         match url.scheme {
             Scheme::Tcp | Scheme::Tls => Ok(Stream::Raw(io)),
             Scheme::Ws | Scheme::Wss => {
-                let ws_scheme = if url.scheme == Scheme::Wss { "wss" } else { "ws" };
+                let ws_scheme = if url.scheme == Scheme::Wss {
+                    "wss"
+                } else {
+                    "ws"
+                };
                 let mut req = format!("{ws_scheme}://{}:{}{}", url.host, url.port, url.path)
                     .into_client_request()
                     .map_err(|e| Fail::new(FailKind::WebSocket, e))?;
@@ -468,7 +487,10 @@ mod tests {
         let v = parse_source_addrs("127.0.0.2-127.0.0.4, 127.0.1.1").unwrap();
         let s: Vec<String> = v.iter().map(|a| a.to_string()).collect();
         assert_eq!(s, ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.1.1"]);
-        assert_eq!(parse_source_addrs("127.0.0.255-127.0.1.0").unwrap().len(), 2);
+        assert_eq!(
+            parse_source_addrs("127.0.0.255-127.0.1.0").unwrap().len(),
+            2
+        );
         assert!(parse_source_addrs("127.0.0.9-127.0.0.2").is_err());
         assert!(parse_source_addrs("").is_err());
         assert!(parse_source_addrs("127.0.0.x").is_err());

@@ -9,7 +9,9 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::fleetsim::{self, connect_fleet, stop_all, wait, wait_until, Ctx, Plan, PubJob, PubPlan};
+use crate::fleetsim::{
+    self, connect_fleet, stop_all, wait, wait_until, Ctx, Plan, PubJob, PubPlan,
+};
 use crate::mqtt::{self, Packet};
 use crate::payload;
 use crate::stats::{hist_json, lat_line, round1, round3, Conns, ProcSample, Report, Sink, Window};
@@ -86,13 +88,26 @@ fn conn_figures(r: &mut Report, key: &str, c: &Conns) {
     }
 }
 
-fn cpu_figures(r: &mut Report, what: &str, wall: f64, broker: Option<f64>, me: Option<f64>, per: Option<(u64, &str)>) {
+fn cpu_figures(
+    r: &mut Report,
+    what: &str,
+    wall: f64,
+    broker: Option<f64>,
+    me: Option<f64>,
+    per: Option<(u64, &str)>,
+) {
     let mut o = serde_json::Map::new();
     o.insert("wall_s".into(), json!(round3(wall)));
     o.insert("broker_cpu_s".into(), json!(broker.map(round3)));
-    o.insert("broker_cpu_percent".into(), json!(broker.map(|b| round1(b / wall * 100.0))));
+    o.insert(
+        "broker_cpu_percent".into(),
+        json!(broker.map(|b| round1(b / wall * 100.0))),
+    );
     o.insert("generator_cpu_s".into(), json!(me.map(round3)));
-    o.insert("generator_cpu_percent".into(), json!(me.map(|m| round1(m / wall * 100.0))));
+    o.insert(
+        "generator_cpu_percent".into(),
+        json!(me.map(|m| round1(m / wall * 100.0))),
+    );
     let mut line = format!("{what:<17} {wall:.2} s wall");
     if let Some(b) = broker {
         line += &format!(", broker CPU {b:.2} s ({:.0}% of a core)", b / wall * 100.0);
@@ -106,12 +121,18 @@ fn cpu_figures(r: &mut Report, what: &str, wall: f64, broker: Option<f64>, me: O
             o.insert(format!("broker_cpu_us_per_{unit}"), json!(round1(us)));
             line += &format!(", {us:.1} µs broker CPU per {unit}");
             if unit == "connection" && b > 0.0 {
-                o.insert("connections_per_broker_cpu_s".into(), json!(round1(n as f64 / b)));
+                o.insert(
+                    "connections_per_broker_cpu_s".into(),
+                    json!(round1(n as f64 / b)),
+                );
                 line += &format!(" ({:.0} per broker CPU-second)", n as f64 / b);
             }
         }
     }
-    r.set(&format!("{}_cpu", what.trim().replace(' ', "_")), serde_json::Value::Object(o));
+    r.set(
+        &format!("{}_cpu", what.trim().replace(' ', "_")),
+        serde_json::Value::Object(o),
+    );
     r.line(line);
 }
 
@@ -126,18 +147,35 @@ fn device_plan(subscribe: bool, sink: Option<Arc<Sink>>) -> Arc<Plan> {
     })
 }
 
-/// 1. Idle fleet: connect, subscribe, hold.
+/// Scenario 1: Idle fleet: connect, subscribe, hold.
 pub async fn idle(ctx: Arc<Ctx>, c: &Common, settle: Duration) -> Report {
     let mut r = Report::new("idle");
     let before = ctx.probe.broker();
     let (stop_tx, stop_rx) = watch::channel(false);
     let conns = Conns::new();
     let win = Window::start(&ctx.probe);
-    let handles = connect_fleet(&ctx, 0..c.devices, c.rate, c.max_pending, device_plan(true, None), conns.clone(), &stop_rx, "connect").await;
+    let handles = connect_fleet(
+        &ctx,
+        0..c.devices,
+        c.rate,
+        c.max_pending,
+        device_plan(true, None),
+        conns.clone(),
+        &stop_rx,
+        "connect",
+    )
+    .await;
     let (wall, bcpu, mcpu) = win.end(&ctx.probe);
     conn_figures(&mut r, "connections", &conns);
     let ready = conns.ready.load(Relaxed);
-    cpu_figures(&mut r, "connect", wall, bcpu, mcpu, Some((ready, "connection")));
+    cpu_figures(
+        &mut r,
+        "connect",
+        wall,
+        bcpu,
+        mcpu,
+        Some((ready, "connection")),
+    );
     tokio::time::sleep(settle.min(ctx.deadline.saturating_duration_since(Instant::now()))).await;
     let after = ctx.probe.broker();
     let hold_until = (Instant::now() + c.duration).min(ctx.deadline);
@@ -146,9 +184,18 @@ pub async fn idle(ctx: Arc<Ctx>, c: &Common, settle: Duration) -> Report {
     wait_until(hold_until, &bar, || (t.elapsed().as_secs(), false)).await;
     bar.finish();
     let after_hold = ctx.probe.broker();
-    rss_figures(&mut r, before, after, ready, ctx.probe.peak_rss_kib.load(Relaxed));
+    rss_figures(
+        &mut r,
+        before,
+        after,
+        ready,
+        ctx.probe.peak_rss_kib.load(Relaxed),
+    );
     r.set("broker_rss_after_hold_kib", kib(after_hold));
-    r.set("handshake_failures", conns.fail_tls.load(Relaxed) + conns.fail_ws.load(Relaxed));
+    r.set(
+        "handshake_failures",
+        conns.fail_tls.load(Relaxed) + conns.fail_ws.load(Relaxed),
+    );
     r.set("dropped_while_held", conns.dropped.load(Relaxed));
     stop_all(&stop_tx, handles).await;
     r
@@ -160,10 +207,24 @@ async fn fleet_with_sink(
     ctx: &Arc<Ctx>,
     c: &Common,
     sink: Arc<Sink>,
-) -> (watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>, Arc<Conns>) {
+) -> (
+    watch::Sender<bool>,
+    Vec<tokio::task::JoinHandle<()>>,
+    Arc<Conns>,
+) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let conns = Conns::new();
-    let handles = connect_fleet(ctx, 0..c.devices, c.rate, c.max_pending, device_plan(true, Some(sink)), conns.clone(), &stop_rx, "connect").await;
+    let handles = connect_fleet(
+        ctx,
+        0..c.devices,
+        c.rate,
+        c.max_pending,
+        device_plan(true, Some(sink)),
+        conns.clone(),
+        &stop_rx,
+        "connect",
+    )
+    .await;
     (stop_tx, handles, conns)
 }
 
@@ -175,7 +236,7 @@ pub struct PushOpts {
     pub max_messages: u64,
 }
 
-/// 2. Targeted push: QoS 1 orders from the backend to random single devices.
+/// Scenario 2: Targeted push: QoS 1 orders from the backend to random single devices.
 pub async fn push(ctx: Arc<Ctx>, c: &Common, o: &PushOpts) -> anyhow::Result<Report> {
     let mut r = Report::new("push");
     let count = ((o.msg_rate * c.duration.as_secs_f64()).ceil() as u64)
@@ -187,8 +248,17 @@ pub async fn push(ctx: Arc<Ctx>, c: &Common, o: &PushOpts) -> anyhow::Result<Rep
     let (stop_tx, handles, conns) = fleet_with_sink(&ctx, c, sink.clone()).await;
     conn_figures(&mut r, "connections", &conns);
     let after = ctx.probe.broker();
-    rss_figures(&mut r, before, after, conns.ready.load(Relaxed), ctx.probe.peak_rss_kib.load(Relaxed));
-    let mut backend = ctx.backend().await.map_err(|f| anyhow::anyhow!("backend: {f:?}"))?;
+    rss_figures(
+        &mut r,
+        before,
+        after,
+        conns.ready.load(Relaxed),
+        ctx.probe.peak_rss_kib.load(Relaxed),
+    );
+    let mut backend = ctx
+        .backend()
+        .await
+        .map_err(|f| anyhow::anyhow!("backend: {f:?}"))?;
     let job = PubJob {
         rate: o.msg_rate,
         count,
@@ -213,16 +283,29 @@ pub async fn push(ctx: Arc<Ctx>, c: &Common, o: &PushOpts) -> anyhow::Result<Rep
         (res, backend)
     });
     let bar = ctx.bar(count, "delivered");
-    wait(&ctx, &bar, || (sink.delivered.load(Relaxed), publisher.is_finished())).await;
+    wait(&ctx, &bar, || {
+        (sink.delivered.load(Relaxed), publisher.is_finished())
+    })
+    .await;
     let (res, backend) = publisher.await?;
     let res = res?;
     let drain_until = (Instant::now() + c.drain).min(ctx.deadline);
-    wait_until(drain_until, &bar, || (sink.delivered.load(Relaxed), sink.distinct.load(Relaxed) >= res.sent)).await;
+    wait_until(drain_until, &bar, || {
+        (
+            sink.delivered.load(Relaxed),
+            sink.distinct.load(Relaxed) >= res.sent,
+        )
+    })
+    .await;
     bar.finish();
     let (wall, bcpu, mcpu) = win.end(&ctx.probe);
     let delivered = sink.delivered.load(Relaxed);
     // On schedule, the n-th send is at n / rate: never report more than the target.
-    let achieved = res.sent as f64 / res.publish_seconds.max(res.sent as f64 / o.msg_rate).max(1e-9);
+    let achieved = res.sent as f64
+        / res
+            .publish_seconds
+            .max(res.sent as f64 / o.msg_rate)
+            .max(1e-9);
     let lost = sink.lost(1);
     let dup = sink.duplicates.load(Relaxed);
     let h = sink.hist(1);
@@ -246,7 +329,14 @@ pub async fn push(ctx: Arc<Ctx>, c: &Common, o: &PushOpts) -> anyhow::Result<Rep
         if sustained { "" } else { " (NOT sustained)" }
     ));
     r.line(format!("latency           {}", lat_line(&h)));
-    cpu_figures(&mut r, "push", wall, bcpu, mcpu, Some((delivered, "message")));
+    cpu_figures(
+        &mut r,
+        "push",
+        wall,
+        bcpu,
+        mcpu,
+        Some((delivered, "message")),
+    );
     r.set("broker_rss_peak_kib", ctx.probe.peak_rss_kib.load(Relaxed));
     r.set("broker_rss_end_kib", kib(ctx.probe.broker()));
     stop_all(&stop_tx, handles).await;
@@ -264,7 +354,10 @@ pub struct FaninOpts {
 
 /// Subscribes the backend to `filter` at QoS 1 and waits for the SUBACK.
 async fn backend_subscriber(ctx: &Ctx, filter: &str) -> anyhow::Result<crate::net::Mqtt> {
-    let mut m = ctx.backend().await.map_err(|f| anyhow::anyhow!("backend: {f:?}"))?;
+    let mut m = ctx
+        .backend()
+        .await
+        .map_err(|f| anyhow::anyhow!("backend: {f:?}"))?;
     mqtt::subscribe(&mut m.wbuf, ctx.version, 1, filter, 1);
     m.flush().await?;
     match tokio::time::timeout(ctx.connect_timeout, m.recv()).await?? {
@@ -273,7 +366,7 @@ async fn backend_subscriber(ctx: &Ctx, filter: &str) -> anyhow::Result<crate::ne
     }
 }
 
-/// 3. Telemetry fan-in: every device publishes to its own topic, one backend receives
+/// Scenario 3: Telemetry fan-in: every device publishes to its own topic, one backend receives
 /// everything through `+/+/telemetry`.
 pub async fn fanin(ctx: Arc<Ctx>, c: &Common, o: &FaninOpts) -> anyhow::Result<Report> {
     let mut r = Report::new("fanin");
@@ -311,10 +404,26 @@ pub async fn fanin(ctx: Arc<Ctx>, c: &Common, o: &FaninOpts) -> anyhow::Result<R
     });
     let conns = Conns::new();
     let before = ctx.probe.broker();
-    let handles = connect_fleet(&ctx, 0..n, c.rate, c.max_pending, plan.clone(), conns.clone(), &stop_rx, "connect").await;
+    let handles = connect_fleet(
+        &ctx,
+        0..n,
+        c.rate,
+        c.max_pending,
+        plan.clone(),
+        conns.clone(),
+        &stop_rx,
+        "connect",
+    )
+    .await;
     conn_figures(&mut r, "connections", &conns);
     let after = ctx.probe.broker();
-    rss_figures(&mut r, before, after, conns.ready.load(Relaxed) + 1, ctx.probe.peak_rss_kib.load(Relaxed));
+    rss_figures(
+        &mut r,
+        before,
+        after,
+        conns.ready.load(Relaxed) + 1,
+        ctx.probe.peak_rss_kib.load(Relaxed),
+    );
     let win = Window::start(&ctx.probe);
     let start = Instant::now() + Duration::from_millis(100);
     let end = (start + c.duration).min(ctx.deadline);
@@ -331,7 +440,10 @@ pub async fn fanin(ctx: Arc<Ctx>, c: &Common, o: &FaninOpts) -> anyhow::Result<R
         if d != last.0 {
             last = (d, Instant::now());
         }
-        (d, sink.distinct.load(Relaxed) >= sent_total || last.1.elapsed() > Duration::from_secs(2))
+        (
+            d,
+            sink.distinct.load(Relaxed) >= sent_total || last.1.elapsed() > Duration::from_secs(2),
+        )
     })
     .await;
     bar.finish();
@@ -363,7 +475,14 @@ pub async fn fanin(ctx: Arc<Ctx>, c: &Common, o: &FaninOpts) -> anyhow::Result<R
     ));
     r.line(format!("latency QoS 0     {}", lat_line(&h0)));
     r.line(format!("latency QoS 1     {}", lat_line(&h1)));
-    cpu_figures(&mut r, "fanin", wall, bcpu, mcpu, Some((delivered, "message")));
+    cpu_figures(
+        &mut r,
+        "fanin",
+        wall,
+        bcpu,
+        mcpu,
+        Some((delivered, "message")),
+    );
     r.set("broker_rss_peak_kib", ctx.probe.peak_rss_kib.load(Relaxed));
     stop_all(&stop_tx, handles).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), receiver).await;
@@ -395,7 +514,12 @@ async fn restart(ctx: &Ctx, cmd: &str) -> anyhow::Result<()> {
         anyhow::bail!("--restart-cmd failed: {}", out.status);
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    if let Some(pid) = text.lines().rev().find(|l| !l.trim().is_empty()).and_then(|l| l.trim().parse::<u32>().ok()) {
+    if let Some(pid) = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| l.trim().parse::<u32>().ok())
+    {
         ctx.probe.broker_pid.store(pid, Relaxed);
         eprintln!("broker restarted, new PID {pid}");
     }
@@ -420,7 +544,7 @@ async fn wait_broker(ctx: &Ctx, up: bool) -> bool {
     false
 }
 
-/// 4. Reconnect storm: persistent sessions, orders queued while offline, broker restarted,
+/// Scenario 4: Reconnect storm: persistent sessions, orders queued while offline, broker restarted,
 /// everyone back at once.
 pub async fn storm(ctx: Arc<Ctx>, c: &Common, o: &StormOpts) -> anyhow::Result<Report> {
     let mut r = Report::new("storm");
@@ -436,12 +560,25 @@ pub async fn storm(ctx: Arc<Ctx>, c: &Common, o: &StormOpts) -> anyhow::Result<R
         sink: None,
         publish: None,
     });
-    let h = connect_fleet(&ctx, 0..n, c.rate, c.max_pending, plan_a, conns_a.clone(), &stop_rx, "sessions").await;
+    let h = connect_fleet(
+        &ctx,
+        0..n,
+        c.rate,
+        c.max_pending,
+        plan_a,
+        conns_a.clone(),
+        &stop_rx,
+        "sessions",
+    )
+    .await;
     futures_util::future::join_all(h).await;
     conn_figures(&mut r, "sessions", &conns_a);
     // B: one order per offline device.
     let sink = Sink::new(n);
-    let mut backend = ctx.backend().await.map_err(|f| anyhow::anyhow!("backend: {f:?}"))?;
+    let mut backend = ctx
+        .backend()
+        .await
+        .map_err(|f| anyhow::anyhow!("backend: {f:?}"))?;
     let job = PubJob {
         rate: o.msg_rate,
         count: n as u64,
@@ -501,10 +638,26 @@ pub async fn storm(ctx: Arc<Ctx>, c: &Common, o: &StormOpts) -> anyhow::Result<R
     });
     let win = Window::start(&ctx.probe);
     let t0 = payload::now_ns();
-    let handles = connect_fleet(&ctx, 0..n, o.reconnect_rate, c.max_pending, plan_d, conns_d.clone(), &stop_rx, "reconnect").await;
+    let handles = connect_fleet(
+        &ctx,
+        0..n,
+        o.reconnect_rate,
+        c.max_pending,
+        plan_d,
+        conns_d.clone(),
+        &stop_rx,
+        "reconnect",
+    )
+    .await;
     let bar = ctx.bar(res.sent, "delivered");
     let drain_until = (Instant::now() + c.drain).min(ctx.deadline);
-    wait_until(drain_until, &bar, || (sink.distinct.load(Relaxed), sink.distinct.load(Relaxed) >= res.sent)).await;
+    wait_until(drain_until, &bar, || {
+        (
+            sink.distinct.load(Relaxed),
+            sink.distinct.load(Relaxed) >= res.sent,
+        )
+    })
+    .await;
     bar.finish();
     let (wall, bcpu, mcpu) = win.end(&ctx.probe);
     conn_figures(&mut r, "reconnect", &conns_d);
@@ -527,7 +680,14 @@ pub async fn storm(ctx: Arc<Ctx>, c: &Common, o: &StormOpts) -> anyhow::Result<R
         sink.duplicates.load(Relaxed),
         conns_d.session_present.load(Relaxed),
     ));
-    cpu_figures(&mut r, "storm", wall, bcpu, mcpu, Some((n as u64, "connection")));
+    cpu_figures(
+        &mut r,
+        "storm",
+        wall,
+        bcpu,
+        mcpu,
+        Some((n as u64, "connection")),
+    );
     stop_all(&stop_tx, handles).await;
     Ok(r)
 }
@@ -539,13 +699,16 @@ pub struct RetainedOpts {
     pub keep: bool,
 }
 
-/// 5. Retained config: one retained config per device, then every device subscribes
+/// Scenario 5: Retained config: one retained config per device, then every device subscribes
 /// with a clean session.
 pub async fn retained(ctx: Arc<Ctx>, c: &Common, o: &RetainedOpts) -> anyhow::Result<Report> {
     let mut r = Report::new("retained");
     let n = c.devices.max(1);
     let sink = Sink::new(n);
-    let mut backend = ctx.backend().await.map_err(|f| anyhow::anyhow!("backend: {f:?}"))?;
+    let mut backend = ctx
+        .backend()
+        .await
+        .map_err(|f| anyhow::anyhow!("backend: {f:?}"))?;
     let mut job = PubJob {
         rate: o.msg_rate,
         count: n as u64,
@@ -575,7 +738,13 @@ pub async fn retained(ctx: Arc<Ctx>, c: &Common, o: &RetainedOpts) -> anyhow::Re
     let (stop_tx, handles, conns) = fleet_with_sink(&ctx, c, sink.clone()).await;
     let bar = ctx.bar(n as u64, "configs");
     let drain_until = (Instant::now() + c.drain).min(ctx.deadline);
-    wait_until(drain_until, &bar, || (sink.distinct.load(Relaxed), sink.distinct.load(Relaxed) >= n as u64)).await;
+    wait_until(drain_until, &bar, || {
+        (
+            sink.distinct.load(Relaxed),
+            sink.distinct.load(Relaxed) >= n as u64,
+        )
+    })
+    .await;
     bar.finish();
     let (wall, bcpu, mcpu) = win.end(&ctx.probe);
     conn_figures(&mut r, "connections", &conns);
@@ -592,8 +761,21 @@ pub async fn retained(ctx: Arc<Ctx>, c: &Common, o: &RetainedOpts) -> anyhow::Re
         sink.foreign.load(Relaxed)
     ));
     let after = ctx.probe.broker();
-    rss_figures(&mut r, before, after, conns.ready.load(Relaxed), ctx.probe.peak_rss_kib.load(Relaxed));
-    cpu_figures(&mut r, "resubscribe", wall, bcpu, mcpu, Some((n as u64, "connection")));
+    rss_figures(
+        &mut r,
+        before,
+        after,
+        conns.ready.load(Relaxed),
+        ctx.probe.peak_rss_kib.load(Relaxed),
+    );
+    cpu_figures(
+        &mut r,
+        "resubscribe",
+        wall,
+        bcpu,
+        mcpu,
+        Some((n as u64, "connection")),
+    );
     stop_all(&stop_tx, handles).await;
     if !o.keep {
         job.empty = true;
@@ -602,7 +784,10 @@ pub async fn retained(ctx: Arc<Ctx>, c: &Common, o: &RetainedOpts) -> anyhow::Re
         job.until = ctx.deadline;
         let progress = AtomicU64::new(0);
         let cleared = fleetsim::publish(&mut backend, &job, c.drain, &progress).await?;
-        r.line(format!("cleared           {} retained configs", cleared.acked));
+        r.line(format!(
+            "cleared           {} retained configs",
+            cleared.acked
+        ));
     }
     backend.close().await;
     Ok(r)

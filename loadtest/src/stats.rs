@@ -336,7 +336,10 @@ impl Sink {
 
     /// How many were sent at `qos`.
     pub fn sent(&self, qos: u8) -> u64 {
-        self.sent.iter().filter(|s| s.load(Relaxed) == qos + 1).count() as u64
+        self.sent
+            .iter()
+            .filter(|s| s.load(Relaxed) == qos + 1)
+            .count() as u64
     }
 
     /// Sent at `qos` and never received.

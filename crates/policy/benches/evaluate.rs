@@ -41,15 +41,34 @@ fn cert_vars() -> Vars {
 fn bench_decide(c: &mut Criterion) {
     for (group_name, doc, vars) in [
         ("policy/agent-thing-policy", THING_POLICY, thing_vars()),
-        ("policy/agent-policy (certificate CN/OU)", CERT_POLICY, cert_vars()),
+        (
+            "policy/agent-policy (certificate CN/OU)",
+            CERT_POLICY,
+            cert_vars(),
+        ),
     ] {
         let policy = Policy::parse(doc).expect("seed policy parses");
         let bound = Bound::new(&[&policy], &vars);
         let cases = [
             ("connect, allowed", Action::Connect, "dev42042", true),
-            ("connect, other client id", Action::Connect, "dev42043", false),
-            ("subscribe own filter", Action::Subscribe, "acct42/dev42042/#", true),
-            ("publish own topic", Action::Publish, "acct42/dev42042/telemetry", true),
+            (
+                "connect, other client id",
+                Action::Connect,
+                "dev42043",
+                false,
+            ),
+            (
+                "subscribe own filter",
+                Action::Subscribe,
+                "acct42/dev42042/#",
+                true,
+            ),
+            (
+                "publish own topic",
+                Action::Publish,
+                "acct42/dev42042/telemetry",
+                true,
+            ),
             (
                 "receive own order",
                 Action::Receive,
