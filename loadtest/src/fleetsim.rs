@@ -28,6 +28,8 @@ pub struct Ctx {
     pub backend_tls: Option<TlsBase>,
     pub alpn: Option<Vec<u8>>,
     pub fleet: Option<Fleet>,
+    /// Device `i`'s TLS client configuration, built before any measured phase.
+    pub device_tls: Vec<Arc<rustls::ClientConfig>>,
     pub version: u8,
     pub accounts: usize,
     pub keep_alive: u16,
@@ -62,7 +64,13 @@ impl Ctx {
         } else {
             (&self.url, self.addr, &self.tls)
         };
+        let device = (!backend)
+            .then(|| name.strip_prefix("dev")?.parse::<usize>().ok())
+            .flatten();
         let tls = match tls {
+            Some(base) if device.is_some_and(|i| i < self.device_tls.len()) => {
+                Some((base, self.device_tls[device.unwrap()].clone()))
+            }
             Some(base) => {
                 let identity = match &self.fleet {
                     Some(f) => Some(f.load(name).map_err(|e| Fail::new(FailKind::Tls, e))?),

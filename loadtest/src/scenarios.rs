@@ -45,6 +45,9 @@ fn rss_figures(
     r.set("broker_rss_before_kib", kib(before));
     r.set("broker_rss_after_kib", kib(after));
     r.set("broker_rss_peak_kib", peak);
+    if let Some(me) = crate::stats::sample_pid(std::process::id()) {
+        r.set("generator_rss_kib", me.rss_kib);
+    }
     if let (Some(b), Some(a)) = (before, after) {
         let per = if conns > 0 {
             (a.rss_kib as f64 - b.rss_kib as f64) * 1024.0 / conns as f64
