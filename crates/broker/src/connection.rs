@@ -93,7 +93,73 @@ enum AfterCommit {
 }
 
 /// Serves one accepted (and, for TLS, handshaken) connection to the end.
-pub async fn serve<S>(hub: Arc<Hub>, mut stream: S, peer: PeerInfo, connect_deadline: Instant)
+pub async fn serve<S>(hub: Arc<Hub>, stream: S, peer: PeerInfo, connect_deadline: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    // The CONNECT phase runs in its own allocation, freed before the session
+    // runs: its state (the decoded CONNECT, the negotiation) is large, and an
+    // idle connection should not carry it.
+    let Some(opened) = Box::pin(open(&hub, stream, &peer, connect_deadline)).await else {
+        return;
+    };
+    let Opened {
+        mut conn,
+        kick_rx,
+        keep_alive,
+        mut will,
+        client_id,
+    } = opened;
+    let version = conn.version;
+    let conn_id = conn.conn_id;
+    let exit = conn.run(kick_rx, keep_alive, &mut will).await;
+    // ---- end ----
+    let (reason_text, will) = match &exit {
+        Exit::ClientDisconnect { with_will } => (
+            "client disconnected".to_string(),
+            if *with_will { will } else { None },
+        ),
+        Exit::Lost(why) => (format!("connection lost: {why}"), will),
+        Exit::Abort(why) => (why.clone(), will),
+        Exit::Refuse(code, why) => {
+            if version.is_v5() {
+                let mut d = v5::Disconnect::new(*code);
+                if conn.problem_info {
+                    d.properties.reason_string = Some(Arc::from(why.as_str()));
+                }
+                conn.send(&Packet::Disconnect(d), "disconnect");
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.flush()).await;
+            }
+            (format!("{why} (reason 0x{:02X})", *code as u8), will)
+        }
+    };
+    tracing::info!(client_id = %client_id, peer = %peer.addr, reason = %reason_text, "client disconnected");
+    // Let go of the session before lingering, so a takeover is not kept waiting.
+    let inflight: Vec<Inflight> = std::mem::take(&mut conn.inflight).into_values().collect();
+    let qos2 = std::mem::take(&mut conn.incoming_qos2);
+    hub.detach(&conn.session, conn_id, inflight, qos2, will);
+    if matches!(exit, Exit::Refuse(..)) {
+        Box::pin(linger(&mut conn.stream)).await;
+    }
+}
+
+/// A connection past CONNECT: attached to its session, CONNACK queued.
+struct Opened<S> {
+    conn: Conn<S>,
+    kick_rx: KickReceiver,
+    keep_alive: u16,
+    will: Option<(Message, u32)>,
+    client_id: Arc<str>,
+}
+
+/// Reads and checks CONNECT, attaches the session and queues CONNACK (and any
+/// resends); `None` when the connection was refused or went away.
+async fn open<S>(
+    hub: &Arc<Hub>,
+    mut stream: S,
+    peer: &PeerInfo,
+    connect_deadline: Instant,
+) -> Option<Opened<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -107,16 +173,16 @@ where
             Err(e) => {
                 tracing::info!(peer = %peer.addr, error = %e, "refused before CONNECT");
                 m::connection_refused("bad_connect");
-                return;
+                return None;
             }
         }
         match tokio::time::timeout_at(connect_deadline, stream.read_buf(&mut inbuf)).await {
             Err(_) => {
                 tracing::info!(peer = %peer.addr, "no CONNECT within the connect timeout; closing");
                 m::connection_refused("connect_timeout");
-                return;
+                return None;
             }
-            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
             Ok(Ok(_)) => {}
         }
     };
@@ -130,17 +196,17 @@ where
             let _ = stream.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
             let _ = stream.flush().await;
             m::connection_refused("protocol_version");
-            return;
+            return None;
         }
         Err(e) => {
             tracing::info!(peer = %peer.addr, error = %e, "bad first packet; closing");
             m::connection_refused("bad_connect");
-            return;
+            return None;
         }
     };
     let connect = match protocol::decode(version, &frame) {
         Ok(Packet::Connect(c)) => c,
-        Ok(_) => return,
+        Ok(_) => return None,
         Err(e) => {
             tracing::info!(peer = %peer.addr, error = %e, "malformed CONNECT");
             if version.is_v5() {
@@ -152,12 +218,10 @@ where
                 refuse_connect(&mut stream, version, code, &e.to_string()).await;
             }
             m::connection_refused("bad_connect");
-            return;
+            return None;
         }
     };
-    let Some(setup) = negotiate(&hub, &peer, version, connect, &mut stream).await else {
-        return;
-    };
+    let setup = negotiate(hub, peer, version, connect, &mut stream).await?;
     let conn_id = hub.next_session_id();
     let attached = hub
         .attach(
@@ -243,38 +307,13 @@ where
         };
         conn.inflight.insert(inf.pid, inf);
     }
-    let mut will = setup.will;
-    let exit = conn
-        .run(attached.kick_rx, setup.keep_alive, &mut will)
-        .await;
-    // ---- end ----
-    let (reason_text, will) = match &exit {
-        Exit::ClientDisconnect { with_will } => (
-            "client disconnected".to_string(),
-            if *with_will { will } else { None },
-        ),
-        Exit::Lost(why) => (format!("connection lost: {why}"), will),
-        Exit::Abort(why) => (why.clone(), will),
-        Exit::Refuse(code, why) => {
-            if version.is_v5() {
-                let mut d = v5::Disconnect::new(*code);
-                if conn.problem_info {
-                    d.properties.reason_string = Some(Arc::from(why.as_str()));
-                }
-                conn.send(&Packet::Disconnect(d), "disconnect");
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn.flush()).await;
-            }
-            (format!("{why} (reason 0x{:02X})", *code as u8), will)
-        }
-    };
-    tracing::info!(client_id = %setup.client_id, peer = %peer.addr, reason = %reason_text, "client disconnected");
-    // Let go of the session before lingering, so a takeover is not kept waiting.
-    let inflight: Vec<Inflight> = std::mem::take(&mut conn.inflight).into_values().collect();
-    let qos2 = std::mem::take(&mut conn.incoming_qos2);
-    hub.detach(&conn.session, conn_id, inflight, qos2, will);
-    if matches!(exit, Exit::Refuse(..)) {
-        Box::pin(linger(&mut conn.stream)).await;
-    }
+    Some(Opened {
+        conn,
+        kick_rx: attached.kick_rx,
+        keep_alive: setup.keep_alive,
+        will: setup.will,
+        client_id: setup.client_id,
+    })
 }
 
 /// Closes our side and reads (and discards) what the client still sends,

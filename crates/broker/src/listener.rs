@@ -145,7 +145,7 @@ async fn serve_socket(
     deadline: Instant,
 ) {
     if dispatch.proxy_protocol {
-        match proxy_protocol::read_header(&mut sock, deadline).await {
+        match Box::pin(proxy_protocol::read_header(&mut sock, deadline)).await {
             Ok(Proxied::Client(client)) => {
                 peer.proxied_by = Some(peer.addr);
                 peer.addr = client;
