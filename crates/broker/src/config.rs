@@ -71,15 +71,35 @@ impl Config {
             );
         }
         for l in &self.listeners {
+            if l.allow_anonymous && l.uses_registry() {
+                return Err(format!(
+                    "listener {}: allow_anonymous cannot be combined with tokens or registry = true (clients are checked against the registry)",
+                    l.bind
+                ));
+            }
             if l.tokens_enabled() && l.registry == Some(false) {
                 return Err(format!(
                     "listener {}: tokens are checked against the registry; they need registry = true",
                     l.bind
                 ));
             }
-            if l.websocket && !l.websocket_path.starts_with('/') {
+            for range in &l.proxy_protocol_from {
+                crate::proxy_protocol::Cidr::parse(range)
+                    .map_err(|e| format!("listener {}: proxy_protocol_from: {e}", l.bind))?;
+            }
+            if !l.proxy_protocol_from.is_empty() && !l.proxy_protocol {
                 return Err(format!(
-                    "listener {}: websocket_path must start with '/' (got {:?})",
+                    "listener {}: proxy_protocol_from needs proxy_protocol = true",
+                    l.bind
+                ));
+            }
+            if l.websocket
+                && (!l.websocket_path.starts_with('/')
+                    || l.websocket_path
+                        .contains(|c: char| c == '?' || c == '#' || c.is_whitespace()))
+            {
+                return Err(format!(
+                    "listener {}: websocket_path must start with '/' and hold no '?', '#' or spaces (got {:?})",
                     l.bind, l.websocket_path
                 ));
             }
@@ -278,6 +298,10 @@ pub struct ListenerConfig {
     /// load balancer, naming the real client address.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// With proxy_protocol: the balancers' addresses (IPs or CIDR ranges) that
+    /// may send the header; connections from elsewhere are refused. Empty: any.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<String>,
 }
 
 fn default_ws_path() -> String {
@@ -299,6 +323,7 @@ impl ListenerConfig {
             websocket_path: default_ws_path(),
             tokens: None,
             proxy_protocol: false,
+            proxy_protocol_from: Vec::new(),
         }
     }
 

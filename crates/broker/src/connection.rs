@@ -258,7 +258,11 @@ where
         cert: peer.cert.clone().or(setup.token_cert),
         token_expires: setup.token.as_ref().map(|t| {
             Instant::now()
-                + Duration::from_millis((t.exp * 1000).saturating_sub(crate::message::now_ms()))
+                + Duration::from_millis(
+                    t.exp
+                        .saturating_mul(1000)
+                        .saturating_sub(crate::message::now_ms()),
+                )
         }),
         token: setup.token,
     };
@@ -409,7 +413,9 @@ async fn negotiate<S: AsyncWrite + Unpin>(
             }
             _ => None,
         };
-        if peer.cert.is_none() && token.is_none() && !peer.allow_anonymous {
+        // On a registry listener every client is someone in the registry: a
+        // certificate or a token, never anonymous (whatever allow_anonymous says).
+        if peer.cert.is_none() && token.is_none() && (!peer.allow_anonymous || peer.uses_registry) {
             return Err(refuse(
                 ConnectReasonCode::NotAuthorized,
                 if peer.tokens {

@@ -125,6 +125,12 @@ impl Server {
                     Some(Arc::new(p))
                 }
             };
+            if lc.kind == ListenerKind::Tcp && lc.tokens_enabled() && !lc.bind.ip().is_loopback() {
+                tracing::warn!(
+                    bind = %lc.bind,
+                    "device tokens on a plain-TCP listener that is not on loopback travel in clear text; keep it behind a TLS-terminating proxy on a private network"
+                );
+            }
             let socket = bind(lc.bind).map_err(|e| err(e.to_string()))?;
             bound.push(listener::Listener {
                 config: lc,

@@ -22,7 +22,7 @@ use crate::connection::{self, PeerInfo};
 use crate::hub::Hub;
 use crate::metrics as m;
 use crate::proxy_protocol::{self, Proxied};
-use crate::tls::{ClientCert, ALPN_HTTP, ALPN_MQTT};
+use crate::tls::{ClientCert, ALPN_MQTT};
 use crate::websocket::{self, HttpOutcome, Prefixed};
 
 /// A bound listener socket and how to serve what it accepts.
@@ -50,6 +50,8 @@ struct Dispatch {
     websocket: bool,
     websocket_path: String,
     proxy_protocol: bool,
+    /// Who may send PROXY headers (empty: anyone).
+    proxy_from: Vec<proxy_protocol::Cidr>,
 }
 
 /// Runs the accept loop until shutdown.
@@ -59,6 +61,13 @@ pub async fn run(hub: Arc<Hub>, listener: Listener) {
         websocket: listener.config.websocket,
         websocket_path: listener.config.websocket_path.clone(),
         proxy_protocol: listener.config.proxy_protocol,
+        // Validated with the configuration.
+        proxy_from: listener
+            .config
+            .proxy_protocol_from
+            .iter()
+            .filter_map(|r| proxy_protocol::Cidr::parse(r).ok())
+            .collect(),
     });
     let mut shutdown = hub.shutdown_signal();
     let mut backoff = Duration::from_millis(10);
@@ -145,6 +154,12 @@ async fn serve_socket(
     deadline: Instant,
 ) {
     if dispatch.proxy_protocol {
+        let ip = peer.addr.ip();
+        if !dispatch.proxy_from.is_empty() && !dispatch.proxy_from.iter().any(|c| c.contains(ip)) {
+            m::connection_refused("proxy_protocol");
+            tracing::info!(peer = %peer.addr, listener = peer.listener, "connection refused: not from a balancer in proxy_protocol_from");
+            return;
+        }
         match Box::pin(proxy_protocol::read_header(&mut sock, deadline)).await {
             Ok(Proxied::Client(client)) => {
                 peer.proxied_by = Some(peer.addr);
@@ -233,9 +248,9 @@ async fn serve_http(
     dispatch: &Dispatch,
     deadline: Instant,
 ) {
-    let max_message = (hub.config.limits.max_packet_size as usize)
-        .saturating_mul(2)
-        .saturating_add(64 * 1024);
+    // One WebSocket message may hold one packet (and the start of the next):
+    // no more memory per message than a packet may take on plain MQTT.
+    let max_message = (hub.config.limits.max_packet_size as usize).saturating_add(16 * 1024);
     match websocket::serve_http(
         stream,
         head,
@@ -309,17 +324,8 @@ async fn serve_tls(
             )
             .await
         }
-        Some(ALPN_HTTP) => {
-            serve_http(
-                hub,
-                Box::new(stream),
-                BytesMut::new(),
-                peer,
-                dispatch,
-                deadline,
-            )
-            .await
-        }
+        // http/1.1 (or no ALPN): HTTP, unless the client starts with a CONNECT
+        // anyway (libraries that always offer http/1.1).
         _ => Box::pin(sniff_and_serve(hub, stream, peer, dispatch, deadline)).await,
     }
 }

@@ -38,42 +38,35 @@ pub async fn read_header(sock: &mut TcpStream, deadline: Instant) -> Result<Prox
 }
 
 async fn read_inner(sock: &mut TcpStream) -> Result<Proxied, String> {
-    let mut first = [0u8; 16];
-    // Peek until the bytes decide the version. Partial data makes peek return
-    // at once, so wait a little between looks rather than spin.
-    loop {
-        let seen = sock.peek(&mut first).await.map_err(|e| e.to_string())?;
-        if seen == 0 {
-            return Err("closed before the PROXY protocol header".into());
-        }
-        let s = &first[..seen];
-        let could_v1 = b"PROXY ".starts_with(&s[..s.len().min(6)]);
-        let could_v2 = V2_SIGNATURE.starts_with(&s[..s.len().min(12)]);
-        if !could_v1 && !could_v2 {
-            return Err("connection does not start with a PROXY protocol header".into());
-        }
-        if could_v1 && s.len() >= 6 {
-            return read_v1(sock).await;
-        }
-        if could_v2 && s.len() >= 16 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    // Version 2: 12-byte signature, version/command, family/protocol, length.
+    // Six bytes tell the versions apart ("PROXY " or the start of the v2
+    // signature); reading exactly what the header holds leaves the client's
+    // own bytes in the socket, and waiting in read never spins.
     let mut fixed = [0u8; 16];
-    sock.read_exact(&mut fixed)
-        .await
-        .map_err(|e| e.to_string())?;
+    read_exact(sock, &mut fixed[..6]).await?;
+    if &fixed[..6] == b"PROXY " {
+        return read_v1(sock).await;
+    }
+    if fixed[..6] != V2_SIGNATURE[..6] {
+        return Err("connection does not start with a PROXY protocol header".into());
+    }
+    read_exact(sock, &mut fixed[6..]).await?;
     let len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
     if len > V2_MAX_BODY {
         return Err(format!("PROXY v2 header claims {len} bytes of addresses"));
     }
     let mut body = vec![0u8; len];
-    sock.read_exact(&mut body)
-        .await
-        .map_err(|e| e.to_string())?;
+    read_exact(sock, &mut body).await?;
     parse_v2(&fixed, &body)
+}
+
+async fn read_exact(sock: &mut TcpStream, buf: &mut [u8]) -> Result<(), String> {
+    sock.read_exact(buf).await.map(|_| ()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            "closed before the end of the PROXY protocol header".to_string()
+        } else {
+            e.to_string()
+        }
+    })
 }
 
 /// Parses a v2 header: `fixed` is its first 16 bytes, `body` the rest.
@@ -115,29 +108,19 @@ pub fn parse_v2(fixed: &[u8; 16], body: &[u8]) -> Result<Proxied, String> {
     }
 }
 
+/// The rest of a v1 line after "PROXY ", up to CRLF, a byte at a time (at
+/// most 101 reads; only trusted balancers send these).
 async fn read_v1(sock: &mut TcpStream) -> Result<Proxied, String> {
-    let mut line = [0u8; V1_MAX];
-    let n = sock.peek(&mut line).await.map_err(|e| e.to_string())?;
-    let Some(end) = line[..n].windows(2).position(|w| w == b"\r\n") else {
-        if n >= V1_MAX {
+    let mut line = b"PROXY ".to_vec();
+    while !line.ends_with(b"\r\n") {
+        if line.len() >= V1_MAX {
             return Err("PROXY v1 header longer than 107 bytes".into());
         }
-        // The line has not all arrived: take what is there and wait for the rest.
-        let mut buf = Vec::with_capacity(V1_MAX);
-        loop {
-            let b = sock.read_u8().await.map_err(|e| e.to_string())?;
-            buf.push(b);
-            if buf.ends_with(b"\r\n") {
-                return parse_v1(&buf[..buf.len() - 2]);
-            }
-            if buf.len() >= V1_MAX {
-                return Err("PROXY v1 header longer than 107 bytes".into());
-            }
-        }
-    };
-    let mut buf = vec![0u8; end + 2];
-    sock.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-    parse_v1(&buf[..end])
+        let mut byte = [0u8; 1];
+        read_exact(sock, &mut byte).await?;
+        line.push(byte[0]);
+    }
+    parse_v1(&line[..line.len() - 2])
 }
 
 /// Parses a v1 line without its CRLF: `PROXY TCP4 src dst sport dport`.
@@ -159,6 +142,56 @@ pub fn parse_v1(line: &[u8]) -> Result<Proxied, String> {
             Ok(Proxied::Client(SocketAddr::new(ip, port)))
         }
         _ => Err(format!("malformed PROXY v1 header {text:?}")),
+    }
+}
+
+/// An address range (`10.0.0.0/8`, `2001:db8::/32`, or one address) that may
+/// send PROXY headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (ip, prefix) = match text.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (text, None),
+        };
+        let net: IpAddr = ip
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?} is not an IP address or CIDR range"))?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("{text:?}: prefix length must be 0..={max}"))?,
+        };
+        Ok(Cidr { net, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - self.prefix as u32).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - self.prefix as u32).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
     }
 }
 
@@ -232,6 +265,25 @@ mod tests {
         h[0] = b'X';
         let (fixed, body) = split(&h);
         assert!(parse_v2(&fixed, body).unwrap_err().contains("signature"));
+    }
+
+    #[test]
+    fn trusted_ranges() {
+        let lb = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(lb.contains("10.1.200.3".parse().unwrap()));
+        assert!(!lb.contains("10.2.0.1".parse().unwrap()));
+        assert!(lb.contains("::ffff:10.1.0.9".parse().unwrap()), "v4-mapped");
+        let one = Cidr::parse("127.0.0.1").unwrap();
+        assert!(one.contains("127.0.0.1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.2".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(Cidr::parse("2001:db8::/32")
+            .unwrap()
+            .contains("2001:db8:1::1".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("ten").is_err());
     }
 
     #[test]

@@ -819,7 +819,15 @@ impl Registry {
 
     /// Checks a token's form, key, signature and times now; reads memory only.
     pub fn verify_token(&self, token: &str) -> std::result::Result<TokenClaims, TokenError> {
-        self.tokens.read().verify(token, now_ms())
+        let claims = self.tokens.read().verify(token, now_ms())?;
+        // No token outlives the longest lifetime this broker issues, even one
+        // signed with a leaked key.
+        if claims.exp.saturating_sub(claims.iat) > self.token_config().max_ttl_secs {
+            return Err(TokenError::Malformed(
+                "lifetime longer than tokens.max_ttl_secs",
+            ));
+        }
+        Ok(claims)
     }
 
     /// Who a verified token's holder is and what it may do: the certificate it names

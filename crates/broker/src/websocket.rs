@@ -94,11 +94,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
                 let n = self.unread.len().min(buf.remaining());
                 buf.put_slice(&self.unread[..n]);
                 self.unread.advance(n);
+                if self.unread.is_empty() {
+                    // Let go of the message's memory now, not at the next one.
+                    self.unread = Bytes::new();
+                }
                 return Poll::Ready(Ok(()));
             }
             match ready!(Pin::new(&mut self.ws).poll_next(cx)) {
-                // End of stream: the peer closed (a Close frame, then None).
-                None | Some(Ok(Message::Close(_))) => return Poll::Ready(Ok(())),
+                None => return Poll::Ready(Ok(())),
+                // The peer closed: send the Close reply the WebSocket layer
+                // queued (best effort), then end of stream.
+                Some(Ok(Message::Close(_))) => {
+                    let _ = Sink::<Message>::poll_flush(Pin::new(&mut self.ws), cx);
+                    return Poll::Ready(Ok(()));
+                }
                 Some(Ok(Message::Binary(b))) => self.unread = b,
                 Some(Ok(Message::Text(_))) => {
                     return Poll::Ready(Err(io::Error::new(
@@ -131,13 +140,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
         Sink::<Message>::poll_flush(Pin::new(&mut self.ws), cx).map_err(ws_error)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A Close frame, then the stream underneath (TLS close_notify, FIN).
         match ready!(Sink::<Message>::poll_close(Pin::new(&mut self.ws), cx)) {
-            Ok(()) => Poll::Ready(Ok(())),
+            Ok(())
             // Closing twice, or after the peer's close: already done.
-            Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed)
-            | Err(tokio_tungstenite::tungstenite::Error::AlreadyClosed) => Poll::Ready(Ok(())),
-            Err(e) => Poll::Ready(Err(ws_error(e))),
+            | Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed)
+            | Err(tokio_tungstenite::tungstenite::Error::AlreadyClosed) => {}
+            Err(e) => return Poll::Ready(Err(ws_error(e))),
         }
+        Pin::new(self.ws.get_mut()).poll_shutdown(cx)
     }
 }
 
@@ -185,10 +196,13 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     // Read until the blank line that ends the head.
+    let mut scanned: usize = 0;
     let head_len = loop {
-        if let Some(i) = find_head_end(&head) {
-            break i;
+        // Only the new bytes (and the three before them) can complete "\r\n\r\n".
+        if let Some(i) = find_head_end(&head[scanned.saturating_sub(3)..]) {
+            break scanned.saturating_sub(3) + i;
         }
+        scanned = head.len();
         if head.len() >= MAX_HEAD {
             let why = format!("request head longer than {MAX_HEAD} bytes");
             respond(

@@ -427,5 +427,11 @@ mod tests {
         )
         .unwrap();
         assert!(bad.validate().unwrap_err().contains("websocket_path"));
+        // Tokens and anonymous clients do not mix: the token would be decoration.
+        let bad: Config = toml::from_str(
+            "[[listener]]\nkind = \"tcp\"\nbind = \"0.0.0.0:80\"\nwebsocket = true\ntokens = true\nallow_anonymous = true\n",
+        )
+        .unwrap();
+        assert!(bad.validate().unwrap_err().contains("allow_anonymous"));
     }
 }

@@ -594,6 +594,11 @@ fn admin_token_file_is_private_and_kept_across_restarts() {
         broker.log().contains("admin.token"),
         "the token's path is logged"
     );
+    // The hint follows the "listening" lines the harness waits for: give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !broker.log().contains("fleetcore cert create") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert!(
         broker.log().contains("fleetcore cert create"),
         "no provisioning hint"

@@ -352,7 +352,9 @@ fn mqtt_packets_may_span_websocket_frames_and_share_them() {
 
 #[test]
 fn proxy_protocol_v2_puts_the_real_client_address_in_the_log() {
-    let broker = TestBroker::start(BrokerOpts::new().ws("proxy_protocol = true"));
+    let broker = TestBroker::start(
+        BrokerOpts::new().ws("proxy_protocol = true\nproxy_protocol_from = [\"127.0.0.0/8\"]"),
+    );
     // What HAProxy sends for a client 203.0.113.9:4242 reaching 10.0.0.1:1883.
     let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     header.extend([0x21, 0x11, 0, 12, 203, 0, 113, 9, 10, 0, 0, 1]);
@@ -374,8 +376,7 @@ fn proxy_protocol_v2_puts_the_real_client_address_in_the_log() {
     assert!(line.contains("peer=203.0.113.9:4242"), "{line}");
     assert!(line.contains("via=127.0.0.1:"), "{line}");
 
-    // Without the header the connection is refused: nobody can claim an address by
-    // reaching the port directly.
+    // Without the header the connection is refused.
     let mut s = TcpStream::connect(("127.0.0.1", broker.ws_port())).unwrap();
     s.write_all(&connect_packet("no-header")).unwrap();
     assert!(matches!(
@@ -383,6 +384,24 @@ fn proxy_protocol_v2_puts_the_real_client_address_in_the_log() {
         raw::Incoming::Closed
     ));
     assert!(broker.log().contains("bad PROXY protocol header"));
+
+    // Only the balancers named in proxy_protocol_from may send the header: from any
+    // other address a well-formed header is refused, so no one can claim an address
+    // by reaching the port directly.
+    let strict = TestBroker::start(
+        BrokerOpts::new().ws("proxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/8\"]"),
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", strict.ws_port())).unwrap();
+    s.write_all(&header).unwrap();
+    s.write_all(&connect_packet("spoofer")).unwrap();
+    assert!(matches!(
+        raw::read_packet(&mut s, Instant::now() + 10 * SEC),
+        raw::Incoming::Closed
+    ));
+    assert!(strict
+        .log()
+        .contains("not from a balancer in proxy_protocol_from"));
+    assert!(!strict.log().contains("spoofer"));
 }
 
 #[test]
@@ -762,6 +781,27 @@ fn a_device_token_opens_wss_and_alpn_mqtt_with_the_certificates_policies() {
     assert_eq!(
         behind_proxy.expect_event("suback", 10 * SEC).get("codes"),
         "1"
+    );
+    // ... and without a token nobody gets in there.
+    let mut nobody = paho(
+        "subscribe.py",
+        &strings_of(&[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &broker.ws_port().to_string(),
+            "--websocket",
+            "/mqtt",
+            "--client-id",
+            "computer-a",
+            "--exit-after-subscribe",
+        ]),
+    );
+    assert_eq!(
+        nobody.expect_event("connack", 10 * SEC).get("reason_code"),
+        "135",
+        "{}",
+        nobody.transcript()
     );
 
     // Refusals: wrong user name, a tampered token, no credentials at all.

@@ -279,7 +279,7 @@ impl TestBroker {
             toml += &format!(
                 "\n[[listener]]\nkind = \"tcp\"\nbind = \"127.0.0.1:{port}\"\nwebsocket = true\n"
             );
-            if !extra.contains("allow_anonymous") {
+            if !extra.contains("allow_anonymous") && !extra.contains("tokens = true") {
                 toml += "allow_anonymous = true\n";
             }
             toml += &format!("{extra}\n");
