@@ -117,7 +117,7 @@ registry = false"
         printf '[[listener]]\nkind = "tcp"\nbind = "127.0.0.1:%s"\nallow_anonymous = true\n' "$BACKEND_PORT"
         ;;
     wss)
-        printf '[[listener]]\nkind = "tls"\nwebsocket = true\nbind = "127.0.0.1:%s"\n%s\npolicy_file = "%s"\n' "$DEV_PORT" "$tls" "$REPO/config/examples/agent-policy.json"
+        printf '[[listener]]\nkind = "tls"\nwebsocket = true\ntokens = false\nbind = "127.0.0.1:%s"\n%s\npolicy_file = "%s"\n' "$DEV_PORT" "$tls" "$REPO/config/examples/agent-policy.json"
         printf '[[listener]]\nkind = "tls"\nbind = "127.0.0.1:%s"\n%s\n' "$BACKEND_PORT" "$tls"
         ;;
     esac

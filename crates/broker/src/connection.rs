@@ -93,7 +93,7 @@ enum AfterCommit {
 }
 
 /// Serves one accepted (and, for TLS, handshaken) connection to the end.
-pub async fn serve<S>(hub: Arc<Hub>, stream: S, peer: PeerInfo, connect_deadline: Instant)
+pub async fn serve<S>(hub: Arc<Hub>, stream: S, peer: Box<PeerInfo>, connect_deadline: Instant)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -103,6 +103,9 @@ where
     let Some(opened) = Box::pin(open(&hub, stream, &peer, connect_deadline)).await else {
         return;
     };
+    // Only the address is needed from here on.
+    let peer_addr = peer.addr;
+    drop(peer);
     let Opened {
         mut conn,
         kick_rx,
@@ -133,7 +136,7 @@ where
             (format!("{why} (reason 0x{:02X})", *code as u8), will)
         }
     };
-    tracing::info!(client_id = %client_id, peer = %peer.addr, reason = %reason_text, "client disconnected");
+    tracing::info!(client_id = %client_id, peer = %peer_addr, reason = %reason_text, "client disconnected");
     // Let go of the session before lingering, so a takeover is not kept waiting.
     let inflight: Vec<Inflight> = std::mem::take(&mut conn.inflight).into_values().collect();
     let qos2 = std::mem::take(&mut conn.incoming_qos2);

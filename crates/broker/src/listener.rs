@@ -117,7 +117,8 @@ pub async fn run(hub: Arc<Hub>, listener: Listener) {
         let guard = ConnGuard(hub.clone());
         let _ = sock.set_nodelay(true);
         let deadline = Instant::now() + Duration::from_secs(hub.config.limits.connect_timeout_secs);
-        let peer = PeerInfo {
+        // Boxed: every stage keeps a pointer, not a copy, for the connection's life.
+        let peer = Box::new(PeerInfo {
             addr,
             proxied_by: None,
             listener: kind,
@@ -131,14 +132,13 @@ pub async fn run(hub: Arc<Hub>, listener: Listener) {
             policy: listener.policy.clone(),
             uses_registry: listener.config.uses_registry(),
             tokens: listener.config.tokens_enabled(),
-        };
+        });
         let hub = hub.clone();
         let tls = listener.tls.clone();
         let dispatch = dispatch.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            serve_socket(hub, sock, peer, tls, dispatch, deadline).await
-        });
+        tokio::spawn(serve_socket(
+            guard, hub, sock, peer, tls, dispatch, deadline,
+        ));
     }
     tracing::info!(listener = kind, "listener stopped");
 }
@@ -146,9 +146,10 @@ pub async fn run(hub: Arc<Hub>, listener: Listener) {
 /// Everything between accept and the MQTT connection: the PROXY header, the
 /// TLS handshake, and on WebSocket listeners the choice between MQTT and HTTP.
 async fn serve_socket(
+    _guard: ConnGuard,
     hub: Arc<Hub>,
     mut sock: TcpStream,
-    mut peer: PeerInfo,
+    mut peer: Box<PeerInfo>,
     tls: Option<Arc<crate::tls::TlsSource>>,
     dispatch: Arc<Dispatch>,
     deadline: Instant,
@@ -204,7 +205,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 async fn sniff_and_serve<S>(
     hub: Arc<Hub>,
     mut stream: S,
-    peer: PeerInfo,
+    peer: Box<PeerInfo>,
     dispatch: &Dispatch,
     deadline: Instant,
 ) where
@@ -244,7 +245,7 @@ async fn serve_http(
     hub: Arc<Hub>,
     stream: Box<dyn Io>,
     head: BytesMut,
-    mut peer: PeerInfo,
+    mut peer: Box<PeerInfo>,
     dispatch: &Dispatch,
     deadline: Instant,
 ) {
@@ -285,7 +286,7 @@ async fn serve_tls(
     hub: Arc<Hub>,
     acceptor: TlsAcceptor,
     sock: TcpStream,
-    mut peer: PeerInfo,
+    mut peer: Box<PeerInfo>,
     dispatch: &Dispatch,
     deadline: Instant,
 ) {

@@ -5,9 +5,6 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::Duration;
-
 use common::*;
 
 /// Each device may use only `acct/<its certificate CN>/...`.
@@ -25,48 +22,14 @@ const PER_DEVICE: &str = r#"{
 
 fn run_agent(broker: &TestBroker, protocol: &str) {
     let pki = broker.pki();
-    let args = [
-        "--client-id",
-        "thing-1",
-        "--protocol",
-        protocol,
-        "--allowed",
-        "acct/thing-1/#",
-        "--allowed-topic",
-        "acct/thing-1/orders",
-        "--denied",
-        "acct/thing-2/#",
-        "--denied-topic",
-        "acct/thing-2/orders",
-    ];
+    let mut args = vec!["--protocol", protocol];
+    args.extend(SDK_THING1_ARGS);
     run_sdk(broker, &pki.ca_cert, &pki.thing1, &args);
 }
 
-/// Runs the SDK agent script with this CA file and client certificate.
+/// Runs the SDK agent script on the TLS listener with this CA file and client certificate.
 fn run_sdk(broker: &TestBroker, ca: &std::path::Path, cert: &ClientCert, args: &[&str]) {
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/awsiot_agent.py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(&script)
-        .args(["--host", "localhost", "--port"])
-        .arg(broker.tls_port().to_string())
-        .arg("--ca")
-        .arg(ca)
-        .arg("--cert")
-        .arg(&cert.cert)
-        .arg("--key")
-        .arg(&cert.key)
-        .args(args);
-    let out = run(cmd, Duration::from_secs(60));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_ne!(
-        out.status.code(),
-        Some(10),
-        "awsiotsdk is missing: python3 -m pip install awsiotsdk\n{}",
-        describe(&out)
-    );
-    assert!(out.status.success(), "{}", describe(&out));
-    assert!(!stdout.contains("fail "), "{stdout}");
+    run_awsiot_agent(broker.tls_port(), ca, cert, args);
 }
 
 #[test]

@@ -517,42 +517,10 @@ fn aws_iot_sdk_on_port_443_negotiates_alpn_x_amzn_mqtt_ca() {
             .wss_on_port(443, ""),
     );
     let pki = broker.pki();
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/awsiot_agent.py");
     for protocol in ["3.1.1", "5"] {
-        let mut cmd = Command::new("python3");
-        cmd.arg(&script)
-            .args(["--host", "localhost", "--port", "443", "--ca"])
-            .arg(&pki.ca_cert)
-            .arg("--cert")
-            .arg(&pki.thing1.cert)
-            .arg("--key")
-            .arg(&pki.thing1.key)
-            .args([
-                "--client-id",
-                "thing-1",
-                "--protocol",
-                protocol,
-                "--allowed",
-                "acct/thing-1/#",
-                "--allowed-topic",
-                "acct/thing-1/orders",
-                "--denied",
-                "acct/thing-2/#",
-                "--denied-topic",
-                "acct/thing-2/orders",
-            ]);
-        let out = run(cmd, 60 * SEC);
-        assert!(
-            out.status.code() != Some(10),
-            "awsiotsdk is not installed: python3 -m pip install awsiotsdk"
-        );
-        assert!(
-            out.status.success(),
-            "SDK {protocol} on 443 failed\n{}\n{}",
-            describe(&out),
-            broker.log_tail()
-        );
+        let mut args = vec!["--protocol", protocol];
+        args.extend(SDK_THING1_ARGS);
+        run_awsiot_agent(443, &pki.ca_cert, &pki.thing1, &args);
     }
     let metrics = broker.admin("GET", "/metrics", None).text();
     let alpn_line = metrics
@@ -654,6 +622,38 @@ fn paho_token(broker: &TestBroker, user: &str, token: &str, more: &[&str]) -> Li
     );
     a.extend(more.iter().map(|s| s.to_string()));
     paho("subscribe.py", &a)
+}
+
+/// computer-a over WSS with `token`, subscribed to its own topics (SUBACK checked).
+fn token_agent(broker: &TestBroker, token: &str) -> LineChild {
+    let mut agent = paho_token(
+        broker,
+        "computer-a",
+        token,
+        &[
+            "--client-id",
+            "computer-a",
+            "--filter",
+            "customer-a/computer-a/#",
+            "--timeout",
+            "30",
+        ],
+    );
+    assert_eq!(agent.expect_event("suback", 10 * SEC).get("codes"), "1");
+    agent
+}
+
+/// The CONNACK reason code computer-a gets over WSS with `token`.
+fn token_connack(broker: &TestBroker, token: &str) -> String {
+    let mut c = paho_token(
+        broker,
+        "computer-a",
+        token,
+        &["--client-id", "computer-a", "--exit-after-subscribe"],
+    );
+    c.expect_event("connack", 10 * SEC)
+        .get("reason_code")
+        .to_string()
 }
 
 #[test]
@@ -855,20 +855,7 @@ fn a_device_token_opens_wss_and_alpn_mqtt_with_the_certificates_policies() {
 fn an_expired_token_is_refused_and_a_live_session_ends_when_it_expires() {
     let (broker, _fleet, _dir) = token_broker(BrokerOpts::new());
     let token = issue_token(&broker, "computer-a", "3s");
-    let mut agent = paho_token(
-        &broker,
-        "computer-a",
-        &token,
-        &[
-            "--client-id",
-            "computer-a",
-            "--filter",
-            "customer-a/computer-a/#",
-            "--timeout",
-            "30",
-        ],
-    );
-    assert_eq!(agent.expect_event("suback", 10 * SEC).get("codes"), "1");
+    let mut agent = token_agent(&broker, &token);
     // Cut off at expiry with MQTT 5's "maximum connect time".
     let ev = agent.expect_event("disconnected", 10 * SEC);
     assert_eq!(
@@ -877,16 +864,7 @@ fn an_expired_token_is_refused_and_a_live_session_ends_when_it_expires() {
         "{}",
         agent.transcript()
     );
-    let mut again = paho_token(
-        &broker,
-        "computer-a",
-        &token,
-        &["--client-id", "computer-a", "--exit-after-subscribe"],
-    );
-    assert_eq!(
-        again.expect_event("connack", 10 * SEC).get("reason_code"),
-        "134"
-    );
+    assert_eq!(token_connack(&broker, &token), "134");
     assert!(
         broker.log().contains("token expired at"),
         "the refusal names the reason\n{}",
@@ -898,20 +876,7 @@ fn an_expired_token_is_refused_and_a_live_session_ends_when_it_expires() {
 fn revoking_the_certificate_behind_a_token_cuts_its_sessions_off() {
     let (broker, fleet, _dir) = token_broker(BrokerOpts::new());
     let token = issue_token(&broker, "computer-a", "1h");
-    let mut agent = paho_token(
-        &broker,
-        "computer-a",
-        &token,
-        &[
-            "--client-id",
-            "computer-a",
-            "--filter",
-            "customer-a/computer-a/#",
-            "--timeout",
-            "30",
-        ],
-    );
-    assert_eq!(agent.expect_event("suback", 10 * SEC).get("codes"), "1");
+    let mut agent = token_agent(&broker, &token);
     let start = Instant::now();
     ok(
         broker.admin(
@@ -929,16 +894,7 @@ fn revoking_the_certificate_behind_a_token_cuts_its_sessions_off() {
         start.elapsed()
     );
     // The token's signature is still good, but what it stands for is gone.
-    let mut again = paho_token(
-        &broker,
-        "computer-a",
-        &token,
-        &["--client-id", "computer-a", "--exit-after-subscribe"],
-    );
-    assert_eq!(
-        again.expect_event("connack", 10 * SEC).get("reason_code"),
-        "135"
-    );
+    assert_eq!(token_connack(&broker, &token), "135");
     // And no new token is issued for a thing without an active certificate.
     let resp = broker.admin(
         "POST",

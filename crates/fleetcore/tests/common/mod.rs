@@ -1234,6 +1234,46 @@ pub fn paho(script: &str, args: &[String]) -> LineChild {
     LineChild::spawn(script, cmd)
 }
 
+/// The AWS IoT Device SDK agent's arguments for thing-1 of the test [`Pki`] under a
+/// per-device policy (`acct/<CN>/...`): what it may and may not use.
+pub const SDK_THING1_ARGS: [&str; 10] = [
+    "--client-id",
+    "thing-1",
+    "--allowed",
+    "acct/thing-1/#",
+    "--allowed-topic",
+    "acct/thing-1/orders",
+    "--denied",
+    "acct/thing-2/#",
+    "--denied-topic",
+    "acct/thing-2/orders",
+];
+
+/// Runs tests/clients/awsiot_agent.py (the AWS IoT Device SDK v2) against
+/// localhost:`port` with this CA file and client certificate, and fails the test
+/// unless every check it makes passes.
+pub fn run_awsiot_agent(port: u16, ca: &Path, cert: &ClientCert, args: &[&str]) {
+    let mut cmd = Command::new("python3");
+    cmd.arg(clients_dir().join("awsiot_agent.py"))
+        .args(["--host", "localhost", "--port", &port.to_string(), "--ca"])
+        .arg(ca)
+        .arg("--cert")
+        .arg(&cert.cert)
+        .arg("--key")
+        .arg(&cert.key)
+        .args(args);
+    let out = run(cmd, Duration::from_secs(60));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(
+        out.status.code(),
+        Some(10),
+        "awsiotsdk is missing: python3 -m pip install awsiotsdk\n{}",
+        describe(&out)
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(!stdout.contains("fail "), "{stdout}");
+}
+
 /// Starts the MQTT.js agent (tests/clients/node/mqttjs_agent.js) with these arguments.
 /// Fails the test, saying what to run, when Node.js or the npm packages are missing.
 pub fn mqttjs(args: &[String]) -> LineChild {
