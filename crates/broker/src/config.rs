@@ -363,13 +363,15 @@ mod tests {
     fn token_settings_that_cannot_work_are_refused_by_name() {
         assert_eq!(Config::default().validate(), Ok(()));
         let with = |max, default, rotation| {
-            let mut c = Config::default();
-            c.tokens = TokenConfig {
-                max_ttl_secs: max,
-                default_ttl_secs: default,
-                key_rotation_secs: rotation,
-            };
-            c.validate()
+            Config {
+                tokens: TokenConfig {
+                    max_ttl_secs: max,
+                    default_ttl_secs: default,
+                    key_rotation_secs: rotation,
+                },
+                ..Config::default()
+            }
+            .validate()
         };
         assert_eq!(with(60, 60, 1), Ok(()));
         assert!(with(0, 1, 1).unwrap_err().contains("tokens.max_ttl_secs"));
