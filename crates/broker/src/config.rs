@@ -427,3 +427,35 @@ impl Default for SessionConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_settings_that_cannot_work_are_refused_by_name() {
+        assert_eq!(Config::default().validate(), Ok(()));
+        let with = |max, default, rotation| {
+            Config {
+                tokens: TokenConfig {
+                    max_ttl_secs: max,
+                    default_ttl_secs: default,
+                    key_rotation_secs: rotation,
+                },
+                ..Config::default()
+            }
+            .validate()
+        };
+        assert_eq!(with(60, 60, 1), Ok(()));
+        assert!(with(0, 1, 1).unwrap_err().contains("tokens.max_ttl_secs"));
+        assert!(with(60, 0, 1)
+            .unwrap_err()
+            .contains("tokens.default_ttl_secs"));
+        assert!(with(60, 61, 1)
+            .unwrap_err()
+            .contains("tokens.default_ttl_secs"));
+        assert!(with(60, 60, 0)
+            .unwrap_err()
+            .contains("tokens.key_rotation_secs"));
+    }
+}
