@@ -290,7 +290,10 @@ async fn serve_tls(
     dispatch: &Dispatch,
     deadline: Instant,
 ) {
-    let stream = match tokio::time::timeout_at(deadline, acceptor.accept(sock)).await {
+    // The handshake's state (a whole TLS connection in flight) is boxed so that
+    // this future, which lives as long as the connection, does not keep its size.
+    let handshake = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(sock)));
+    let stream = match handshake.await {
         Err(_) => {
             m::connection_refused("tls_handshake_timeout");
             tracing::info!(peer = %peer.addr, "TLS handshake did not finish within the connect timeout");
