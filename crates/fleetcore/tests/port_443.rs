@@ -462,18 +462,7 @@ fn registered_identity_on_443_is_the_one_on_8883_and_revocation_cuts_wss_off() {
         "order-1"
     );
 
-    let start = Instant::now();
-    ok(
-        broker.admin(
-            "PUT",
-            &format!("/certificates/{}/state", fleet.agent_id),
-            Some(&json!({"state": "REVOKED"})),
-        ),
-        200,
-    );
-    let ev = agent.expect_event("disconnected", 5 * SEC);
-    assert_eq!(ev.get("reason_code"), "135", "{}", agent.transcript());
-    assert!(start.elapsed() < 2 * SEC);
+    revoke_and_expect_cut_off(&broker, &fleet, &mut agent);
     // Refused again over WSS and over MQTT-over-TLS on the same port.
     let mut again = paho(
         "subscribe.py",
@@ -622,6 +611,28 @@ fn paho_token(broker: &TestBroker, user: &str, token: &str, more: &[&str]) -> Li
     );
     a.extend(more.iter().map(|s| s.to_string()));
     paho("subscribe.py", &a)
+}
+
+/// Revokes the agent's certificate through the admin API and checks that `agent`
+/// (connected with that certificate or a token standing for it) is cut off at once
+/// with 0x87.
+fn revoke_and_expect_cut_off(broker: &TestBroker, fleet: &Fleet, agent: &mut LineChild) {
+    let start = Instant::now();
+    ok(
+        broker.admin(
+            "PUT",
+            &format!("/certificates/{}/state", fleet.agent_id),
+            Some(&json!({"state": "REVOKED"})),
+        ),
+        200,
+    );
+    let ev = agent.expect_event("disconnected", 5 * SEC);
+    assert_eq!(ev.get("reason_code"), "135", "{}", agent.transcript());
+    assert!(
+        start.elapsed() < 2 * SEC,
+        "cut off after {:?}",
+        start.elapsed()
+    );
 }
 
 /// computer-a over WSS with `token`, subscribed to its own topics (SUBACK checked).
@@ -877,22 +888,7 @@ fn revoking_the_certificate_behind_a_token_cuts_its_sessions_off() {
     let (broker, fleet, _dir) = token_broker(BrokerOpts::new());
     let token = issue_token(&broker, "computer-a", "1h");
     let mut agent = token_agent(&broker, &token);
-    let start = Instant::now();
-    ok(
-        broker.admin(
-            "PUT",
-            &format!("/certificates/{}/state", fleet.agent_id),
-            Some(&json!({"state": "REVOKED"})),
-        ),
-        200,
-    );
-    let ev = agent.expect_event("disconnected", 5 * SEC);
-    assert_eq!(ev.get("reason_code"), "135", "{}", agent.transcript());
-    assert!(
-        start.elapsed() < 2 * SEC,
-        "cut off after {:?}",
-        start.elapsed()
-    );
+    revoke_and_expect_cut_off(&broker, &fleet, &mut agent);
     // The token's signature is still good, but what it stands for is gone.
     assert_eq!(token_connack(&broker, &token), "135");
     // And no new token is issued for a thing without an active certificate.
