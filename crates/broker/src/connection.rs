@@ -93,26 +93,51 @@ enum AfterCommit {
 }
 
 /// Serves one accepted (and, for TLS, handshaken) connection to the end.
-pub async fn serve<S>(hub: Arc<Hub>, stream: S, peer: Box<PeerInfo>, connect_deadline: Instant)
+pub fn serve<S>(
+    hub: Arc<Hub>,
+    stream: S,
+    peer: Box<PeerInfo>,
+    connect_deadline: Instant,
+) -> impl Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    // An async fn keeps its arguments in its state for as long as it runs,
+    // even once they are moved out: the stream (1.2 KB with TLS) goes in
+    // boxed, so an idle connection does not carry a dead copy of it.
+    serve_boxed(hub, Box::new(stream), peer, connect_deadline)
+}
+
+async fn serve_boxed<S>(
+    hub: Arc<Hub>,
+    stream: Box<S>,
+    peer: Box<PeerInfo>,
+    connect_deadline: Instant,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    // The box is freed here, not when this future ends.
+    let stream: S = {
+        let boxed = stream;
+        *boxed
+    };
     // The CONNECT phase runs in its own allocation, freed before the session
     // runs: its state (the decoded CONNECT, the negotiation) is large, and an
-    // idle connection should not carry it.
-    let Some(opened) = Box::pin(open(&hub, stream, &peer, connect_deadline)).await else {
-        return;
-    };
-    // Only the address is needed from here on.
-    let peer_addr = peer.addr;
-    drop(peer);
-    let Opened {
+    // idle connection should not carry it. Its result is taken apart at once:
+    // a named `Opened` would keep a second slot as large as the connection.
+    let Some(Opened {
         mut conn,
         kick_rx,
         keep_alive,
         mut will,
         client_id,
-    } = opened;
+    }) = Box::pin(open(&hub, stream, &peer, connect_deadline)).await
+    else {
+        return;
+    };
+    // Only the address is needed from here on.
+    let peer_addr = peer.addr;
+    drop(peer);
     let version = conn.version;
     let conn_id = conn.conn_id;
     let exit = conn.run(kick_rx, keep_alive, &mut will).await;

@@ -306,26 +306,33 @@ async fn serve_tls(
         }
         Ok(Ok(s)) => s,
     };
-    peer.cert = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .and_then(|der| ClientCert::from_der(der));
+    // Borrowed only inside this block: a borrowed local keeps its slot in
+    // this (connection-long) future even after it is moved out.
+    let (stream, alpn) = {
+        let s = stream;
+        let conn = s.get_ref().1;
+        peer.cert = conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|der| ClientCert::from_der(der));
+        let alpn = conn.alpn_protocol().map(|p| p.to_vec());
+        (s, alpn)
+    };
     if !dispatch.websocket {
         return Box::pin(connection::serve(hub, stream, peer, deadline)).await;
     }
     // ALPN decides where it can; a client that sent none is sniffed.
-    let alpn = stream.get_ref().1.alpn_protocol().map(|p| p.to_vec());
     m::tls_alpn(peer.listener, alpn.as_deref());
     match alpn.as_deref() {
+        // Boxed like every branch: this future lives as long as the
+        // connection and must not be sized for a connection inline.
         Some(p) if ALPN_MQTT.contains(&p) => {
-            connection::serve(
+            Box::pin(connection::serve(
                 hub,
                 Prefixed::new(bytes::Bytes::new(), stream),
                 peer,
                 deadline,
-            )
+            ))
             .await
         }
         // http/1.1 (or no ALPN): HTTP, unless the client starts with a CONNECT

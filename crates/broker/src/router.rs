@@ -305,6 +305,9 @@ impl<V: Clone> Router<V> {
             existing.value = value;
             return true;
         }
+        // Most filters have one subscriber (a device's own `account/device/#`):
+        // grow by one, not to Vec's first step of four (256 bytes each).
+        subs.reserve_exact(1);
         subs.push(Sub {
             subscriber,
             group: group.map(Arc::from),
