@@ -283,7 +283,7 @@ where
         connect_expiry: setup.expiry_secs,
         authz: setup.authz,
         authz_gen: setup.authz_gen,
-        cert: peer.cert.clone().or(setup.token_cert),
+        cert: peer.cert.clone().or(setup.token_cert).map(Box::new),
         token_expires: setup.token.as_ref().map(|t| {
             Instant::now()
                 + Duration::from_millis(
@@ -292,7 +292,7 @@ where
                         .saturating_sub(crate::message::now_ms()),
                 )
         }),
-        token: setup.token,
+        token: setup.token.map(Box::new),
     };
     let mut props = setup.connack_props;
     props.session_expiry_interval = setup.told_expiry;
@@ -638,11 +638,12 @@ struct Conn<S> {
     authz: Authz,
     authz_gen: Option<u64>,
     /// The certificate authorization is bound to: the client's own, or the
-    /// registered one its device token stands for.
-    cert: Option<ClientCert>,
+    /// registered one its device token stands for. Boxed, like `token`: every
+    /// connection carries the field, most need only the pointer.
+    cert: Option<Box<ClientCert>>,
     /// A token session: its claims, re-checked when the registry changes, and
     /// when it expires.
-    token: Option<TokenClaims>,
+    token: Option<Box<TokenClaims>>,
     token_expires: Option<Instant>,
 }
 

@@ -581,7 +581,7 @@ impl Hub {
             } else {
                 st.will_generation += 1;
                 let generation = st.will_generation;
-                st.pending_will = Some(PendingWill { msg: w, generation });
+                st.pending_will = Some(Box::new(PendingWill { msg: w, generation }));
                 let hub = self.clone();
                 let s = session.clone();
                 let timer = tokio::spawn(async move {

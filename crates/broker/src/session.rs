@@ -150,7 +150,8 @@ pub struct SessionState {
     /// Unix ms when the last connection ended; `None` while attached.
     pub disconnected_at_ms: Option<u64>,
     pub next_seq: u64,
-    pub pending_will: Option<PendingWill>,
+    /// Boxed: most sessions never have one, and every session carries the field.
+    pub pending_will: Option<Box<PendingWill>>,
     pub will_generation: u64,
     /// The timer task of a delayed will, aborted when the client comes back.
     pub will_timer: Option<tokio::task::AbortHandle>,
