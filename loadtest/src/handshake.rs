@@ -42,13 +42,15 @@ fn configs(tls12: bool) -> anyhow::Result<(Arc<ServerConfig>, Arc<ClientConfig>)
     } else {
         &[&rustls::version::TLS13]
     };
-    let server = ServerConfig::builder_with_provider(provider.clone())
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(
             vec![CertificateDer::from_pem_slice(server.as_bytes())?],
             PrivateKeyDer::from_pem_slice(server_key.as_bytes())?,
         )?;
+    // As fleetcore's server: no TLS 1.3 session tickets.
+    server.send_tls13_tickets = 0;
     let mut client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
         .with_root_certificates(roots)
@@ -175,13 +177,15 @@ pub async fn null_broker(
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                     .build()?;
-            let cfg = ServerConfig::builder_with_provider(provider)
+            let mut cfg = ServerConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()?
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(
                     CertificateDer::pem_file_iter(&cert)?.collect::<Result<Vec<_>, _>>()?,
                     PrivateKeyDer::from_pem_file(&key)?,
                 )?;
+            // As fleetcore's server: no TLS 1.3 session tickets.
+            cfg.send_tls13_tickets = 0;
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
         }
         None => None,
