@@ -637,6 +637,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         if let Err(exit) = self.handle_buffered(will, max_packet) {
             return exit;
         }
+        // The waits below live as long as the loop. Made afresh on every turn,
+        // each registered with (and then removed from) its Notify, and the
+        // keep-alive timer was inserted into and removed from the timer wheel,
+        // for every packet in or out.
+        let session = self.session.clone();
+        let mut shutdown_wait = std::pin::pin!(shutdown.wait_for(|down| *down));
+        let mut kick = std::pin::pin!(kick_rx.recv());
+        let mut wake = std::pin::pin!(session.wake.notified());
+        // The keep-alive timer is armed for the deadline as it stood when it
+        // was (re)armed; input moves the deadline later without touching the
+        // timer, which is re-armed for the new deadline only when it fires.
+        let mut ka_armed = last_in + ka.unwrap_or(far);
+        let mut ka_timer = std::pin::pin!(tokio::time::sleep_until(ka_armed));
+        let mut token_timer = std::pin::pin!(tokio::time::sleep_until(
+            self.token_expires.unwrap_or(last_in + far)
+        ));
         loop {
             if let Err(exit) = self.refresh_authz() {
                 return exit;
@@ -647,7 +663,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 // stopped reading.
                 let flushed = tokio::select! {
                     r = self.flush() => r,
-                    k = kick_rx.recv() => {
+                    k = &mut kick => {
                         return Exit::Abort(format!("{} (while a write was stalled)", k.message));
                     }
                 };
@@ -655,22 +671,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     return Exit::Lost(e);
                 }
             }
-            if *shutdown.borrow() {
-                return Exit::Refuse(
-                    DisconnectReasonCode::ServerShuttingDown,
-                    "server shutting down".into(),
-                );
-            }
-            let ka_deadline = last_in + ka.unwrap_or(far);
             // A 3.1.1 publisher at the Receive Maximum waits for its commits.
             let read_open = self.version.is_v5()
                 || self.awaiting_commit < self.hub.config.limits.receive_maximum as usize;
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => {
+                // Polled first, so a shutdown that began while this turn ran
+                // wins over whatever else is ready.
+                _ = &mut shutdown_wait => {
                     return Exit::Refuse(DisconnectReasonCode::ServerShuttingDown, "server shutting down".into());
                 }
-                k = kick_rx.recv() => {
+                k = &mut kick => {
                     return Exit::Refuse(k.reason, k.message);
                 }
                 Some((after, res)) = self.pending.next(), if !self.pending.is_empty() => {
@@ -678,7 +689,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         return exit;
                     }
                 }
-                _ = self.session.wake.notified() => {}
+                _ = &mut wake => {
+                    wake.set(session.wake.notified());
+                }
                 r = ReadInto::new(&mut self.stream, &mut self.inbuf), if read_open => {
                     match r {
                         Ok(0) => return Exit::Lost("closed by peer".into()),
@@ -691,10 +704,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(ka_deadline), if ka.is_some() => {
-                    return Exit::Refuse(DisconnectReasonCode::KeepAliveTimeout, "keep-alive timeout".into());
+                _ = &mut ka_timer, if ka.is_some() => {
+                    let due = last_in + ka.unwrap_or(far);
+                    if due <= ka_armed {
+                        return Exit::Refuse(DisconnectReasonCode::KeepAliveTimeout, "keep-alive timeout".into());
+                    }
+                    ka_armed = due;
+                    ka_timer.as_mut().reset(due);
                 }
-                _ = tokio::time::sleep_until(self.token_expires.unwrap_or(last_in + far)), if self.token_expires.is_some() => {
+                _ = &mut token_timer, if self.token_expires.is_some() => {
                     return Exit::Refuse(
                         DisconnectReasonCode::MaximumConnectTime,
                         "device token expired: connect again with a new one".into(),
@@ -788,14 +806,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let n = self.out.len();
         let mut pos = 0;
         while pos < n {
-            match tokio::time::timeout(WRITE_STALL, self.stream.write(&self.out[pos..])).await {
+            match within_write_stall(self.stream.write(&self.out[pos..])).await {
                 Err(_) => return Err("write stalled: the client is not reading".into()),
                 Ok(Err(e)) => return Err(e.to_string()),
                 Ok(Ok(0)) => return Err("connection closed while writing".into()),
                 Ok(Ok(w)) => pos += w,
             }
         }
-        match tokio::time::timeout(WRITE_STALL, self.stream.flush()).await {
+        match within_write_stall(self.stream.flush()).await {
             Err(_) => return Err("write stalled: the client is not reading".into()),
             Ok(Err(e)) => return Err(e.to_string()),
             Ok(Ok(())) => {}
@@ -844,7 +862,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             topic,
             payload: &d.msg.payload,
             properties: v5.then_some(&d.msg.properties),
-            expiry: if v5 {
+            expiry: if v5 && d.msg.expires_at_ms.is_some() {
                 d.msg.remaining_expiry(now_ms())
             } else {
                 None
@@ -871,7 +889,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Moves queued deliveries into the write buffer while the in-flight
     /// window and the buffer allow.
     fn pump(&mut self) {
-        let now = now_ms();
         while self.inflight.len() < self.out_window && self.out.len() < OUT_HIGH_WATER {
             let next = {
                 let mut st = self.session.state.lock();
@@ -882,7 +899,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 st.queue.pop_front()
             };
             let Some(d) = next else { break };
-            if d.msg.is_expired(now) {
+            // The clock is read only for messages that can expire.
+            if d.msg.expires_at_ms.is_some() && d.msg.is_expired(now_ms()) {
                 m::dropped("expired");
                 self.forget_stored(&d);
                 continue;
@@ -1399,6 +1417,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             &Packet::Unsuback(v5::Unsuback::new(u.pid, codes)),
             "unsuback",
         );
+    }
+}
+
+/// `tokio::time::timeout(WRITE_STALL, f)`, except that no timer is made when
+/// `f` is ready on its first poll, as a write to a socket with room is: the
+/// timer (a clock read, and a timer wheel entry once polled) cost as much as
+/// the bookkeeping of the write itself. A write that has to wait gets the
+/// whole [`WRITE_STALL`] from then on.
+async fn within_write_stall<F: Future>(f: F) -> Result<F::Output, tokio::time::error::Elapsed> {
+    use std::task::Poll;
+    let mut f = std::pin::pin!(f);
+    let first = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(out) => Ok(out),
+        Poll::Pending => tokio::time::timeout(WRITE_STALL, f).await,
     }
 }
 
