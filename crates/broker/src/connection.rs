@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use mqtt_proto::v5::{
     self, ConnackProperties, ConnectReasonCode, DisconnectReasonCode, PubackReasonCode,
@@ -733,9 +733,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         loop {
             match protocol::frame_len(&self.inbuf, max_packet) {
                 Ok(Some(n)) => {
-                    let frame = self.inbuf.split_to(n);
-                    let packet = protocol::decode(self.version, &frame)
+                    // Decoded in place (the packet owns copies of what it
+                    // needs): splitting the frame off made the buffer shared,
+                    // an allocation per read.
+                    let packet = protocol::decode(self.version, &self.inbuf[..n])
                         .map_err(|e| Exit::Refuse(e.reason(), e.to_string()))?;
+                    self.inbuf.advance(n);
                     m::packet_in(packet_name(&packet), n);
                     tracing::trace!(client_id = %self.session.client_id, packet = packet_name(&packet), bytes = n, "packet received");
                     self.handle(packet, will)?;
@@ -745,8 +748,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             }
         }
         if self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
-            // An idle connection holds no input buffer (see ReadInto).
-            self.inbuf = BytesMut::new();
+            // An idle connection holds no input buffer (see ReadInto); the
+            // buffer goes to this thread's spare for the next read.
+            spare::put_in(std::mem::take(&mut self.inbuf));
         }
         Ok(())
     }
@@ -789,8 +793,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
     }
 
+    /// The output buffer, taken from this thread's spare when the connection
+    /// has none (it gives it back after each flush).
+    fn out_buf(&mut self) -> &mut BytesMut {
+        if self.out.capacity() == 0 {
+            self.out = spare::take_out();
+        }
+        &mut self.out
+    }
+
     fn send(&mut self, packet: &Packet, name: &'static str) {
-        match protocol::encode(self.version, packet, &mut self.out) {
+        let version = self.version;
+        match protocol::encode(version, packet, self.out_buf()) {
             Ok(0) => {}
             Ok(_) => m::packet_out(name),
             Err(e) => {
@@ -819,8 +833,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             Ok(Ok(())) => {}
         }
         m::bytes_out(n);
-        // An idle connection keeps no output buffer either.
-        self.out = BytesMut::new();
+        // An idle connection keeps no output buffer either; it is left to the
+        // next connection this thread writes for, instead of freed here and
+        // allocated again (and grown) for the next packet.
+        spare::put_out(std::mem::take(&mut self.out));
         Ok(())
     }
 
@@ -870,8 +886,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             alias,
             subscription_ids: if v5 { &d.subscription_ids } else { &[] },
         };
+        let version = self.version;
+        if self.out.capacity() == 0 {
+            self.out = spare::take_out();
+        }
         let mark = self.out.len();
-        let n = protocol::encode_publish(self.version, &out, &mut self.out);
+        let n = protocol::encode_publish(version, &out, &mut self.out);
         if n > self.client_max_packet {
             self.out.truncate(mark);
             if new_alias {
@@ -1482,17 +1502,68 @@ impl<S: AsyncRead + Unpin> Future for ReadInto<'_, S> {
         if this.buf.capacity() - this.buf.len() >= 1024 {
             return read_spare(this.stream, this.buf, cx);
         }
-        let mut scratch = [0u8; 4096];
-        let mut rb = tokio::io::ReadBuf::new(&mut scratch);
+        // Uninitialised: this runs on every poll, most of which find nothing
+        // to read, and zeroing 4 KB each time showed in profiles.
+        let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut rb = tokio::io::ReadBuf::uninit(&mut scratch);
         match Pin::new(&mut *this.stream).poll_read(cx, &mut rb) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
+                if n > 0 && this.buf.capacity() == 0 {
+                    *this.buf = spare::take_in();
+                }
                 this.buf.extend_from_slice(rb.filled());
                 Poll::Ready(Ok(n))
             }
         }
+    }
+}
+
+/// One spare input and one spare output buffer per runtime thread. A
+/// connection holds its buffers only while it has something in them (idle
+/// connections are most of a fleet); between turns they wait here, so a busy
+/// broker does not free and allocate (and regrow) two buffers per message.
+mod spare {
+    use std::cell::Cell;
+
+    use bytes::BytesMut;
+
+    /// Larger buffers (after a big packet) are freed, not kept.
+    const KEEP_MAX: usize = 16 * 1024;
+    const OUT_INITIAL: usize = 1024;
+
+    thread_local! {
+        static IN: Cell<Option<BytesMut>> = const { Cell::new(None) };
+        static OUT: Cell<Option<BytesMut>> = const { Cell::new(None) };
+    }
+
+    pub fn take_in() -> BytesMut {
+        IN.with(|c| c.take()).unwrap_or_default()
+    }
+
+    pub fn take_out() -> BytesMut {
+        OUT.with(|c| c.take())
+            .unwrap_or_else(|| BytesMut::with_capacity(OUT_INITIAL))
+    }
+
+    pub fn put_in(buf: BytesMut) {
+        keep(&IN, buf);
+    }
+
+    pub fn put_out(buf: BytesMut) {
+        keep(&OUT, buf);
+    }
+
+    fn keep(slot: &'static std::thread::LocalKey<Cell<Option<BytesMut>>>, mut buf: BytesMut) {
+        if buf.capacity() == 0 || buf.capacity() > KEEP_MAX {
+            return;
+        }
+        buf.clear();
+        // `try_with`: a connection dropped while its thread's locals are being
+        // torn down just frees its buffer.
+        let _ = slot.try_with(|c| c.set(Some(buf)));
     }
 }
 
