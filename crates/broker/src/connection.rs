@@ -658,6 +658,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 return exit;
             }
             self.pump();
+            if self.out.is_empty() && self.out.capacity() > 0 {
+                // Taken for a packet that was then not sent (over the client's
+                // maximum packet size, or with no 3.1.1 form): give it back.
+                spare::put_out(std::mem::take(&mut self.out));
+            }
             if !self.out.is_empty() {
                 // A takeover or revocation must not wait behind a client that
                 // stopped reading.
