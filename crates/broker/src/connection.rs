@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use mqtt_proto::v5::{
     self, ConnackProperties, ConnectReasonCode, DisconnectReasonCode, PubackReasonCode,
@@ -663,17 +663,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         if let Err(exit) = self.handle_buffered(will, max_packet) {
             return exit;
         }
+        // The waits below live as long as the loop. Made afresh on every turn,
+        // each registered with (and then removed from) its Notify, and the
+        // keep-alive timer was inserted into and removed from the timer wheel,
+        // for every packet in or out.
+        let session = self.session.clone();
+        let mut shutdown_wait = std::pin::pin!(shutdown.wait_for(|down| *down));
+        let mut kick = std::pin::pin!(kick_rx.recv());
+        let mut wake = std::pin::pin!(session.wake.notified());
+        // The keep-alive timer is armed for the deadline as it stood when it
+        // was (re)armed; input moves the deadline later without touching the
+        // timer, which is re-armed for the new deadline only when it fires.
+        let mut ka_armed = last_in + ka.unwrap_or(far);
+        let mut ka_timer = std::pin::pin!(tokio::time::sleep_until(ka_armed));
+        let mut token_timer = std::pin::pin!(tokio::time::sleep_until(
+            self.token_expires.unwrap_or(last_in + far)
+        ));
         loop {
             if let Err(exit) = self.refresh_authz() {
                 return exit;
             }
             self.pump();
+            if self.out.is_empty() && self.out.capacity() > 0 {
+                // Taken for a packet that was then not sent (over the client's
+                // maximum packet size, or with no 3.1.1 form): give it back.
+                spare::put_out(std::mem::take(&mut self.out));
+            }
             if !self.out.is_empty() {
                 // A takeover or revocation must not wait behind a client that
                 // stopped reading.
                 let flushed = tokio::select! {
                     r = self.flush() => r,
-                    k = kick_rx.recv() => {
+                    k = &mut kick => {
                         return Exit::Abort(format!("{} (while a write was stalled)", k.message));
                     }
                 };
@@ -681,22 +702,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     return Exit::Lost(e);
                 }
             }
-            if *shutdown.borrow() {
-                return Exit::Refuse(
-                    DisconnectReasonCode::ServerShuttingDown,
-                    "server shutting down".into(),
-                );
-            }
-            let ka_deadline = last_in + ka.unwrap_or(far);
             // A 3.1.1 publisher at the Receive Maximum waits for its commits.
             let read_open = self.version.is_v5()
                 || self.awaiting_commit < self.hub.config.limits.receive_maximum as usize;
             tokio::select! {
                 biased;
-                _ = shutdown.changed() => {
+                // Polled first, so a shutdown that began while this turn ran
+                // wins over whatever else is ready.
+                _ = &mut shutdown_wait => {
                     return Exit::Refuse(DisconnectReasonCode::ServerShuttingDown, "server shutting down".into());
                 }
-                k = kick_rx.recv() => {
+                k = &mut kick => {
                     return Exit::Refuse(k.reason, k.message);
                 }
                 Some((after, res)) = self.pending.next(), if !self.pending.is_empty() => {
@@ -704,7 +720,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         return exit;
                     }
                 }
-                _ = self.session.wake.notified() => {}
+                _ = &mut wake => {
+                    wake.set(session.wake.notified());
+                }
                 r = ReadInto::new(&mut self.stream, &mut self.inbuf), if read_open => {
                     match r {
                         Ok(0) => return Exit::Lost("closed by peer".into()),
@@ -717,10 +735,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(ka_deadline), if ka.is_some() => {
-                    return Exit::Refuse(DisconnectReasonCode::KeepAliveTimeout, "keep-alive timeout".into());
+                _ = &mut ka_timer, if ka.is_some() => {
+                    let due = last_in + ka.unwrap_or(far);
+                    if due <= ka_armed {
+                        return Exit::Refuse(DisconnectReasonCode::KeepAliveTimeout, "keep-alive timeout".into());
+                    }
+                    ka_armed = due;
+                    ka_timer.as_mut().reset(due);
                 }
-                _ = tokio::time::sleep_until(self.token_expires.unwrap_or(last_in + far)), if self.token_expires.is_some() => {
+                _ = &mut token_timer, if self.token_expires.is_some() => {
                     return Exit::Refuse(
                         DisconnectReasonCode::MaximumConnectTime,
                         "device token expired: connect again with a new one".into(),
@@ -741,9 +764,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         loop {
             match protocol::frame_len(&self.inbuf, max_packet) {
                 Ok(Some(n)) => {
-                    let frame = self.inbuf.split_to(n);
-                    let packet = protocol::decode(self.version, &frame)
+                    // Decoded in place (the packet owns copies of what it
+                    // needs): splitting the frame off made the buffer shared,
+                    // an allocation per read.
+                    let packet = protocol::decode(self.version, &self.inbuf[..n])
                         .map_err(|e| Exit::Refuse(e.reason(), e.to_string()))?;
+                    self.inbuf.advance(n);
                     m::packet_in(packet_name(&packet), n);
                     tracing::trace!(client_id = %self.session.client_id, packet = packet_name(&packet), bytes = n, "packet received");
                     self.handle(packet, will)?;
@@ -753,8 +779,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             }
         }
         if self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
-            // An idle connection holds no input buffer (see ReadInto).
-            self.inbuf = BytesMut::new();
+            // An idle connection holds no input buffer (see ReadInto); the
+            // buffer goes to this thread's spare for the next read.
+            spare::put_in(std::mem::take(&mut self.inbuf));
         }
         Ok(())
     }
@@ -797,8 +824,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
     }
 
+    /// The output buffer, taken from this thread's spare when the connection
+    /// has none (it gives it back after each flush).
+    fn out_buf(&mut self) -> &mut BytesMut {
+        if self.out.capacity() == 0 {
+            self.out = spare::take_out();
+        }
+        &mut self.out
+    }
+
     fn send(&mut self, packet: &Packet, name: &'static str) {
-        match protocol::encode(self.version, packet, &mut self.out) {
+        let version = self.version;
+        match protocol::encode(version, packet, self.out_buf()) {
             Ok(0) => {}
             Ok(_) => m::packet_out(name),
             Err(e) => {
@@ -814,21 +851,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let n = self.out.len();
         let mut pos = 0;
         while pos < n {
-            match tokio::time::timeout(WRITE_STALL, self.stream.write(&self.out[pos..])).await {
+            match within_write_stall(self.stream.write(&self.out[pos..])).await {
                 Err(_) => return Err("write stalled: the client is not reading".into()),
                 Ok(Err(e)) => return Err(e.to_string()),
                 Ok(Ok(0)) => return Err("connection closed while writing".into()),
                 Ok(Ok(w)) => pos += w,
             }
         }
-        match tokio::time::timeout(WRITE_STALL, self.stream.flush()).await {
+        match within_write_stall(self.stream.flush()).await {
             Err(_) => return Err("write stalled: the client is not reading".into()),
             Ok(Err(e)) => return Err(e.to_string()),
             Ok(Ok(())) => {}
         }
         m::bytes_out(n);
-        // An idle connection keeps no output buffer either.
-        self.out = BytesMut::new();
+        // An idle connection keeps no output buffer either; it is left to the
+        // next connection this thread writes for, instead of freed here and
+        // allocated again (and grown) for the next packet.
+        spare::put_out(std::mem::take(&mut self.out));
         Ok(())
     }
 
@@ -870,7 +909,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             topic,
             payload: &d.msg.payload,
             properties: v5.then_some(&d.msg.properties),
-            expiry: if v5 {
+            expiry: if v5 && d.msg.expires_at_ms.is_some() {
                 d.msg.remaining_expiry(now_ms())
             } else {
                 None
@@ -878,8 +917,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             alias,
             subscription_ids: if v5 { &d.subscription_ids } else { &[] },
         };
+        let version = self.version;
+        if self.out.capacity() == 0 {
+            self.out = spare::take_out();
+        }
         let mark = self.out.len();
-        let n = protocol::encode_publish(self.version, &out, &mut self.out);
+        let n = protocol::encode_publish(version, &out, &mut self.out);
         if n > self.client_max_packet {
             self.out.truncate(mark);
             if new_alias {
@@ -897,7 +940,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Moves queued deliveries into the write buffer while the in-flight
     /// window and the buffer allow.
     fn pump(&mut self) {
-        let now = now_ms();
         while self.inflight.len() < self.out_window && self.out.len() < OUT_HIGH_WATER {
             let next = {
                 let mut st = self.session.state.lock();
@@ -908,7 +950,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 st.queue.pop_front()
             };
             let Some(d) = next else { break };
-            if d.msg.is_expired(now) {
+            // The clock is read only for messages that can expire.
+            if d.msg.expires_at_ms.is_some() && d.msg.is_expired(now_ms()) {
                 m::dropped("expired");
                 self.forget_stored(&d);
                 continue;
@@ -1428,6 +1471,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 }
 
+/// `tokio::time::timeout(WRITE_STALL, f)`, except that no timer is made when
+/// `f` is ready on its first poll, as a write to a socket with room is: the
+/// timer (a clock read, and a timer wheel entry once polled) cost as much as
+/// the bookkeeping of the write itself. A write that has to wait gets the
+/// whole [`WRITE_STALL`] from then on.
+async fn within_write_stall<F: Future>(f: F) -> Result<F::Output, tokio::time::error::Elapsed> {
+    use std::task::Poll;
+    let mut f = std::pin::pin!(f);
+    let first = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await;
+    match first {
+        Poll::Ready(out) => Ok(out),
+        Poll::Pending => tokio::time::timeout(WRITE_STALL, f).await,
+    }
+}
+
 fn packet_name(p: &Packet) -> &'static str {
     match p {
         Packet::Connect(_) => "connect",
@@ -1475,17 +1533,68 @@ impl<S: AsyncRead + Unpin> Future for ReadInto<'_, S> {
         if this.buf.capacity() - this.buf.len() >= 1024 {
             return read_spare(this.stream, this.buf, cx);
         }
-        let mut scratch = [0u8; 4096];
-        let mut rb = tokio::io::ReadBuf::new(&mut scratch);
+        // Uninitialised: this runs on every poll, most of which find nothing
+        // to read, and zeroing 4 KB each time showed in profiles.
+        let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut rb = tokio::io::ReadBuf::uninit(&mut scratch);
         match Pin::new(&mut *this.stream).poll_read(cx, &mut rb) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
+                if n > 0 && this.buf.capacity() == 0 {
+                    *this.buf = spare::take_in();
+                }
                 this.buf.extend_from_slice(rb.filled());
                 Poll::Ready(Ok(n))
             }
         }
+    }
+}
+
+/// One spare input and one spare output buffer per runtime thread. A
+/// connection holds its buffers only while it has something in them (idle
+/// connections are most of a fleet); between turns they wait here, so a busy
+/// broker does not free and allocate (and regrow) two buffers per message.
+mod spare {
+    use std::cell::Cell;
+
+    use bytes::BytesMut;
+
+    /// Larger buffers (after a big packet) are freed, not kept.
+    const KEEP_MAX: usize = 16 * 1024;
+    const OUT_INITIAL: usize = 1024;
+
+    thread_local! {
+        static IN: Cell<Option<BytesMut>> = const { Cell::new(None) };
+        static OUT: Cell<Option<BytesMut>> = const { Cell::new(None) };
+    }
+
+    pub fn take_in() -> BytesMut {
+        IN.with(|c| c.take()).unwrap_or_default()
+    }
+
+    pub fn take_out() -> BytesMut {
+        OUT.with(|c| c.take())
+            .unwrap_or_else(|| BytesMut::with_capacity(OUT_INITIAL))
+    }
+
+    pub fn put_in(buf: BytesMut) {
+        keep(&IN, buf);
+    }
+
+    pub fn put_out(buf: BytesMut) {
+        keep(&OUT, buf);
+    }
+
+    fn keep(slot: &'static std::thread::LocalKey<Cell<Option<BytesMut>>>, mut buf: BytesMut) {
+        if buf.capacity() == 0 || buf.capacity() > KEEP_MAX {
+            return;
+        }
+        buf.clear();
+        // `try_with`: a connection dropped while its thread's locals are being
+        // torn down just frees its buffer.
+        let _ = slot.try_with(|c| c.set(Some(buf)));
     }
 }
 

@@ -185,14 +185,18 @@ pub fn decode(version: Version, frame: &[u8]) -> Result<Packet, DecodeError> {
             Err(e) => Err(from_v5(e)),
         };
     }
-    let p = match v3::Packet::decode(frame) {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            return Err(DecodeError::Malformed(
-                "packet shorter than its length".into(),
-            ))
-        }
-        Err(e) => return Err(from_common(e)),
+    let p = match decode_v3_hot(frame) {
+        Some(Ok(p)) => p,
+        Some(Err(e)) => return Err(from_common(e)),
+        None => match v3::Packet::decode(frame) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                return Err(DecodeError::Malformed(
+                    "packet shorter than its length".into(),
+                ))
+            }
+            Err(e) => return Err(from_common(e)),
+        },
     };
     Ok(match p {
         v3::Packet::Connect(c) => Packet::Connect(v5::Connect {
@@ -260,6 +264,51 @@ pub fn decode(version: Version, frame: &[u8]) -> Result<Packet, DecodeError> {
                 "a client may not send CONNACK, SUBACK, UNSUBACK or PINGRESP".into(),
             ))
         }
+    })
+}
+
+/// Decodes the packets of the message path of a 3.1/3.1.1 connection
+/// (PUBLISH, its acknowledgements and PINGREQ) with the codec's synchronous
+/// pieces; `None` for the other types, which go through `v3::Packet::decode`.
+/// That one runs the codec's async decoder under `block_on` (a thread-local
+/// parker and a waker per packet), which cost more than the rest of handling a
+/// PUBACK. The results and errors are the same; the tests compare the two.
+fn decode_v3_hot(frame: &[u8]) -> Option<Result<v3::Packet, CodecError>> {
+    let hd = *frame.first()?;
+    // The remaining length; `frame_len` has checked it and the frame is whole.
+    let mut off = 1;
+    let mut remaining: u32 = 0;
+    loop {
+        let byte = *frame.get(off)?;
+        remaining |= ((byte & 0x7f) as u32) << (7 * (off - 1));
+        off += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        if off > 4 {
+            return None;
+        }
+    }
+    let header = match v3::Header::new_with(hd, remaining, (off - 1) as u32) {
+        Ok(h) => h,
+        Err(e) => return Some(Err(e)),
+    };
+    let pid = |frame: &[u8]| -> Result<mqtt_proto::Pid, CodecError> {
+        match frame.get(off..off + 2) {
+            Some(b) => mqtt_proto::Pid::try_from(u16::from_be_bytes([b[0], b[1]])),
+            None => Err(CodecError::IoError(mqtt_proto::IoErrorKind::UnexpectedEof)),
+        }
+    };
+    Some(match header.typ {
+        v3::PacketType::Publish => {
+            v3::Publish::decode(frame, &mut off, header).map(v3::Packet::Publish)
+        }
+        v3::PacketType::Puback => pid(frame).map(v3::Packet::Puback),
+        v3::PacketType::Pubrec => pid(frame).map(v3::Packet::Pubrec),
+        v3::PacketType::Pubrel => pid(frame).map(v3::Packet::Pubrel),
+        v3::PacketType::Pubcomp => pid(frame).map(v3::Packet::Pubcomp),
+        v3::PacketType::Pingreq => Ok(v3::Packet::Pingreq),
+        _ => return None,
     })
 }
 
@@ -510,6 +559,62 @@ mod tests {
             connect_version(&publish),
             Err(DecodeError::Protocol(_))
         ));
+    }
+
+    /// What `v3::Packet::decode` makes of a whole frame, as `decode` reports it.
+    fn v3_by_codec(frame: &[u8]) -> Result<v3::Packet, String> {
+        match v3::Packet::decode(frame) {
+            Ok(Some(p)) => Ok(p),
+            Ok(None) => {
+                Err(DecodeError::Malformed("packet shorter than its length".into()).to_string())
+            }
+            Err(e) => Err(from_common(e).to_string()),
+        }
+    }
+
+    #[test]
+    fn v3_hot_path_decodes_as_the_codec_does() {
+        let frames: Vec<Vec<u8>> = vec![
+            vec![0x30, 0x05, 0x00, 0x01, b'a', b'h', b'i'],
+            vec![0x31, 0x03, 0x00, 0x01, b'a'],
+            vec![0x32, 0x07, 0x00, 0x01, b'a', 0x00, 0x07, b'h', b'i'],
+            vec![0x3C, 0x07, 0x00, 0x01, b'a', 0x00, 0x07, b'h', b'i'],
+            vec![0x3A, 0x05, 0x00, 0x01, b'a', 0x00, 0x00],
+            vec![0x36, 0x05, 0x00, 0x01, b'a', 0x00, 0x01],
+            vec![0x32, 0x03, 0x00, 0x01, b'a'],
+            vec![0x30, 0x03, 0x00, 0x05, b'a'],
+            vec![0x30, 0x04, 0x00, 0x02, 0xff, 0xfe],
+            vec![0x30, 0x04, 0x00, 0x02, b'a', b'+'],
+            vec![0x30, 0x04, 0x00, 0x02, b'a', b'#'],
+            vec![0x30, 0x03, 0x00, 0x01, 0x00],
+            vec![0x30, 0x02, 0x00, 0x00],
+            vec![0x30, 0x00],
+            vec![0x40, 0x02, 0x12, 0x34],
+            vec![0x40, 0x02, 0x00, 0x00],
+            vec![0x40, 0x03, 0x00, 0x01, 0x00],
+            vec![0x40, 0x01, 0x01],
+            vec![0x41, 0x02, 0x00, 0x01],
+            vec![0x50, 0x02, 0x00, 0x09],
+            vec![0x62, 0x02, 0x00, 0x09],
+            vec![0x60, 0x02, 0x00, 0x09],
+            vec![0x70, 0x02, 0x00, 0x09],
+            vec![0xC0, 0x00],
+            vec![0xC1, 0x00],
+            vec![0xF0, 0x00],
+            vec![0x00, 0x00],
+        ];
+        let mut long = vec![0x30, 0x85, 0x01, 0x00, 0x03, b'a', b'/', b'b'];
+        long.extend(std::iter::repeat_n(b'x', 0x85 - 5));
+        let mut frames = frames;
+        frames.push(long);
+        for f in &frames {
+            let hot = decode_v3_hot(f).map(|r| r.map_err(|e| from_common(e).to_string()));
+            if let Some(hot) = hot {
+                assert_eq!(hot, v3_by_codec(f), "frame {f:02x?}");
+            }
+        }
+        assert!(decode_v3_hot(&[0x82, 0x02, 0x00, 0x01]).is_none());
+        assert!(decode_v3_hot(&[0x40, 0x02, 0x00, 0x01]).is_some());
     }
 
     #[test]

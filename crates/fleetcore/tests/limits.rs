@@ -373,6 +373,31 @@ fn v311_client_silent_past_one_and_a_half_keep_alives_is_closed() {
 }
 
 #[test]
+fn keep_alive_counts_from_the_last_packet_received() {
+    let broker = TestBroker::start(BrokerOpts::new());
+    let mut client = Raw::open_with(broker.tcp_port(), V5, "ka-moving", 1, true, &[]);
+    // Pings every 0.5 s keep it well past 1.5 s ...
+    let mut last = Instant::now();
+    for _ in 0..5 {
+        thread::sleep(Duration::from_millis(500));
+        client.ping();
+        last = Instant::now();
+    }
+    // ... and once it falls silent it is cut off 1.5 s after its last packet.
+    let reason = client.expect_closed(Duration::from_secs(6));
+    let after = last.elapsed();
+    assert_eq!(
+        reason,
+        Some(0x8D),
+        "expected DISCONNECT 0x8D (Keep Alive timeout)"
+    );
+    assert!(
+        after >= Duration::from_millis(1400) && after <= Duration::from_secs(3),
+        "keep-alive 1 s: disconnected {after:?} after the last ping, expected 1.5 s"
+    );
+}
+
+#[test]
 fn client_with_keep_alive_0_is_not_disconnected() {
     let broker = TestBroker::start(BrokerOpts::new());
     let mut v5 = Raw::open_with(broker.tcp_port(), V5, "ka0-v5", 0, true, &[]);
