@@ -82,6 +82,32 @@ enum Exit {
 type PendingAck =
     Pin<Box<dyn Future<Output = (AfterCommit, Result<(), fleetcore_store::StoreError>)> + Send>>;
 
+/// Acknowledgements waiting for store commits, in arrival order. Made on first
+/// use: an empty `FuturesOrdered` already holds two allocations (~150 bytes),
+/// and most connections (an idle device) never wait for a commit.
+#[derive(Default)]
+struct PendingAcks(Option<FuturesOrdered<PendingAck>>);
+
+impl PendingAcks {
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(|f| f.is_empty())
+    }
+
+    fn push_back(&mut self, ack: PendingAck) {
+        self.0
+            .get_or_insert_with(FuturesOrdered::new)
+            .push_back(ack);
+    }
+
+    /// The next acknowledgement whose commit completed (`None` when none wait).
+    async fn next(&mut self) -> Option<(AfterCommit, Result<(), fleetcore_store::StoreError>)> {
+        match &mut self.0 {
+            Some(f) => f.next().await,
+            None => None,
+        }
+    }
+}
+
 /// What to send once a store commit completes.
 enum AfterCommit {
     Puback(Pid, bool),
@@ -278,7 +304,7 @@ where
         aliases: HashMap::new(),
         out_aliases: HashMap::new(),
         client_alias_max: setup.client_alias_max,
-        pending: FuturesOrdered::new(),
+        pending: PendingAcks::default(),
         problem_info: setup.problem_info,
         connect_expiry: setup.expiry_secs,
         authz: setup.authz,
@@ -632,7 +658,7 @@ struct Conn<S> {
     /// Topic aliases we assigned towards the client.
     out_aliases: HashMap<TopicName, u16>,
     client_alias_max: u16,
-    pending: FuturesOrdered<PendingAck>,
+    pending: PendingAcks,
     problem_info: bool,
     connect_expiry: u32,
     authz: Authz,
