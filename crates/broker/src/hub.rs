@@ -5,7 +5,7 @@
 //! read-locked) and the per-session queues (one lock per session); the
 //! session-index lock is taken only when clients connect, disconnect or expire.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +53,9 @@ pub struct Routed {
 #[derive(Default)]
 struct SessionIndex {
     sessions: HashMap<Arc<str>, Arc<Session>>,
+    /// Client ids with data on disk that no session here stands for (see
+    /// `Loaded::unloaded_sessions`): deleted when the client connects.
+    unloaded: HashSet<String>,
     /// (deadline unix ms, session id, client id) of detached persistent sessions.
     expiring: BTreeSet<(u64, SessionId, Arc<str>)>,
 }
@@ -127,6 +130,7 @@ impl Hub {
         for ls in loaded.sessions {
             hub.restore_session(ls, now);
         }
+        hub.index.lock().unloaded = loaded.unloaded_sessions.into_iter().collect();
         m::gauge_retained(hub.retained.read().len());
         hub
     }
@@ -466,13 +470,16 @@ impl Hub {
                             continue;
                         }
                         reg.sessions.insert(client_id.clone(), session.clone());
-                        current
+                        // Every session on disk was restored into the index, and one
+                        // leaves the index only with its record deleted: only what
+                        // the store could not load may still be there.
+                        let unloaded = current.is_none() && reg.unloaded.remove(&*client_id);
+                        (current, unloaded)
                     };
-                    if let Some(old) = replaced {
-                        self.end_session(&old, false);
-                    } else {
-                        // A stored session from before a restart may still exist on disk.
-                        self.forget_stored_session(&client_id);
+                    match replaced {
+                        (Some(old), _) => self.end_session(&old, false),
+                        (None, true) => self.forget_stored_session(&client_id),
+                        (None, false) => {}
                     }
                     if expiry_secs > 0 {
                         let rec = {
