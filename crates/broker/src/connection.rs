@@ -1417,7 +1417,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     codes.push(SubscribeReasonCode::QuotaExceeded);
                     continue;
                 }
-                st.subscriptions.insert(raw.clone(), opts.clone()).is_some()
+                st.subscribe(raw.clone(), opts.clone())
             };
             self.hub.router.subscribe(
                 &parsed.filter,
@@ -1469,13 +1469,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let mut codes = Vec::with_capacity(u.topics.len());
         for filter in &u.topics {
             let raw = filter.to_string();
-            let removed = self
-                .session
-                .state
-                .lock()
-                .subscriptions
-                .remove(&raw)
-                .is_some();
+            let removed = self.session.state.lock().unsubscribe(&raw);
             if removed {
                 if let Ok(p) = parse_filter(&raw, &self.hub.topic_limits) {
                     self.hub

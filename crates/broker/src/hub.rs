@@ -5,7 +5,7 @@
 //! read-locked) and the per-session queues (one lock per session); the
 //! session-index lock is taken only when clients connect, disconnect or expire.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +53,9 @@ pub struct Routed {
 #[derive(Default)]
 struct SessionIndex {
     sessions: HashMap<Arc<str>, Arc<Session>>,
+    /// Client ids with data on disk that no session here stands for (see
+    /// `Loaded::unloaded_sessions`): deleted when the client connects.
+    unloaded: HashSet<String>,
     /// (deadline unix ms, session id, client id) of detached persistent sessions.
     expiring: BTreeSet<(u64, SessionId, Arc<str>)>,
 }
@@ -127,6 +130,7 @@ impl Hub {
         for ls in loaded.sessions {
             hub.restore_session(ls, now);
         }
+        hub.index.lock().unloaded = loaded.unloaded_sessions.into_iter().collect();
         m::gauge_retained(hub.retained.read().len());
         hub
     }
@@ -182,6 +186,9 @@ impl Hub {
                 );
                 st.subscriptions.insert(sub.filter.clone(), opts);
             }
+            // Exactly what the store holds (subscriptions that no longer parse
+            // were dropped here, so then the record must be rewritten).
+            st.subscriptions_stored = st.subscriptions.len() == ls.session.subscriptions.len();
         }
         let deadline = disconnected_at + ls.session.expiry_interval_secs as u64 * 1000;
         let mut reg = self.index.lock();
@@ -466,13 +473,16 @@ impl Hub {
                             continue;
                         }
                         reg.sessions.insert(client_id.clone(), session.clone());
-                        current
+                        // Every session on disk was restored into the index, and one
+                        // leaves the index only with its record deleted: only what
+                        // the store could not load may still be there.
+                        let unloaded = current.is_none() && reg.unloaded.remove(&*client_id);
+                        (current, unloaded)
                     };
-                    if let Some(old) = replaced {
-                        self.end_session(&old, false);
-                    } else {
-                        // A stored session from before a restart may still exist on disk.
-                        self.forget_stored_session(&client_id);
+                    match replaced {
+                        (Some(old), _) => self.end_session(&old, false),
+                        (None, true) => self.forget_stored_session(&client_id),
+                        (None, false) => {}
                     }
                     if expiry_secs > 0 {
                         let rec = {
@@ -725,6 +735,12 @@ impl Hub {
         if st.expiry_secs == 0 || st.ended {
             return None;
         }
+        if st.subscriptions_stored {
+            // Every record written since the store's copy was loaded holds
+            // these same subscriptions, and that copy is durable: nothing to
+            // write, nothing to wait for (a reconnect storm resubscribes).
+            return Some(fleetcore_store::Commit::ready());
+        }
         st.stored = true;
         let rec = stored_session(&st);
         drop(st);
@@ -814,5 +830,137 @@ fn stored_session(st: &crate::session::SessionState) -> StoredSession {
                 subscription_id: o.subscription_id,
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcore_store::StoreOptions;
+
+    fn sub_opts() -> SubOptions {
+        SubOptions {
+            qos: QoS::Level1,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: RetainHandling::SendAtSubscribe,
+            subscription_id: None,
+        }
+    }
+
+    /// What a connection does at CONNECT and at a SUBSCRIBE that changes nothing
+    /// costs no store write; what must be on disk still is.
+    #[tokio::test]
+    async fn connect_and_unchanged_resubscribe_write_only_what_they_must() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleetcore.redb");
+        {
+            let (store, _) = Store::open(&path, StoreOptions::default()).unwrap();
+            let stored = StoredSession {
+                protocol_version: 4,
+                expiry_interval_secs: 3600,
+                disconnected_at_ms: Some(now_ms()),
+                subscriptions: vec![StoredSubscription {
+                    filter: "acct1/dev1/#".into(),
+                    qos: 1,
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: 0,
+                    subscription_id: None,
+                }],
+            };
+            store
+                .submit(vec![
+                    Op::PutSession {
+                        client_id: "dev1".into(),
+                        session: stored,
+                    },
+                    // Queued for a session that is not on disk.
+                    Op::PutQueued {
+                        client_id: "orphan".into(),
+                        seq: 1,
+                        item: fleetcore_store::StoredQueued {
+                            msg: fleetcore_store::StoredMessage {
+                                topic: "t".into(),
+                                payload: b"x".to_vec(),
+                                qos: 1,
+                                retain: false,
+                                expires_at_ms: None,
+                                payload_format_utf8: None,
+                                content_type: None,
+                                response_topic: None,
+                                correlation_data: None,
+                                user_properties: Vec::new(),
+                            },
+                            qos: 1,
+                            retain: false,
+                            subscription_ids: Vec::new(),
+                        },
+                    },
+                ])
+                .await
+                .unwrap();
+        }
+        let (store, loaded) = Store::open(&path, StoreOptions::default()).unwrap();
+        assert_eq!(loaded.unloaded_sessions, ["orphan"]);
+        let hub = Hub::new(Config::default(), store, loaded);
+        let commits = |hub: &Arc<Hub>| hub.store.commit_count();
+
+        // A clean session of a client with nothing on disk: no write at all.
+        let clean = hub
+            .attach("fresh".into(), true, 0, Version::V311, 1, None)
+            .await;
+        assert!(!clean.session_present);
+        hub.store.flush().await.unwrap();
+        assert_eq!(commits(&hub), 0);
+
+        // A client whose data the store could not load: deleted when it connects.
+        hub.attach("orphan".into(), true, 0, Version::V311, 2, None)
+            .await;
+        hub.store.flush().await.unwrap();
+        assert_eq!(commits(&hub), 1);
+        let (store2, loaded2) = {
+            drop(hub);
+            Store::open(&path, StoreOptions::default()).unwrap()
+        };
+        assert!(loaded2.unloaded_sessions.is_empty());
+        let hub = Hub::new(Config::default(), store2, loaded2);
+
+        // A restored session: the reconnect is recorded, resubscribing the same
+        // filter with the same options writes nothing and is acknowledged at once.
+        let back = hub
+            .attach("dev1".into(), false, 3600, Version::V311, 3, None)
+            .await;
+        assert!(back.session_present);
+        hub.store.flush().await.unwrap();
+        let after_attach = commits(&hub);
+        assert_eq!(after_attach, 1);
+        assert!(back
+            .session
+            .state
+            .lock()
+            .subscribe("acct1/dev1/#".into(), sub_opts()));
+        hub.persist_session(&back.session).unwrap().await.unwrap();
+        hub.store.flush().await.unwrap();
+        assert_eq!(commits(&hub), after_attach);
+
+        // Any change is written (and waited for) as before.
+        let mut qos0 = sub_opts();
+        qos0.qos = QoS::Level0;
+        assert!(back
+            .session
+            .state
+            .lock()
+            .subscribe("acct1/dev1/#".into(), qos0));
+        hub.persist_session(&back.session).unwrap().await.unwrap();
+        assert_eq!(commits(&hub), after_attach + 1);
+        // Also once the options are back to what was loaded: the record on disk
+        // is no longer the loaded one.
+        back.session
+            .state
+            .lock()
+            .subscribe("acct1/dev1/#".into(), sub_opts());
+        hub.persist_session(&back.session).unwrap().await.unwrap();
+        assert_eq!(commits(&hub), after_attach + 2);
     }
 }

@@ -157,6 +157,10 @@ pub struct SessionState {
     pub will_timer: Option<tokio::task::AbortHandle>,
     /// A record of this session was written to the store (so ending it must delete it).
     pub stored: bool,
+    /// The store durably holds exactly `subscriptions` for this session (a
+    /// session restored at startup whose subscriptions have not changed since):
+    /// a SUBSCRIBE that changes nothing needs no write and no wait.
+    pub subscriptions_stored: bool,
     /// Set once the session has been removed; a late publisher's delivery is dropped.
     pub ended: bool,
 }
@@ -168,6 +172,36 @@ pub struct Session {
     pub state: Mutex<SessionState>,
     /// Wakes the attached connection when a delivery is queued.
     pub wake: Notify,
+}
+
+impl SessionState {
+    /// Adds or replaces a subscription; whether one with this filter existed.
+    pub fn subscribe(&mut self, filter: String, opts: SubOptions) -> bool {
+        use std::collections::hash_map::Entry;
+        match self.subscriptions.entry(filter) {
+            Entry::Occupied(mut e) => {
+                if *e.get() != opts {
+                    e.insert(opts);
+                    self.subscriptions_stored = false;
+                }
+                true
+            }
+            Entry::Vacant(e) => {
+                e.insert(opts);
+                self.subscriptions_stored = false;
+                false
+            }
+        }
+    }
+
+    /// Removes a subscription; whether it existed.
+    pub fn unsubscribe(&mut self, filter: &str) -> bool {
+        let removed = self.subscriptions.remove(filter).is_some();
+        if removed {
+            self.subscriptions_stored = false;
+        }
+        removed
+    }
 }
 
 impl Session {
@@ -189,6 +223,7 @@ impl Session {
                 will_generation: 0,
                 will_timer: None,
                 stored: false,
+                subscriptions_stored: false,
                 ended: false,
             }),
             wake: Notify::new(),

@@ -165,7 +165,7 @@ impl ClientCert {
                 .map(str::to_owned),
             subject: subject.to_string(),
             issuer: cert.issuer().to_string(),
-            serial: cert.raw_serial_as_string().replace(':', ""),
+            serial: hex(cert.raw_serial()),
             attributes,
             issuer_attributes,
             fingerprint: sha256_hex(der),
@@ -194,8 +194,19 @@ fn name_attributes(name: &x509_parser::x509::X509Name) -> Vec<(String, String)> 
 
 /// SHA-256 of `bytes`, lower-case hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+/// Lower-case hex of `bytes`, two digits each (one allocation, no formatting machinery:
+/// it runs on every TLS connection).
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0x0f) as usize] as char);
+    }
+    out
 }
 
 /// A TLS listener's configuration, rebuilt when the set of trusted CAs
@@ -242,5 +253,41 @@ impl TlsSource {
         )?;
         *self.current.write() = tokio_rustls::TlsAcceptor::from(cfg);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_and_fingerprint_are_lower_case_hex_of_the_certificate() {
+        for serial in [
+            vec![0x01],
+            vec![0x00, 0xab, 0x0f, 0xf0, 0x7e],
+            vec![0x5a; 20],
+        ] {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "dev1");
+            params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = params.self_signed(&key).unwrap();
+            let der = cert.der();
+            let info = ClientCert::from_der(der).unwrap();
+            let (_, parsed) = x509_parser::parse_x509_certificate(der).unwrap();
+            assert_eq!(
+                info.serial,
+                parsed.raw_serial_as_string().replace(':', ""),
+                "{serial:?}"
+            );
+            let digest = ring::digest::digest(&ring::digest::SHA256, der);
+            let expected: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(info.fingerprint, expected);
+            assert_eq!(info.subject_cn.as_deref(), Some("dev1"));
+        }
+        assert_eq!(hex(&[]), "");
+        assert_eq!(hex(&[0x00, 0x09, 0xa0, 0xff]), "0009a0ff");
     }
 }

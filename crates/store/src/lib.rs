@@ -234,6 +234,10 @@ pub struct Loaded {
     pub sessions: Vec<LoadedSession>,
     /// Registry records as (kind, key, value), in key order.
     pub records: Vec<(String, String, Vec<u8>)>,
+    /// Client ids with something on disk that is not in `sessions`: a session record
+    /// that could not be read, or queued messages whose session is missing. The
+    /// broker deletes these when the client connects again.
+    pub unloaded_sessions: Vec<String>,
 }
 
 /// A persistent session with its queue of waiting deliveries.
@@ -479,19 +483,22 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
         }
     }
     let mut sessions = std::collections::BTreeMap::new();
+    let mut unloaded = std::collections::BTreeSet::new();
     for entry in txn.open_table(SESSIONS)?.iter()? {
         let (key, value) = entry?;
         let client_id = key.value();
-        if let Some(session) = decode("sessions", client_id, value.value()) {
-            sessions.insert(
-                client_id.to_owned(),
-                LoadedSession {
-                    client_id: client_id.to_owned(),
-                    session,
-                    queue: Vec::new(),
-                },
-            );
-        }
+        let Some(session) = decode("sessions", client_id, value.value()) else {
+            unloaded.insert(client_id.to_owned());
+            continue;
+        };
+        sessions.insert(
+            client_id.to_owned(),
+            LoadedSession {
+                client_id: client_id.to_owned(),
+                session,
+                queue: Vec::new(),
+            },
+        );
     }
     let mut orphans = 0u64;
     for entry in txn.open_table(QUEUE)?.iter()? {
@@ -499,6 +506,9 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
         let (client_id, seq) = key.value();
         let Some(session) = sessions.get_mut(client_id) else {
             orphans += 1;
+            if !unloaded.contains(client_id) {
+                unloaded.insert(client_id.to_owned());
+            }
             continue;
         };
         if let Some(item) = decode("queue", (client_id, seq), value.value()) {
@@ -512,6 +522,7 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
         );
     }
     loaded.sessions = sessions.into_values().collect();
+    loaded.unloaded_sessions = unloaded.into_iter().collect();
     for entry in txn.open_table(REGISTRY)?.iter()? {
         let (key, value) = entry?;
         let (kind, k) = key.value();

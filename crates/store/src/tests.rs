@@ -276,6 +276,8 @@ fn corrupt_record_is_skipped_and_the_rest_loaded() {
             put_queued("ok", 1),
             put_queued("ok", 2),
             put_queued("bad", 1),
+            // Queued for a session that is not there.
+            put_queued("gone", 1),
         ]))
         .unwrap();
     }
@@ -305,6 +307,8 @@ fn corrupt_record_is_skipped_and_the_rest_loaded() {
     assert_eq!(loaded.sessions.len(), 1);
     let ok = session_of(&loaded, "ok").unwrap();
     assert_eq!(ok.queue, vec![(1, queued("t", 1))]);
+    // What is on disk but not loaded is named, so the broker can delete it.
+    assert_eq!(loaded.unloaded_sessions, ["bad", "gone"]);
 }
 
 #[test]
