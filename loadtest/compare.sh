@@ -20,6 +20,7 @@
 #   RATES       push/fanin only: run once per --msg-rate value (a sweep)
 #   NO_BUILD=1  use the release binaries already built
 #   BROKER_CPU, LOADGEN_CPU   cores to pin to (default 0 and 1)
+#   SOURCE_ADDRS  client source addresses (default 127.0.0.2-127.0.0.9)
 #   MOSQUITTO   the mosquitto binary (default: mosquitto on PATH)
 #
 # Needs: taskset, python3, mosquitto (Debian: apt-get install mosquitto).
@@ -87,9 +88,14 @@ wss)
     exit 2
     ;;
 esac
-TLS_ARGS=()
+# Client connections spread over several source addresses: ~19,000 connections
+# from one address to one port make every connect() search the ephemeral port
+# range (28,232 ports, shared with TIME_WAIT sockets and whatever else runs), which
+# made the generator, not the broker, the limit of connect rates and storm times.
+SOURCE_ADDRS=${SOURCE_ADDRS:-127.0.0.2-127.0.0.9}
+TOOL_ARGS=(--source-addrs "$SOURCE_ADDRS")
 if [[ $TRANSPORT != tcp ]]; then
-    TLS_ARGS=(--ca "$PKI/ca.pem" --client-ca-cert "$PKI/ca.pem" --client-ca-key "$PKI/ca.key" --fleet-dir "$FLEET")
+    TOOL_ARGS+=(--ca "$PKI/ca.pem" --client-ca-cert "$PKI/ca.pem" --client-ca-key "$PKI/ca.key" --fleet-dir "$FLEET")
 fi
 
 fleetcore_conf() { # $1 = dir
@@ -244,7 +250,7 @@ EOF
     [[ $SCENARIO == storm ]] && extra=(--restart-cmd "$d/restart.sh")
     echo "== $name$label: running $SCENARIO (load generator on core $LOADGEN_CPU)" >&2
     if ! taskset -c "$LOADGEN_CPU" "$TOOL" "$SCENARIO" --url "$DEV_URL" --backend-url "$BACKEND_URL" \
-        "${TLS_ARGS[@]}" --broker-pid "$pid" --json "${extra[@]}" "$@" >"$d/result.json" 2>"$d/loadtest.log"; then
+        "${TOOL_ARGS[@]}" --broker-pid "$pid" --json "${extra[@]}" "$@" >"$d/result.json" 2>"$d/loadtest.log"; then
         echo "== $name$label: the load test failed; see $d/loadtest.log" >&2
         tail -3 "$d/loadtest.log" >&2 || true
         [[ -s $d/result.json ]] || echo '{"error": "load test failed"}' >"$d/result.json"
