@@ -162,6 +162,10 @@ certfile $PKI/server.pem
 keyfile $PKI/server.key
 require_certificate true
 use_identity_as_username true"
+    # Tuned: the same TLS 1.3 suite fleetcore's server picks (AES-128-GCM-SHA256;
+    # clients list AES-256 first, and OpenSSL follows the client's order).
+    [[ $2 == tuned ]] && tls+="
+ciphers_tls1.3 TLS_AES_128_GCM_SHA256"
     printf 'listener %s 127.0.0.1\n' "$DEV_PORT"
     [[ $TRANSPORT == wss ]] && printf 'protocol websockets\n'
     printf '%s\nlistener %s 127.0.0.1\n%s\n' "$tls" "$BACKEND_PORT" "$tls"

@@ -30,7 +30,7 @@ fn configs(tls12: bool) -> anyhow::Result<(Arc<ServerConfig>, Arc<ClientConfig>)
     let (client_chain, client_key) = fleet.load("dev0")?;
     std::fs::remove_dir_all(&dir).ok();
 
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(server_provider());
     let mut roots = RootCertStore::empty();
     roots.add(CertificateDer::from_pem_slice(ca.as_bytes())?)?;
     let roots = Arc::new(roots);
@@ -49,14 +49,31 @@ fn configs(tls12: bool) -> anyhow::Result<(Arc<ServerConfig>, Arc<ClientConfig>)
             vec![CertificateDer::from_pem_slice(server.as_bytes())?],
             PrivateKeyDer::from_pem_slice(server_key.as_bytes())?,
         )?;
-    // As fleetcore's server: no TLS 1.3 session tickets.
+    // As fleetcore's server: no TLS 1.3 session tickets, AES-128-GCM first.
     server.send_tls13_tickets = 0;
+    server.ignore_client_order = true;
     let mut client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
         .with_root_certificates(roots)
         .with_client_auth_cert(client_chain, client_key)?;
     client.resumption = rustls::client::Resumption::disabled();
     Ok((Arc::new(server), Arc::new(client)))
+}
+
+/// ring's suites with AES-128-GCM first, as fleetcore's server orders them
+/// (with `ignore_client_order`, the server's order decides).
+fn server_provider() -> rustls::crypto::CryptoProvider {
+    use rustls::CipherSuite as C;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|s| {
+        !matches!(
+            s.suite(),
+            C::TLS13_AES_128_GCM_SHA256
+                | C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    provider
 }
 
 /// Handshakes `n` times; returns (server CPU ns, client CPU ns).
@@ -169,7 +186,7 @@ pub async fn null_broker(
     use rustls::pki_types::pem::PemObject;
     let acceptor = match tls {
         Some((cert, key, ca)) => {
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let provider = Arc::new(server_provider());
             let mut roots = RootCertStore::empty();
             for c in CertificateDer::pem_file_iter(&ca)? {
                 roots.add(c?)?;
@@ -184,8 +201,9 @@ pub async fn null_broker(
                     CertificateDer::pem_file_iter(&cert)?.collect::<Result<Vec<_>, _>>()?,
                     PrivateKeyDer::from_pem_file(&key)?,
                 )?;
-            // As fleetcore's server: no TLS 1.3 session tickets.
+            // As fleetcore's server: no TLS 1.3 session tickets, AES-128-GCM first.
             cfg.send_tls13_tickets = 0;
+            cfg.ignore_client_order = true;
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
         }
         None => None,
