@@ -21,6 +21,8 @@
 #   NO_BUILD=1  use the release binaries already built
 #   BROKER_CPU, LOADGEN_CPU   cores to pin to (default 0 and 1)
 #   SOURCE_ADDRS  client source addresses (default 127.0.0.2-127.0.0.9)
+#   BROKER_CGROUP a cgroup directory the broker is put in (e.g. one with a CPU quota,
+#               to overload a broker that the one-core generator cannot overload)
 #   MOSQUITTO   the mosquitto binary (default: mosquitto on PATH)
 #
 # Needs: taskset, python3, mosquitto (Debian: apt-get install mosquitto).
@@ -225,6 +227,7 @@ run_one() { # $1 = broker name, $2 = label suffix, rest = tool options
 ulimit -n \$(ulimit -Hn) 2>/dev/null
 taskset -c $BROKER_CPU $cmd >>$d/broker.log 2>&1 &
 echo \$! >$d/broker.pid
+${BROKER_CGROUP:+echo \$! >$BROKER_CGROUP/cgroup.procs}
 for _ in \$(seq 150); do
     if (exec 3<>/dev/tcp/127.0.0.1/$DEV_PORT) 2>/dev/null; then break; fi
     sleep 0.1
