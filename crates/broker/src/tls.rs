@@ -140,7 +140,7 @@ pub fn server_config_with(
 /// mandatory suite), runs 10 AES rounds instead of 14 on every record, and its
 /// handshake hashes with SHA-256, which this hardware does in instructions
 /// (SHA-384 is software). The other suites keep their order.
-pub fn server_provider() -> rustls::crypto::CryptoProvider {
+fn server_provider() -> rustls::crypto::CryptoProvider {
     use rustls::CipherSuite as C;
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites.sort_by_key(|s| {
@@ -220,7 +220,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Lower-case hex of `bytes`, two digits each (one allocation, no formatting machinery:
 /// it runs on every TLS connection).
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -280,6 +280,103 @@ impl TlsSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The listener's configuration in a real (in-memory) handshake with a
+    /// client that, like rustls and OpenSSL clients, prefers AES-256: the
+    /// server's order wins, and no session ticket reaches the client.
+    #[test]
+    fn server_picks_aes_128_and_sends_no_session_tickets() {
+        use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, Resumption};
+        use rustls::pki_types::ServerName;
+
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            (cert, key)
+        };
+        let (server_cert, server_key) = leaf(vec!["localhost".into()]);
+        let (client_cert, client_key) = leaf(vec![]);
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, pem).unwrap();
+            p
+        };
+        let server = server_config(
+            &write("server.pem", server_cert.pem()),
+            &write("server.key", server_key.serialize_pem()),
+            &write("ca.pem", ca_cert.pem()),
+            &TlsOptions::default(),
+        )
+        .unwrap();
+
+        let mut roots = RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![client_cert.der().clone()],
+            PrivateKeyDer::try_from(client_key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        let tickets = Arc::new(ClientSessionMemoryCache::new(8));
+        client.resumption = Resumption::store(tickets.clone());
+        assert_eq!(
+            client.crypto_provider().cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            "the client must prefer AES-256 for this test to mean anything"
+        );
+
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name.clone()).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        // Until neither side has anything more to say (tickets follow the handshake).
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            let mut rd = &buf[..];
+            while !rd.is_empty() {
+                s.read_tls(&mut rd).unwrap();
+                s.process_new_packets().unwrap();
+            }
+            let mut out = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut out).unwrap();
+            }
+            let mut rd = &out[..];
+            while !rd.is_empty() {
+                c.read_tls(&mut rd).unwrap();
+                c.process_new_packets().unwrap();
+            }
+            if buf.is_empty() && out.is_empty() {
+                break;
+            }
+        }
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        assert!(s.peer_certificates().is_some_and(|chain| !chain.is_empty()));
+        assert_eq!(
+            s.negotiated_cipher_suite().map(|cs| cs.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        assert!(
+            tickets.take_tls13_ticket(&name).is_none(),
+            "the server sent a session ticket"
+        );
+    }
 
     #[test]
     fn serial_and_fingerprint_are_lower_case_hex_of_the_certificate() {

@@ -339,7 +339,7 @@ fn random_hex(rng: &SystemRandom, bytes: usize) -> Result<String, KeyError> {
     let mut buf = vec![0u8; bytes];
     rng.fill(&mut buf)
         .map_err(|_| KeyError("the system random generator failed".into()))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::tls::hex(&buf))
 }
 
 // ----- base64url without padding ----------------------------------------------
