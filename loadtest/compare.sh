@@ -24,6 +24,8 @@
 #   BROKER_CGROUP a cgroup directory the broker is put in (e.g. one with a CPU quota,
 #               to overload a broker that the one-core generator cannot overload)
 #   MOSQUITTO   the mosquitto binary (default: mosquitto on PATH)
+#   DEV_PORT, BACKEND_PORT  the brokers' ports (default 28883, 28884; below 32768,
+#               where Linux picks ephemeral ports)
 #
 # Needs: taskset, python3, mosquitto (Debian: apt-get install mosquitto).
 set -euo pipefail
@@ -70,8 +72,8 @@ ulimit -n "$(ulimit -Hn)" || true
 echo "open files per process: $(ulimit -n)" >&2
 
 # Ports (127.0.0.1). Devices: DEV_PORT; the backend: BACKEND_PORT (no device policy).
-DEV_PORT=28883
-BACKEND_PORT=28884
+DEV_PORT=${DEV_PORT:-28883}
+BACKEND_PORT=${BACKEND_PORT:-28884}
 case $TRANSPORT in
 mtls)
     DEV_URL=mqtts://localhost:$DEV_PORT
