@@ -83,10 +83,11 @@ type PendingAck =
     Pin<Box<dyn Future<Output = (AfterCommit, Result<(), fleetcore_store::StoreError>)> + Send>>;
 
 /// Acknowledgements waiting for store commits, in arrival order. Made on first
-/// use: an empty `FuturesOrdered` already holds two allocations (~150 bytes),
-/// and most connections (an idle device) never wait for a commit.
+/// use (and boxed: 64 bytes inline): an empty `FuturesOrdered` already holds
+/// two allocations (~150 bytes), and most connections (an idle device) never
+/// wait for a commit.
 #[derive(Default)]
-struct PendingAcks(Option<FuturesOrdered<PendingAck>>);
+struct PendingAcks(Option<Box<FuturesOrdered<PendingAck>>>);
 
 impl PendingAcks {
     fn is_empty(&self) -> bool {
@@ -95,7 +96,7 @@ impl PendingAcks {
 
     fn push_back(&mut self, ack: PendingAck) {
         self.0
-            .get_or_insert_with(FuturesOrdered::new)
+            .get_or_insert_with(|| Box::new(FuturesOrdered::new()))
             .push_back(ack);
     }
 
@@ -191,18 +192,22 @@ async fn serve_boxed<S>(
     // Let go of the session before lingering, so a takeover is not kept waiting.
     let inflight: Vec<Inflight> = std::mem::take(&mut conn.inflight).into_values().collect();
     let qos2 = std::mem::take(&mut conn.incoming_qos2);
-    hub.detach(&conn.session, conn_id, inflight, qos2, will);
+    hub.detach(&conn.session, conn_id, inflight, qos2, will.map(|w| *w));
     if matches!(exit, Exit::Refuse(..)) {
         Box::pin(linger(&mut conn.stream)).await;
     }
 }
+
+/// The will of a connection (and its delay), boxed: it is kept for the
+/// connection's life, most connections have none, and a `Message` is large.
+type Will = Option<Box<(Message, u32)>>;
 
 /// A connection past CONNECT: attached to its session, CONNACK queued.
 struct Opened<S> {
     conn: Conn<S>,
     kick_rx: KickReceiver,
     keep_alive: u16,
-    will: Option<(Message, u32)>,
+    will: Will,
     client_id: Arc<str>,
 }
 
@@ -301,8 +306,7 @@ where
         client_max_packet: setup.client_max_packet,
         incoming_qos2: attached.incoming_qos2,
         awaiting_commit: 0,
-        aliases: HashMap::new(),
-        out_aliases: HashMap::new(),
+        aliases: None,
         client_alias_max: setup.client_alias_max,
         pending: PendingAcks::default(),
         problem_info: setup.problem_info,
@@ -369,7 +373,7 @@ where
         conn,
         kick_rx: attached.kick_rx,
         keep_alive: setup.keep_alive,
-        will: setup.will,
+        will: setup.will.map(Box::new),
         client_id: setup.client_id,
     })
 }
@@ -637,6 +641,15 @@ async fn negotiate<S: AsyncWrite + Unpin>(
     }
 }
 
+/// A connection's MQTT 5 topic aliases, both ways.
+#[derive(Default)]
+struct Aliases {
+    /// Set by the client.
+    incoming: HashMap<u16, TopicName>,
+    /// Assigned by us towards the client.
+    outgoing: HashMap<TopicName, u16>,
+}
+
 struct Conn<S> {
     hub: Arc<Hub>,
     stream: S,
@@ -654,9 +667,8 @@ struct Conn<S> {
     incoming_qos2: HashSet<u16>,
     /// Incoming QoS 1 publishes whose durable copies are still being written.
     awaiting_commit: usize,
-    aliases: HashMap<u16, TopicName>,
-    /// Topic aliases we assigned towards the client.
-    out_aliases: HashMap<TopicName, u16>,
+    /// Topic aliases, made when first used (few clients use them).
+    aliases: Option<Box<Aliases>>,
     client_alias_max: u16,
     pending: PendingAcks,
     problem_info: bool,
@@ -674,13 +686,7 @@ struct Conn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
-    async fn run(
-        &mut self,
-        mut kick_rx: KickReceiver,
-        keep_alive: u16,
-        will: &mut Option<(Message, u32)>,
-    ) -> Exit {
-        let mut shutdown = self.hub.shutdown_signal();
+    async fn run(&mut self, mut kick_rx: KickReceiver, keep_alive: u16, will: &mut Will) -> Exit {
         let ka = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
         let far = Duration::from_secs(86400 * 365);
         let mut last_in = Instant::now();
@@ -694,7 +700,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         // keep-alive timer was inserted into and removed from the timer wheel,
         // for every packet in or out.
         let session = self.session.clone();
-        let mut shutdown_wait = std::pin::pin!(shutdown.wait_for(|down| *down));
         let mut kick = std::pin::pin!(kick_rx.recv());
         let mut wake = std::pin::pin!(session.wake.notified());
         // The keep-alive timer is armed for the deadline as it stood when it
@@ -702,9 +707,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         // timer, which is re-armed for the new deadline only when it fires.
         let mut ka_armed = last_in + ka.unwrap_or(far);
         let mut ka_timer = std::pin::pin!(tokio::time::sleep_until(ka_armed));
-        let mut token_timer = std::pin::pin!(tokio::time::sleep_until(
-            self.token_expires.unwrap_or(last_in + far)
-        ));
+        // Boxed and only for token sessions: a timer is 112 bytes that every
+        // other connection would carry for nothing.
+        let mut token_timer = self
+            .token_expires
+            .map(|at| Box::pin(tokio::time::sleep_until(at)));
         loop {
             if let Err(exit) = self.refresh_authz() {
                 return exit;
@@ -733,11 +740,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 || self.awaiting_commit < self.hub.config.limits.receive_maximum as usize;
             tokio::select! {
                 biased;
-                // Polled first, so a shutdown that began while this turn ran
-                // wins over whatever else is ready.
-                _ = &mut shutdown_wait => {
-                    return Exit::Refuse(DisconnectReasonCode::ServerShuttingDown, "server shutting down".into());
-                }
+                // Polled first, so a kick (a takeover, a revocation, the
+                // server shutting down) that came while this turn ran wins
+                // over whatever else is ready.
                 k = &mut kick => {
                     return Exit::Refuse(k.reason, k.message);
                 }
@@ -769,7 +774,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     ka_armed = due;
                     ka_timer.as_mut().reset(due);
                 }
-                _ = &mut token_timer, if self.token_expires.is_some() => {
+                _ = fire(&mut token_timer), if token_timer.is_some() => {
                     return Exit::Refuse(
                         DisconnectReasonCode::MaximumConnectTime,
                         "device token expired: connect again with a new one".into(),
@@ -782,11 +787,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Rebinds this connection's policies when the registry changed since
     /// they were bound; ends it if its certificate is no longer ACTIVE.
     /// Handles every whole packet in the input buffer.
-    fn handle_buffered(
-        &mut self,
-        will: &mut Option<(Message, u32)>,
-        max_packet: usize,
-    ) -> Result<(), Exit> {
+    fn handle_buffered(&mut self, will: &mut Will, max_packet: usize) -> Result<(), Exit> {
         loop {
             match protocol::frame_len(&self.inbuf, max_packet) {
                 Ok(Some(n)) => {
@@ -917,12 +918,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let mut new_alias = false;
         let mut topic: &str = &d.msg.topic;
         if v5 && self.client_alias_max > 0 {
-            if let Some(&a) = self.out_aliases.get(&d.msg.topic) {
+            let assigned = &mut self.aliases.get_or_insert_with(Default::default).outgoing;
+            if let Some(&a) = assigned.get(&d.msg.topic) {
                 alias = Some(a);
                 topic = "";
-            } else if self.out_aliases.len() < self.client_alias_max as usize {
-                let a = self.out_aliases.len() as u16 + 1;
-                self.out_aliases.insert(d.msg.topic.clone(), a);
+            } else if assigned.len() < self.client_alias_max as usize {
+                let a = assigned.len() as u16 + 1;
+                assigned.insert(d.msg.topic.clone(), a);
                 alias = Some(a);
                 new_alias = true;
             }
@@ -953,7 +955,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             self.out.truncate(mark);
             if new_alias {
                 // The client never learnt this alias.
-                self.out_aliases.remove(&d.msg.topic);
+                if let Some(a) = &mut self.aliases {
+                    a.outgoing.remove(&d.msg.topic);
+                }
             }
             m::dropped("client_max_packet_size");
             return false;
@@ -1094,7 +1098,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
     }
 
-    fn handle(&mut self, packet: Packet, will: &mut Option<(Message, u32)>) -> Result<(), Exit> {
+    fn handle(&mut self, packet: Packet, will: &mut Will) -> Result<(), Exit> {
         match packet {
             Packet::Publish(p) => self.on_publish(p),
             Packet::Puback(a) => {
@@ -1219,7 +1223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     ));
                 }
                 if p.topic_name.is_empty() {
-                    match self.aliases.get(&alias) {
+                    match self.aliases.as_ref().and_then(|a| a.incoming.get(&alias)) {
                         Some(t) => t.clone(),
                         None => {
                             return Err(Exit::Refuse(
@@ -1229,7 +1233,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         }
                     }
                 } else {
-                    self.aliases.insert(alias, p.topic_name.clone());
+                    self.aliases
+                        .get_or_insert_with(Default::default)
+                        .incoming
+                        .insert(alias, p.topic_name.clone());
                     p.topic_name
                 }
             }
@@ -1496,6 +1503,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 /// timer (a clock read, and a timer wheel entry once polled) cost as much as
 /// the bookkeeping of the write itself. A write that has to wait gets the
 /// whole [`WRITE_STALL`] from then on.
+/// Waits for the timer, if there is one; never completes otherwise.
+async fn fire(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn within_write_stall<F: Future>(f: F) -> Result<F::Output, tokio::time::error::Elapsed> {
     use std::task::Poll;
     let mut f = std::pin::pin!(f);

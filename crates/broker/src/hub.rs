@@ -205,8 +205,22 @@ impl Hub {
         self.shutdown_tx.subscribe()
     }
 
+    /// Stops the listeners and tells every attached connection to close
+    /// (MQTT 5: DISCONNECT 0x8B). Connections hear it through their kick
+    /// slots, so an idle one waits on nothing more than it already does; one
+    /// that attaches after this sweep sees the flag in [`Hub::attach`].
     pub fn begin_shutdown(&self) {
         let _ = self.shutdown_tx.send(true);
+        let sessions: Vec<Arc<Session>> = self.index.lock().sessions.values().cloned().collect();
+        for s in sessions {
+            if let Some(link) = &s.state.lock().conn {
+                link.kick.send(shutdown_kick());
+            }
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown_tx.borrow()
     }
 
     pub fn session_count(&self) -> usize {
@@ -407,6 +421,7 @@ impl Hub {
                 }
             }
             let (kick_tx, kick_rx) = crate::session::kick_slot();
+            let own_kick = kick_tx.clone();
             let link = ConnLink {
                 conn_id,
                 kick: kick_tx,
@@ -444,6 +459,11 @@ impl Hub {
                             session: rec,
                         }]),
                         None => self.forget_stored_session(&client_id),
+                    }
+                    // After the link is set (and the session indexed): a
+                    // shutdown sweep that began before this check missed it.
+                    if self.is_shutting_down() {
+                        own_kick.send(shutdown_kick());
                     }
                     return Attached {
                         session: old,
@@ -494,6 +514,11 @@ impl Hub {
                             client_id: client_id.to_string(),
                             session: rec,
                         }]);
+                    }
+                    // After the link is set (and the session indexed): a
+                    // shutdown sweep that began before this check missed it.
+                    if self.is_shutting_down() {
+                        own_kick.send(shutdown_kick());
                     }
                     return Attached {
                         session,
@@ -654,7 +679,7 @@ impl Hub {
                 });
             }
             st.queue.clear();
-            let filters: Vec<String> = st.subscriptions.drain().map(|(f, _)| f).collect();
+            let filters: Vec<String> = st.subscriptions.take_filters();
             if let Some(t) = st.will_timer.take() {
                 t.abort();
             }
@@ -822,7 +847,7 @@ fn stored_session(st: &crate::session::SessionState) -> StoredSession {
             .subscriptions
             .iter()
             .map(|(f, o)| StoredSubscription {
-                filter: f.clone(),
+                filter: f.to_owned(),
                 qos: o.qos as u8,
                 no_local: o.no_local,
                 retain_as_published: o.retain_as_published,
@@ -830,6 +855,14 @@ fn stored_session(st: &crate::session::SessionState) -> StoredSession {
                 subscription_id: o.subscription_id,
             })
             .collect(),
+    }
+}
+
+/// What a connection is told when the server shuts down.
+fn shutdown_kick() -> Kick {
+    Kick {
+        reason: mqtt_proto::v5::DisconnectReasonCode::ServerShuttingDown,
+        message: "server shutting down".into(),
     }
 }
 

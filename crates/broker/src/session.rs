@@ -35,6 +35,103 @@ pub struct SubOptions {
     pub subscription_id: Option<u32>,
 }
 
+/// A session's subscriptions by raw filter. A device has one or two: those
+/// sit in an exact-sized vector (an allocation of 32 bytes each, where a hash
+/// table's first one is ~150); past [`Subscriptions::FEW`] they move to a map.
+#[derive(Debug, Default)]
+pub struct Subscriptions {
+    few: Vec<(Box<str>, SubOptions)>,
+    #[allow(clippy::box_collection)] // 8 bytes inline where a map is 48
+    many: Option<Box<HashMap<Box<str>, SubOptions>>>,
+}
+
+impl Subscriptions {
+    const FEW: usize = 8;
+
+    pub fn len(&self) -> usize {
+        self.many.as_ref().map_or(self.few.len(), |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains_key(&self, filter: &str) -> bool {
+        self.get(filter).is_some()
+    }
+
+    pub fn get(&self, filter: &str) -> Option<&SubOptions> {
+        match &self.many {
+            Some(m) => m.get(filter),
+            None => self
+                .few
+                .iter()
+                .find(|(f, _)| &**f == filter)
+                .map(|(_, o)| o),
+        }
+    }
+
+    pub fn get_mut(&mut self, filter: &str) -> Option<&mut SubOptions> {
+        match &mut self.many {
+            Some(m) => m.get_mut(filter),
+            None => self
+                .few
+                .iter_mut()
+                .find(|(f, _)| &**f == filter)
+                .map(|(_, o)| o),
+        }
+    }
+
+    /// Adds or replaces; the options it replaced.
+    pub fn insert(&mut self, filter: String, opts: SubOptions) -> Option<SubOptions> {
+        if let Some(existing) = self.get_mut(&filter) {
+            return Some(std::mem::replace(existing, opts));
+        }
+        let filter = filter.into_boxed_str();
+        match &mut self.many {
+            Some(m) => {
+                m.insert(filter, opts);
+            }
+            None if self.few.len() < Self::FEW => {
+                self.few.reserve_exact(1);
+                self.few.push((filter, opts));
+            }
+            None => {
+                let mut m: HashMap<_, _> = std::mem::take(&mut self.few).into_iter().collect();
+                m.insert(filter, opts);
+                self.many = Some(Box::new(m));
+            }
+        }
+        None
+    }
+
+    pub fn remove(&mut self, filter: &str) -> Option<SubOptions> {
+        match &mut self.many {
+            Some(m) => m.remove(filter),
+            None => {
+                let i = self.few.iter().position(|(f, _)| &**f == filter)?;
+                Some(self.few.swap_remove(i).1)
+            }
+        }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &SubOptions)> {
+        let many = self.many.iter().flat_map(|m| m.iter());
+        self.few
+            .iter()
+            .map(|(f, o)| (f, o))
+            .chain(many)
+            .map(|(f, o)| (&**f, o))
+    }
+
+    /// Removes every subscription; their filters.
+    pub fn take_filters(&mut self) -> Vec<String> {
+        let filters = self.iter().map(|(f, _)| f.to_owned()).collect();
+        *self = Subscriptions::default();
+        filters
+    }
+}
+
 /// Where an outgoing QoS 1/2 message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InflightState {
@@ -140,7 +237,7 @@ pub struct SessionState {
     pub expiry_secs: u32,
     pub version: Version,
     /// Raw filter as subscribed (including any `$share/group/` prefix).
-    pub subscriptions: HashMap<String, SubOptions>,
+    pub subscriptions: Subscriptions,
     pub queue: VecDeque<Delivery>,
     /// Outgoing messages in flight when the last connection ended.
     pub inflight: Vec<Inflight>,
@@ -177,17 +274,16 @@ pub struct Session {
 impl SessionState {
     /// Adds or replaces a subscription; whether one with this filter existed.
     pub fn subscribe(&mut self, filter: String, opts: SubOptions) -> bool {
-        use std::collections::hash_map::Entry;
-        match self.subscriptions.entry(filter) {
-            Entry::Occupied(mut e) => {
-                if *e.get() != opts {
-                    e.insert(opts);
+        match self.subscriptions.get_mut(&filter) {
+            Some(existing) => {
+                if *existing != opts {
+                    *existing = opts;
                     self.subscriptions_stored = false;
                 }
                 true
             }
-            Entry::Vacant(e) => {
-                e.insert(opts);
+            None => {
+                self.subscriptions.insert(filter, opts);
                 self.subscriptions_stored = false;
                 false
             }
@@ -212,7 +308,7 @@ impl Session {
             state: Mutex::new(SessionState {
                 expiry_secs,
                 version,
-                subscriptions: HashMap::new(),
+                subscriptions: Subscriptions::default(),
                 queue: VecDeque::new(),
                 inflight: Vec::new(),
                 incoming_qos2: HashSet::new(),
