@@ -695,13 +695,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         if let Err(exit) = self.handle_buffered(will, max_packet) {
             return exit;
         }
-        // The waits below live as long as the loop. Made afresh on every turn,
-        // each registered with (and then removed from) its Notify, and the
-        // keep-alive timer was inserted into and removed from the timer wheel,
-        // for every packet in or out.
+        // The session's wake-up and the kick are `Signal`s: polling one is an
+        // atomic load, and nothing is kept for them between turns. The
+        // keep-alive timer lives as long as the loop: made afresh on every
+        // turn, it was inserted into and removed from the timer wheel for
+        // every packet in or out.
         let session = self.session.clone();
-        let mut kick = std::pin::pin!(kick_rx.recv());
-        let mut wake = std::pin::pin!(session.wake.notified());
         // The keep-alive timer is armed for the deadline as it stood when it
         // was (re)armed; input moves the deadline later without touching the
         // timer, which is re-armed for the new deadline only when it fires.
@@ -727,7 +726,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 // stopped reading.
                 let flushed = tokio::select! {
                     r = self.flush() => r,
-                    k = &mut kick => {
+                    k = std::future::poll_fn(|cx| kick_rx.poll_recv(cx)) => {
                         return Exit::Abort(format!("{} (while a write was stalled)", k.message));
                     }
                 };
@@ -743,7 +742,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 // Polled first, so a kick (a takeover, a revocation, the
                 // server shutting down) that came while this turn ran wins
                 // over whatever else is ready.
-                k = &mut kick => {
+                k = std::future::poll_fn(|cx| kick_rx.poll_recv(cx)) => {
                     return Exit::Refuse(k.reason, k.message);
                 }
                 Some((after, res)) = self.pending.next(), if !self.pending.is_empty() => {
@@ -751,9 +750,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         return exit;
                     }
                 }
-                _ = &mut wake => {
-                    wake.set(session.wake.notified());
-                }
+                _ = std::future::poll_fn(|cx| session.wake.poll_notified(cx)) => {}
                 r = ReadInto::new(&mut self.stream, &mut self.inbuf), if read_open => {
                     match r {
                         Ok(0) => return Exit::Lost("closed by peer".into()),

@@ -18,7 +18,10 @@ use std::sync::Arc;
 use mqtt_proto::v5::{DisconnectReasonCode, RetainHandling};
 use mqtt_proto::QoS;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use futures_util::task::AtomicWaker;
 
 use crate::message::{Delivery, Message};
 use crate::protocol::Version;
@@ -155,13 +158,49 @@ pub struct Kick {
     pub message: String,
 }
 
+/// Wakes the one task that waits on it; a notification that comes while
+/// nobody waits is kept for the next wait. Polled by a connection on every
+/// wake-up: an atomic load when nothing happened (a `Notify` takes its lock),
+/// and nothing to keep between polls but the waker it holds.
+#[derive(Debug, Default)]
+pub struct Signal {
+    set: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    pub fn notify(&self) {
+        self.set.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once notified since it was last ready. One task at a time may
+    /// wait: a second one takes the waker over.
+    pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.take() {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A notification between the check and the registration woke nobody.
+        if self.take() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn take(&self) -> bool {
+        self.set.load(Ordering::Acquire) && self.set.swap(false, Ordering::AcqRel)
+    }
+}
+
 /// Where a kick waits for its connection: the first kick wins, later ones are
 /// dropped (the connection is ending anyway). About 100 bytes a connection,
 /// against some 1.5 KB for an unbounded channel.
 #[derive(Debug, Default)]
 struct KickSlot {
     kick: Mutex<Option<Kick>>,
-    notify: Notify,
+    signal: Signal,
 }
 
 /// The hub's end of a connection's kick slot.
@@ -187,18 +226,19 @@ impl KickSender {
                 *k = Some(kick);
             }
         }
-        self.0.notify.notify_one();
+        self.0.signal.notify();
     }
 }
 
 impl KickReceiver {
-    /// Waits for a kick. Cancel-safe: a kick is taken only when returned.
-    pub async fn recv(&mut self) -> Kick {
+    /// Ready with the kick once there is one; a kick is taken only when
+    /// returned. Only the slot's atomic flag is read until one comes.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Kick> {
         loop {
+            std::task::ready!(self.0.signal.poll_notified(cx));
             if let Some(k) = self.0.kick.lock().take() {
-                return k;
+                return Poll::Ready(k);
             }
-            self.0.notify.notified().await;
         }
     }
 }
@@ -268,7 +308,7 @@ pub struct Session {
     pub client_id: Arc<str>,
     pub state: Mutex<SessionState>,
     /// Wakes the attached connection when a delivery is queued.
-    pub wake: Notify,
+    pub wake: Signal,
 }
 
 impl SessionState {
@@ -322,7 +362,7 @@ impl Session {
                 subscriptions_stored: false,
                 ended: false,
             }),
-            wake: Notify::new(),
+            wake: Signal::default(),
         }
     }
 
@@ -360,12 +400,59 @@ impl Session {
         st.queue.push_back(d);
         drop(st);
         if attached {
-            self.wake.notify_one();
+            self.wake.notify();
         }
         result
     }
 
     pub fn is_persistent(&self) -> bool {
         self.state.lock().expiry_secs > 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn poll_once(s: &Signal) -> Poll<()> {
+        let waker = futures_util::task::noop_waker();
+        s.poll_notified(&mut Context::from_waker(&waker))
+    }
+
+    #[tokio::test]
+    async fn a_signal_keeps_a_notification_for_the_next_wait_and_wakes_a_waiter() {
+        let s = Arc::new(Signal::default());
+        assert!(poll_once(&s).is_pending());
+        // Notified while nobody waits: the next wait returns at once, once.
+        s.notify();
+        assert!(poll_once(&s).is_ready());
+        assert!(poll_once(&s).is_pending());
+        // A task already waiting is woken.
+        let waiting = s.clone();
+        let waiter =
+            tokio::spawn(async move { std::future::poll_fn(|cx| waiting.poll_notified(cx)).await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        s.notify();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter was not woken")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_kick_sent_before_the_wait_is_received_and_the_first_one_wins() {
+        let (tx, mut rx) = kick_slot();
+        let kick = |message: &str| Kick {
+            reason: DisconnectReasonCode::SessionTakenOver,
+            message: message.into(),
+        };
+        tx.send(kick("first"));
+        tx.send(kick("second"));
+        let k = std::future::poll_fn(|cx| rx.poll_recv(cx)).await;
+        assert_eq!(k.message, "first");
+        let waker = futures_util::task::noop_waker();
+        assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
     }
 }
