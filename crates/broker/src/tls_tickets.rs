@@ -200,8 +200,7 @@ impl TicketKeys {
             // The retired secret still opens tickets issued up to now, for one lifetime.
             k.previous = Some(old);
         }
-        if k
-            .previous
+        if k.previous
             .as_ref()
             .is_some_and(|_| now >= k.current.created.saturating_add(self.lifetime_secs))
         {
@@ -219,8 +218,7 @@ impl TicketKeys {
 
     fn due(&self, k: &KeySet, now: u64) -> bool {
         now >= k.current.created.saturating_add(self.rotation_secs)
-            || (k.previous.is_some()
-                && now >= k.current.created.saturating_add(self.lifetime_secs))
+            || (k.previous.is_some() && now >= k.current.created.saturating_add(self.lifetime_secs))
     }
 
     /// The ticketer of a listener whose binding is `binding` (see [`binding`]).
@@ -564,7 +562,11 @@ mod tests {
         let plain = session(Some("localhost"));
         let t = a.seal_at(&plain, now).unwrap();
         assert_eq!(a.open_at(&t, now + 99).as_deref(), Some(&plain[..]));
-        assert_eq!(b.open_at(&t, now), None, "another binding opened the ticket");
+        assert_eq!(
+            b.open_at(&t, now),
+            None,
+            "another binding opened the ticket"
+        );
         assert_eq!(a.open_at(&t, now + 100), None, "opened after its lifetime");
         assert_eq!(a.open_at(&t, now - 61), None, "issued in the future");
         // Any flipped bit (header included) is refused.
@@ -632,11 +634,19 @@ mod tests {
     #[test]
     fn binding_is_a_set_of_cas_and_covers_every_field() {
         let base = binding("tls 0.0.0.0:8883", false, &[], &[b"ca1", b"ca2"]);
-        assert_eq!(base, binding("tls 0.0.0.0:8883", false, &[], &[b"ca2", b"ca1", b"ca1"]));
+        assert_eq!(
+            base,
+            binding("tls 0.0.0.0:8883", false, &[], &[b"ca2", b"ca1", b"ca1"])
+        );
         for other in [
             binding("tls 0.0.0.0:8884", false, &[], &[b"ca1", b"ca2"]),
             binding("tls 0.0.0.0:8883", true, &[], &[b"ca1", b"ca2"]),
-            binding("tls 0.0.0.0:8883", false, &[b"mqtt".to_vec()], &[b"ca1", b"ca2"]),
+            binding(
+                "tls 0.0.0.0:8883",
+                false,
+                &[b"mqtt".to_vec()],
+                &[b"ca1", b"ca2"],
+            ),
             binding("tls 0.0.0.0:8883", false, &[], &[b"ca1"]),
             binding("tls 0.0.0.0:8883", false, &[], &[b"ca1", b"ca2", b"ca3"]),
         ] {
@@ -656,6 +666,12 @@ mod tests {
         }
         .refusal(0)
         .is_some());
-        assert_eq!(Resumed { cert_not_after: None }.refusal(i64::MAX), None);
+        assert_eq!(
+            Resumed {
+                cert_not_after: None
+            }
+            .refusal(i64::MAX),
+            None
+        );
     }
 }
