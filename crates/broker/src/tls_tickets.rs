@@ -654,6 +654,112 @@ mod tests {
         }
     }
 
+    /// Two handshakes in memory between a listener configuration with resumption and a
+    /// client with a session store of its own, speaking only `version`; returns how
+    /// the second went.
+    fn second_handshake(
+        version: &'static rustls::SupportedProtocolVersion,
+    ) -> rustls::HandshakeKind {
+        use rustls::pki_types::{PrivateKeyDer, ServerName};
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            (cert, key)
+        };
+        let (server_cert, server_key) = leaf(vec!["localhost".into()]);
+        let (client_cert, client_key) = leaf(vec![]);
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: String| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, pem).unwrap();
+            p
+        };
+        let server = crate::tls::server_config(
+            &write("server.pem", server_cert.pem()),
+            &write("server.key", server_key.serialize_pem()),
+            &write("ca.pem", ca_cert.pem()),
+            &crate::tls::TlsOptions {
+                resumption: Some(crate::tls::Resumption {
+                    keys: keys(dir.path(), 3600, 3600, unix_now()),
+                    listener: "tls test".into(),
+                }),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca_cert.der().clone()).unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![client_cert.der().clone()],
+            PrivateKeyDer::try_from(client_key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        client.resumption = rustls::client::Resumption::store(Arc::new(
+            rustls::client::ClientSessionMemoryCache::new(8),
+        ));
+        let client = Arc::new(client);
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut kind = None;
+        for _ in 0..2 {
+            let mut c = rustls::ClientConnection::new(client.clone(), name.clone()).unwrap();
+            let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+            // Until neither side has anything more to say (tickets follow the handshake).
+            for _ in 0..10 {
+                let mut buf = Vec::new();
+                while c.wants_write() {
+                    c.write_tls(&mut buf).unwrap();
+                }
+                let mut rd = &buf[..];
+                while !rd.is_empty() {
+                    s.read_tls(&mut rd).unwrap();
+                    s.process_new_packets().unwrap();
+                }
+                let mut out = Vec::new();
+                while s.wants_write() {
+                    s.write_tls(&mut out).unwrap();
+                }
+                let mut rd = &out[..];
+                while !rd.is_empty() {
+                    c.read_tls(&mut rd).unwrap();
+                    c.process_new_packets().unwrap();
+                }
+                if buf.is_empty() && out.is_empty() {
+                    break;
+                }
+            }
+            assert!(!c.is_handshaking() && !s.is_handshaking());
+            assert!(s.peer_certificates().is_some_and(|chain| !chain.is_empty()));
+            kind = s.handshake_kind();
+        }
+        kind.unwrap()
+    }
+
+    #[test]
+    fn tls13_resumes_and_tls12_never_does() {
+        assert_eq!(
+            second_handshake(&rustls::version::TLS13),
+            rustls::HandshakeKind::Resumed
+        );
+        assert_eq!(
+            second_handshake(&rustls::version::TLS12),
+            rustls::HandshakeKind::Full
+        );
+    }
+
     #[test]
     fn resumed_session_with_expired_certificate_is_refused() {
         let r = Resumed {
