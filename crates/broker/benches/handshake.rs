@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, Criterion};
 use fleetcore_broker::tls::{self, Resumption, TlsOptions};
 use fleetcore_broker::tls_tickets::{TicketKeys, KEY_FILE};
 use rustls::client::{ClientSessionMemoryCache, Resumption as ClientResumption};
