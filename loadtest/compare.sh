@@ -26,6 +26,11 @@
 #   MOSQUITTO   the mosquitto binary (default: mosquitto on PATH)
 #   DEV_PORT, BACKEND_PORT  the brokers' ports (default 28883, 28884; below 32768,
 #               where Linux picks ephemeral ports)
+#   TLS_RESUME=1  devices keep the session tickets they are given and offer them when
+#               they reconnect (fleetcore-loadtest --tls-resume), for every broker;
+#               fleetcore runs with its default [tls_resumption] (on). Unset: devices
+#               never resume and fleetcore runs with [tls_resumption] enabled = false,
+#               as every figure before resumption existed was measured.
 #
 # Needs: taskset, python3, mosquitto (Debian: apt-get install mosquitto).
 set -euo pipefail
@@ -98,6 +103,7 @@ esac
 # made the generator, not the broker, the limit of connect rates and storm times.
 SOURCE_ADDRS=${SOURCE_ADDRS:-127.0.0.2-127.0.0.9}
 TOOL_ARGS=(--source-addrs "$SOURCE_ADDRS")
+[[ -n ${TLS_RESUME:-} && $TRANSPORT != tcp ]] && TOOL_ARGS+=(--tls-resume)
 if [[ $TRANSPORT != tcp ]]; then
     TOOL_ARGS+=(--ca "$PKI/ca.pem" --client-ca-cert "$PKI/ca.pem" --client-ca-key "$PKI/ca.key" --fleet-dir "$FLEET")
 fi
@@ -113,6 +119,7 @@ max_connections = 1000000
 [admin]
 enabled = false
 EOF
+    [[ -n ${TLS_RESUME:-} ]] || printf '[tls_resumption]\nenabled = false\n'
     local tls="cert_file = \"$PKI/server.pem\"
 key_file = \"$PKI/server.key\"
 client_ca_file = \"$PKI/ca.pem\"

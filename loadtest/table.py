@@ -58,6 +58,8 @@ ROWS = {
         ("duplicated", "results.duplicated", "lower", "{:.0f}"),
         ("session present", "results.session_present", "higher", "{:.0f}"),
         ("reconnect p99 (ms)", "results.reconnect.latency.p99_ms", "lower", "{:.0f}"),
+        ("reconnections with a resumed TLS session", "results.reconnect.tls_handshakes.resumed", "higher", "{:.0f}"),
+        ("reconnections with a full TLS handshake", "results.reconnect.tls_handshakes.full", "lower", "{:.0f}"),
         ("broker CPU per reconnection (µs)", "results.storm_cpu.broker_cpu_us_per_connection", "lower", "{:.0f}"),
         ("broker RSS with queued orders (MiB)", "results.broker_rss_with_queued_kib", "lower", "mib"),
     ],

@@ -77,7 +77,7 @@ impl Ctx {
                     None => None,
                 };
                 let cfg = base
-                    .client_config(identity, self.alpn.as_deref())
+                    .client_config(identity, self.alpn.as_deref(), false)
                     .map_err(|e| Fail::new(FailKind::Tls, e))?;
                 Some((base, cfg))
             }
@@ -211,6 +211,11 @@ pub async fn device(
             .open(false, ctx.source(i), &name, plan.clean, plan.session_expiry)
             .await?;
         conns.connected.fetch_add(1, Relaxed);
+        match m.stream.tls_resumed() {
+            Some(true) => conns.tls_resumed.fetch_add(1, Relaxed),
+            Some(false) => conns.tls_full.fetch_add(1, Relaxed),
+            None => 0,
+        };
         if session_present {
             conns.session_present.fetch_add(1, Relaxed);
         }

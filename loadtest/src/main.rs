@@ -234,6 +234,11 @@ struct Common {
     /// No progress bars.
     #[arg(long)]
     no_progress: bool,
+    /// Each device keeps the TLS session tickets the broker gives it (a session store
+    /// of its own) and offers them when it reconnects: TLS 1.3 resumption instead of a
+    /// full handshake. Reports count resumed and full handshakes.
+    #[arg(long)]
+    tls_resume: bool,
 }
 
 /// Raises the soft open-file limit to the hard one; returns (soft, hard) after.
@@ -352,7 +357,7 @@ async fn build_ctx(c: &Common, mint_only: bool) -> anyhow::Result<Arc<Ctx>> {
                 Some(f) => Some(f.load(&fleet::device_name(i))?),
                 None => None,
             };
-            device_tls.push(base.client_config(identity, alpn)?);
+            device_tls.push(base.client_config(identity, alpn, c.tls_resume)?);
         }
         eprintln!(
             "prepared {} TLS client configurations in {:.1} s",
@@ -393,6 +398,9 @@ fn common_params(r: &mut Report, c: &Common, ctx: &Ctx) {
     r.param("max_pending", c.max_pending);
     r.param("duration_s", c.duration);
     r.param("client_certificates", ctx.fleet.is_some());
+    if ctx.tls.is_some() {
+        r.param("tls_resume", c.tls_resume);
+    }
     r.param("source_addrs", ctx.sources.len());
     r.param(
         "generator_threads",

@@ -182,12 +182,16 @@ impl TlsBase {
         })
     }
 
-    /// A client configuration presenting `identity` (or no certificate). Resumption is
-    /// off: every connection is a full handshake, as a fleet's first connect is.
+    /// A client configuration presenting `identity` (or no certificate). Without
+    /// `resume` every connection is a full handshake, as a fleet's first connect is;
+    /// with it, the configuration keeps the session tickets it is given in a store of
+    /// its own (one device's) and offers them on its next connections (TLS 1.3
+    /// resumption), as a device library with a session cache does.
     pub fn client_config(
         &self,
         identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
         alpn: Option<&[u8]>,
+        resume: bool,
     ) -> anyhow::Result<Arc<ClientConfig>> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)
@@ -197,7 +201,14 @@ impl TlsBase {
             Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
             None => builder.with_no_client_auth(),
         };
-        cfg.resumption = rustls::client::Resumption::disabled();
+        cfg.resumption = if resume {
+            // A few tickets: a server may send more than one per handshake.
+            rustls::client::Resumption::store(Arc::new(
+                rustls::client::ClientSessionMemoryCache::new(4),
+            ))
+        } else {
+            rustls::client::Resumption::disabled()
+        };
         if let Some(p) = alpn {
             cfg.alpn_protocols = vec![p.to_vec()];
         }
@@ -291,6 +302,20 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// On TLS: whether the handshake resumed a session (`None` without TLS).
+    pub fn tls_resumed(&self) -> Option<bool> {
+        let io = match self {
+            Stream::Raw(io) => io,
+            Stream::Ws(ws) => ws.get_ref(),
+        };
+        match io {
+            Io::Tls(s) => {
+                Some(s.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+            }
+            Io::Tcp(_) | Io::ServerTls(_) => None,
+        }
+    }
+
     /// Opens TCP (from `source` when given), then TLS and WebSocket as the URL says.
     pub async fn open(
         url: &BrokerUrl,

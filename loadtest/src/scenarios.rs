@@ -83,6 +83,12 @@ fn conn_figures(r: &mut Report, key: &str, c: &Conns) {
         c.fail_timeout.load(Relaxed),
         c.dropped.load(Relaxed),
     ));
+    let (full, resumed) = (c.tls_full.load(Relaxed), c.tls_resumed.load(Relaxed));
+    if full + resumed > 0 {
+        r.line(format!(
+            "  TLS handshakes  {full} full, {resumed} resumed (session tickets)"
+        ));
+    }
     if let Some(h) = c.latency.lock().as_ref() {
         r.line(format!("  connect latency {}", lat_line(h)));
     }

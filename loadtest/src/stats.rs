@@ -150,6 +150,9 @@ pub struct Conns {
     /// SUBACK granted (or connected, when nothing is subscribed).
     pub ready: AtomicU64,
     pub session_present: AtomicU64,
+    /// Connected over TLS with a resumed session (a ticket) / a full handshake.
+    pub tls_resumed: AtomicU64,
+    pub tls_full: AtomicU64,
     pub fail_tcp: AtomicU64,
     pub fail_tls: AtomicU64,
     pub fail_ws: AtomicU64,
@@ -247,6 +250,10 @@ impl Conns {
             "connected": l(&self.connected),
             "ready": l(&self.ready),
             "session_present": l(&self.session_present),
+            "tls_handshakes": {
+                "full": l(&self.tls_full),
+                "resumed": l(&self.tls_resumed),
+            },
             "seconds": round3(self.seconds()),
             "rate_per_s": round1(self.rate()),
             "failed": {

@@ -22,6 +22,7 @@ pub struct Config {
     pub admin: AdminConfig,
     pub pki: PkiConfig,
     pub tokens: TokenConfig,
+    pub tls_resumption: TlsResumptionConfig,
 }
 
 impl Default for Config {
@@ -35,6 +36,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             pki: PkiConfig::default(),
             tokens: TokenConfig::default(),
+            tls_resumption: TlsResumptionConfig::default(),
         }
     }
 }
@@ -151,6 +153,19 @@ impl Config {
         if t.key_rotation_secs == 0 {
             return Err("tokens.key_rotation_secs must be at least 1".into());
         }
+        let r = &self.tls_resumption;
+        if r.ticket_lifetime_secs == 0 || r.ticket_lifetime_secs > 7 * 24 * 3600 {
+            return Err(
+                "tls_resumption.ticket_lifetime_secs must be at least 1 and at most 604800 (7 days, RFC 8446)"
+                    .into(),
+            );
+        }
+        if r.key_rotation_secs < r.ticket_lifetime_secs {
+            return Err(
+                "tls_resumption.key_rotation_secs may not be shorter than tls_resumption.ticket_lifetime_secs"
+                    .into(),
+            );
+        }
         if self.pki.server_names.is_empty() {
             return Err("pki.server_names needs at least one DNS name or IP address".into());
         }
@@ -204,6 +219,32 @@ impl Default for TokenConfig {
             max_ttl_secs: 24 * 3600,
             default_ttl_secs: 3600,
             key_rotation_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// TLS 1.3 session resumption on the TLS listeners: a reconnecting client presents
+/// the ticket it was given and skips the certificate exchange (its certificate is then
+/// re-checked at CONNECT: registry state, validity period). Ticket keys live in
+/// `<data_dir>/tls-ticket-keys` (mode 0600), so tickets survive a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsResumptionConfig {
+    /// Issue one ticket after each full handshake and accept tickets.
+    pub enabled: bool,
+    /// How long a ticket resumes after it was issued.
+    pub ticket_lifetime_secs: u64,
+    /// The ticket key is replaced when older than this; the previous key keeps
+    /// opening tickets for one ticket lifetime. At least `ticket_lifetime_secs`.
+    pub key_rotation_secs: u64,
+}
+
+impl Default for TlsResumptionConfig {
+    fn default() -> Self {
+        TlsResumptionConfig {
+            enabled: true,
+            ticket_lifetime_secs: 4 * 3600,
+            key_rotation_secs: 4 * 3600,
         }
     }
 }
@@ -431,6 +472,34 @@ impl Default for SessionConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resumption_settings_that_cannot_work_are_refused_by_name() {
+        let with = |lifetime, rotation| {
+            Config {
+                tls_resumption: TlsResumptionConfig {
+                    enabled: true,
+                    ticket_lifetime_secs: lifetime,
+                    key_rotation_secs: rotation,
+                },
+                ..Config::default()
+            }
+            .validate()
+        };
+        assert_eq!(with(60, 60), Ok(()));
+        assert_eq!(with(60, 3600), Ok(()));
+        assert!(with(0, 60).unwrap_err().contains("ticket_lifetime_secs"));
+        assert!(with(604_801, 700_000)
+            .unwrap_err()
+            .contains("ticket_lifetime_secs"));
+        assert!(with(61, 60).unwrap_err().contains("key_rotation_secs"));
+        let parsed: Config =
+            toml::from_str("[tls_resumption]\nenabled = false\nticket_lifetime_secs = 600\n")
+                .unwrap();
+        assert!(!parsed.tls_resumption.enabled);
+        assert_eq!(parsed.tls_resumption.ticket_lifetime_secs, 600);
+        assert_eq!(parsed.tls_resumption.key_rotation_secs, 4 * 3600);
+    }
 
     #[test]
     fn token_settings_that_cannot_work_are_refused_by_name() {

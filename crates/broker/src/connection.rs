@@ -63,6 +63,10 @@ pub struct PeerInfo {
     pub uses_registry: bool,
     /// A device token is accepted as the password (user name = thing name).
     pub tokens: bool,
+    /// Set when the TLS handshake resumed an earlier session from a ticket: rustls
+    /// verified no certificate this time; `cert` is the one the session was
+    /// authenticated with, re-checked at CONNECT.
+    pub tls_resumed: Option<crate::tls_tickets::Resumed>,
 }
 
 /// Why a connection ended.
@@ -471,6 +475,15 @@ async fn negotiate<S: AsyncWrite + Unpin>(
             }
             _ => None,
         };
+        // A resumed TLS session carries the certificate verified at its full
+        // handshake; the registry check below applies to it as to any, and its
+        // validity period is checked here (rustls did not look at it this time).
+        if let Some(refusal) = peer
+            .tls_resumed
+            .and_then(|r| r.refusal(crate::tls_tickets::unix_now() as i64))
+        {
+            return Err(refuse(ConnectReasonCode::NotAuthorized, refusal));
+        }
         // On a registry listener every client is someone in the registry: a
         // certificate or a token, never anonymous (whatever allow_anonymous says).
         if peer.cert.is_none() && token.is_none() && (!peer.allow_anonymous || peer.uses_registry) {

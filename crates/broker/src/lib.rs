@@ -12,6 +12,7 @@
 //! - [`connection`]: one task per client connection.
 //! - [`listener`]: accept loops, connection limits, EMFILE back-off.
 //! - [`tls`]: rustls server configuration and client certificate subjects.
+//! - [`tls_tickets`]: TLS 1.3 session tickets, persisted and bound to the trust store.
 //! - [`authz`]: IoT Core policy decisions for one connection.
 //! - [`registry`]: things, certificates, policies, CAs and their attachments.
 //! - [`token`]: signed device tokens (MQTT password) and their keys.
@@ -35,6 +36,7 @@ pub mod retained;
 pub mod router;
 pub mod session;
 pub mod tls;
+pub mod tls_tickets;
 pub mod token;
 pub mod topic;
 pub mod websocket;
@@ -86,6 +88,21 @@ impl Server {
             path: config.data_dir.display().to_string(),
             reason: e.to_string(),
         })?;
+        let ticket_keys = if config.tls_resumption.enabled
+            && config
+                .effective_listeners()
+                .iter()
+                .any(|l| l.kind == ListenerKind::Tls)
+        {
+            let path = config.data_dir.join(tls_tickets::KEY_FILE);
+            let r = &config.tls_resumption;
+            let keys =
+                tls_tickets::TicketKeys::open(&path, r.ticket_lifetime_secs, r.key_rotation_secs)
+                    .map_err(|e| StartError::Config(e.to_string()))?;
+            Some(Arc::new(keys))
+        } else {
+            None
+        };
         let mut bound = Vec::new();
         for lc in config.effective_listeners() {
             let kind = lc.kind_name();
@@ -100,6 +117,10 @@ impl Server {
                     let (cert_file, key_file, client_ca_file) = lc.tls_files().map_err(err)?;
                     let mut opts = tls::TlsOptions {
                         client_cert_optional: lc.tokens_enabled(),
+                        resumption: ticket_keys.as_ref().map(|keys| tls::Resumption {
+                            keys: keys.clone(),
+                            listener: format!("{kind} {}", lc.bind),
+                        }),
                         ..Default::default()
                     };
                     if lc.websocket {

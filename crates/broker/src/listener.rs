@@ -132,6 +132,7 @@ pub async fn run(hub: Arc<Hub>, listener: Listener) {
             policy: listener.policy.clone(),
             uses_registry: listener.config.uses_registry(),
             tokens: listener.config.tokens_enabled(),
+            tls_resumed: None,
         });
         let hub = hub.clone();
         let tls = listener.tls.clone();
@@ -315,6 +316,7 @@ async fn serve_tls(
             .peer_certificates()
             .and_then(|chain| chain.first())
             .and_then(|der| ClientCert::from_der(der));
+        peer.tls_resumed = crate::tls_tickets::resumed(conn);
         let alpn = conn.alpn_protocol().map(|p| p.to_vec());
         (s, alpn)
     };

@@ -63,6 +63,17 @@ pub struct TlsOptions {
     /// then authenticate another way, e.g. with a token). A certificate that
     /// is presented must still verify.
     pub client_cert_optional: bool,
+    /// TLS 1.3 session resumption with persisted ticket keys (`None`: off).
+    pub resumption: Option<Resumption>,
+}
+
+/// How a listener resumes TLS sessions: the broker's ticket keys, and the listener's
+/// name, which (with its trust store) every ticket is bound to.
+#[derive(Debug, Clone)]
+pub struct Resumption {
+    pub keys: Arc<crate::tls_tickets::TicketKeys>,
+    /// The listener's kind and address, e.g. `tls 0.0.0.0:8883`.
+    pub listener: String,
 }
 
 /// ALPN protocol ids that select MQTT on a listener with ALPN dispatch:
@@ -98,13 +109,17 @@ pub fn server_config_with(
         reason: e.to_string(),
     })?;
     let mut roots = RootCertStore::empty();
+    // Every CA trusted, as DER: what resumption tickets are bound to.
+    let mut trusted: Vec<CertificateDer<'static>> = Vec::new();
     for ca in read_certs(client_ca_file, "a CA certificate")? {
+        trusted.push(ca.clone());
         roots
             .add(ca)
             .map_err(|e| TlsError::Config(format!("CA in {}: {e}", client_ca_file.display())))?;
     }
     for pem in extra_cas {
         for ca in CertificateDer::pem_slice_iter(pem.as_bytes()).flatten() {
+            trusted.push(ca.clone());
             roots
                 .add(ca)
                 .map_err(|e| TlsError::Config(format!("registered CA: {e}")))?;
@@ -126,10 +141,28 @@ pub fn server_config_with(
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(format!("server certificate and key: {e}")))?;
     cfg.alpn_protocols = opts.alpn.clone();
-    // No TLS 1.3 session tickets. rustls would send two after every handshake
-    // and keep their sessions in a 256-entry cache: work and memory on every
-    // connection, for resumption that a fleet of thousands would never hit.
-    cfg.send_tls13_tickets = 0;
+    // No server-side session cache at all: no TLS 1.2 session ids, and no stateful
+    // TLS 1.3 tickets (rustls's default keeps 256 sessions in memory).
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    match &opts.resumption {
+        // One stateless ticket after each full handshake, sealed with keys that
+        // survive a restart and bound to this listener's trust store
+        // (see `tls_tickets`): a reconnecting device skips the certificate exchange.
+        Some(r) => {
+            let cas: Vec<&[u8]> = trusted.iter().map(|c| c.as_ref()).collect();
+            let binding = crate::tls_tickets::binding(
+                &r.listener,
+                opts.client_cert_optional,
+                &opts.alpn,
+                &cas,
+            );
+            cfg.ticketer = Arc::new(r.keys.ticketer(binding));
+            cfg.send_tls13_tickets = 1;
+        }
+        // No tickets: rustls would otherwise send two after every handshake, work on
+        // every connection for resumption nobody could use.
+        None => cfg.send_tls13_tickets = 0,
+    }
     // Our order of cipher suites, not the client's (see `server_provider`).
     cfg.ignore_client_order = true;
     Ok(Arc::new(cfg))
