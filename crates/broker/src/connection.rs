@@ -884,28 +884,57 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Writes the buffer out. Each write call must make progress within
     /// [`WRITE_STALL`]: a slow client that keeps reading is not cut off, one
     /// that stopped reading is.
+    /// Writes the output buffer out. A write that makes no progress for
+    /// [`WRITE_STALL`] fails.
     async fn flush(&mut self) -> Result<(), String> {
-        let n = self.out.len();
-        let mut pos = 0;
-        while pos < n {
-            match within_write_stall(self.stream.write(&self.out[pos..])).await {
-                Err(_) => return Err("write stalled: the client is not reading".into()),
-                Ok(Err(e)) => return Err(e.to_string()),
-                Ok(Ok(0)) => return Err("connection closed while writing".into()),
-                Ok(Ok(w)) => pos += w,
+        let (mut written, mut stall) = (0, None);
+        std::future::poll_fn(|cx| self.poll_flush_out(cx, &mut written, &mut stall)).await
+    }
+
+    /// [`Conn::flush`] by hand: an awaited write under a timeout kept a
+    /// future of some 240 bytes in every connection's state; the stall timer
+    /// is made only when a write has to wait, which most never do.
+    fn poll_flush_out(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        written: &mut usize,
+        stall: &mut Option<Pin<Box<tokio::time::Sleep>>>,
+    ) -> std::task::Poll<Result<(), String>> {
+        use std::task::Poll;
+        loop {
+            let stream = Pin::new(&mut self.stream);
+            let r = if *written < self.out.len() {
+                stream.poll_write(cx, &self.out[*written..]).map_ok(Some)
+            } else {
+                stream.poll_flush(cx).map_ok(|()| None)
+            };
+            match r {
+                Poll::Ready(Ok(Some(0))) => {
+                    return Poll::Ready(Err("connection closed while writing".into()))
+                }
+                Poll::Ready(Ok(Some(w))) => {
+                    *written += w;
+                    // Progress: the stall is measured from the next wait.
+                    *stall = None;
+                }
+                Poll::Ready(Ok(None)) => break,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+                Poll::Pending => {
+                    let timer =
+                        stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err("write stalled: the client is not reading".into()));
+                    }
+                    return Poll::Pending;
+                }
             }
         }
-        match within_write_stall(self.stream.flush()).await {
-            Err(_) => return Err("write stalled: the client is not reading".into()),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Ok(Ok(())) => {}
-        }
-        m::bytes_out(n);
+        m::bytes_out(self.out.len());
         // An idle connection keeps no output buffer either; it is left to the
         // next connection this thread writes for, instead of freed here and
         // allocated again (and grown) for the next packet.
         spare::put_out(std::mem::take(&mut self.out));
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
     fn alloc_pid(&mut self) -> u16 {
@@ -1521,16 +1550,6 @@ async fn fire(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
     }
 }
 
-async fn within_write_stall<F: Future>(f: F) -> Result<F::Output, tokio::time::error::Elapsed> {
-    use std::task::Poll;
-    let mut f = std::pin::pin!(f);
-    let first = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await;
-    match first {
-        Poll::Ready(out) => Ok(out),
-        Poll::Pending => tokio::time::timeout(WRITE_STALL, f).await,
-    }
-}
-
 fn packet_name(p: &Packet) -> &'static str {
     match p {
         Packet::Connect(_) => "connect",
@@ -1660,4 +1679,63 @@ fn read_spare<S: AsyncRead + Unpin>(
     };
     buf.truncate(len + n);
     r.map(|r| r.map(|()| n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcore_store::{Store, StoreOptions};
+    use tokio::io::AsyncWriteExt;
+
+    /// A client that sends but stops reading: once the socket's buffer is
+    /// full, the connection ends after `WRITE_STALL` without progress, and
+    /// not before.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_reading_is_dropped_after_the_write_stall() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, loaded) =
+            Store::open(&dir.path().join("fleetcore.redb"), StoreOptions::default()).unwrap();
+        let hub = Hub::new(crate::config::Config::default(), store, loaded);
+        let (server, mut client) = tokio::io::duplex(64);
+        let peer = Box::new(PeerInfo {
+            addr: "127.0.0.1:5000".parse().unwrap(),
+            proxied_by: None,
+            listener: "test",
+            transport: "mqtt",
+            allow_anonymous: true,
+            cert: None,
+            policy: None,
+            uses_registry: false,
+            tokens: false,
+            tls_resumed: None,
+        });
+        let start = Instant::now();
+        let served = tokio::spawn(serve(hub, server, peer, start + Duration::from_secs(10)));
+        // CONNECT, MQTT 3.1.1, clean session, keep-alive 0, client id "c".
+        let connect = [
+            0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0, 0, 1, b'c',
+        ];
+        // Then PINGREQs, whose PINGRESPs (and the CONNACK) fill the 64-byte pipe.
+        let writer = tokio::spawn(async move {
+            client.write_all(&connect).await.unwrap();
+            for _ in 0..200 {
+                if client.write_all(&[0xC0, 0]).await.is_err() {
+                    break;
+                }
+            }
+            // Never reads; keeps its end open until the test ends.
+            std::future::pending::<()>().await;
+            drop(client);
+        });
+        tokio::time::timeout(WRITE_STALL * 3, served)
+            .await
+            .expect("the connection was not dropped while its client did not read")
+            .unwrap();
+        assert!(
+            start.elapsed() >= WRITE_STALL,
+            "dropped after {:?}, before the write stall",
+            start.elapsed()
+        );
+        writer.abort();
+    }
 }
