@@ -233,7 +233,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
                 Ok(ConnectionState::WriteTraffic(mut w)) => match job {
                     Job::Handshake | Job::Read(_) => Step::Return(Outcome::NeedInput),
                     Job::Write(data) => {
-                        let mut need = data.len() + 64;
+                        // Each record adds at most a header, a nonce, a tag and a content type.
+                        let mut need = data.len() + 32 * (data.len() / 16_384 + 1);
                         loop {
                             self.out.reserve(need);
                             match w.encrypt(data, self.out.room()) {
