@@ -63,6 +63,7 @@ where
         eof: false,
         write_closed: false,
         failed: None,
+        records_waiting: false,
     };
     match poll_fn(|cx| stream.poll_handshake(cx)).await {
         Ok(()) => Ok(stream),
@@ -94,6 +95,8 @@ pub struct TlsStream<S> {
     write_closed: bool,
     /// What ended the connection; every later call returns it.
     failed: Option<rustls::Error>,
+    /// rustls may hold decrypted records a reader has not taken yet.
+    records_waiting: bool,
 }
 
 impl<S> TlsStream<S> {
@@ -160,14 +163,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
         loop {
             let live = &mut self.incoming.buf[self.incoming.start..self.incoming.end];
             let UnbufferedStatus { mut discard, state } = self.conn.process_tls_records(live);
+            let mut read_traffic = false;
             let step = match state {
                 Err(e) => Step::Fail(e),
                 Ok(ConnectionState::ReadTraffic(mut records)) => {
+                    read_traffic = true;
                     let mut step = Step::Again;
                     while let Some(len) = records.peek_len() {
                         match job {
                             // Left for the reader that follows the handshake.
                             Job::Handshake => {
+                                self.records_waiting = true;
                                 step = Step::Return(Outcome::Done(0));
                                 break;
                             }
@@ -178,6 +184,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
                                     || (dst.filled().len() > read_from
                                         && len.get() > dst.remaining()) =>
                             {
+                                self.records_waiting = true;
                                 step = Step::Return(Outcome::Done(0));
                                 break;
                             }
@@ -220,7 +227,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
                     t.done();
                     Step::Again
                 }
-                Ok(ConnectionState::BlockedHandshake) => Step::Return(Outcome::NeedInput),
+                Ok(ConnectionState::BlockedHandshake) => {
+                    self.records_waiting = false;
+                    Step::Return(Outcome::NeedInput)
+                }
                 Ok(ConnectionState::PeerClosed) => {
                     self.peer_closed = true;
                     Step::Again
@@ -231,7 +241,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
                 }
                 // The handshake is done (or, in TLS 1.3, our side of it).
                 Ok(ConnectionState::WriteTraffic(mut w)) => match job {
-                    Job::Handshake | Job::Read(_) => Step::Return(Outcome::NeedInput),
+                    Job::Handshake | Job::Read(_) => {
+                        self.records_waiting = false;
+                        Step::Return(Outcome::NeedInput)
+                    }
                     Job::Write(data) => {
                         // Each record adds at most a header, a nonce, a tag and a content type.
                         let mut need = data.len() + 32 * (data.len() / 16_384 + 1);
@@ -274,6 +287,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> TlsStream<S> {
             };
             self.incoming.consume(discard);
             match step {
+                // Every record received has been read and nothing is left to
+                // process or send: rustls would only say it needs more input.
+                Step::Again
+                    if read_traffic
+                        && self.incoming.is_empty()
+                        && !self.conn.wants_write()
+                        && matches!(job, Job::Read(_) | Job::Handshake) =>
+                {
+                    self.records_waiting = false;
+                    return Ok(Outcome::NeedInput);
+                }
                 Step::Again => continue,
                 Step::Return(outcome) => return Ok(outcome),
                 Step::Fail(e) => return Err(e),
@@ -418,6 +442,13 @@ fn encode<D>(out: &mut Buf, record: &mut EncodeTlsData<'_, D>) {
     }
 }
 
+fn unexpected_eof() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "peer closed connection without sending TLS close_notify",
+    )
+}
+
 fn to_io(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
@@ -445,8 +476,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
         if let Some(e) = this.failure() {
             return Poll::Ready(Err(e));
         }
+        if this.peer_closed {
+            return Poll::Ready(Ok(()));
+        }
         let before = dst.filled().len();
+        // Nothing received waits to be processed (the usual case for a read
+        // that follows another): straight to the socket.
+        let mut skip =
+            this.incoming.is_empty() && !this.records_waiting && !this.conn.wants_write();
         loop {
+            if skip {
+                skip = false;
+                if this.eof {
+                    return Poll::Ready(Err(unexpected_eof()));
+                }
+                if ready!(this.poll_fill(cx))? == 0 {
+                    this.eof = true;
+                }
+                continue;
+            }
             let outcome = this.process(&mut Job::Read(dst));
             // What processing queued (the answer to a KeyUpdate, an alert)
             // goes out now if the socket takes it, without waiting for it.
@@ -465,10 +513,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<S> {
                 return Poll::Ready(Ok(()));
             }
             if this.eof {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "peer closed connection without sending TLS close_notify",
-                )));
+                return Poll::Ready(Err(unexpected_eof()));
             }
             if ready!(this.poll_fill(cx))? == 0 {
                 this.eof = true;
@@ -1079,5 +1124,129 @@ mod tests {
         flushed.unwrap();
         let expected: Vec<u8> = data.iter().copied().cycle().take(accepted).collect();
         assert!(got == expected);
+    }
+
+    /// MQTT-sized messages in lockstep, the server reading into a 4 KB stack
+    /// buffer as `connection` does, over this stream and over tokio-rustls.
+    /// Also the probe for comparing their cost per message under callgrind:
+    /// `TLS_COST_MESSAGES=5000 valgrind --tool=callgrind
+    /// --toggle-collect='*ProbeTlsStream*' <release test binary> --exact
+    /// tls_stream::tests::small_messages_in_lockstep_over_both_implementations`
+    /// (and `'*ProbeTokioRustls*'`).
+    #[tokio::test]
+    async fn small_messages_in_lockstep_over_both_implementations() {
+        let n: usize = std::env::var("TLS_COST_MESSAGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200);
+        let pki = pki(TlsOptions::default());
+        let connector = tokio_rustls::TlsConnector::from(client_config(
+            &pki,
+            &rustls::version::TLS13,
+            Some(&pki.client),
+        ));
+        let client = |c: DuplexStream| {
+            let connector = connector.clone();
+            async move {
+                let name = ServerName::try_from("localhost").unwrap();
+                let mut tls = connector.connect(name, c).await.unwrap();
+                let mut reply = [0; 60];
+                for i in 0..n {
+                    tls.write_all(&[i as u8; 100]).await.unwrap();
+                    tls.flush().await.unwrap();
+                    tls.read_exact(&mut reply).await.unwrap();
+                    assert_eq!(reply, [i as u8 ^ 0xff; 60]);
+                }
+            }
+        };
+
+        let (c, s) = tokio::io::duplex(1 << 16);
+        let server = async {
+            let mut s = accept(pki.server.clone(), s).await.unwrap();
+            per_message_tls_stream(&mut s, n).await;
+        };
+        tokio::join!(server, client(c));
+
+        let (c, s) = tokio::io::duplex(1 << 16);
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
+        let server = async {
+            let mut s = acceptor.accept(s).await.unwrap();
+            per_message_tokio_rustls(&mut s, n).await;
+        };
+        tokio::join!(server, client(c));
+    }
+
+    async fn per_message_tls_stream(s: &mut TlsStream<DuplexStream>, n: usize) {
+        per_message(&mut ProbeTlsStream(s), n).await
+    }
+
+    async fn per_message_tokio_rustls(
+        s: &mut tokio_rustls::server::TlsStream<DuplexStream>,
+        n: usize,
+    ) {
+        per_message(&mut ProbeTokioRustls(s), n).await
+    }
+
+    // Calls into the stream from functions that are never inlined, one type
+    // per implementation, so that callgrind can count what happens inside
+    // them (`--toggle-collect='*ProbeTlsStream*'`, `'*ProbeTokioRustls*'`).
+    macro_rules! probe {
+        ($name:ident) => {
+            struct $name<S>(S);
+
+            impl<S: AsyncRead + Unpin> AsyncRead for $name<S> {
+                #[inline(never)]
+                fn poll_read(
+                    mut self: Pin<&mut Self>,
+                    cx: &mut Context<'_>,
+                    buf: &mut ReadBuf<'_>,
+                ) -> Poll<io::Result<()>> {
+                    Pin::new(&mut self.0).poll_read(cx, buf)
+                }
+            }
+
+            impl<S: AsyncWrite + Unpin> AsyncWrite for $name<S> {
+                #[inline(never)]
+                fn poll_write(
+                    mut self: Pin<&mut Self>,
+                    cx: &mut Context<'_>,
+                    buf: &[u8],
+                ) -> Poll<io::Result<usize>> {
+                    Pin::new(&mut self.0).poll_write(cx, buf)
+                }
+
+                #[inline(never)]
+                fn poll_flush(
+                    mut self: Pin<&mut Self>,
+                    cx: &mut Context<'_>,
+                ) -> Poll<io::Result<()>> {
+                    Pin::new(&mut self.0).poll_flush(cx)
+                }
+
+                #[inline(never)]
+                fn poll_shutdown(
+                    mut self: Pin<&mut Self>,
+                    cx: &mut Context<'_>,
+                ) -> Poll<io::Result<()>> {
+                    Pin::new(&mut self.0).poll_shutdown(cx)
+                }
+            }
+        };
+    }
+    probe!(ProbeTlsStream);
+    probe!(ProbeTokioRustls);
+
+    async fn per_message<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, n: usize) {
+        let mut buf = [0; 4096];
+        for i in 0..n {
+            let mut got = 0;
+            while got < 100 {
+                let k = s.read(&mut buf).await.unwrap();
+                assert!(k > 0 && buf[..k].iter().all(|&b| b == i as u8));
+                got += k;
+            }
+            s.write_all(&[i as u8 ^ 0xff; 60]).await.unwrap();
+            s.flush().await.unwrap();
+        }
     }
 }
