@@ -12,6 +12,7 @@
 //! - [`connection`]: one task per client connection.
 //! - [`listener`]: accept loops, connection limits, EMFILE back-off.
 //! - [`tls`]: rustls server configuration and client certificate subjects.
+//! - [`tls_stream`]: the server TLS stream over rustls's unbuffered API (no buffers held while idle).
 //! - [`tls_tickets`]: TLS 1.3 session tickets, persisted and bound to the trust store.
 //! - [`authz`]: IoT Core policy decisions for one connection.
 //! - [`registry`]: things, certificates, policies, CAs and their attachments.
@@ -36,6 +37,7 @@ pub mod retained;
 pub mod router;
 pub mod session;
 pub mod tls;
+pub mod tls_stream;
 pub mod tls_tickets;
 pub mod token;
 pub mod topic;

@@ -15,7 +15,6 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 
 use crate::config::ListenerConfig;
 use crate::connection::{self, PeerInfo};
@@ -186,7 +185,7 @@ async fn serve_socket(
         Some(source) => {
             Box::pin(serve_tls(
                 hub,
-                source.acceptor(),
+                source.config(),
                 sock,
                 peer,
                 &dispatch,
@@ -285,7 +284,7 @@ async fn serve_http(
 
 async fn serve_tls(
     hub: Arc<Hub>,
-    acceptor: TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     sock: TcpStream,
     mut peer: Box<PeerInfo>,
     dispatch: &Dispatch,
@@ -293,7 +292,10 @@ async fn serve_tls(
 ) {
     // The handshake's state (a whole TLS connection in flight) is boxed so that
     // this future, which lives as long as the connection, does not keep its size.
-    let handshake = Box::pin(tokio::time::timeout_at(deadline, acceptor.accept(sock)));
+    let handshake = Box::pin(tokio::time::timeout_at(
+        deadline,
+        crate::tls_stream::accept(config, sock),
+    ));
     let stream = match handshake.await {
         Err(_) => {
             m::connection_refused("tls_handshake_timeout");
@@ -311,13 +313,12 @@ async fn serve_tls(
     // this (connection-long) future even after it is moved out.
     let (stream, alpn) = {
         let s = stream;
-        let conn = s.get_ref().1;
-        peer.cert = conn
+        peer.cert = s
             .peer_certificates()
             .and_then(|chain| chain.first())
             .and_then(|der| ClientCert::from_der(der));
-        peer.tls_resumed = crate::tls_tickets::resumed(conn);
-        let alpn = conn.alpn_protocol().map(|p| p.to_vec());
+        peer.tls_resumed = crate::tls_tickets::resumed(s.connection());
+        let alpn = s.alpn_protocol().map(|p| p.to_vec());
         (s, alpn)
     };
     if !dispatch.websocket {

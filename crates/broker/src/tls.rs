@@ -270,7 +270,7 @@ pub struct TlsSource {
     key_file: PathBuf,
     client_ca_file: PathBuf,
     opts: TlsOptions,
-    current: parking_lot::RwLock<tokio_rustls::TlsAcceptor>,
+    current: parking_lot::RwLock<Arc<ServerConfig>>,
 }
 
 impl TlsSource {
@@ -286,12 +286,12 @@ impl TlsSource {
             key_file: key_file.into(),
             client_ca_file: client_ca_file.into(),
             opts,
-            current: parking_lot::RwLock::new(tokio_rustls::TlsAcceptor::from(cfg)),
+            current: parking_lot::RwLock::new(cfg),
         })
     }
 
-    /// The acceptor for the next handshake.
-    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+    /// The configuration for the next handshake.
+    pub fn config(&self) -> Arc<ServerConfig> {
         self.current.read().clone()
     }
 
@@ -305,7 +305,7 @@ impl TlsSource {
             extra_cas,
             &self.opts,
         )?;
-        *self.current.write() = tokio_rustls::TlsAcceptor::from(cfg);
+        *self.current.write() = cfg;
         Ok(())
     }
 }
