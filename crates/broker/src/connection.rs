@@ -10,7 +10,7 @@
 //! set, keep-alive is enforced at 1.5 times the negotiated value, and a write
 //! that makes no progress for [`WRITE_STALL`] ends the connection.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -161,7 +161,6 @@ async fn serve_boxed<S>(
         kick_rx,
         keep_alive,
         mut will,
-        client_id,
     }) = Box::pin(open(&hub, stream, &peer, connect_deadline)).await
     else {
         return;
@@ -169,8 +168,6 @@ async fn serve_boxed<S>(
     // Only the address is needed from here on.
     let peer_addr = peer.addr;
     drop(peer);
-    let version = conn.version;
-    let conn_id = conn.conn_id;
     let exit = conn.run(kick_rx, keep_alive, &mut will).await;
     // ---- end ----
     let (reason_text, will) = match &exit {
@@ -181,7 +178,7 @@ async fn serve_boxed<S>(
         Exit::Lost(why) => (format!("connection lost: {why}"), will),
         Exit::Abort(why) => (why.clone(), will),
         Exit::Refuse(code, why) => {
-            if version.is_v5() {
+            if conn.version.is_v5() {
                 let mut d = v5::Disconnect::new(*code);
                 if conn.problem_info {
                     d.properties.reason_string = Some(Arc::from(why.as_str()));
@@ -192,11 +189,17 @@ async fn serve_boxed<S>(
             (format!("{why} (reason 0x{:02X})", *code as u8), will)
         }
     };
-    tracing::info!(client_id = %client_id, peer = %peer_addr, reason = %reason_text, "client disconnected");
+    tracing::info!(client_id = %conn.session.client_id, peer = %peer_addr, reason = %reason_text, "client disconnected");
     // Let go of the session before lingering, so a takeover is not kept waiting.
     let inflight: Vec<Inflight> = std::mem::take(&mut conn.inflight).into_values().collect();
     let qos2 = std::mem::take(&mut conn.incoming_qos2);
-    hub.detach(&conn.session, conn_id, inflight, qos2, will.map(|w| *w));
+    hub.detach(
+        &conn.session,
+        conn.conn_id,
+        inflight,
+        qos2,
+        will.map(|w| *w),
+    );
     if matches!(exit, Exit::Refuse(..)) {
         Box::pin(linger(&mut conn.stream)).await;
     }
@@ -212,7 +215,6 @@ struct Opened<S> {
     kick_rx: KickReceiver,
     keep_alive: u16,
     will: Will,
-    client_id: Arc<str>,
 }
 
 /// Reads and checks CONNECT, attaches the session and queues CONNACK (and any
@@ -318,14 +320,6 @@ where
         authz: setup.authz,
         authz_gen: setup.authz_gen,
         cert: peer.cert.clone().or(setup.token_cert).map(Box::new),
-        token_expires: setup.token.as_ref().map(|t| {
-            Instant::now()
-                + Duration::from_millis(
-                    t.exp
-                        .saturating_mul(1000)
-                        .saturating_sub(crate::message::now_ms()),
-                )
-        }),
         token: setup.token.map(Box::new),
     };
     let mut props = setup.connack_props;
@@ -378,7 +372,6 @@ where
         kick_rx: attached.kick_rx,
         keep_alive: setup.keep_alive,
         will: setup.will.map(Box::new),
-        client_id: setup.client_id,
     })
 }
 
@@ -677,7 +670,7 @@ struct Conn<S> {
     out_window: usize,
     client_max_packet: usize,
     /// Incoming QoS 2 packet ids awaiting PUBREL.
-    incoming_qos2: HashSet<u16>,
+    incoming_qos2: crate::session::PidSet,
     /// Incoming QoS 1 publishes whose durable copies are still being written.
     awaiting_commit: usize,
     /// Topic aliases, made when first used (few clients use them).
@@ -695,13 +688,21 @@ struct Conn<S> {
     /// A token session: its claims, re-checked when the registry changes, and
     /// when it expires.
     token: Option<Box<TokenClaims>>,
-    token_expires: Option<Instant>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     async fn run(&mut self, mut kick_rx: KickReceiver, keep_alive: u16, will: &mut Will) -> Exit {
-        let ka = (keep_alive > 0).then(|| Duration::from_millis(keep_alive as u64 * 1500));
-        let far = Duration::from_secs(86400 * 365);
+        // Keep-alive 0: no deadline (the timer is armed a year out, never
+        // polled). Computed where needed rather than kept: every byte of this
+        // future is kept by every connection.
+        let ka_on = keep_alive > 0;
+        let ka = move || {
+            if ka_on {
+                Duration::from_millis(keep_alive as u64 * 1500)
+            } else {
+                Duration::from_secs(86400 * 365)
+            }
+        };
         let mut last_in = Instant::now();
         let max_packet = self.hub.config.limits.max_packet_size as usize;
         // Packets the client sent right behind its CONNECT arrived with it.
@@ -717,13 +718,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         // The keep-alive timer is armed for the deadline as it stood when it
         // was (re)armed; input moves the deadline later without touching the
         // timer, which is re-armed for the new deadline only when it fires.
-        let mut ka_armed = last_in + ka.unwrap_or(far);
-        let mut ka_timer = std::pin::pin!(tokio::time::sleep_until(ka_armed));
+        let mut ka_timer = std::pin::pin!(tokio::time::sleep_until(last_in + ka()));
         // Boxed and only for token sessions: a timer is 112 bytes that every
         // other connection would carry for nothing.
-        let mut token_timer = self
-            .token_expires
-            .map(|at| Box::pin(tokio::time::sleep_until(at)));
+        let mut token_timer = self.token.as_ref().map(|t| {
+            let left = t.exp.saturating_mul(1000).saturating_sub(now_ms());
+            Box::pin(tokio::time::sleep(Duration::from_millis(left)))
+        });
         loop {
             if let Err(exit) = self.refresh_authz() {
                 return exit;
@@ -776,12 +777,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         }
                     }
                 }
-                _ = &mut ka_timer, if ka.is_some() => {
-                    let due = last_in + ka.unwrap_or(far);
-                    if due <= ka_armed {
+                _ = &mut ka_timer, if ka_on => {
+                    let due = last_in + ka();
+                    if due <= ka_timer.deadline() {
                         return Exit::Refuse(DisconnectReasonCode::KeepAliveTimeout, "keep-alive timeout".into());
                     }
-                    ka_armed = due;
                     ka_timer.as_mut().reset(due);
                 }
                 _ = fire(&mut token_timer), if token_timer.is_some() => {
@@ -1472,7 +1472,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 SubEntry {
                     session: self.session.clone(),
                     opts: opts.clone(),
-                    filter: Arc::from(parsed.filter.as_str()),
+                    filter: parsed
+                        .group
+                        .is_some()
+                        .then(|| Arc::from(parsed.filter.as_str())),
                 },
             );
             codes.push(match o.max_qos {

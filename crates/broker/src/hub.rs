@@ -32,8 +32,10 @@ use crate::topic::{parse_filter, TopicLimits};
 pub struct SubEntry {
     pub session: Arc<Session>,
     pub opts: SubOptions,
-    /// The filter without any `$share/group/` prefix (shared-group key).
-    pub filter: Arc<str>,
+    /// A shared subscription's filter without its `$share/group/` prefix
+    /// (with the group, the key its members are picked by); `None` for the
+    /// rest, which would carry an allocation for nothing.
+    pub filter: Option<Arc<str>>,
 }
 
 /// What a publish did.
@@ -67,7 +69,7 @@ pub struct Attached {
     pub kick_rx: KickReceiver,
     /// In-flight messages to resend (DUP) before anything new.
     pub resend: Vec<Inflight>,
-    pub incoming_qos2: std::collections::HashSet<u16>,
+    pub incoming_qos2: crate::session::PidSet,
 }
 
 pub struct Hub {
@@ -181,7 +183,10 @@ impl Hub {
                     SubEntry {
                         session: session.clone(),
                         opts: opts.clone(),
-                        filter: Arc::from(parsed.filter.as_str()),
+                        filter: parsed
+                            .group
+                            .is_some()
+                            .then(|| Arc::from(parsed.filter.as_str())),
                     },
                 );
                 st.subscriptions.insert(sub.filter.clone(), opts);
@@ -270,7 +275,7 @@ impl Hub {
         for mt in matches {
             match mt.group {
                 Some(g) => groups
-                    .entry((g, mt.value.filter.clone()))
+                    .entry((g, mt.value.filter.clone().unwrap_or_default()))
                     .or_default()
                     .push(mt.value),
                 None => direct.push(mt.value),
@@ -547,7 +552,7 @@ impl Hub {
         session: &Arc<Session>,
         conn_id: u64,
         inflight: Vec<Inflight>,
-        incoming_qos2: std::collections::HashSet<u16>,
+        incoming_qos2: crate::session::PidSet,
         will: Option<(Message, u32)>,
     ) {
         let mut st = session.state.lock();
