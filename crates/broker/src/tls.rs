@@ -310,6 +310,41 @@ impl TlsSource {
     }
 }
 
+/// Runs a client and a server connection against each other in memory until
+/// neither has anything more to say (tickets follow the handshake), and checks
+/// that the handshake finished with a client certificate.
+#[cfg(test)]
+pub(crate) fn handshake_in_memory(
+    c: &mut rustls::ClientConnection,
+    s: &mut rustls::ServerConnection,
+) {
+    for _ in 0..10 {
+        let mut buf = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut buf).unwrap();
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            s.read_tls(&mut rd).unwrap();
+            s.process_new_packets().unwrap();
+        }
+        let mut out = Vec::new();
+        while s.wants_write() {
+            s.write_tls(&mut out).unwrap();
+        }
+        let mut rd = &out[..];
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets().unwrap();
+        }
+        if buf.is_empty() && out.is_empty() {
+            break;
+        }
+    }
+    assert!(!c.is_handshaking() && !s.is_handshaking());
+    assert!(s.peer_certificates().is_some_and(|chain| !chain.is_empty()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,32 +410,7 @@ mod tests {
         let name = ServerName::try_from("localhost").unwrap();
         let mut c = rustls::ClientConnection::new(Arc::new(client), name.clone()).unwrap();
         let mut s = rustls::ServerConnection::new(server).unwrap();
-        // Until neither side has anything more to say (tickets follow the handshake).
-        for _ in 0..10 {
-            let mut buf = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut buf).unwrap();
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                s.read_tls(&mut rd).unwrap();
-                s.process_new_packets().unwrap();
-            }
-            let mut out = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut out).unwrap();
-            }
-            let mut rd = &out[..];
-            while !rd.is_empty() {
-                c.read_tls(&mut rd).unwrap();
-                c.process_new_packets().unwrap();
-            }
-            if buf.is_empty() && out.is_empty() {
-                break;
-            }
-        }
-        assert!(!c.is_handshaking() && !s.is_handshaking());
-        assert!(s.peer_certificates().is_some_and(|chain| !chain.is_empty()));
+        handshake_in_memory(&mut c, &mut s);
         assert_eq!(
             s.negotiated_cipher_suite().map(|cs| cs.suite()),
             Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
