@@ -478,6 +478,38 @@ mod tests {
             .unwrap();
     }
 
+    #[test]
+    fn subscriptions_keep_their_options_across_the_move_from_vector_to_map() {
+        let opts = |qos| SubOptions {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: RetainHandling::SendAtSubscribe,
+            subscription_id: None,
+        };
+        let mut subs = Subscriptions::default();
+        for i in 0..20 {
+            assert!(subs.insert(format!("a/{i}/#"), opts(QoS::Level0)).is_none());
+            // Replacing one already there, before and after the move to the map.
+            let old = subs.insert("a/0/#".into(), opts(QoS::Level1));
+            assert_eq!(
+                old.map(|o| o.qos),
+                Some(if i == 0 { QoS::Level0 } else { QoS::Level1 })
+            );
+            assert_eq!(subs.len(), i + 1);
+        }
+        assert_eq!(subs.get("a/0/#").map(|o| o.qos), Some(QoS::Level1));
+        assert!(subs.contains_key("a/19/#") && !subs.contains_key("a/20/#"));
+        assert_eq!(subs.remove("a/7/#").map(|o| o.qos), Some(QoS::Level0));
+        assert!(subs.remove("a/7/#").is_none());
+        assert_eq!(subs.iter().count(), 19);
+        let mut filters = subs.take_filters();
+        filters.sort();
+        assert_eq!(filters.len(), 19);
+        assert!(!filters.contains(&"a/7/#".to_string()));
+        assert!(subs.is_empty());
+    }
+
     #[tokio::test]
     async fn a_kick_sent_before_the_wait_is_received_and_the_first_one_wins() {
         let (tx, mut rx) = kick_slot();

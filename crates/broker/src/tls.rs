@@ -310,6 +310,78 @@ impl TlsSource {
     }
 }
 
+/// A CA, a server certificate for `localhost` and a client certificate, the
+/// server's as PEM files, for tests of the listener configuration.
+#[cfg(test)]
+pub(crate) struct TestPki {
+    pub dir: tempfile::TempDir,
+    ca: CertificateDer<'static>,
+    client_cert: CertificateDer<'static>,
+    client_key: Vec<u8>,
+}
+
+#[cfg(test)]
+impl TestPki {
+    pub fn new() -> TestPki {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            (cert, key)
+        };
+        let (server_cert, server_key) = leaf(vec!["localhost".into()]);
+        let (client_cert, client_key) = leaf(vec![]);
+        let dir = tempfile::tempdir().unwrap();
+        for (name, pem) in [
+            ("server.pem", server_cert.pem()),
+            ("server.key", server_key.serialize_pem()),
+            ("ca.pem", ca_cert.pem()),
+        ] {
+            std::fs::write(dir.path().join(name), pem).unwrap();
+        }
+        TestPki {
+            dir,
+            ca: ca_cert.der().clone(),
+            client_cert: client_cert.der().clone(),
+            client_key: client_key.serialize_der(),
+        }
+    }
+
+    /// The listener's configuration, as `server_config` makes it from the files.
+    pub fn server_config(&self, opts: &TlsOptions) -> Arc<ServerConfig> {
+        let p = |name: &str| self.dir.path().join(name);
+        server_config(&p("server.pem"), &p("server.key"), &p("ca.pem"), opts).unwrap()
+    }
+
+    /// A rustls client (ring's default suite order) presenting the client
+    /// certificate, speaking `versions`.
+    pub fn client_config(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> rustls::ClientConfig {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.clone()).unwrap();
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![self.client_cert.clone()],
+            PrivateKeyDer::try_from(self.client_key.clone()).unwrap(),
+        )
+        .unwrap()
+    }
+}
+
 /// Runs a client and a server connection against each other in memory until
 /// neither has anything more to say (tickets follow the handshake), and checks
 /// that the handshake finished with a client certificate.
@@ -357,48 +429,9 @@ mod tests {
         use rustls::client::{ClientSessionMemoryCache, ClientSessionStore, Resumption};
         use rustls::pki_types::ServerName;
 
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf = |names: Vec<String>| {
-            let key = rcgen::KeyPair::generate().unwrap();
-            let cert = rcgen::CertificateParams::new(names)
-                .unwrap()
-                .signed_by(&key, &issuer)
-                .unwrap();
-            (cert, key)
-        };
-        let (server_cert, server_key) = leaf(vec!["localhost".into()]);
-        let (client_cert, client_key) = leaf(vec![]);
-        let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, pem: String| {
-            let p = dir.path().join(name);
-            std::fs::write(&p, pem).unwrap();
-            p
-        };
-        let server = server_config(
-            &write("server.pem", server_cert.pem()),
-            &write("server.key", server_key.serialize_pem()),
-            &write("ca.pem", ca_cert.pem()),
-            &TlsOptions::default(),
-        )
-        .unwrap();
-
-        let mut roots = RootCertStore::empty();
-        roots.add(ca_cert.der().clone()).unwrap();
-        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![client_cert.der().clone()],
-            PrivateKeyDer::try_from(client_key.serialize_der()).unwrap(),
-        )
-        .unwrap();
+        let pki = TestPki::new();
+        let server = pki.server_config(&TlsOptions::default());
+        let mut client = pki.client_config(rustls::DEFAULT_VERSIONS);
         let tickets = Arc::new(ClientSessionMemoryCache::new(8));
         client.resumption = Resumption::store(tickets.clone());
         assert_eq!(

@@ -660,54 +660,16 @@ mod tests {
     fn second_handshake(
         version: &'static rustls::SupportedProtocolVersion,
     ) -> rustls::HandshakeKind {
-        use rustls::pki_types::{PrivateKeyDer, ServerName};
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf = |names: Vec<String>| {
-            let key = rcgen::KeyPair::generate().unwrap();
-            let cert = rcgen::CertificateParams::new(names)
-                .unwrap()
-                .signed_by(&key, &issuer)
-                .unwrap();
-            (cert, key)
-        };
-        let (server_cert, server_key) = leaf(vec!["localhost".into()]);
-        let (client_cert, client_key) = leaf(vec![]);
-        let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, pem: String| {
-            let p = dir.path().join(name);
-            std::fs::write(&p, pem).unwrap();
-            p
-        };
-        let server = crate::tls::server_config(
-            &write("server.pem", server_cert.pem()),
-            &write("server.key", server_key.serialize_pem()),
-            &write("ca.pem", ca_cert.pem()),
-            &crate::tls::TlsOptions {
-                resumption: Some(crate::tls::Resumption {
-                    keys: keys(dir.path(), 3600, 3600, unix_now()),
-                    listener: "tls test".into(),
-                }),
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca_cert.der().clone()).unwrap();
-        let mut client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![client_cert.der().clone()],
-            PrivateKeyDer::try_from(client_key.serialize_der()).unwrap(),
-        )
-        .unwrap();
+        use rustls::pki_types::ServerName;
+        let pki = crate::tls::TestPki::new();
+        let server = pki.server_config(&crate::tls::TlsOptions {
+            resumption: Some(crate::tls::Resumption {
+                keys: keys(pki.dir.path(), 3600, 3600, unix_now()),
+                listener: "tls test".into(),
+            }),
+            ..Default::default()
+        });
+        let mut client = pki.client_config(&[version]);
         client.resumption = rustls::client::Resumption::store(Arc::new(
             rustls::client::ClientSessionMemoryCache::new(8),
         ));
