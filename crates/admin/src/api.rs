@@ -26,7 +26,7 @@ use fleetcore_broker::hub::Hub;
 use fleetcore_broker::registry::{CaRecord, PolicyRecord};
 use fleetcore_broker::registry::{CertRecord, CertState, NewCert, RegistryError, Thing};
 use fleetcore_broker::registry::{IssuedToken, TokenKeyInfo};
-use fleetcore_broker::token::utc_text;
+use fleetcore_core::time::{unix_ms, utc_text};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -334,12 +334,6 @@ fn no_content() -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
-fn ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 // ----- things ----------------------------------------------------------------
 
 #[derive(Deserialize)]
@@ -468,7 +462,7 @@ fn new_cert(info: &CertInfo, pem: &str) -> NewCert {
         subject_cn: info.subject_cn.clone(),
         issuer: info.issuer.clone(),
         serial: info.serial.clone(),
-        not_after_ms: ms(info.not_after),
+        not_after_ms: unix_ms(info.not_after),
     }
 }
 
@@ -871,7 +865,7 @@ async fn register_ca(
             id: info.id,
             pem,
             subject: info.subject,
-            created_ms: ms(SystemTime::now()),
+            created_ms: unix_ms(SystemTime::now()),
         })
         .await?;
     // Registry listeners trust it from the next TLS handshake on.
@@ -889,7 +883,7 @@ async fn list_cas(State(st): State<Shared>) -> Json<Value> {
     let mut cas = vec![json!({
         "id": own.id,
         "subject": own.subject,
-        "created_ms": ms(own.not_before),
+        "created_ms": unix_ms(own.not_before),
         "source": "fleetcore",
     })];
     cas.extend(
@@ -1075,7 +1069,7 @@ async fn crl(
         .collect();
     // The CRL number must grow with every CRL, across restarts too; the registry's
     // generation starts again at 1 on each start, the clock does not.
-    let number = ms(SystemTime::now());
+    let number = unix_ms(SystemTime::now());
     let crl = st.ca.crl(&revoked, number)?;
     Ok(if pem {
         ([(header::CONTENT_TYPE, "application/x-pem-file")], crl.pem).into_response()

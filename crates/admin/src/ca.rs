@@ -9,6 +9,7 @@
 //! CN is the thing name, O and OU are copied from the CSR, and whatever extensions the CSR
 //! asks for (CA, SANs, key usages) are ignored.
 
+use fleetcore_core::encoding::{hex, hex_decode, sha256_hex};
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
@@ -592,11 +593,6 @@ pub fn is_signed_by(cert_pem: &str, issuer_pem: &str) -> Result<bool, CaError> {
     }
 }
 
-/// SHA-256 of `bytes`, lower-case hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
-}
-
 fn issued(pem: String, der: Vec<u8>) -> Result<IssuedCert, CaError> {
     let info = inspect_der(der)?;
     Ok(IssuedCert {
@@ -738,33 +734,13 @@ fn random_serial() -> Result<SerialNumber, CaError> {
 }
 
 fn parse_serial(text: &str) -> Result<Vec<u8>, CaError> {
-    let digits: Vec<u8> = text.bytes().filter(|&b| b != b':').collect();
-    let bad = || CaError::Serial(text.into());
-    if digits.is_empty() {
-        return Err(bad());
-    }
-    let mut padded = Vec::with_capacity(digits.len() + 1);
+    let mut digits: String = text.chars().filter(|&c| c != ':').collect();
     if digits.len() % 2 == 1 {
-        padded.push(b'0');
+        digits.insert(0, '0');
     }
-    padded.extend_from_slice(&digits);
-    padded
-        .chunks(2)
-        .map(|pair| {
-            let hi = (pair[0] as char).to_digit(16).ok_or_else(bad)?;
-            let lo = (pair[1] as char).to_digit(16).ok_or_else(bad)?;
-            Ok((hi * 16 + lo) as u8)
-        })
-        .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use fmt::Write as _;
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
+    hex_decode(&digits)
+        .filter(|bytes| !bytes.is_empty())
+        .ok_or_else(|| CaError::Serial(text.into()))
 }
 
 fn now() -> Result<OffsetDateTime, CaError> {
@@ -1626,14 +1602,6 @@ mod tests {
             inspect_pem(&garbage),
             Err(CaError::BadCertificate(_))
         ));
-    }
-
-    #[test]
-    fn sha256_hex_is_lower_case_hex() {
-        assert_eq!(
-            sha256_hex(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
     }
 
     #[test]

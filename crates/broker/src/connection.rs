@@ -29,13 +29,14 @@ use tokio::time::Instant;
 
 use crate::authz::Authz;
 use crate::hub::{Hub, SubEntry};
-use crate::message::{now_ms, Delivery, Message};
+use crate::message::{Delivery, Message};
 use crate::metrics as m;
 use crate::protocol::{self, DecodeError, Packet, Version};
 use crate::session::{Inflight, InflightState, KickReceiver, Session, SubOptions};
 use crate::tls::ClientCert;
 use crate::token::TokenClaims;
 use crate::topic::{parse_filter, validate_topic_name};
+use fleetcore_core::time::now_ms;
 use fleetcore_policy::Action;
 
 /// A write that makes no progress for this long ends the connection, so a
@@ -473,7 +474,7 @@ async fn negotiate<S: AsyncWrite + Unpin>(
         // validity period is checked here (rustls did not look at it this time).
         if let Some(refusal) = peer
             .tls_resumed
-            .and_then(|r| r.refusal(crate::tls_tickets::unix_now() as i64))
+            .and_then(|r| r.refusal(fleetcore_core::time::now_secs() as i64))
         {
             return Err(refuse(ConnectReasonCode::NotAuthorized, refusal));
         }

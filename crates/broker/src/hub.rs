@@ -17,7 +17,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
-use crate::message::{now_ms, Delivery, Message};
+use crate::message::{Delivery, Message};
 use crate::metrics as m;
 use crate::protocol::Version;
 use crate::retained::RetainedTree;
@@ -26,6 +26,7 @@ use crate::session::{
     ConnLink, Enqueued, Inflight, Kick, KickReceiver, PendingWill, Session, SessionId, SubOptions,
 };
 use crate::topic::{parse_filter, TopicLimits};
+use fleetcore_core::time::now_ms;
 
 /// What the router stores for one subscription.
 #[derive(Debug, Clone)]
@@ -196,10 +197,11 @@ impl Hub {
             st.subscriptions_stored = st.subscriptions.len() == ls.session.subscriptions.len();
         }
         let deadline = disconnected_at + ls.session.expiry_interval_secs as u64 * 1000;
-        let mut reg = self.index.lock();
-        reg.expiring
+        let mut index = self.index.lock();
+        index
+            .expiring
             .insert((deadline, session.id, client_id.clone()));
-        reg.sessions.insert(client_id, session);
+        index.sessions.insert(client_id, session);
     }
 
     pub fn next_session_id(&self) -> SessionId {
@@ -487,8 +489,8 @@ impl Hub {
                     ));
                     session.state.lock().conn = Some(link);
                     let replaced = {
-                        let mut reg = self.index.lock();
-                        let current = reg.sessions.get(&client_id).cloned();
+                        let mut index = self.index.lock();
+                        let current = index.sessions.get(&client_id).cloned();
                         let same = match (&current, &existing) {
                             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                             (None, None) => true,
@@ -497,11 +499,11 @@ impl Hub {
                         if !same {
                             continue;
                         }
-                        reg.sessions.insert(client_id.clone(), session.clone());
+                        index.sessions.insert(client_id.clone(), session.clone());
                         // Every session on disk was restored into the index, and one
                         // leaves the index only with its record deleted: only what
                         // the store could not load may still be there.
-                        let unloaded = current.is_none() && reg.unloaded.remove(&*client_id);
+                        let unloaded = current.is_none() && index.unloaded.remove(&*client_id);
                         (current, unloaded)
                     };
                     match replaced {
@@ -668,7 +670,7 @@ impl Hub {
 
     /// Removes a session: its subscriptions, its stored state, and publishes
     /// a will still waiting for its delay.
-    pub fn end_session(&self, session: &Arc<Session>, remove_from_registry: bool) {
+    pub fn end_session(&self, session: &Arc<Session>, remove_from_index: bool) {
         let (filters, will, persistent) = {
             let mut st = session.state.lock();
             if st.ended {
@@ -700,14 +702,14 @@ impl Hub {
                     .unsubscribe(&p.filter, p.group.as_deref(), session.id);
             }
         }
-        if remove_from_registry {
-            let mut reg = self.index.lock();
-            if reg
+        if remove_from_index {
+            let mut index = self.index.lock();
+            if index
                 .sessions
                 .get(&session.client_id)
                 .is_some_and(|s| Arc::ptr_eq(s, session))
             {
-                reg.sessions.remove(&session.client_id);
+                index.sessions.remove(&session.client_id);
             }
         }
         if persistent {
@@ -724,13 +726,13 @@ impl Hub {
     pub fn expire_sessions(&self) -> usize {
         let now = now_ms();
         let due: Vec<(u64, SessionId, Arc<str>)> = {
-            let mut reg = self.index.lock();
+            let mut index = self.index.lock();
             let mut due = Vec::new();
-            while let Some(first) = reg.expiring.first() {
+            while let Some(first) = index.expiring.first() {
                 if first.0 > now {
                     break;
                 }
-                if let Some(e) = reg.expiring.pop_first() {
+                if let Some(e) = index.expiring.pop_first() {
                     due.push(e);
                 }
             }
@@ -798,7 +800,7 @@ impl Hub {
     /// Disconnects every connection authenticated by this certificate
     /// (MQTT 5: DISCONNECT 0x87). Returns how many were told.
     pub fn kick_certificate(&self, cert_id: &str, message: &str) -> usize {
-        let sessions: Vec<Arc<Session>> = self.registry_sessions();
+        let sessions: Vec<Arc<Session>> = self.indexed_sessions();
         let mut n = 0;
         for s in sessions {
             if let Some(link) = &s.state.lock().conn {
@@ -814,7 +816,7 @@ impl Hub {
         n
     }
 
-    fn registry_sessions(&self) -> Vec<Arc<Session>> {
+    fn indexed_sessions(&self) -> Vec<Arc<Session>> {
         self.index.lock().sessions.values().cloned().collect()
     }
 
@@ -827,19 +829,6 @@ impl Hub {
                 .map_err(|e| format!("rebuilding TLS trust with registered CAs: {e}"))?;
         }
         Ok(())
-    }
-
-    /// Tells every attached connection to close (used at shutdown).
-    pub fn kick_all(&self, reason: mqtt_proto::v5::DisconnectReasonCode, message: &str) {
-        let sessions: Vec<Arc<Session>> = self.index.lock().sessions.values().cloned().collect();
-        for s in sessions {
-            if let Some(link) = &s.state.lock().conn {
-                link.kick.send(Kick {
-                    reason,
-                    message: message.to_string(),
-                });
-            }
-        }
     }
 }
 

@@ -5,8 +5,8 @@
 //! differs per subscriber (granted QoS, retain flag, subscription identifier,
 //! packet identifier) lives in [`Delivery`], not here.
 
+use fleetcore_core::time::now_ms;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fleetcore_store::{StoredMessage, StoredQueued};
@@ -29,13 +29,6 @@ pub struct Message {
     pub expires_at_ms: Option<u64>,
     /// The publishing session, 0 for the broker itself.
     pub origin: Origin,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Message {

@@ -24,10 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::authz::Authz;
 use crate::config::TokenConfig;
-use crate::message::now_ms;
 use crate::tls::ClientCert;
 pub use crate::token::{IssuedToken, TokenClaims, TokenError, TokenKeyInfo};
 use crate::token::{Keyring, StoredKey, TokenKey};
+use fleetcore_core::time::now_ms;
 
 const THING: &str = "thing";
 const CERT: &str = "certificate";

@@ -441,10 +441,6 @@ impl Session {
         }
         result
     }
-
-    pub fn is_persistent(&self) -> bool {
-        self.state.lock().expiry_secs > 0
-    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! the MQTT layer its peer certificate chains to a trusted CA. The subject is
 //! read here so the identity layer can bind policy variables to it.
 
+use fleetcore_core::encoding::{hex, sha256_hex};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -246,23 +247,6 @@ fn name_attributes(name: &x509_parser::x509::X509Name) -> Vec<(String, String)> 
     out
 }
 
-/// SHA-256 of `bytes`, lower-case hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
-}
-
-/// Lower-case hex of `bytes`, two digits each (one allocation, no formatting machinery:
-/// it runs on every TLS connection).
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(DIGITS[(b >> 4) as usize] as char);
-        out.push(DIGITS[(b & 0x0f) as usize] as char);
-    }
-    out
-}
-
 /// A TLS listener's configuration, rebuilt when the set of trusted CAs
 /// changes (a CA registered through the admin API), without a restart.
 pub struct TlsSource {
@@ -481,7 +465,5 @@ mod tests {
             assert_eq!(info.fingerprint, expected);
             assert_eq!(info.subject_cn.as_deref(), Some("dev1"));
         }
-        assert_eq!(hex(&[]), "");
-        assert_eq!(hex(&[0x00, 0x09, 0xa0, 0xff]), "0009a0ff");
     }
 }

@@ -33,11 +33,12 @@
 //! client gets an empty ticket (no TLS 1.2 resumption, whose abbreviated handshake
 //! would have no forward secrecy).
 
+use fleetcore_core::encoding::hex;
+use fleetcore_core::time::{now_secs, utc_text};
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::RwLock;
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
@@ -66,7 +67,7 @@ struct MasterKey {
 impl fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MasterKey")
-            .field("id", &crate::tls::hex(&self.id))
+            .field("id", &hex(&self.id))
             .field("created", &self.created)
             .finish_non_exhaustive()
     }
@@ -106,13 +107,6 @@ impl fmt::Debug for TicketKeys {
     }
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl TicketKeys {
     /// Loads the keys from `path`, or makes and writes new ones when the file is
     /// missing or unreadable as keys (tickets are disposable: the worst outcome is one
@@ -123,7 +117,7 @@ impl TicketKeys {
         lifetime_secs: u64,
         rotation_secs: u64,
     ) -> Result<TicketKeys, TicketKeyError> {
-        Self::open_at(path, lifetime_secs, rotation_secs, unix_now())
+        Self::open_at(path, lifetime_secs, rotation_secs, now_secs())
     }
 
     fn open_at(
@@ -211,7 +205,7 @@ impl TicketKeys {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot write TLS ticket keys; tickets issued from now on will not resume after a restart");
         }
         if log {
-            tracing::info!(key = %crate::tls::hex(&k.current.id), "TLS ticket key rotated");
+            tracing::info!(key = %hex(&k.current.id), "TLS ticket key rotated");
         }
         Ok(true)
     }
@@ -365,7 +359,7 @@ pub struct Ticketer {
 impl fmt::Debug for Ticketer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ticketer")
-            .field("binding", &crate::tls::hex(&self.binding))
+            .field("binding", &hex(&self.binding))
             .finish_non_exhaustive()
     }
 }
@@ -465,11 +459,11 @@ impl rustls::server::ProducesTickets for Ticketer {
     }
 
     fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
-        self.seal_at(plain, unix_now())
+        self.seal_at(plain, now_secs())
     }
 
     fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
-        self.open_at(cipher, unix_now())
+        self.open_at(cipher, now_secs())
     }
 }
 
@@ -506,7 +500,7 @@ impl Resumed {
             }
             Some(t) if now > t => Some(format!(
                 "the client certificate of the resumed TLS session expired at {} (Unix {t}); reconnect with a valid certificate",
-                crate::token::utc_text(u64::try_from(t).unwrap_or(0))
+                utc_text(u64::try_from(t).unwrap_or(0))
             )),
             _ => None,
         }
@@ -664,7 +658,7 @@ mod tests {
         let pki = crate::tls::TestPki::new();
         let server = pki.server_config(&crate::tls::TlsOptions {
             resumption: Some(crate::tls::Resumption {
-                keys: keys(pki.dir.path(), 3600, 3600, unix_now()),
+                keys: keys(pki.dir.path(), 3600, 3600, now_secs()),
                 listener: "tls test".into(),
             }),
             ..Default::default()

@@ -20,6 +20,8 @@
 //! (the longest lifetime a token may have), after which no token it signed can still be
 //! unexpired and it may be pruned. Verification reads only the keyring in memory.
 
+use fleetcore_core::encoding::{b64url_decode, b64url_decode_vec, b64url_encode, hex};
+use fleetcore_core::time::utc_text;
 use std::fmt;
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -110,7 +112,7 @@ impl StoredKey {
         Ok(StoredKey {
             kid: random_hex(&rng, 8)?,
             created_ms,
-            pkcs8: b64_encode(pkcs8.as_ref()),
+            pkcs8: b64url_encode(pkcs8.as_ref()),
         })
     }
 }
@@ -153,7 +155,7 @@ impl TokenKey {
                 stored.kid
             )));
         }
-        let der = b64_decode_vec(stored.pkcs8.as_bytes()).ok_or_else(|| {
+        let der = b64url_decode_vec(stored.pkcs8.as_bytes()).ok_or_else(|| {
             KeyError(format!(
                 "key {}: PKCS#8 document is not base64url",
                 stored.kid
@@ -238,7 +240,7 @@ impl Keyring {
                 created_ms: k.created_ms,
                 signing: i == last,
                 verify_until_ms: self.verify_until_ms(i),
-                public_key: b64_encode(k.pair.public_key().as_ref()),
+                public_key: b64url_encode(k.pair.public_key().as_ref()),
             })
             .collect()
     }
@@ -275,10 +277,10 @@ impl Keyring {
         };
         let json = serde_json::to_vec(&claims)
             .map_err(|e| KeyError(format!("cannot encode the claims: {e}")))?;
-        let mut token = format!("{PREFIX}.{}", b64_encode(&json));
+        let mut token = format!("{PREFIX}.{}", b64url_encode(&json));
         let signature = key.pair.sign(token.as_bytes());
         token.push('.');
-        token.push_str(&b64_encode(signature.as_ref()));
+        token.push_str(&b64url_encode(signature.as_ref()));
         Ok(IssuedToken { token, claims })
     }
 
@@ -301,11 +303,11 @@ impl Keyring {
             return Err(Malformed("the signature is not 64 bytes of base64url"));
         }
         let mut sig = [0u8; SIGNATURE_LEN];
-        if b64_decode(signature.as_bytes(), &mut sig) != Some(SIGNATURE_LEN) {
+        if b64url_decode(signature.as_bytes(), &mut sig) != Some(SIGNATURE_LEN) {
             return Err(Malformed("the signature is not 64 bytes of base64url"));
         }
-        let json =
-            b64_decode_vec(payload.as_bytes()).ok_or(Malformed("the payload is not base64url"))?;
+        let json = b64url_decode_vec(payload.as_bytes())
+            .ok_or(Malformed("the payload is not base64url"))?;
         let claims: TokenClaims = serde_json::from_slice(&json)
             .map_err(|_| Malformed("the payload is not the claims JSON"))?;
         if claims.v != 1 {
@@ -339,108 +341,7 @@ fn random_hex(rng: &SystemRandom, bytes: usize) -> Result<String, KeyError> {
     let mut buf = vec![0u8; bytes];
     rng.fill(&mut buf)
         .map_err(|_| KeyError("the system random generator failed".into()))?;
-    Ok(crate::tls::hex(&buf))
-}
-
-// ----- base64url without padding ----------------------------------------------
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-/// Base64url without padding (RFC 4648 §5).
-pub fn b64_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..=chunk.len() {
-            out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
-fn b64_value(c: u8) -> Option<u32> {
-    let v = match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'-' => 62,
-        b'_' => 63,
-        _ => return None,
-    };
-    Some(u32::from(v))
-}
-
-/// Decodes canonical unpadded base64url into `out`; the number of bytes written, or
-/// `None` for a bad character, an impossible length, unused bits that are not zero (so
-/// one byte string has exactly one text) or an `out` too small.
-fn b64_decode(text: &[u8], out: &mut [u8]) -> Option<usize> {
-    if text.len() % 4 == 1 {
-        return None;
-    }
-    let mut len = 0;
-    for chunk in text.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= b64_value(*c)? << (18 - 6 * i);
-        }
-        let bytes = chunk.len() - 1;
-        // Bits below the last whole byte must be zero.
-        if n & (0xFF_FFFF >> (8 * bytes)) != 0 {
-            return None;
-        }
-        for i in 0..bytes {
-            *out.get_mut(len)? = (n >> (16 - 8 * i)) as u8;
-            len += 1;
-        }
-    }
-    Some(len)
-}
-
-fn b64_decode_vec(text: &[u8]) -> Option<Vec<u8>> {
-    let mut out = vec![0u8; text.len() * 3 / 4];
-    let len = b64_decode(text, &mut out)?;
-    out.truncate(len);
-    Some(out)
-}
-
-// ----- time --------------------------------------------------------------------
-
-/// Seconds since the Unix epoch as RFC 3339 UTC text, `2025-01-31T23:59:59Z`.
-pub fn utc_text(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (year, month, day) = civil_date(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-/// The proleptic Gregorian (year, month, day) of a day number counted from 1970-01-01,
-/// by way of 400-year cycles of 146,097 days that start on a 1 March.
-fn civil_date(days: i64) -> (i64, u32, u32) {
-    let from_march_0000 = days + 719_468;
-    let cycle = from_march_0000.div_euclid(146_097);
-    let day_of_cycle = from_march_0000.rem_euclid(146_097);
-    let year_of_cycle =
-        (day_of_cycle - day_of_cycle / 1460 + day_of_cycle / 36_524 - day_of_cycle / 146_096) / 365;
-    let day_of_year =
-        day_of_cycle - (365 * year_of_cycle + year_of_cycle / 4 - year_of_cycle / 100);
-    // Months counted from March, so February's leap day comes last.
-    let month_from_march = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * month_from_march + 2) / 5 + 1) as u32;
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    } as u32;
-    let year = year_of_cycle + cycle * 400 + i64::from(month <= 2);
-    (year, month, day)
+    Ok(hex(&buf))
 }
 
 #[cfg(test)]
@@ -464,32 +365,6 @@ mod tests {
         let mut it = token.splitn(3, '.');
         assert_eq!(it.next(), Some("fct1"));
         (it.next().unwrap().into(), it.next().unwrap().into())
-    }
-
-    #[test]
-    fn base64url_round_trips_and_is_canonical() {
-        for n in 0..40u8 {
-            let bytes: Vec<u8> = (0..n).map(|i| i.wrapping_mul(37).wrapping_add(n)).collect();
-            let text = b64_encode(&bytes);
-            assert!(!text.contains('='));
-            assert_eq!(b64_decode_vec(text.as_bytes()), Some(bytes));
-        }
-        assert_eq!(b64_encode(b"\xfb\xff"), "-_8");
-        assert_eq!(b64_decode_vec(b"-_8"), Some(vec![0xfb, 0xff]));
-        assert_eq!(b64_decode_vec(b"-_9"), None, "unused bits set");
-        assert_eq!(b64_decode_vec(b"QQ"), Some(b"A".to_vec()));
-        assert_eq!(b64_decode_vec(b"QR"), None, "unused bits set");
-        assert_eq!(b64_decode_vec(b"Q"), None, "impossible length");
-        assert_eq!(b64_decode_vec(b"QQ=="), None, "padding");
-        assert_eq!(b64_decode_vec(b"Q+Q/"), None, "standard alphabet");
-    }
-
-    #[test]
-    fn utc_text_is_rfc3339() {
-        assert_eq!(utc_text(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc_text(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc_text(1_767_225_599), "2025-12-31T23:59:59Z");
-        assert_eq!(utc_text(4_107_542_400), "2100-03-01T00:00:00Z");
     }
 
     #[test]
@@ -524,7 +399,7 @@ mod tests {
         let reencode = |f: &dyn Fn(&mut TokenClaims)| {
             let mut c = t.claims.clone();
             f(&mut c);
-            b64_encode(&serde_json::to_vec(&c).unwrap())
+            b64url_encode(&serde_json::to_vec(&c).unwrap())
         };
         // Payload: another thing, certificate, expiry, or key id, with the old signature.
         for p in [
@@ -594,7 +469,7 @@ mod tests {
             ),
             (format!("fct1.{payload}!.{sig}"), "payload is not base64url"),
             (
-                format!("fct1.{}.{sig}", b64_encode(b"{}")),
+                format!("fct1.{}.{sig}", b64url_encode(b"{}")),
                 "not the claims JSON",
             ),
             (
@@ -610,9 +485,9 @@ mod tests {
         // Version 2 claims, validly signed, are still refused.
         let mut c = t.claims.clone();
         c.v = 2;
-        let signed = format!("fct1.{}", b64_encode(&serde_json::to_vec(&c).unwrap()));
+        let signed = format!("fct1.{}", b64url_encode(&serde_json::to_vec(&c).unwrap()));
         let sig = ring.keys[0].pair.sign(signed.as_bytes());
-        let token = format!("{signed}.{}", b64_encode(sig.as_ref()));
+        let token = format!("{signed}.{}", b64url_encode(sig.as_ref()));
         assert_eq!(
             ring.verify(&token, now),
             Err(TokenError::Malformed("unsupported version (v is not 1)"))

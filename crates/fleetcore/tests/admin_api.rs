@@ -462,10 +462,6 @@ fn certificate_from_a_foreign_ca_is_refused_until_its_ca_is_registered() {
     );
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[test]
 fn crl_lists_a_revoked_serial_and_revoked_stays_revoked() {
     let broker = broker();
@@ -492,7 +488,11 @@ fn crl_lists_a_revoked_serial_and_revoked_stays_revoked() {
         assert_eq!(resp.header("content-type"), Some("application/pkix-crl"));
         let (_, crl) = CertificateRevocationList::from_der(&resp.body).expect("CRL parses");
         crl.iter_revoked_certificates()
-            .map(|r| hex(r.raw_serial()).trim_start_matches('0').to_string())
+            .map(|r| {
+                fleetcore_core::encoding::hex(r.raw_serial())
+                    .trim_start_matches('0')
+                    .to_string()
+            })
             .collect()
     };
     assert!(crl_serials(&broker).is_empty());
