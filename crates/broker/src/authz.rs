@@ -11,7 +11,7 @@
 
 use fleetcore_policy::{Action, Bound, Policy, Vars};
 
-use crate::tls::ClientCert;
+use fleetcore_core::principal::ClientCert;
 
 /// What one connection may do.
 #[derive(Debug, Clone)]

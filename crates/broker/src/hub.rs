@@ -17,16 +17,17 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
-use crate::message::{Delivery, Message};
+use crate::message::Delivery;
 use crate::metrics as m;
-use crate::protocol::Version;
 use crate::retained::RetainedTree;
 use crate::router::{Match, Router};
 use crate::session::{
     ConnLink, Enqueued, Inflight, Kick, KickReceiver, PendingWill, Session, SessionId, SubOptions,
 };
-use crate::topic::{parse_filter, TopicLimits};
+use fleetcore_core::message::Message;
+use fleetcore_core::protocol::Version;
 use fleetcore_core::time::now_ms;
+use fleetcore_core::topic::{parse_filter, TopicLimits};
 
 /// What the router stores for one subscription.
 #[derive(Debug, Clone)]

@@ -2,11 +2,9 @@
 //!
 //! # Layout
 //! - [`config`]: the configuration file's schema and defaults.
-//! - [`protocol`]: framing, and MQTT 3.1.1 normalised into MQTT 5 shapes.
-//! - [`topic`]: topic name and filter rules (validation, `$share`, `$` topics).
 //! - [`router`]: the subscription index every publish is matched against.
 //! - [`retained`]: the retained-message index walked on subscribe.
-//! - [`message`]: a routed message, shared by every subscriber it reaches.
+//! - [`message`]: a message on its way to one session (`Delivery`).
 //! - [`session`]: per-client state that outlives connections.
 //! - [`hub`]: the shared state and the operations connections call on it.
 //! - [`connection`]: one task per client connection.
@@ -30,7 +28,6 @@ pub mod hub;
 pub mod listener;
 pub mod message;
 pub mod metrics;
-pub mod protocol;
 pub mod proxy_protocol;
 pub mod registry;
 pub mod retained;
@@ -40,7 +37,6 @@ pub mod tls;
 pub mod tls_stream;
 pub mod tls_tickets;
 pub mod token;
-pub mod topic;
 pub mod websocket;
 
 use std::net::SocketAddr;

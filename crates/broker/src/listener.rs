@@ -24,8 +24,9 @@ use crate::connection::{self, PeerInfo};
 use crate::hub::Hub;
 use crate::metrics as m;
 use crate::proxy_protocol::{self, Proxied};
-use crate::tls::{ClientCert, ALPN_MQTT};
+use crate::tls::ALPN_MQTT;
 use crate::websocket::{self, HttpOutcome, Prefixed};
+use fleetcore_core::principal::ClientCert;
 
 /// A bound listener socket and how to serve what it accepts.
 pub struct Listener {

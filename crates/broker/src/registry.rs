@@ -24,9 +24,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::authz::Authz;
 use crate::config::TokenConfig;
-use crate::tls::ClientCert;
 pub use crate::token::{IssuedToken, TokenClaims, TokenError, TokenKeyInfo};
 use crate::token::{Keyring, StoredKey, TokenKey};
+use fleetcore_core::principal::ClientCert;
 use fleetcore_core::time::now_ms;
 
 const THING: &str = "thing";

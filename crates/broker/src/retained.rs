@@ -14,7 +14,7 @@
 //! The tree is not synchronized: retained messages change far less often than they are
 //! published through, and the broker wraps the tree in its own lock. It holds only
 //! what is in memory; durability is the store's job. Topics and filters are assumed to
-//! have been validated by [`crate::topic`]. No operation recurses per level, so a very
+//! have been validated by [`fleetcore_core::topic`]. No operation recurses per level, so a very
 //! deep topic cannot overflow the stack.
 
 use std::collections::HashMap;
@@ -210,7 +210,7 @@ impl<V> fmt::Debug for RetainedTree<V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topic::filter_matches;
+    use fleetcore_core::topic::filter_matches;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 

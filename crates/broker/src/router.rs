@@ -23,7 +23,7 @@
 //!
 //! The router is generic over the per-subscription value (QoS, options, a queue
 //! handle…) so it knows nothing of sessions. Filters and topics are assumed to have
-//! been validated by [`crate::topic`].
+//! been validated by [`fleetcore_core::topic`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -491,7 +491,7 @@ fn shard_index(first_level: &str) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topic::filter_matches;
+    use fleetcore_core::topic::filter_matches;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 

@@ -23,8 +23,9 @@ use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 
-use crate::message::{Delivery, Message};
-use crate::protocol::Version;
+use crate::message::Delivery;
+use fleetcore_core::message::Message;
+use fleetcore_core::protocol::Version;
 
 pub type SessionId = u64;
 

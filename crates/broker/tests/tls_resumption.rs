@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleetcore_broker::config::{ListenerConfig, ListenerKind, TlsResumptionConfig};
 use fleetcore_broker::registry::{CaRecord, CertState, NewCert};
-use fleetcore_broker::tls::ClientCert;
 use fleetcore_broker::{Config, Server};
+use fleetcore_core::principal::ClientCert;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::client::{ClientSessionMemoryCache, Resumption};
 use rustls::pki_types::{PrivateKeyDer, ServerName};

@@ -20,16 +20,18 @@
 
 mod writer;
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
-use std::task::{ready, Context, Poll};
 
 use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::oneshot;
+
+pub use fleetcore_core::storage::{
+    Commit, Loaded, LoadedSession, Op, StoreError, StoredMessage, StoredQueued, StoredSession,
+    StoredSubscription,
+};
 
 use crate::writer::{Reply, Request};
 
@@ -58,195 +60,6 @@ impl Default for StoreOptions {
             max_batch_ops: 4096,
         }
     }
-}
-
-/// Why the store could not do what was asked. Messages are written for an operator.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    /// The file could not be created, opened or read at start.
-    #[error("cannot open store {}: {reason}", path.display())]
-    Open { path: PathBuf, reason: String },
-    /// The file was written by a fleetcore with another layout.
-    #[error(
-        "store {} has schema version {found}, this fleetcore reads version {expected}; \
-         use the fleetcore release that wrote it, or move the file away to start empty",
-        path.display()
-    )]
-    SchemaVersion {
-        path: PathBuf,
-        found: u64,
-        expected: u64,
-    },
-    /// A write transaction failed (disk full, I/O error); its ops are lost.
-    #[error("store commit failed: {0}")]
-    Io(String),
-    /// A record could not be encoded; nothing of its batch was written.
-    #[error("cannot encode a store record: {0}")]
-    Encode(String),
-    /// A record in the file does not decode. On load such records are skipped, not returned.
-    #[error("corrupt record in store table `{table}` at key {key}: {reason}")]
-    Corrupt {
-        table: &'static str,
-        key: String,
-        reason: String,
-    },
-    /// The writer thread is gone, so nothing more can be written.
-    #[error("store is closed: its writer thread has stopped")]
-    Closed,
-}
-
-/// A published message as kept on disk: retained, or inside a queued delivery.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredMessage {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub qos: u8,
-    pub retain: bool,
-    /// Absolute expiry, unix milliseconds (MQTT 5 message expiry), if any.
-    pub expires_at_ms: Option<u64>,
-    pub payload_format_utf8: Option<bool>,
-    pub content_type: Option<String>,
-    pub response_topic: Option<String>,
-    pub correlation_data: Option<Vec<u8>>,
-    pub user_properties: Vec<(String, String)>,
-}
-
-impl StoredMessage {
-    /// Rough encoded size, to bound the bytes of one transaction.
-    fn approx_len(&self) -> usize {
-        let props: usize = self
-            .user_properties
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 2)
-            .sum();
-        32 + self.topic.len()
-            + self.payload.len()
-            + self.content_type.as_ref().map_or(0, String::len)
-            + self.response_topic.as_ref().map_or(0, String::len)
-            + self.correlation_data.as_ref().map_or(0, Vec::len)
-            + props
-    }
-}
-
-/// One delivery waiting for an offline client: the message and how it is to be delivered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredQueued {
-    pub msg: StoredMessage,
-    /// Delivery QoS (the minimum of the published and the subscribed QoS).
-    pub qos: u8,
-    /// Retain flag as it will be delivered (retain-as-published applied).
-    pub retain: bool,
-    pub subscription_ids: Vec<u32>,
-}
-
-/// A subscription of a persistent session.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredSubscription {
-    /// As the client sent it, including any `$share/group/` prefix.
-    pub filter: String,
-    pub qos: u8,
-    pub no_local: bool,
-    pub retain_as_published: bool,
-    pub retain_handling: u8,
-    pub subscription_id: Option<u32>,
-}
-
-/// A persistent MQTT session.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredSession {
-    pub protocol_version: u8,
-    pub expiry_interval_secs: u32,
-    /// When the client went away, unix milliseconds; `None` while connected.
-    pub disconnected_at_ms: Option<u64>,
-    pub subscriptions: Vec<StoredSubscription>,
-}
-
-/// One change to the file. The ops of one submit are applied in order, in one transaction.
-#[derive(Debug, Clone)]
-pub enum Op {
-    PutRetained {
-        topic: String,
-        msg: StoredMessage,
-    },
-    DeleteRetained {
-        topic: String,
-    },
-    PutSession {
-        client_id: String,
-        session: StoredSession,
-    },
-    /// Deletes the session AND every queued message of it.
-    DeleteSession {
-        client_id: String,
-    },
-    PutQueued {
-        client_id: String,
-        seq: u64,
-        item: StoredQueued,
-    },
-    DeleteQueued {
-        client_id: String,
-        seq: u64,
-    },
-    /// Writes one registry record (kind: "thing", "certificate", "policy", ...).
-    PutRecord {
-        kind: &'static str,
-        key: String,
-        value: Vec<u8>,
-    },
-    DeleteRecord {
-        kind: &'static str,
-        key: String,
-    },
-}
-
-impl Op {
-    /// Rough bytes this op adds to a transaction.
-    fn approx_len(&self) -> usize {
-        match self {
-            Op::PutRetained { topic, msg } => topic.len() + msg.approx_len(),
-            Op::PutSession { client_id, session } => {
-                let subs: usize = session
-                    .subscriptions
-                    .iter()
-                    .map(|s| s.filter.len() + 16)
-                    .sum();
-                client_id.len() + 32 + subs
-            }
-            Op::PutQueued {
-                client_id, item, ..
-            } => client_id.len() + 16 + item.msg.approx_len() + 4 * item.subscription_ids.len(),
-            Op::DeleteRetained { topic } => topic.len(),
-            Op::PutRecord { kind, key, value } => kind.len() + key.len() + value.len(),
-            Op::DeleteRecord { kind, key } => kind.len() + key.len(),
-            Op::DeleteSession { client_id } | Op::DeleteQueued { client_id, .. } => {
-                client_id.len() + 8
-            }
-        }
-    }
-}
-
-/// Everything in the file at open, for the broker to rebuild its state from.
-#[derive(Debug, Default)]
-pub struct Loaded {
-    /// Retained messages; the topic is inside each.
-    pub retained: Vec<StoredMessage>,
-    pub sessions: Vec<LoadedSession>,
-    /// Registry records as (kind, key, value), in key order.
-    pub records: Vec<(String, String, Vec<u8>)>,
-    /// Client ids with something on disk that is not in `sessions`: a session record
-    /// that could not be read, or queued messages whose session is missing. The
-    /// broker deletes these when the client connects again.
-    pub unloaded_sessions: Vec<String>,
-}
-
-/// A persistent session with its queue of waiting deliveries.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoadedSession {
-    pub client_id: String,
-    pub session: StoredSession,
-    /// Queued deliveries in ascending `seq`.
-    pub queue: Vec<(u64, StoredQueued)>,
 }
 
 /// Handle on the store; cheap to clone. When the last clone is dropped the writer commits
@@ -327,12 +140,8 @@ impl Store {
         }
         let (tx, rx) = oneshot::channel();
         match self.send(ops, Reply::Async(tx), false) {
-            Ok(()) => Commit {
-                state: CommitState::Waiting(rx),
-            },
-            Err(e) => Commit {
-                state: CommitState::Done(Err(e)),
-            },
+            Ok(()) => Commit::waiting(rx),
+            Err(e) => Commit::failed(e),
         }
     }
 
@@ -377,40 +186,9 @@ impl Store {
     }
 }
 
-/// Resolves once the ops of one [`Store::submit`] are durable, or with why they are not.
-/// A writer that went away gives [`StoreError::Closed`].
-#[must_use = "dropping a Commit loses its result; use Store::submit_nowait when it is not needed"]
-pub struct Commit {
-    state: CommitState,
-}
-
-enum CommitState {
-    Done(Result<(), StoreError>),
-    Waiting(oneshot::Receiver<Result<(), StoreError>>),
-}
-
-impl Commit {
-    /// An already successful commit, for a change that needed no write.
-    pub fn ready() -> Commit {
-        Commit {
-            state: CommitState::Done(Ok(())),
-        }
-    }
-}
-
-impl Future for Commit {
-    type Output = Result<(), StoreError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        match &mut this.state {
-            CommitState::Done(result) => Poll::Ready(result.clone()),
-            CommitState::Waiting(rx) => {
-                let result = ready!(Pin::new(rx).poll(cx)).unwrap_or(Err(StoreError::Closed));
-                this.state = CommitState::Done(result.clone());
-                Poll::Ready(result)
-            }
-        }
+impl fleetcore_core::storage::RecordStore for Store {
+    fn submit_records(&self, ops: Vec<fleetcore_core::storage::RecordOp>) -> Commit {
+        self.submit(ops.into_iter().map(Op::from).collect())
     }
 }
 

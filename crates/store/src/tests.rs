@@ -316,9 +316,7 @@ fn commit_and_flush_report_closed_store() {
     let rt = runtime();
     let (tx, rx) = oneshot::channel::<Result<(), StoreError>>();
     drop(tx);
-    let commit = Commit {
-        state: CommitState::Waiting(rx),
-    };
+    let commit = Commit::waiting(rx);
     assert!(matches!(rt.block_on(commit), Err(StoreError::Closed)));
     assert!(rt.block_on(Commit::ready()).is_ok());
 }

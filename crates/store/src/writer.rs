@@ -8,7 +8,8 @@ use redb::{Database, Durability};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::{Op, Opener, StoreError, QUEUE, REGISTRY, RETAINED, SESSIONS};
+use crate::{Opener, QUEUE, REGISTRY, RETAINED, SESSIONS};
+use fleetcore_core::storage::{Op, StoreError};
 
 /// About this many bytes of records end a batch early, so one transaction stays bounded.
 const MAX_BATCH_BYTES: usize = 8 << 20;
