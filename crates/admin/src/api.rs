@@ -23,19 +23,19 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put, MethodRouter};
 use axum::{Json, Router};
 use fleetcore_broker::hub::Hub;
-use fleetcore_broker::registry::{CaRecord, PolicyRecord};
-use fleetcore_broker::registry::{CertRecord, CertState, NewCert, RegistryError, Thing};
-use fleetcore_broker::registry::{IssuedToken, TokenKeyInfo};
 use fleetcore_core::time::{unix_ms, utc_text};
+use fleetcore_identity::registry::{CaRecord, PolicyRecord};
+use fleetcore_identity::registry::{CertRecord, CertState, NewCert, RegistryError, Thing};
+use fleetcore_identity::registry::{IssuedToken, TokenKeyInfo};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
-use crate::ca::{self, Ca, CaError, CertInfo};
 use crate::tls::AdminPeer;
 use axum::extract::ConnectInfo;
+use fleetcore_identity::ca::{self, Ca, CaError, CertInfo};
 
 /// Validity of issued device certificates when the request does not say.
 pub const DEFAULT_DAYS: u32 = 365;

@@ -1,12 +1,6 @@
 //! fleetcore's control plane.
 //!
 //! # Layout
-//! - [`ca`]: the certificate authority. Creates or loads the CA and the server certificate
-//!   ([`ca::Ca::load_or_init`]), signs device CSRs ([`ca::Ca::sign_csr`], IoT Core's
-//!   `CreateCertificateFromCsr`), creates keys and certificates
-//!   ([`ca::Ca::create_keys_and_certificate`], `CreateKeysAndCertificate`), signs CRLs
-//!   ([`ca::Ca::crl`]), and reads certificates made elsewhere ([`ca::inspect_pem`],
-//!   [`ca::is_signed_by`]) so they can be registered.
 //! - [`api`]: the admin HTTP API (axum) of `docs/admin-api.md`: things, certificates,
 //!   policies, CAs, CRL, `/metrics`, `/healthz`, behind a bearer token. It talks to the
 //!   broker only through the [`Hub`](fleetcore_broker::hub::Hub)'s registry and
@@ -19,7 +13,6 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod ca;
 pub mod openapi;
 pub mod tls;
 pub mod token;

@@ -27,17 +27,17 @@ use mqtt_proto::{Pid, QoS, TopicName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::authz::Authz;
 use crate::hub::{Hub, SubEntry};
 use crate::message::Delivery;
 use crate::metrics as m;
 use crate::session::{Inflight, InflightState, KickReceiver, Session, SubOptions};
-use crate::token::TokenClaims;
 use fleetcore_core::message::Message;
 use fleetcore_core::principal::ClientCert;
 use fleetcore_core::protocol::{self, DecodeError, Packet, Version};
 use fleetcore_core::time::now_ms;
 use fleetcore_core::topic::{parse_filter, validate_topic_name};
+use fleetcore_identity::authz::Authz;
+use fleetcore_identity::token::TokenClaims;
 use fleetcore_policy::Action;
 
 /// A write that makes no progress for this long ends the connection, so a

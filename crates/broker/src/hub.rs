@@ -82,7 +82,7 @@ pub struct Hub {
     index: Mutex<SessionIndex>,
     pub store: Store,
     /// Things, certificates, policies and their attachments.
-    pub registry: crate::registry::Registry,
+    pub registry: fleetcore_identity::registry::Registry,
     next_id: AtomicU64,
     shared_rr: AtomicUsize,
     /// Connections currently open (all listeners).
@@ -103,8 +103,11 @@ impl Hub {
             max_levels: config.limits.max_topic_levels,
         };
         let (shutdown_tx, _) = watch::channel(false);
-        let registry =
-            crate::registry::Registry::new(store.clone(), &loaded.records, config.tokens.clone());
+        let registry = fleetcore_identity::registry::Registry::new(
+            Arc::new(store.clone()),
+            &loaded.records,
+            config.tokens.clone(),
+        );
         let hub = Arc::new(Hub {
             registry,
             config,
@@ -788,10 +791,11 @@ impl Hub {
     pub async fn set_certificate_state(
         &self,
         id: &str,
-        state: crate::registry::CertState,
-    ) -> Result<crate::registry::CertRecord, crate::registry::RegistryError> {
+        state: fleetcore_identity::registry::CertState,
+    ) -> Result<fleetcore_identity::registry::CertRecord, fleetcore_identity::registry::RegistryError>
+    {
         let rec = self.registry.set_certificate_state(id, state).await?;
-        if state != crate::registry::CertState::Active {
+        if state != fleetcore_identity::registry::CertState::Active {
             let n = self.kick_certificate(id, &format!("certificate {id} is now {state}"));
             tracing::warn!(certificate = %id, state = %state, connections = n, "certificate left ACTIVE; its connections were cut off");
         }

@@ -12,16 +12,12 @@
 //! - [`tls`]: rustls server configuration and client certificate subjects.
 //! - [`tls_stream`]: the server TLS stream over rustls's unbuffered API (no buffers held while idle).
 //! - [`tls_tickets`]: TLS 1.3 session tickets, persisted and bound to the trust store.
-//! - [`authz`]: IoT Core policy decisions for one connection.
-//! - [`registry`]: things, certificates, policies, CAs and their attachments.
-//! - [`token`]: signed device tokens (MQTT password) and their keys.
 //! - [`metrics`]: the metric names the broker records.
 //!
 //! [`Server`] assembles these: it opens the store, restores retained
 //! messages and sessions, binds the listeners and runs until shut down.
 #![forbid(unsafe_code)]
 
-pub mod authz;
 pub mod config;
 pub mod connection;
 pub mod hub;
@@ -29,14 +25,12 @@ pub mod listener;
 pub mod message;
 pub mod metrics;
 pub mod proxy_protocol;
-pub mod registry;
 pub mod retained;
 pub mod router;
 pub mod session;
 pub mod tls;
 pub mod tls_stream;
 pub mod tls_tickets;
-pub mod token;
 pub mod websocket;
 
 use std::net::SocketAddr;

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fleetcore_broker::config::{ListenerConfig, ListenerKind, TlsResumptionConfig};
-use fleetcore_broker::registry::{CaRecord, CertState, NewCert};
 use fleetcore_broker::{Config, Server};
 use fleetcore_core::principal::ClientCert;
+use fleetcore_identity::registry::{CaRecord, CertState, NewCert};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::client::{ClientSessionMemoryCache, Resumption};
 use rustls::pki_types::{PrivateKeyDer, ServerName};

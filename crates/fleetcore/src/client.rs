@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Subcommand};
-use fleetcore_admin::ca::{Ca, CaFiles};
+use fleetcore_identity::ca::{Ca, CaFiles};
 use serde_json::{json, Map, Value};
 
 /// Where the admin API is and how to authenticate: global to `thing`, `cert`, `policy`,

@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fleetcore_admin::api::AdminState;
-use fleetcore_admin::ca::{Ca, CaFiles};
 use fleetcore_broker::config::{AdminConfig, Config, ListenerKind, LogFormat};
 use fleetcore_broker::Server;
+use fleetcore_identity::ca::{Ca, CaFiles};
 
 #[derive(Parser)]
 #[command(

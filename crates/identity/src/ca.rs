@@ -9,6 +9,7 @@
 //! CN is the thing name, O and OU are copied from the CSR, and whatever extensions the CSR
 //! asks for (CA, SANs, key usages) are ignored.
 
+use crate::names::is_valid_thing_name;
 use fleetcore_core::encoding::{hex, hex_decode, sha256_hex};
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions};
@@ -683,11 +684,7 @@ fn single_attribute<'a, 'b: 'a>(
 }
 
 fn check_thing_name(name: &str) -> Result<(), CaError> {
-    let ok = (1..=128).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'));
-    if ok {
+    if is_valid_thing_name(name) {
         Ok(())
     } else {
         Err(CaError::ThingName(name.into()))

@@ -17,13 +17,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetcore_core::storage::{RecordOp, RecordStore, StoreError};
 use fleetcore_policy::{Policy, Vars};
-use fleetcore_store::{Op, Store, StoreError};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
 use crate::authz::Authz;
-use crate::config::TokenConfig;
+use crate::names::{is_valid_thing_name, THING_NAME_RULE};
+use crate::token::TokenConfig;
 pub use crate::token::{IssuedToken, TokenClaims, TokenError, TokenKeyInfo};
 use crate::token::{Keyring, StoredKey, TokenKey};
 use fleetcore_core::principal::ClientCert;
@@ -179,23 +180,18 @@ pub struct Registry {
     /// Serializes changes, so validate-write-apply happens as one step.
     write: tokio::sync::Mutex<()>,
     generation: AtomicU64,
-    store: Store,
+    store: Arc<dyn RecordStore>,
     /// Device token keys; read on every token CONNECT, changed under `write`.
     tokens: RwLock<Keyring>,
     token_config: TokenConfig,
 }
 
 fn valid_thing_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'));
-    if ok {
+    if is_valid_thing_name(name) {
         Ok(())
     } else {
         Err(RegistryError::Invalid(format!(
-            "thing name {name:?} must be 1-128 characters of a-z A-Z 0-9 : _ -"
+            "thing name {name:?} must be {THING_NAME_RULE}"
         )))
     }
 }
@@ -238,16 +234,16 @@ fn compile(name: &str, document: &str) -> Result<Arc<Policy>> {
         .map_err(|e| RegistryError::Invalid(format!("policy {name:?}: {e}")))
 }
 
-fn put<T: Serialize>(kind: &'static str, key: &str, value: &T) -> Op {
-    Op::PutRecord {
+fn put<T: Serialize>(kind: &'static str, key: &str, value: &T) -> RecordOp {
+    RecordOp::Put {
         kind,
         key: key.to_owned(),
         value: serde_json::to_vec(value).unwrap_or_default(),
     }
 }
 
-fn del(kind: &'static str, key: &str) -> Op {
-    Op::DeleteRecord {
+fn del(kind: &'static str, key: &str) -> RecordOp {
+    RecordOp::Delete {
         kind,
         key: key.to_owned(),
     }
@@ -258,7 +254,7 @@ impl Registry {
     /// longer reads is skipped with a warning. `tokens` sets token lifetimes and
     /// key rotation.
     pub fn new(
-        store: Store,
+        store: Arc<dyn RecordStore>,
         records: &[(String, String, Vec<u8>)],
         tokens: TokenConfig,
     ) -> Registry {
@@ -330,8 +326,8 @@ impl Registry {
         self.generation.load(Ordering::Acquire)
     }
 
-    async fn commit(&self, ops: Vec<Op>) -> Result<()> {
-        self.store.submit(ops).await?;
+    async fn commit(&self, ops: Vec<RecordOp>) -> Result<()> {
+        self.store.submit_records(ops).await?;
         Ok(())
     }
 
@@ -1066,6 +1062,7 @@ fn not_found(what: &str, name: &str) -> RegistryError {
 mod tests {
     use super::*;
     use fleetcore_policy::Action;
+    use fleetcore_store::Store;
 
     fn cert(id: &str, cn: &str) -> ClientCert {
         ClientCert {
@@ -1096,7 +1093,11 @@ mod tests {
     async fn identity_follows_registration_state_attachments_and_attributes() {
         let dir = tempfile::tempdir().unwrap();
         let (store, loaded) = Store::open(&dir.path().join("s.redb"), Default::default()).unwrap();
-        let reg = Registry::new(store.clone(), &loaded.records, TokenConfig::default());
+        let reg = Registry::new(
+            Arc::new(store.clone()),
+            &loaded.records,
+            TokenConfig::default(),
+        );
         let c = cert("aa11", "computer-a");
         assert!(reg
             .resolve(&c, "computer-a")
@@ -1160,7 +1161,7 @@ mod tests {
         drop(reg);
         drop(store);
         let (store, loaded) = Store::open(&dir.path().join("s.redb"), Default::default()).unwrap();
-        let reg = Registry::new(store, &loaded.records, TokenConfig::default());
+        let reg = Registry::new(Arc::new(store), &loaded.records, TokenConfig::default());
         assert_eq!(reg.certificate("aa11").unwrap().state, CertState::Revoked);
         assert_eq!(reg.certificate_policies("aa11"), vec!["agent".to_string()]);
         assert_eq!(
@@ -1177,7 +1178,7 @@ mod tests {
     async fn bad_input_is_refused_with_a_reason() {
         let dir = tempfile::tempdir().unwrap();
         let (store, loaded) = Store::open(&dir.path().join("s.redb"), Default::default()).unwrap();
-        let reg = Registry::new(store, &loaded.records, TokenConfig::default());
+        let reg = Registry::new(Arc::new(store), &loaded.records, TokenConfig::default());
         let e = reg
             .create_thing("bad name", None, BTreeMap::new())
             .await
@@ -1205,7 +1206,10 @@ mod tests {
 
     fn open(dir: &std::path::Path, tokens: TokenConfig) -> (Registry, Store) {
         let (store, loaded) = Store::open(&dir.join("s.redb"), Default::default()).unwrap();
-        (Registry::new(store.clone(), &loaded.records, tokens), store)
+        (
+            Registry::new(Arc::new(store.clone()), &loaded.records, tokens),
+            store,
+        )
     }
 
     /// A real self-signed certificate (CN = `cn`, O = customer-b), as registered and
@@ -1570,8 +1574,9 @@ mod tests {
         let mut bad = StoredKey::generate(2).unwrap();
         bad.kid = "bad".into();
         bad.pkcs8 = "AAAA".into();
+        use fleetcore_core::storage::RecordStore as _;
         store
-            .submit(vec![
+            .submit_records(vec![
                 put(TOKEN_KEY, "good", &good),
                 put(TOKEN_KEY, "bad", &bad),
                 put(TOKEN_KEY, "other-name", &good),

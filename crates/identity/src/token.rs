@@ -28,6 +28,30 @@ use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 use serde::{Deserialize, Serialize};
 
+/// Short-lived signed device tokens (the MQTT password where client certificates
+/// cannot pass): their lifetimes and how often the signing key changes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// The longest lifetime a token may be issued with; also how long a retired
+    /// signing key keeps verifying after its successor was made.
+    pub max_ttl_secs: u64,
+    /// The lifetime of a token when the request names none.
+    pub default_ttl_secs: u64,
+    /// A signing key older than this is replaced by a new one at the next issue.
+    pub key_rotation_secs: u64,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            max_ttl_secs: 24 * 3600,
+            default_ttl_secs: 3600,
+            key_rotation_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
 /// The version prefix every token starts with (followed by a dot).
 pub const PREFIX: &str = "fct1";
 /// Tokens longer than this are refused before any decoding.
