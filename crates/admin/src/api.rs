@@ -1131,7 +1131,12 @@ mod tests {
     async fn state(dir: &std::path::Path) -> AdminState {
         let (store, loaded) =
             fleetcore_store::Store::open(&dir.join("s.redb"), Default::default()).unwrap();
-        let hub = Hub::new(fleetcore_broker::Config::default(), store, loaded);
+        let hub = Hub::new(
+            fleetcore_broker::Config::default(),
+            store,
+            loaded,
+            Default::default(),
+        );
         let files = ca::CaFiles::in_dir(&dir.join("pki"));
         let (ca, _) = Ca::load_or_init(&files, &["localhost".into()]).unwrap();
         AdminState {

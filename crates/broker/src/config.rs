@@ -24,6 +24,22 @@ pub struct Config {
     pub pki: PkiConfig,
     pub tokens: TokenConfig,
     pub tls_resumption: TlsResumptionConfig,
+    pub events: EventsConfig,
+}
+
+/// Lifecycle events (`$aws/events/presence/...`, `$aws/events/subscriptions/...`), as
+/// IoT Core publishes them; backends subscribe to them through their policy.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsConfig {
+    /// Publish presence and subscription events (on by default, as in IoT Core).
+    pub enabled: bool,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig { enabled: true }
+    }
 }
 
 impl Default for Config {
@@ -38,6 +54,7 @@ impl Default for Config {
             pki: PkiConfig::default(),
             tokens: TokenConfig::default(),
             tls_resumption: TlsResumptionConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }

@@ -34,6 +34,7 @@ use crate::session::{Inflight, InflightState, KickReceiver, Session, SubOptions}
 use fleetcore_core::message::Message;
 use fleetcore_core::principal::ClientCert;
 use fleetcore_core::protocol::{self, DecodeError, Packet, Version};
+use fleetcore_core::service::{DisconnectCause, Event, Requester};
 use fleetcore_core::time::now_ms;
 use fleetcore_core::topic::{parse_filter, validate_topic_name};
 use fleetcore_identity::authz::Authz;
@@ -83,6 +84,34 @@ enum Exit {
     /// We end it without a word: the stream is mid-packet (an interrupted
     /// write), so nothing more can be said on it.
     Abort(String),
+}
+
+impl Exit {
+    /// The cause as the services see it.
+    fn cause(&self) -> DisconnectCause {
+        use DisconnectReasonCode as R;
+        match self {
+            Exit::ClientDisconnect { .. } => DisconnectCause::ClientDisconnect,
+            Exit::Lost(_) => DisconnectCause::ConnectionLost,
+            Exit::Abort(_) => DisconnectCause::ServerInitiated,
+            Exit::Refuse(code, _) => match code {
+                R::KeepAliveTimeout => DisconnectCause::KeepAliveTimeout,
+                R::SessionTakenOver => DisconnectCause::Takeover,
+                R::NotAuthorized | R::MaximumConnectTime => DisconnectCause::NotAuthorized,
+                R::ServerShuttingDown => DisconnectCause::ServerShutdown,
+                R::MalformedPacket
+                | R::ProtocolError
+                | R::TopicNameInvalid
+                | R::TopicFilterInvalid
+                | R::TopicAliasInvalid
+                | R::ReceiveMaximumExceeded
+                | R::PacketTooLarge
+                | R::QuotaExceeded
+                | R::PayloadFormatInvalid => DisconnectCause::ClientError,
+                _ => DisconnectCause::ServerInitiated,
+            },
+        }
+    }
 }
 
 type PendingAck =
@@ -172,6 +201,7 @@ async fn serve_boxed<S>(
     drop(peer);
     let exit = conn.run(kick_rx, keep_alive, &mut will).await;
     // ---- end ----
+    let cause = exit.cause();
     let (reason_text, will) = match &exit {
         Exit::ClientDisconnect { with_will } => (
             "client disconnected".to_string(),
@@ -188,6 +218,14 @@ async fn serve_boxed<S>(
                 conn.send(&Packet::Disconnect(d), "disconnect");
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.flush()).await;
             }
+            // A client cut off for authorization (revoked or deactivated certificate,
+            // a policy that no longer allows it, an expired token) has its will
+            // dropped: its last word is not trusted either.
+            let will = if cause == DisconnectCause::NotAuthorized {
+                None
+            } else {
+                will
+            };
             (format!("{why} (reason 0x{:02X})", *code as u8), will)
         }
     };
@@ -202,6 +240,14 @@ async fn serve_boxed<S>(
         qos2,
         will.map(|w| *w),
     );
+    if hub.has_services() {
+        hub.emit(Event::Disconnected {
+            client: conn.requester(),
+            cause,
+            version: conn.conn_id,
+            at_ms: now_ms(),
+        });
+    }
     if matches!(exit, Exit::Refuse(..)) {
         Box::pin(linger(&mut conn.stream)).await;
     }
@@ -324,6 +370,14 @@ where
         cert: peer.cert.clone().or(setup.token_cert).map(Box::new),
         token: setup.token.map(Box::new),
     };
+    if hub.has_services() {
+        hub.emit(Event::Connected {
+            client: conn.requester(),
+            ip: peer.addr.ip().to_string(),
+            version: conn_id,
+            at_ms: now_ms(),
+        });
+    }
     let mut props = setup.connack_props;
     props.session_expiry_interval = setup.told_expiry;
     let connack = v5::Connack {
@@ -1354,7 +1408,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             p.properties,
             self.session.id,
         );
-        let routed = self.hub.publish(msg);
+        let routed = self.hub.publish_from(msg, || self.requester());
         let matched = routed.matched > 0;
         match (qos, pid) {
             (QoS::Level1, Some(pid)) => match routed.commit {
@@ -1394,6 +1448,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         Ok(())
     }
 
+    /// Who this connection is, for the services: the client id, the certificate id
+    /// (the registered one a token stands for, with tokens), and the thing: the token's,
+    /// or the certificate's CN when the client id is that name (IoT Core's
+    /// `iot:Connection.Thing.ThingName`, which the registry checked at CONNECT).
+    fn requester(&self) -> Requester {
+        let client_id = self.session.client_id.clone();
+        let thing = match (&self.token, &self.cert) {
+            (Some(t), _) => Some(Arc::from(t.thing.as_str())),
+            (None, Some(c)) if c.subject_cn.as_deref() == Some(&*client_id) => {
+                Some(client_id.clone())
+            }
+            _ => None,
+        };
+        Requester {
+            client_id,
+            thing,
+            cert_id: self
+                .cert
+                .as_ref()
+                .map(|c| Arc::from(c.fingerprint.as_str())),
+        }
+    }
+
     /// Refuses one QoS 1/2 publish with a reason code, keeping the connection.
     fn nack(&mut self, qos: QoS, pid: Pid, code: u8, why: String) {
         let reason = self.problem_info.then(|| Arc::from(why.as_str()));
@@ -1425,6 +1502,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         }
         let mut codes = Vec::with_capacity(s.topics.len());
         let mut retained = Vec::new();
+        let mut granted = Vec::new();
         for (i, (filter, o)) in s.topics.iter().enumerate() {
             if i >= limits.max_filters_per_subscribe {
                 codes.push(SubscribeReasonCode::QuotaExceeded);
@@ -1480,6 +1558,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         .then(|| Arc::from(parsed.filter.as_str())),
                 },
             );
+            if self.hub.has_services() {
+                granted.push(raw.clone());
+            }
             codes.push(match o.max_qos {
                 QoS::Level0 => SubscribeReasonCode::GrantedQoS0,
                 QoS::Level1 => SubscribeReasonCode::GrantedQoS1,
@@ -1503,6 +1584,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 }
             }
         }
+        if self.hub.has_services() && !granted.is_empty() {
+            self.hub.emit(Event::Subscribed {
+                client: self.requester(),
+                filters: granted,
+                connection: self.conn_id,
+                at_ms: now_ms(),
+            });
+        }
         let suback = v5::Suback::new(s.pid, codes);
         match self.hub.persist_session(&self.session) {
             Some(commit) => self.pending.push_back(Box::pin(async move {
@@ -1518,6 +1607,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     fn on_unsubscribe(&mut self, u: v5::Unsubscribe) {
         let mut codes = Vec::with_capacity(u.topics.len());
+        let mut removed_filters = Vec::new();
         for filter in &u.topics {
             let raw = filter.to_string();
             let removed = self.session.state.lock().unsubscribe(&raw);
@@ -1527,10 +1617,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         .router
                         .unsubscribe(&p.filter, p.group.as_deref(), self.session.id);
                 }
+                if self.hub.has_services() {
+                    removed_filters.push(raw);
+                }
                 codes.push(UnsubscribeReasonCode::Success);
             } else {
                 codes.push(UnsubscribeReasonCode::NoSubscriptionExisted);
             }
+        }
+        if !removed_filters.is_empty() {
+            self.hub.emit(Event::Unsubscribed {
+                client: self.requester(),
+                filters: removed_filters,
+                connection: self.conn_id,
+                at_ms: now_ms(),
+            });
         }
         // Durability of an unsubscribe is not waited for: at worst a crash
         // brings back a subscription the client had dropped.
@@ -1700,7 +1801,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, loaded) =
             Store::open(&dir.path().join("fleetcore.redb"), StoreOptions::default()).unwrap();
-        let hub = Hub::new(crate::config::Config::default(), store, loaded);
+        let hub = Hub::new(
+            crate::config::Config::default(),
+            store,
+            loaded,
+            Default::default(),
+        );
         let (server, mut client) = tokio::io::duplex(64);
         let peer = Box::new(PeerInfo {
             addr: "127.0.0.1:5000".parse().unwrap(),

@@ -21,11 +21,13 @@ use crate::message::Delivery;
 use crate::metrics as m;
 use crate::retained::RetainedTree;
 use crate::router::{Match, Router};
+use crate::services::ServiceHost;
 use crate::session::{
     ConnLink, Enqueued, Inflight, Kick, KickReceiver, PendingWill, Session, SessionId, SubOptions,
 };
 use fleetcore_core::message::Message;
 use fleetcore_core::protocol::Version;
+use fleetcore_core::service::{Event, Handled, Publisher, Requester, ServiceRequest};
 use fleetcore_core::time::now_ms;
 use fleetcore_core::topic::{parse_filter, TopicLimits};
 
@@ -92,12 +94,19 @@ pub struct Hub {
     shutdown_tx: watch::Sender<bool>,
     /// TLS configurations of registry listeners, rebuilt when CAs are registered.
     pub tls_sources: Mutex<Vec<Arc<crate::tls::TlsSource>>>,
+    /// The `$aws/...` services publishes are dispatched to, and events go to.
+    services: ServiceHost,
 }
 
 impl Hub {
     /// Builds the hub and restores retained messages and persistent sessions
     /// from what the store loaded.
-    pub fn new(config: Config, store: Store, loaded: fleetcore_store::Loaded) -> Arc<Hub> {
+    pub fn new(
+        config: Config,
+        store: Store,
+        loaded: fleetcore_store::Loaded,
+        services: ServiceHost,
+    ) -> Arc<Hub> {
         let topic_limits = TopicLimits {
             max_len: config.limits.max_topic_len,
             max_levels: config.limits.max_topic_levels,
@@ -109,6 +118,7 @@ impl Hub {
             config.tokens.clone(),
         );
         let hub = Arc::new(Hub {
+            services,
             registry,
             config,
             topic_limits,
@@ -239,6 +249,51 @@ impl Hub {
     }
 
     // ----- publish -------------------------------------------------------
+
+    /// Whether any `$aws/...` service is installed (events are made only then).
+    pub fn has_services(&self) -> bool {
+        !self.services.is_empty()
+    }
+
+    /// Publishes a client's authorized message: to the service that claims its topic
+    /// (`$aws/...` only), else to subscribers as [`Hub::publish`]. `from` is called only
+    /// when a service takes the message.
+    pub fn publish_from(
+        self: &Arc<Self>,
+        msg: Message,
+        from: impl FnOnce() -> Requester,
+    ) -> Routed {
+        if let Some(service) = self.services.find(&msg.topic) {
+            let out: Arc<dyn Publisher> = self.clone();
+            let from = from();
+            let handled = service.handle(
+                ServiceRequest {
+                    message: &msg,
+                    from: &from,
+                },
+                &out,
+            );
+            match handled {
+                Handled::Consumed { commit } => {
+                    return Routed {
+                        commit: commit.map(|c| Box::pin(c) as PendingCommit),
+                        matched: 1,
+                    }
+                }
+                Handled::PassThrough => {}
+            }
+        }
+        self.publish(msg)
+    }
+
+    /// Tells every service what happened (nothing to do without services).
+    pub fn emit(self: &Arc<Self>, ev: Event) {
+        if self.services.is_empty() {
+            return;
+        }
+        let out: Arc<dyn Publisher> = self.clone();
+        self.services.emit(&ev, &out);
+    }
 
     /// Stores (if retained) and routes one message to every matching
     /// subscription. QoS 1/2 copies for detached persistent sessions and the
@@ -837,6 +892,35 @@ impl Hub {
     }
 }
 
+/// Services answer through the hub: as the broker itself (origin 0), each delivery
+/// checked as `iot:Receive` by the subscriber's connection like any other.
+impl Publisher for Hub {
+    fn publish(&self, msg: Message) -> usize {
+        // Durable copies for offline sessions are written; nobody waits for them.
+        Hub::publish(self, msg).matched
+    }
+
+    fn send_to(&self, client_id: &str, msg: Message) -> bool {
+        let Some(session) = self.index.lock().sessions.get(client_id).cloned() else {
+            return false;
+        };
+        let d = Delivery {
+            qos: msg.qos,
+            msg: Arc::new(msg),
+            retain: false,
+            subscription_ids: Vec::new(),
+            seq: None,
+        };
+        match session.enqueue(d, self.config.limits.max_queued_messages, &self.store) {
+            Enqueued::Queued | Enqueued::Stored(_) => true,
+            Enqueued::Dropped(reason) => {
+                m::dropped(reason);
+                false
+            }
+        }
+    }
+}
+
 fn stored_session(st: &crate::session::SessionState) -> StoredSession {
     StoredSession {
         protocol_version: st.version.level(),
@@ -935,7 +1019,7 @@ mod tests {
         }
         let (store, loaded) = Store::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(loaded.unloaded_sessions, ["orphan"]);
-        let hub = Hub::new(Config::default(), store, loaded);
+        let hub = Hub::new(Config::default(), store, loaded, ServiceHost::default());
         let commits = |hub: &Arc<Hub>| hub.store.commit_count();
 
         // A clean session of a client with nothing on disk: no write at all.
@@ -956,7 +1040,7 @@ mod tests {
             Store::open(&path, StoreOptions::default()).unwrap()
         };
         assert!(loaded2.unloaded_sessions.is_empty());
-        let hub = Hub::new(Config::default(), store2, loaded2);
+        let hub = Hub::new(Config::default(), store2, loaded2, ServiceHost::default());
 
         // A restored session: the reconnect is recorded, resubscribing the same
         // filter with the same options writes nothing and is acknowledged at once.

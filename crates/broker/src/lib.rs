@@ -5,6 +5,7 @@
 //! - [`router`]: the subscription index every publish is matched against.
 //! - [`retained`]: the retained-message index walked on subscribe.
 //! - [`message`]: a message on its way to one session (`Delivery`).
+//! - [`services`]: which `$aws/...` service a topic goes to; where events go.
 //! - [`session`]: per-client state that outlives connections.
 //! - [`hub`]: the shared state and the operations connections call on it.
 //! - [`connection`]: one task per client connection.
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod proxy_protocol;
 pub mod retained;
 pub mod router;
+pub mod services;
 pub mod session;
 pub mod tls;
 pub mod tls_stream;
@@ -75,6 +77,21 @@ impl Server {
     /// accepting. Fails without side effects on the network if any listener
     /// cannot be bound.
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        Server::start_with_services(config, Vec::new()).await
+    }
+
+    /// As [`Server::start`], with `$aws/...` services installed: publishes to the
+    /// topics they claim go to them, and they hear the engine's events.
+    pub async fn start_with_services(
+        config: Config,
+        services: Vec<Arc<dyn fleetcore_core::service::TopicService>>,
+    ) -> Result<Server, StartError> {
+        let topic_limits = fleetcore_core::topic::TopicLimits {
+            max_len: config.limits.max_topic_len,
+            max_levels: config.limits.max_topic_levels,
+        };
+        let services = services::ServiceHost::new(services, &topic_limits)
+            .map_err(|e| StartError::Config(e.to_string()))?;
         config.validate().map_err(StartError::Config)?;
         std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::DataDir {
             path: config.data_dir.display().to_string(),
@@ -164,7 +181,10 @@ impl Server {
             sessions = loaded.sessions.len(),
             "store opened"
         );
-        let hub = Hub::new(config, store, loaded);
+        if !services.is_empty() {
+            tracing::info!(services = ?services.names(), "device services installed");
+        }
+        let hub = Hub::new(config, store, loaded, services);
         for l in &bound {
             if let (Some(src), true) = (&l.tls, l.config.uses_registry()) {
                 hub.tls_sources.lock().push(src.clone());

@@ -5,6 +5,7 @@
 //! - [`topic`]: topic name and filter rules (validation, `$share`, `$` topics).
 //! - [`message`]: a routed application message, shared by every subscriber it reaches.
 //! - [`principal`]: what a verified client certificate says about its holder.
+//! - [`service`]: the `$aws/...` service seam: `TopicService`, `Publisher`, engine `Event`s.
 //! - [`storage`]: the durable records, [`storage::Commit`], and the record-store seam.
 //! - [`encoding`]: hex, the SHA-256 certificate id, base64url (one copy each).
 //! - [`time`]: the [`time::Clock`] seam, unix time, RFC 3339 text.
@@ -14,6 +15,7 @@ pub mod encoding;
 pub mod message;
 pub mod principal;
 pub mod protocol;
+pub mod service;
 pub mod storage;
 pub mod time;
 pub mod topic;

@@ -145,7 +145,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         let admin = config.admin.clone();
         let token_path = config.data_dir.join("admin.token");
         let pki_files = CaFiles::in_dir(&config.pki_dir());
-        let server = Server::start(config).await?;
+        let mut services: Vec<Arc<dyn fleetcore_core::service::TopicService>> = Vec::new();
+        if config.events.enabled {
+            services.push(Arc::new(fleetcore_services::events::EventsService));
+        }
+        let server = Server::start_with_services(config, services).await?;
         let admin_task = if admin.enabled {
             let hub = server.hub().clone();
             match start_admin(&admin, &token_path, &pki_files, hub, ca, metrics).await {

@@ -216,7 +216,16 @@ fn two_agents_in_two_accounts_get_their_own_orders_and_revocation_cuts_off_at_on
             &cert_a,
             "5",
             "computer-a",
-            &["--filter", "customer-a/computer-a/#", "--timeout", "60"],
+            &[
+                "--filter",
+                "customer-a/computer-a/#",
+                "--timeout",
+                "60",
+                "--will-topic",
+                "customer-a/computer-a/status",
+                "--will-payload",
+                "agent-lost",
+            ],
         ),
     );
     assert_eq!(
@@ -281,6 +290,11 @@ fn two_agents_in_two_accounts_get_their_own_orders_and_revocation_cuts_off_at_on
     );
 
     // --- revocation: the live connection is cut at once, reconnects are refused ----------
+    // Its will is not published: a revoked device's last word is not trusted either.
+    let mut status = mosquitto_sub(&with(
+        &broker.mosq_tcp(),
+        &["-q", "1", "-t", "customer-a/computer-a/status"],
+    ));
     let start = Instant::now();
     let rec = ok(
         broker.admin(
@@ -300,6 +314,23 @@ fn two_agents_in_two_accounts_get_their_own_orders_and_revocation_cuts_off_at_on
         agent_a.transcript()
     );
     assert!(took < SEC, "revoked agent disconnected after {took:?}");
+    mosquitto_pub(&with(
+        &broker.mosq_tcp(),
+        &[
+            "-q",
+            "1",
+            "-t",
+            "customer-a/computer-a/status",
+            "-m",
+            "marker",
+        ],
+    ));
+    assert_eq!(
+        expect_mosq_msg(&mut status, STEP).3,
+        "marker",
+        "the revoked agent's will was published"
+    );
+    status.kill();
     let mut again = paho(
         "subscribe.py",
         &paho_as(

@@ -58,6 +58,7 @@ pub struct BrokerOpts {
     wss: Option<String>,
     wss_fixed_port: Option<u16>,
     ws: Option<String>,
+    raw: Vec<String>,
 }
 
 impl BrokerOpts {
@@ -145,6 +146,12 @@ impl BrokerOpts {
     /// Sets `[session] key = value`.
     pub fn session(mut self, key: &str, value: impl Display) -> Self {
         self.session.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Appends `toml` (whole tables, e.g. `"[events]\nenabled = false"`) to the config.
+    pub fn raw(mut self, toml: &str) -> Self {
+        self.raw.push(toml.to_string());
         self
     }
 
@@ -304,6 +311,9 @@ impl TestBroker {
                     toml += &format!("{k} = {v}\n");
                 }
             }
+        }
+        for r in &opts.raw {
+            toml += &format!("\n{r}\n");
         }
         fs::write(&self.config_path, toml).expect("write config");
     }
