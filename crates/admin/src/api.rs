@@ -22,7 +22,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put, MethodRouter};
 use axum::{Json, Router};
-use fleetcore_broker::hub::Hub;
+use fleetcore_broker::engine::hub::Hub;
 use fleetcore_core::time::{unix_ms, utc_text};
 use fleetcore_identity::registry::{CaRecord, PolicyRecord};
 use fleetcore_identity::registry::{CertRecord, CertState, NewCert, RegistryError, Thing};

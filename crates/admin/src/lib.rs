@@ -3,7 +3,7 @@
 //! # Layout
 //! - [`api`]: the admin HTTP API (axum) of `docs/admin-api.md`: things, certificates,
 //!   policies, CAs, CRL, `/metrics`, `/healthz`, behind a bearer token. It talks to the
-//!   broker only through the [`Hub`](fleetcore_broker::hub::Hub)'s registry and
+//!   broker only through the [`Hub`](fleetcore_broker::engine::hub::Hub)'s registry and
 //!   `set_certificate_state`.
 //! - [`openapi`]: the OpenAPI 3.1 description served at `/openapi.json`.
 //! - [`token`]: the admin token file (made once, mode 0600).

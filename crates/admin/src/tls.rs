@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
-use fleetcore_broker::tls::TlsError;
+use fleetcore_broker::transport::tls::TlsError;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
@@ -51,7 +51,7 @@ fn read_certs(
     path: &Path,
     what: &'static str,
 ) -> Result<Vec<CertificateDer<'static>>, AdminTlsError> {
-    fleetcore_broker::tls::read_certs(path, what).map_err(|e| match e {
+    fleetcore_broker::transport::tls::read_certs(path, what).map_err(|e| match e {
         TlsError::File { what, path, reason } => AdminTlsError::File { what, path, reason },
         TlsError::Empty { what, path } => AdminTlsError::Empty { what, path },
         TlsError::Config(m) => AdminTlsError::Config(m),

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion};
-use fleetcore_broker::tls::{self, Resumption, TlsOptions};
-use fleetcore_broker::tls_tickets::{TicketKeys, KEY_FILE};
+use fleetcore_broker::transport::tls::tickets::{TicketKeys, KEY_FILE};
+use fleetcore_broker::transport::tls::{self, Resumption, TlsOptions};
 use rustls::client::{ClientSessionMemoryCache, Resumption as ClientResumption};
 use rustls::pki_types::{PrivateKeyDer, ServerName};
 

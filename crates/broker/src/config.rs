@@ -104,7 +104,7 @@ impl Config {
                 ));
             }
             for range in &l.proxy_protocol_from {
-                crate::proxy_protocol::Cidr::parse(range)
+                crate::transport::proxy_protocol::Cidr::parse(range)
                     .map_err(|e| format!("listener {}: proxy_protocol_from: {e}", l.bind))?;
             }
             if !l.proxy_protocol_from.is_empty() && !l.proxy_protocol {

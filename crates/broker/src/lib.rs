@@ -1,19 +1,24 @@
 //! fleetcore's MQTT data plane.
 //!
 //! # Layout
-//! - [`config`]: the configuration file's schema and defaults.
+//! - [`transport`]: what a connection arrives over: [`transport::listener`] (accept loops,
+//!   connection limits, EMFILE back-off, the connect deadline), [`transport::proxy_protocol`],
+//!   [`transport::websocket`], and [`transport::tls`] (server configuration, the
+//!   [`transport::tls::stream`] over rustls's unbuffered API, [`transport::tls::tickets`]).
+//! - [`connection`]: one task per client connection: CONNECT, the packet state machines,
+//!   keep-alive, flow control, the outbound pump.
+//! - [`engine`]: the shared state connections call on ([`engine::hub::Hub`]: publish and
+//!   fan-out, the session lifecycle, wills, kicks) and the `$aws/...` service host
+//!   ([`engine::services`]).
+//! - [`session`]: per-client state that outlives connections.
 //! - [`router`]: the subscription index every publish is matched against.
 //! - [`retained`]: the retained-message index walked on subscribe.
 //! - [`message`]: a message on its way to one session (`Delivery`).
-//! - [`services`]: which `$aws/...` service a topic goes to; where events go.
-//! - [`session`]: per-client state that outlives connections.
-//! - [`hub`]: the shared state and the operations connections call on it.
-//! - [`connection`]: one task per client connection.
-//! - [`listener`]: accept loops, connection limits, EMFILE back-off.
-//! - [`tls`]: rustls server configuration and client certificate subjects.
-//! - [`tls_stream`]: the server TLS stream over rustls's unbuffered API (no buffers held while idle).
-//! - [`tls_tickets`]: TLS 1.3 session tickets, persisted and bound to the trust store.
+//! - [`config`]: the configuration file's schema and defaults.
 //! - [`metrics`]: the metric names the broker records.
+//!
+//! The codec, topic rules and messages are in `fleetcore-core`; who a client is and what
+//! it may do in `fleetcore-identity`; the broker knows no database, no HTTP.
 //!
 //! [`Server`] assembles these: it opens the store, restores retained
 //! messages and sessions, binds the listeners and runs until shut down.
@@ -21,19 +26,13 @@
 
 pub mod config;
 pub mod connection;
-pub mod hub;
-pub mod listener;
+pub mod engine;
 pub mod message;
 pub mod metrics;
-pub mod proxy_protocol;
 pub mod retained;
 pub mod router;
-pub mod services;
 pub mod session;
-pub mod tls;
-pub mod tls_stream;
-pub mod tls_tickets;
-pub mod websocket;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -46,7 +45,8 @@ use tokio::task::JoinHandle;
 
 pub use config::Config;
 use config::ListenerKind;
-use hub::Hub;
+use engine::hub::Hub;
+use transport::{listener, tls, tls::tickets as tls_tickets};
 
 /// Why the server could not start; each names what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +90,7 @@ impl Server {
             max_len: config.limits.max_topic_len,
             max_levels: config.limits.max_topic_levels,
         };
-        let services = services::ServiceHost::new(services, &topic_limits)
+        let services = engine::services::ServiceHost::new(services, &topic_limits)
             .map_err(|e| StartError::Config(e.to_string()))?;
         config.validate().map_err(StartError::Config)?;
         std::fs::create_dir_all(&config.data_dir).map_err(|e| StartError::DataDir {

@@ -242,7 +242,9 @@ async fn session_resumes_after_broker_restart() {
         connect(tls_port(&server), &client, &dev.name).await,
         (HandshakeKind::Full, ACCEPTED)
     );
-    let keys = data.path().join(fleetcore_broker::tls_tickets::KEY_FILE);
+    let keys = data
+        .path()
+        .join(fleetcore_broker::transport::tls::tickets::KEY_FILE);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -416,7 +418,7 @@ async fn resumption_turned_off_means_full_handshakes() {
     }
     assert!(!data
         .path()
-        .join(fleetcore_broker::tls_tickets::KEY_FILE)
+        .join(fleetcore_broker::transport::tls::tickets::KEY_FILE)
         .exists());
     server.shutdown(Duration::from_secs(2)).await.unwrap();
 }

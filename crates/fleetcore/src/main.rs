@@ -237,7 +237,7 @@ async fn start_admin(
     admin: &AdminConfig,
     token_path: &Path,
     pki: &CaFiles,
-    hub: Arc<fleetcore_broker::hub::Hub>,
+    hub: Arc<fleetcore_broker::engine::hub::Hub>,
     ca: Arc<Ca>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 ) -> Result<AdminTask> {

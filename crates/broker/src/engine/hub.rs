@@ -17,11 +17,11 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
+use crate::engine::services::ServiceHost;
 use crate::message::Delivery;
 use crate::metrics as m;
 use crate::retained::RetainedTree;
 use crate::router::{Match, Router};
-use crate::services::ServiceHost;
 use crate::session::{
     ConnLink, Enqueued, Inflight, Kick, KickReceiver, PendingWill, Session, SessionId, SubOptions,
 };
@@ -93,7 +93,7 @@ pub struct Hub {
     pub connection_gone: Notify,
     shutdown_tx: watch::Sender<bool>,
     /// TLS configurations of registry listeners, rebuilt when CAs are registered.
-    pub tls_sources: Mutex<Vec<Arc<crate::tls::TlsSource>>>,
+    pub tls_sources: Mutex<Vec<Arc<crate::transport::tls::TlsSource>>>,
     /// The `$aws/...` services publishes are dispatched to, and events go to.
     services: ServiceHost,
 }

@@ -6,6 +6,9 @@
 //! the MQTT layer its peer certificate chains to a trusted CA. The subject is
 //! read here so the identity layer can bind policy variables to it.
 
+pub mod stream;
+pub mod tickets;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -71,7 +74,7 @@ pub struct TlsOptions {
 /// name, which (with its trust store) every ticket is bound to.
 #[derive(Debug, Clone)]
 pub struct Resumption {
-    pub keys: Arc<crate::tls_tickets::TicketKeys>,
+    pub keys: Arc<crate::transport::tls::tickets::TicketKeys>,
     /// The listener's kind and address, e.g. `tls 0.0.0.0:8883`.
     pub listener: String,
 }
@@ -150,7 +153,7 @@ pub fn server_config_with(
         // (see `tls_tickets`): a reconnecting device skips the certificate exchange.
         Some(r) => {
             let cas: Vec<&[u8]> = trusted.iter().map(|c| c.as_ref()).collect();
-            let binding = crate::tls_tickets::binding(
+            let binding = crate::transport::tls::tickets::binding(
                 &r.listener,
                 opts.client_cert_optional,
                 &opts.alpn,

@@ -655,9 +655,9 @@ mod tests {
         version: &'static rustls::SupportedProtocolVersion,
     ) -> rustls::HandshakeKind {
         use rustls::pki_types::ServerName;
-        let pki = crate::tls::TestPki::new();
-        let server = pki.server_config(&crate::tls::TlsOptions {
-            resumption: Some(crate::tls::Resumption {
+        let pki = crate::transport::tls::TestPki::new();
+        let server = pki.server_config(&crate::transport::tls::TlsOptions {
+            resumption: Some(crate::transport::tls::Resumption {
                 keys: keys(pki.dir.path(), 3600, 3600, now_secs()),
                 listener: "tls test".into(),
             }),
@@ -673,7 +673,7 @@ mod tests {
         for _ in 0..2 {
             let mut c = rustls::ClientConnection::new(client.clone(), name.clone()).unwrap();
             let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
-            crate::tls::handshake_in_memory(&mut c, &mut s);
+            crate::transport::tls::handshake_in_memory(&mut c, &mut s);
             kind = s.handshake_kind();
         }
         kind.unwrap()

@@ -21,18 +21,18 @@ use tokio::time::Instant;
 
 use crate::config::ListenerConfig;
 use crate::connection::{self, PeerInfo};
-use crate::hub::Hub;
+use crate::engine::hub::Hub;
 use crate::metrics as m;
-use crate::proxy_protocol::{self, Proxied};
-use crate::tls::ALPN_MQTT;
-use crate::websocket::{self, HttpOutcome, Prefixed};
+use crate::transport::proxy_protocol::{self, Proxied};
+use crate::transport::tls::ALPN_MQTT;
+use crate::transport::websocket::{self, HttpOutcome, Prefixed};
 use fleetcore_core::principal::ClientCert;
 
 /// A bound listener socket and how to serve what it accepts.
 pub struct Listener {
     pub config: ListenerConfig,
     pub socket: TcpListener,
-    pub tls: Option<Arc<crate::tls::TlsSource>>,
+    pub tls: Option<Arc<crate::transport::tls::TlsSource>>,
     /// The policy every client on this listener is bound by, if any.
     pub policy: Option<Arc<fleetcore_policy::Policy>>,
 }
@@ -157,7 +157,7 @@ fn serve_socket(
     hub: Arc<Hub>,
     sock: TcpStream,
     peer: Box<PeerInfo>,
-    tls: Option<Arc<crate::tls::TlsSource>>,
+    tls: Option<Arc<crate::transport::tls::TlsSource>>,
     dispatch: Arc<Dispatch>,
     deadline: Instant,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
@@ -178,7 +178,7 @@ async fn prepare_socket(
     hub: Arc<Hub>,
     mut sock: TcpStream,
     mut peer: Box<PeerInfo>,
-    tls: Option<Arc<crate::tls::TlsSource>>,
+    tls: Option<Arc<crate::transport::tls::TlsSource>>,
     dispatch: Arc<Dispatch>,
     deadline: Instant,
 ) {
@@ -322,7 +322,7 @@ async fn serve_tls(
     // this future, which lives as long as the connection, does not keep its size.
     let handshake = Box::pin(tokio::time::timeout_at(
         deadline,
-        crate::tls_stream::accept(config, sock),
+        crate::transport::tls::stream::accept(config, sock),
     ));
     let stream = match handshake.await {
         Err(_) => {
@@ -345,7 +345,7 @@ async fn serve_tls(
             .peer_certificates()
             .and_then(|chain| chain.first())
             .and_then(|der| ClientCert::from_der(der));
-        peer.tls_resumed = crate::tls_tickets::resumed(s.connection());
+        peer.tls_resumed = crate::transport::tls::tickets::resumed(s.connection());
         let alpn = s.alpn_protocol().map(|p| p.to_vec());
         (s, alpn)
     };

@@ -701,7 +701,7 @@ mod tests {
     use rustls::{ClientConfig, RootCertStore};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-    use crate::tls::{server_config, TlsOptions};
+    use crate::transport::tls::{server_config, TlsOptions};
 
     struct Pki {
         server: Arc<ServerConfig>,

@@ -1,0 +1,9 @@
+//! The engine: the state every connection shares, and the operations on it.
+//!
+//! - [`hub`]: publish and fan-out (shared groups, retained messages, durable copies for
+//!   offline sessions), the session lifecycle (attach, takeover, detach, expiry), wills,
+//!   certificate kicks, trust reloads, shutdown.
+//! - [`services`]: the `$aws/...` service host: dispatch of authorized publishes, events.
+
+pub mod hub;
+pub mod services;
