@@ -4,8 +4,9 @@
 //! Every route is listed once in [`routes`]; the router and the OpenAPI description
 //! ([`crate::openapi`]) are both checked against that list. Errors are JSON
 //! (`{"error": {"code", "message"}}`) with the status the contract gives each code.
-//! Registry changes return once they are durable; certificate state changes go through
-//! [`Hub::set_certificate_state`] so leaving ACTIVE cuts live connections off at once.
+//! Registry changes return once they are durable. The handlers only change the registry:
+//! the engine reacts to its events (a certificate leaving ACTIVE cuts its live
+//! connections off at once; a registered CA is trusted by the TLS listeners).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -708,7 +709,7 @@ async fn set_certificate_state(
     JsonBody(b): JsonBody<StateChange>,
 ) -> ApiResult<Json<Value>> {
     let state: CertState = b.state.parse()?;
-    let rec = st.hub.set_certificate_state(&id, state).await?;
+    let rec = st.hub.registry.set_certificate_state(&id, state).await?;
     tracing::info!(certificate = %id, state = %state, "certificate state changed");
     Ok(Json(cert_view(&rec)))
 }
@@ -868,10 +869,8 @@ async fn register_ca(
             created_ms: unix_ms(SystemTime::now()),
         })
         .await?;
-    // Registry listeners trust it from the next TLS handshake on.
-    st.hub
-        .reload_trust()
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "TlsReload", e))?;
+    // The engine hears of it (RegistryEvent::CasChanged) and the registry listeners
+    // trust it from the next TLS handshake on.
     tracing::info!(ca = %rec.id, subject = %rec.subject, "CA registered; TLS listeners now trust it");
     Ok(created(
         json!({"id": rec.id, "subject": rec.subject, "created_ms": rec.created_ms}),

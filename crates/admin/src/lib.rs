@@ -3,8 +3,8 @@
 //! # Layout
 //! - [`api`]: the admin HTTP API (axum) of `docs/admin-api.md`: things, certificates,
 //!   policies, CAs, CRL, `/metrics`, `/healthz`, behind a bearer token. It talks to the
-//!   broker only through the [`Hub`](fleetcore_broker::engine::hub::Hub)'s registry and
-//!   `set_certificate_state`.
+//!   broker only through the [`Hub`](fleetcore_broker::engine::hub::Hub)'s registry (whose
+//!   events the engine acts on) and its connection and session counts.
 //! - [`openapi`]: the OpenAPI 3.1 description served at `/openapi.json`.
 //! - [`token`]: the admin token file (made once, mode 0600).
 //! - [`tls`]: TLS for the admin API (`[admin] tls = true`), with optional admin client

@@ -298,6 +298,7 @@ async fn revoked_certificate_cannot_come_back_with_a_ticket() {
     );
     server
         .hub()
+        .registry
         .set_certificate_state(&id, CertState::Revoked)
         .await
         .unwrap();

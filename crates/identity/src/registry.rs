@@ -184,7 +184,23 @@ pub struct Registry {
     /// Device token keys; read on every token CONNECT, changed under `write`.
     tokens: RwLock<Keyring>,
     token_config: TokenConfig,
+    /// Who hears about changes (the engine's kicks, the TLS trust reload).
+    listeners: RwLock<Vec<Listener>>,
 }
+
+/// A change others must act on at once, told after it is on disk. Every other change
+/// (policies, attachments, things) reaches live connections through
+/// [`Registry::generation`] at their next packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryEvent {
+    /// A certificate left ACTIVE (INACTIVE or REVOKED): every connection that
+    /// authenticated with it, directly or through a device token, must be cut off.
+    CertificateLeftActive { cert_id: String, state: CertState },
+    /// The set of registered CAs changed: TLS listeners must trust the new set.
+    CasChanged,
+}
+
+type Listener = Arc<dyn Fn(&RegistryEvent) + Send + Sync>;
 
 fn valid_thing_name(name: &str) -> Result<()> {
     if is_valid_thing_name(name) {
@@ -318,6 +334,20 @@ impl Registry {
             store,
             tokens: RwLock::new(keyring),
             token_config: tokens,
+            listeners: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Calls `f` on every [`RegistryEvent`] from now on, after the change is on disk
+    /// and in memory, on the task that made the change. `f` must not block.
+    pub fn on_event(&self, f: impl Fn(&RegistryEvent) + Send + Sync + 'static) {
+        self.listeners.write().push(Arc::new(f));
+    }
+
+    fn tell(&self, ev: RegistryEvent) {
+        let listeners: Vec<Listener> = self.listeners.read().clone();
+        for l in listeners {
+            l(&ev);
         }
     }
 
@@ -472,8 +502,9 @@ impl Registry {
         Ok(rec)
     }
 
-    /// Changes a certificate's state. The caller kicks live connections when
-    /// it leaves ACTIVE (`Hub::set_certificate_state` does both).
+    /// Changes a certificate's state. Leaving ACTIVE is told as
+    /// [`RegistryEvent::CertificateLeftActive`], so the engine cuts off its live
+    /// connections whoever made the change.
     pub async fn set_certificate_state(&self, id: &str, state: CertState) -> Result<CertRecord> {
         let _w = self.write.lock().await;
         let mut rec = self
@@ -488,11 +519,18 @@ impl Registry {
         if state == CertState::Revoked && rec.state != CertState::Revoked {
             rec.revoked_ms = Some(now);
         }
+        let was = rec.state;
         rec.state = state;
         rec.updated_ms = now;
         self.commit(vec![put(CERT, id, &rec)]).await?;
         self.state.write().certs.insert(id.to_owned(), rec.clone());
         self.bump();
+        if was == CertState::Active && state != CertState::Active {
+            self.tell(RegistryEvent::CertificateLeftActive {
+                cert_id: id.to_owned(),
+                state,
+            });
+        }
         Ok(rec)
     }
 
@@ -525,6 +563,11 @@ impl Registry {
 
     pub fn certificate(&self, id: &str) -> Option<CertRecord> {
         self.state.read().certs.get(id).cloned()
+    }
+
+    /// A certificate's state, without copying its record.
+    pub fn certificate_state(&self, id: &str) -> Option<CertState> {
+        self.state.read().certs.get(id).map(|c| c.state)
     }
 
     pub fn certificates(&self) -> Vec<CertRecord> {
@@ -785,6 +828,7 @@ impl Registry {
         self.commit(vec![put(CA, &rec.id, &rec)]).await?;
         self.state.write().cas.insert(rec.id.clone(), rec.clone());
         self.bump();
+        self.tell(RegistryEvent::CasChanged);
         Ok(rec)
     }
 
@@ -1587,5 +1631,50 @@ mod tests {
         let (reg, _store) = open(dir.path(), TokenConfig::default());
         let kids: Vec<String> = reg.token_keys().into_iter().map(|k| k.kid).collect();
         assert_eq!(kids, ["good"]);
+    }
+
+    #[tokio::test]
+    async fn leaving_active_and_registering_a_ca_are_told_after_they_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (reg, _store) = open(dir.path(), TokenConfig::default());
+        let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        reg.on_event(move |ev| s.lock().push(ev.clone()));
+        reg.register_certificate(new_cert("aa11", "a"), CertState::Active)
+            .await
+            .unwrap();
+        reg.register_certificate(new_cert("bb22", "b"), CertState::Inactive)
+            .await
+            .unwrap();
+        assert!(seen.lock().is_empty(), "registering told something");
+        reg.set_certificate_state("bb22", CertState::Revoked)
+            .await
+            .unwrap();
+        assert!(
+            seen.lock().is_empty(),
+            "a certificate that was not ACTIVE left nothing"
+        );
+        reg.set_certificate_state("aa11", CertState::Inactive)
+            .await
+            .unwrap();
+        assert_eq!(
+            seen.lock().pop(),
+            Some(RegistryEvent::CertificateLeftActive {
+                cert_id: "aa11".into(),
+                state: CertState::Inactive
+            })
+        );
+        // Told after it is in memory: a listener reading the registry sees the change.
+        assert_eq!(reg.certificate_state("aa11"), Some(CertState::Inactive));
+        reg.register_ca(CaRecord {
+            id: "ca1".into(),
+            pem: String::new(),
+            subject: "CN=ca".into(),
+            created_ms: 1,
+        })
+        .await
+        .unwrap();
+        assert_eq!(seen.lock().pop(), Some(RegistryEvent::CasChanged));
+        assert!(seen.lock().is_empty());
     }
 }

@@ -92,6 +92,9 @@ where
             setup.cert_id.clone(),
         )
         .await;
+    if let Some(cert_id) = &setup.cert_id {
+        hub.track_certificate(cert_id, &attached.session, conn_id);
+    }
     let mut conn = Conn {
         hub: hub.clone(),
         stream,

@@ -200,6 +200,9 @@ async fn serve_boxed<S>(
         }
     };
     tracing::info!(client_id = %conn.session.client_id, peer = %peer_addr, reason = %reason_text, "client disconnected");
+    if let Some(cert) = &conn.cert {
+        hub.untrack_certificate(&cert.fingerprint, conn.conn_id);
+    }
     // Let go of the session before lingering, so a takeover is not kept waiting.
     let inflight: Vec<Inflight> = std::mem::take(&mut conn.inflight).into_values().collect();
     let qos2 = std::mem::take(&mut conn.incoming_qos2);

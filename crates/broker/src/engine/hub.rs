@@ -17,6 +17,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
+use crate::engine::certs::CertIndex;
 use crate::engine::services::ServiceHost;
 use crate::message::Delivery;
 use crate::metrics as m;
@@ -30,6 +31,7 @@ use fleetcore_core::protocol::Version;
 use fleetcore_core::service::{Event, Handled, Publisher, Requester, ServiceRequest};
 use fleetcore_core::time::now_ms;
 use fleetcore_core::topic::{parse_filter, TopicLimits};
+use fleetcore_identity::registry::RegistryEvent;
 
 /// What the router stores for one subscription.
 #[derive(Debug, Clone)]
@@ -96,6 +98,8 @@ pub struct Hub {
     pub tls_sources: Mutex<Vec<Arc<crate::transport::tls::TlsSource>>>,
     /// The `$aws/...` services publishes are dispatched to, and events go to.
     services: ServiceHost,
+    /// Live connections by the certificate they authenticated with.
+    certs: CertIndex,
 }
 
 impl Hub {
@@ -119,6 +123,7 @@ impl Hub {
         );
         let hub = Arc::new(Hub {
             services,
+            certs: CertIndex::default(),
             registry,
             config,
             topic_limits,
@@ -149,6 +154,13 @@ impl Hub {
         }
         hub.index.lock().unloaded = loaded.unloaded_sessions.into_iter().collect();
         m::gauge_retained(hub.retained.read().len());
+        // Weak: the registry is the hub's, a strong pointer back would be a cycle.
+        let weak = Arc::downgrade(&hub);
+        hub.registry.on_event(move |ev| {
+            if let Some(hub) = weak.upgrade() {
+                hub.on_registry_event(ev);
+            }
+        });
         hub
     }
 
@@ -841,43 +853,42 @@ impl Hub {
         }]))
     }
 
-    /// Changes a certificate's state; leaving ACTIVE cuts off every live
-    /// connection that authenticated with it, at once.
-    pub async fn set_certificate_state(
-        &self,
-        id: &str,
-        state: fleetcore_identity::registry::CertState,
-    ) -> Result<fleetcore_identity::registry::CertRecord, fleetcore_identity::registry::RegistryError>
-    {
-        let rec = self.registry.set_certificate_state(id, state).await?;
-        if state != fleetcore_identity::registry::CertState::Active {
-            let n = self.kick_certificate(id, &format!("certificate {id} is now {state}"));
-            tracing::warn!(certificate = %id, state = %state, connections = n, "certificate left ACTIVE; its connections were cut off");
-        }
-        Ok(rec)
-    }
-
-    /// Disconnects every connection authenticated by this certificate
-    /// (MQTT 5: DISCONNECT 0x87). Returns how many were told.
-    pub fn kick_certificate(&self, cert_id: &str, message: &str) -> usize {
-        let sessions: Vec<Arc<Session>> = self.indexed_sessions();
-        let mut n = 0;
-        for s in sessions {
-            if let Some(link) = &s.state.lock().conn {
-                if link.cert_id.as_deref() == Some(cert_id) {
-                    link.kick.send(Kick {
-                        reason: mqtt_proto::v5::DisconnectReasonCode::NotAuthorized,
-                        message: message.to_string(),
-                    });
-                    n += 1;
+    /// Acts on a registry change at once: a certificate that left ACTIVE has its
+    /// connections cut off (MQTT 5: DISCONNECT 0x87), a changed set of CAs is trusted
+    /// by the registry listeners from the next handshake on. Whoever changed the
+    /// registry (the admin API, a service), the engine reacts the same way.
+    fn on_registry_event(&self, ev: &RegistryEvent) {
+        match ev {
+            RegistryEvent::CertificateLeftActive { cert_id, state } => {
+                let n = self
+                    .certs
+                    .kick(cert_id, &format!("certificate {cert_id} is now {state}"));
+                tracing::warn!(certificate = %cert_id, state = %state, connections = n, "certificate left ACTIVE; its connections were cut off");
+            }
+            RegistryEvent::CasChanged => {
+                if let Err(e) = self.reload_trust() {
+                    tracing::error!(error = %e, "registered CAs changed but the TLS listeners could not be rebuilt; they keep the previous trust");
                 }
             }
         }
-        n
     }
 
-    fn indexed_sessions(&self) -> Vec<Arc<Session>> {
-        self.index.lock().sessions.values().cloned().collect()
+    /// Files a newly attached connection under its certificate, so a revocation
+    /// reaches it. A certificate that left ACTIVE between CONNECT's check and now
+    /// (its event found nothing to kick) is caught here.
+    pub fn track_certificate(&self, cert_id: &Arc<str>, session: &Arc<Session>, conn_id: u64) {
+        self.certs.add(cert_id, session, conn_id);
+        if let Some(state) = self.registry.certificate_state(cert_id) {
+            if state != fleetcore_identity::registry::CertState::Active {
+                self.certs
+                    .kick(cert_id, &format!("certificate {cert_id} is now {state}"));
+            }
+        }
+    }
+
+    /// Forgets a connection that ended (see [`Hub::track_certificate`]).
+    pub fn untrack_certificate(&self, cert_id: &str, conn_id: u64) {
+        self.certs.remove(cert_id, conn_id);
     }
 
     /// Makes registry listeners trust the CAs registered in the registry

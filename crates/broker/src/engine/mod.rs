@@ -3,7 +3,9 @@
 //! - [`hub`]: publish and fan-out (shared groups, retained messages, durable copies for
 //!   offline sessions), the session lifecycle (attach, takeover, detach, expiry), wills,
 //!   certificate kicks, trust reloads, shutdown.
+//! - [`certs`]: which live connections authenticated with which certificate (for kicks).
 //! - [`services`]: the `$aws/...` service host: dispatch of authorized publishes, events.
 
+pub mod certs;
 pub mod hub;
 pub mod services;
