@@ -55,8 +55,9 @@ fn every_route_kind_refuses_requests_without_the_token() {
         ("POST", "/policies"),
         ("POST", "/cas"),
         ("GET", "/crl"),
-        ("GET", "/metrics"),
-        ("GET", "/healthz"),
+        ("POST", "/metrics"),
+        ("POST", "/healthz"),
+        ("GET", "/healthz/x"),
         ("GET", "/openapi.json"),
         ("GET", "/no-such-route"),
     ];
@@ -539,6 +540,33 @@ fn crl_lists_a_revoked_serial_and_revoked_stays_revoked() {
     );
 }
 
+/// GET /healthz and GET /metrics answer without any token (a load balancer, a
+/// Prometheus scraper) and with a wrong one; the rest of the API still needs it.
+#[test]
+fn healthz_and_metrics_are_served_without_the_token() {
+    let broker = broker();
+    let port = broker.admin_port();
+    for token in [None, Some("0".repeat(64))] {
+        let h = expect(
+            &http_request(port, "GET", "/healthz", token.as_deref(), None),
+            200,
+        );
+        assert_eq!(h["status"], "ok");
+        let m = http_request(port, "GET", "/metrics", token.as_deref(), None);
+        assert_eq!(m.status, 200);
+        assert!(
+            m.text().contains("fleetcore_connections_open"),
+            "{}",
+            m.text()
+        );
+        expect_error(
+            &http_request(port, "GET", "/things", token.as_deref(), None),
+            401,
+            "Unauthorized",
+        );
+    }
+}
+
 #[test]
 fn metrics_health_and_openapi_are_served() {
     let broker = broker();
@@ -586,6 +614,10 @@ fn admin_token_file_is_private_and_kept_across_restarts() {
     let path = broker.data_dir().join("admin.token");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "admin.token mode {mode:o}");
+    // The store holds the token-signing keys: owner-only too.
+    let store = broker.data_dir().join("fleetcore.redb");
+    let mode = std::fs::metadata(&store).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "fleetcore.redb mode {mode:o}");
     let token = broker.admin_token();
     assert_eq!(token.len(), 64);
     assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
