@@ -22,10 +22,12 @@ use clap::{Args, Subcommand};
 use fleetcore_admin::ca::{Ca, CaFiles};
 use serde_json::{json, Map, Value};
 
-/// Where the admin API is and how to authenticate: global to `thing`, `cert`, `policy`,
-/// `ca` and `token`, so they can go before or after the subcommand.
+/// Where the admin API is and how to authenticate. Flattened into `fleetcore` itself
+/// with `global = true`, so each option can go before the subcommand
+/// (`fleetcore --admin-url URL thing list`) or anywhere after it
+/// (`fleetcore thing list --admin-url URL`). `serve` takes only `--data-dir` of these.
 #[derive(Args, Debug, Clone)]
-#[command(next_help_heading = "Admin API options")]
+#[command(next_help_heading = "Admin API options (thing, cert, policy, ca, token)")]
 pub struct ClientOpts {
     /// Base URL of the admin API of a running `fleetcore serve`.
     #[arg(
@@ -74,19 +76,29 @@ pub struct ClientOpts {
         requires = "client_cert"
     )]
     client_key: Option<PathBuf>,
-    /// The server's data directory: where admin.token is read from, and where
-    /// `ca init` puts pki/ by default.
-    #[arg(
-        long,
-        global = true,
-        env = "FLEETCORE_DATA_DIR",
-        default_value = "./data",
-        value_name = "DIR"
-    )]
-    data_dir: PathBuf,
+    /// The server's data directory. For the admin commands: where admin.token is read
+    /// from, and where `ca init` puts pki/ [default: ./data]. For `serve`: overrides
+    /// `data_dir` of the configuration.
+    #[arg(long, global = true, env = "FLEETCORE_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// Print the API's JSON answer as is instead of a table.
     #[arg(long, global = true)]
     json: bool,
+}
+
+impl ClientOpts {
+    /// `--data-dir` as given (or FLEETCORE_DATA_DIR), for `serve` to override its
+    /// configuration with.
+    pub fn data_dir_override(&self) -> Option<&Path> {
+        self.data_dir.as_deref()
+    }
+
+    /// The data directory the admin commands use: `--data-dir`, else `./data`.
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./data"))
+    }
 }
 
 /// The operator subcommands, flattened into `fleetcore`'s own list.
@@ -108,8 +120,6 @@ pub enum ClientCommand {
 pub struct ThingArgs {
     #[command(subcommand)]
     cmd: ThingCmd,
-    #[command(flatten)]
-    opts: ClientOpts,
 }
 
 #[derive(Args, Debug)]
@@ -121,24 +131,18 @@ Examples:
 pub struct CertArgs {
     #[command(subcommand)]
     cmd: CertCmd,
-    #[command(flatten)]
-    opts: ClientOpts,
 }
 
 #[derive(Args, Debug)]
 pub struct PolicyArgs {
     #[command(subcommand)]
     cmd: PolicyCmd,
-    #[command(flatten)]
-    opts: ClientOpts,
 }
 
 #[derive(Args, Debug)]
 pub struct CaArgs {
     #[command(subcommand)]
     cmd: CaCmd,
-    #[command(flatten)]
-    opts: ClientOpts,
 }
 
 #[derive(Args, Debug)]
@@ -156,8 +160,6 @@ Examples:
 pub struct TokenArgs {
     #[command(subcommand)]
     cmd: TokenCmd,
-    #[command(flatten)]
-    opts: ClientOpts,
 }
 
 #[derive(Subcommand, Debug)]
@@ -488,8 +490,8 @@ fn parse_attr(text: &str) -> Result<(String, String), String> {
 }
 
 /// Runs one operator command; prints its output, or one error line, and says how it went.
-pub fn run(cmd: ClientCommand) -> ExitCode {
-    match dispatch(cmd) {
+pub fn run(cmd: ClientCommand, opts: &ClientOpts) -> ExitCode {
+    match dispatch(cmd, opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleetcore: {e:#}");
@@ -498,13 +500,13 @@ pub fn run(cmd: ClientCommand) -> ExitCode {
     }
 }
 
-fn dispatch(cmd: ClientCommand) -> Result<()> {
+fn dispatch(cmd: ClientCommand, opts: &ClientOpts) -> Result<()> {
     match cmd {
-        ClientCommand::Thing(a) => thing(a.cmd, &a.opts),
-        ClientCommand::Cert(a) => cert(a.cmd, &a.opts),
-        ClientCommand::Policy(a) => policy(a.cmd, &a.opts),
-        ClientCommand::Ca(a) => ca(a.cmd, &a.opts),
-        ClientCommand::Token(a) => token_cmd(a.cmd, &a.opts),
+        ClientCommand::Thing(a) => thing(a.cmd, opts),
+        ClientCommand::Cert(a) => cert(a.cmd, opts),
+        ClientCommand::Policy(a) => policy(a.cmd, opts),
+        ClientCommand::Ca(a) => ca(a.cmd, opts),
+        ClientCommand::Token(a) => token_cmd(a.cmd, opts),
     }
 }
 
@@ -1064,7 +1066,7 @@ fn policy_full(v: &Value) -> String {
 fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
     match cmd {
         CaCmd::Init { dir, sans, force } => {
-            let dir = dir.unwrap_or_else(|| opts.data_dir.join("pki"));
+            let dir = dir.unwrap_or_else(|| opts.data_dir().join("pki"));
             let sans = if sans.is_empty() {
                 vec!["localhost".to_string(), "127.0.0.1".to_string()]
             } else {
@@ -1167,7 +1169,7 @@ fn admin_cert(
     if days == 0 {
         bail!("--days must be at least 1");
     }
-    let dir = dir.unwrap_or_else(|| opts.data_dir.join("pki"));
+    let dir = dir.unwrap_or_else(|| opts.data_dir().join("pki"));
     let cert_file = out.join("admin.cert.pem");
     let key_file = out.join("admin.private.key");
     for path in [&cert_file, &key_file] {
@@ -1470,7 +1472,7 @@ fn tls_config(opts: &ClientOpts, https: bool) -> Result<ureq::tls::TlsConfig> {
     let cacert = opts
         .cacert
         .clone()
-        .unwrap_or_else(|| opts.data_dir.join("pki").join("ca.pem"));
+        .unwrap_or_else(|| opts.data_dir().join("pki").join("ca.pem"));
     let roots = read_pem_certs(&cacert, "the CA certificate").with_context(|| {
         "an https:// admin URL needs the CA that signed the server's certificate: \
          --cacert FILE or FLEETCORE_ADMIN_CACERT (default <data-dir>/pki/ca.pem)"
@@ -1523,7 +1525,7 @@ fn token(opts: &ClientOpts) -> Result<String> {
         }
         return Ok(t.to_string());
     }
-    let path = opts.data_dir.join("admin.token");
+    let path = opts.data_dir().join("admin.token");
     match fs::read_to_string(&path) {
         Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
         Ok(_) => bail!("the admin token file {} is empty", path.display()),

@@ -28,6 +28,47 @@ use fleetcore_broker::Server;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Global: accepted before or after any subcommand.
+    #[command(flatten)]
+    opts: client::ClientOpts,
+}
+
+/// The options of [`client::ClientOpts`] that mean nothing to `serve` and
+/// `default-config` (all but `--data-dir`).
+const ADMIN_ONLY_OPTIONS: [(&str, &str); 6] = [
+    ("admin_url", "--admin-url"),
+    ("token", "--token"),
+    ("cacert", "--cacert"),
+    ("client_cert", "--client-cert"),
+    ("client_key", "--client-key"),
+    ("json", "--json"),
+];
+
+/// Parses the command line. An admin-only option given on the command line to `serve`
+/// or `default-config` is refused rather than silently ignored (from the environment,
+/// e.g. FLEETCORE_ADMIN_URL, it is ignored there).
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let mut cmd = Cli::command();
+    let matches = cmd.clone().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit());
+    let name = match &cli.command {
+        Command::Serve(_) => "serve",
+        Command::DefaultConfig => "default-config",
+        Command::Client(_) => return cli,
+    };
+    for (id, flag) in ADMIN_ONLY_OPTIONS {
+        if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+            cmd.error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "{flag} is an option of the admin commands (thing, cert, policy, ca, token), not of `{name}`"
+                ),
+            )
+            .exit();
+        }
+    }
+    cli
 }
 
 #[derive(Subcommand)]
@@ -45,9 +86,6 @@ struct ServeArgs {
     /// Configuration file (TOML). Without it the embedded defaults are used.
     #[arg(short, long, env = "FLEETCORE_CONFIG")]
     config: Option<PathBuf>,
-    /// Overrides `data_dir` from the configuration.
-    #[arg(long, env = "FLEETCORE_DATA_DIR")]
-    data_dir: Option<PathBuf>,
     /// Overrides `log.format` ("human" or "json").
     #[arg(long, value_parser = ["human", "json"])]
     log_format: Option<String>,
@@ -56,14 +94,14 @@ struct ServeArgs {
 const DOCUMENTED_CONFIG: &str = include_str!("../../../config/fleetcore.toml");
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     match cli.command {
         Command::DefaultConfig => {
             print!("{DOCUMENTED_CONFIG}");
             ExitCode::SUCCESS
         }
-        Command::Client(cmd) => client::run(*cmd),
-        Command::Serve(args) => match serve(args) {
+        Command::Client(cmd) => client::run(*cmd, &cli.opts),
+        Command::Serve(args) => match serve(args, cli.opts.data_dir_override()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("fleetcore: {e:#}");
@@ -99,7 +137,7 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
+fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
     let (mut config, source) = match &args.config {
         Some(path) => (
             load_config(path)?,
@@ -110,8 +148,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             "embedded defaults (no --config given)".to_string(),
         ),
     };
-    if let Some(dir) = args.data_dir {
-        config.data_dir = dir;
+    if let Some(dir) = data_dir {
+        config.data_dir = dir.to_path_buf();
     }
     match args.log_format.as_deref() {
         Some("json") => config.log.format = LogFormat::Json,

@@ -435,11 +435,9 @@ impl Server {
 
     /// The CLI run in the server's directory, so ./data/admin.token is found by default.
     fn cli(&self, args: &[&str]) -> Out {
-        let mut all = vec!["--admin-url", self.admin_url.as_str()];
-        // Global options go after the subcommand; put them last.
-        let mut args = args.to_vec();
-        args.append(&mut all);
-        fleetcore(self.path(), &args)
+        let mut all = args.to_vec();
+        all.extend(["--admin-url", self.admin_url.as_str()]);
+        fleetcore(self.path(), &all)
     }
 
     fn kill(&mut self) {
@@ -469,6 +467,121 @@ fn healthz(port: u16, token: &str) -> Option<String> {
     let mut answer = String::new();
     s.read_to_string(&mut answer).ok()?;
     answer.lines().next().map(str::to_string)
+}
+
+/// The admin options are global: before the subcommand (the form docs/admin-api.md
+/// shows), between, or after it, with the same effect.
+#[test]
+fn admin_options_go_before_or_after_the_subcommand() {
+    let server = Server::start();
+    let url = server.admin_url.as_str();
+    fleetcore(
+        server.path(),
+        &["thing", "create", "computer-a", "--admin-url", url],
+    )
+    .ok("thing create --admin-url URL");
+    let before = fleetcore(
+        server.path(),
+        &["--admin-url", url, "--json", "thing", "list"],
+    )
+    .ok("--admin-url URL --json thing list");
+    let between = fleetcore(
+        server.path(),
+        &["thing", "--admin-url", url, "--json", "list"],
+    )
+    .ok("thing --admin-url URL --json list");
+    let after = fleetcore(
+        server.path(),
+        &["thing", "list", "--admin-url", url, "--json"],
+    )
+    .ok("thing list --admin-url URL --json");
+    assert_eq!(before.json()["things"][0]["name"], "computer-a");
+    assert_eq!(before.json(), after.json());
+    assert_eq!(between.json(), after.json());
+
+    // --data-dir and --token before the subcommand too: a wrong token from --token is
+    // used (and refused by the server) instead of ./data/admin.token.
+    let line = fleetcore(
+        server.path(),
+        &["--token", "wrong", "--admin-url", url, "cert", "list"],
+    )
+    .fails("--token wrong cert list");
+    assert!(line.contains("401"), "{line}");
+    let dir = temp();
+    fleetcore(dir.path(), &["--data-dir", "elsewhere", "ca", "init"]).ok("--data-dir DIR ca init");
+    assert!(dir.path().join("elsewhere/pki/ca.key").exists());
+}
+
+/// `serve` takes --data-dir of the global options; an admin-only one is refused, not
+/// ignored.
+#[test]
+fn serve_refuses_admin_only_options() {
+    let dir = temp();
+    for args in [
+        &["--admin-url", "http://127.0.0.1:1", "serve"][..],
+        &["serve", "--token", "t"][..],
+        &["default-config", "--json"][..],
+    ] {
+        let out = fleetcore(dir.path(), args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("is an option of the admin commands"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    assert!(
+        fs::read_dir(dir.path()).unwrap().all(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".cli.")),
+        "nothing was started or created"
+    );
+}
+
+/// Configuration mistakes a new user makes stop `serve` at once with what to write
+/// instead: a misspelt log level (which would otherwise silence every log line) and a
+/// host name as bind address.
+#[test]
+fn serve_names_the_fix_for_a_misspelt_log_level_and_a_host_name_bind() {
+    let dir = temp();
+    for (config, expected) in [
+        (
+            "[log]\nlevel = \"inof\"\n",
+            &[
+                "log.level",
+                "\"inof\"",
+                "trace, debug, info, warn, error, off",
+            ][..],
+        ),
+        (
+            "[[listener]]\nkind = \"tcp\"\nbind = \"localhost:1883\"\n",
+            &[
+                "\"localhost:1883\"",
+                "\"127.0.0.1:1883\"",
+                "host names are not resolved",
+            ][..],
+        ),
+    ] {
+        fs::write(dir.path().join("bad.toml"), config).expect("write config");
+        let out = fleetcore(
+            dir.path(),
+            &["serve", "--config", "bad.toml", "--data-dir", "data"],
+        );
+        assert!(!out.status.success(), "{config}: {}", out.stderr);
+        for e in expected {
+            assert!(
+                out.stderr.contains(e),
+                "{config}: {e} missing in {}",
+                out.stderr
+            );
+        }
+        assert!(
+            !dir.path().join("data").exists(),
+            "nothing created for {config}"
+        );
+    }
 }
 
 const POLICY: &str = r#"{
