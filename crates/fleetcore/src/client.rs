@@ -1427,11 +1427,44 @@ impl Api {
             ureq::Error::BadUri(u) => format!("invalid URL {u}"),
             other => other.to_string(),
         };
+        if let Some(hint) = scheme_mismatch(&self.base, &e, &reason) {
+            return anyhow!("cannot talk to the admin API at {}: {hint}", self.base);
+        }
         anyhow!(
             "cannot reach the admin API at {}: {reason} — is fleetcore serve running?",
             self.base
         )
     }
+}
+
+/// Says which scheme to use when the failure shows the URL's scheme is the wrong one:
+/// TLS to a plain-HTTP server fails as a "corrupt message" (an HTTP answer is no TLS
+/// record); plain HTTP to a TLS server gets no HTTP answer (the connection is closed or
+/// an alert arrives).
+fn scheme_mismatch(base: &str, e: &ureq::Error, reason: &str) -> Option<String> {
+    let text = format!("{reason} {e:?}").to_ascii_lowercase();
+    if let Some(rest) = base.strip_prefix("https://") {
+        let plain = text.contains("corrupt message")
+            || text.contains("invalidcontenttype")
+            || text.contains("invalid content type");
+        return plain.then(|| {
+            format!(
+                "the server answered in plain HTTP, not TLS — use http://{rest} \
+                 (the admin API serves HTTPS only with [admin] tls = true)"
+            )
+        });
+    }
+    let rest = base.strip_prefix("http://")?;
+    let not_http = matches!(e, ureq::Error::Protocol(_))
+        || text.contains("unexpected eof")
+        || text.contains("connection reset")
+        || text.contains("connection closed")
+        || text.contains("parse");
+    not_http.then(|| {
+        format!(
+            "no HTTP answer ({reason}) — if the server has [admin] tls = true, use https://{rest}"
+        )
+    })
 }
 
 fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: Option<&str>) -> ureq::RequestBuilder<B> {
