@@ -435,6 +435,31 @@ enum CaCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Replace the server certificate with one for other names (local files, offline).
+    ///
+    /// Writes a new <DIR>/server.pem and server.key (mode 0600), signed by the CA in the
+    /// same directory, for the names given: the DNS names and IP addresses clients
+    /// connect to (the first is the CN). The CA and every device certificate stay
+    /// valid; devices need nothing new. Restart `fleetcore serve` afterwards: TLS
+    /// listeners and the admin API read the certificate at start. Set [pki]
+    /// server_names in the configuration to the same names, for a PKI created later.
+    #[command(after_help = "\
+Example:
+  fleetcore ca reissue-server --data-dir /var/lib/fleetcore --san broker.example.com --san 10.0.0.5")]
+    ReissueServer {
+        /// Directory of the CA and the server files [default: <DATA_DIR>/pki].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// A DNS name or IP address of the server; repeat for several; the first is the
+        /// certificate's CN. At least one.
+        #[arg(
+            long = "san",
+            visible_alias = "name",
+            value_name = "NAME",
+            required = true
+        )]
+        sans: Vec<String>,
+    },
     /// Issue an admin client certificate with the local CA (no server needed).
     ///
     /// Writes DIR/admin.cert.pem and DIR/admin.private.key (mode 0600), signed by the CA
@@ -1105,6 +1130,38 @@ fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
                 ])
             ))
         }
+        CaCmd::ReissueServer { dir, sans } => {
+            let dir = dir.unwrap_or_else(|| opts.data_dir().join("pki"));
+            let files = CaFiles::in_dir(&dir);
+            let ca = Ca::load(&files)?;
+            let info = ca.reissue_server(&files, &sans)?;
+            if opts.json {
+                let out = json!({
+                    "certificate_id": info.id,
+                    "server_cert": files.server_cert,
+                    "server_key": files.server_key,
+                    "server_names": sans,
+                    "not_after_ms": ms_since_epoch(info.not_after),
+                });
+                return print_out(&format!("{out}\n"));
+            }
+            print_out(&format!(
+                "issued a new server certificate for {} (signed by the CA in {})\n{}\n\
+                 Restart fleetcore serve to present it. Devices keep trusting ca.pem.\n",
+                sans.join(", "),
+                dir.display(),
+                details(&[
+                    (
+                        "server certificate",
+                        files.server_cert.display().to_string()
+                    ),
+                    (
+                        "server key",
+                        format!("{} (mode 0600)", files.server_key.display())
+                    ),
+                ])
+            ))
+        }
         CaCmd::AdminCert { out, dir, cn, days } => admin_cert(opts, out, dir, &cn, days),
         CaCmd::Register { pem } => {
             let pem_text = read_text(&pem)?;
@@ -1156,6 +1213,12 @@ fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
             }
         }
     }
+}
+
+fn ms_since_epoch(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// `ca admin-cert`: a client certificate for the admin API, from the local CA.

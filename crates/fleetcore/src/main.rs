@@ -179,17 +179,28 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
         let signals = Signals::install()?;
         let metrics = fleetcore_admin::api::install_metrics()
             .context("cannot install the metrics recorder")?;
-        let ca = load_pki(&mut config)?;
+        let (ca, pki_created) = load_pki(&mut config)?;
         let admin = config.admin.clone();
         let token_path = config.data_dir.join("admin.token");
         let pki_files = CaFiles::in_dir(&config.pki_dir());
-        let server = Server::start(config).await?;
+        let server = match Server::start(config).await {
+            Ok(server) => server,
+            Err(e) => {
+                if pki_created {
+                    remove_new_pki(&pki_files);
+                }
+                return Err(e.into());
+            }
+        };
         let admin_task = if admin.enabled {
             let hub = server.hub().clone();
             match start_admin(&admin, &token_path, &pki_files, hub, ca, metrics).await {
                 Ok(task) => Some(task),
                 Err(e) => {
                     let _ = server.shutdown(Duration::from_secs(2)).await;
+                    if pki_created {
+                        remove_new_pki(&pki_files);
+                    }
                     return Err(e);
                 }
             }
@@ -216,9 +227,33 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
     })
 }
 
+/// After a failed first start: removes the CA and server certificate this start
+/// created, so the next start makes them from the configuration as it is then (with
+/// the `[pki] server_names` fixed, say), and says so. Nothing was issued by that CA.
+fn remove_new_pki(files: &CaFiles) {
+    for path in [
+        &files.ca_cert,
+        &files.ca_key,
+        &files.server_cert,
+        &files.server_key,
+    ] {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove a PKI file this failed start created");
+        }
+    }
+    let dir = files.ca_cert.parent().unwrap_or(Path::new("."));
+    // Only when empty: anything else in it is not ours.
+    let _ = std::fs::remove_dir(dir);
+    tracing::warn!(
+        dir = %dir.display(),
+        "start failed: removed the CA and server certificate this start had created; the next start creates them afresh"
+    );
+}
+
 /// Loads the CA (or creates it at first start) and points TLS listeners that name no
-/// files of their own at the PKI's server certificate and CA.
-fn load_pki(config: &mut Config) -> Result<Arc<Ca>> {
+/// files of their own at the PKI's server certificate and CA. Returns the CA and
+/// whether it was created just now.
+fn load_pki(config: &mut Config) -> Result<(Arc<Ca>, bool)> {
     let dir = config.pki_dir();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -243,7 +278,7 @@ fn load_pki(config: &mut Config) -> Result<Arc<Ca>> {
                 .get_or_insert_with(|| files.ca_cert.clone());
         }
     }
-    Ok(Arc::new(ca))
+    Ok((Arc::new(ca), created))
 }
 
 /// The running admin API.

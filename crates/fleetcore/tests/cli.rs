@@ -271,6 +271,112 @@ fn ca_init_writes_private_keys_0600_and_refuses_to_replace_them() {
     assert_eq!(mode(&dir.path().join("elsewhere/server.key")), 0o600);
 }
 
+/// `ca reissue-server` replaces the server certificate with one for new names, signed
+/// by the same CA, offline; the CA is untouched.
+#[test]
+fn ca_reissue_server_changes_the_server_names_and_keeps_the_ca() {
+    use x509_parser::extensions::GeneralName;
+    let dir = temp();
+    let line = fleetcore(
+        dir.path(),
+        &[
+            "ca",
+            "reissue-server",
+            "--data-dir",
+            "data",
+            "--san",
+            "host1",
+        ],
+    )
+    .fails("reissue-server without a CA");
+    assert!(line.contains("data/pki/ca.pem"), "{line}");
+    fleetcore(dir.path(), &["ca", "init", "--data-dir", "data"]).ok("ca init");
+    let pki = dir.path().join("data/pki");
+    let read = |f: &str| fs::read_to_string(pki.join(f)).expect(f);
+    let (ca_pem, ca_key, old_server) = (read("ca.pem"), read("ca.key"), read("server.pem"));
+
+    let out = fleetcore(dir.path(), &["ca", "reissue-server", "--data-dir", "data"]);
+    assert_eq!(out.status.code(), Some(2), "no --san: {}", out.stderr);
+
+    let out = fleetcore(
+        dir.path(),
+        &[
+            "--data-dir",
+            "data",
+            "ca",
+            "reissue-server",
+            "--san",
+            "host1",
+            "--name",
+            "10.0.0.5",
+        ],
+    )
+    .ok("ca reissue-server");
+    assert!(
+        out.stdout.contains("host1, 10.0.0.5") && out.stdout.contains("Restart"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(read("ca.pem"), ca_pem, "CA certificate unchanged");
+    assert_eq!(read("ca.key"), ca_key, "CA key unchanged");
+    assert_ne!(read("server.pem"), old_server);
+    assert_eq!(mode(&pki.join("server.key")), 0o600);
+
+    let pem = read("server.pem");
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
+    let cert = block.parse_x509().expect("certificate");
+    let (_, ca_block) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()).expect("CA PEM");
+    let ca = ca_block.parse_x509().expect("CA certificate");
+    assert_eq!(cert.issuer(), ca.subject());
+    cert.verify_signature(Some(ca.public_key()))
+        .expect("signed by the CA");
+    let names: Vec<String> = cert
+        .subject_alternative_name()
+        .expect("SAN")
+        .expect("SAN present")
+        .value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::DNSName(d) => format!("DNS:{d}"),
+            GeneralName::IPAddress(ip) => format!("IP:{ip:?}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(names, ["DNS:host1", "IP:[10, 0, 0, 5]"]);
+    let cn = cert.subject().iter_common_name().next().unwrap();
+    assert_eq!(cn.as_str().unwrap(), "host1");
+}
+
+/// A first start that fails after it created the PKI (here: the MQTT port is taken)
+/// removes that PKI and says so; a PKI that existed before is left alone.
+#[test]
+fn a_failed_first_start_removes_the_ca_it_created() {
+    let dir = temp();
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().unwrap().port();
+    let config = format!(
+        "data_dir = \"data\"\n[admin]\nenabled = false\n[[listener]]\nkind = \"tcp\"\nbind = \"127.0.0.1:{port}\"\nallow_anonymous = true\n"
+    );
+    fs::write(dir.path().join("f.toml"), config).expect("write config");
+    let out = fleetcore(dir.path(), &["serve", "--config", "f.toml"]);
+    assert!(!out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("removed the CA"), "{}", out.stderr);
+    let pki = dir.path().join("data/pki");
+    assert!(!pki.exists(), "the new PKI was left behind");
+
+    fleetcore(dir.path(), &["ca", "init", "--data-dir", "data"]).ok("ca init");
+    let ca_pem = fs::read_to_string(pki.join("ca.pem")).expect("ca.pem");
+    let out = fleetcore(dir.path(), &["serve", "--config", "f.toml"]);
+    assert!(!out.status.success(), "{}", out.stderr);
+    assert!(!out.stderr.contains("removed the CA"), "{}", out.stderr);
+    assert_eq!(
+        fs::read_to_string(pki.join("ca.pem")).expect("ca.pem"),
+        ca_pem
+    );
+    drop(taken);
+}
+
 #[test]
 fn unreachable_admin_api_says_so_in_one_line() {
     let dir = temp();
