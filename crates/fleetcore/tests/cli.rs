@@ -618,6 +618,57 @@ fn admin_options_go_before_or_after_the_subcommand() {
     assert!(dir.path().join("elsewhere/pki/ca.key").exists());
 }
 
+/// FLEETCORE_DATA_DIR stands for --data-dir (the container image sets it, so
+/// `docker compose exec fleetcore fleetcore thing list` finds admin.token).
+#[test]
+fn fleetcore_data_dir_from_the_environment_finds_the_token() {
+    let server = Server::start();
+    fleetcore(
+        server.path(),
+        &[
+            "thing",
+            "create",
+            "computer-a",
+            "--admin-url",
+            &server.admin_url,
+        ],
+    )
+    .ok("thing create");
+    let elsewhere = temp();
+    let run = |env: Option<&Path>| {
+        let mut cmd = Command::new(binary());
+        cmd.args(["thing", "list", "--admin-url", &server.admin_url])
+            .current_dir(elsewhere.path())
+            .env_remove("FLEETCORE_ADMIN_TOKEN")
+            .env_remove("FLEETCORE_DATA_DIR")
+            .stdin(Stdio::null());
+        if let Some(dir) = env {
+            cmd.env("FLEETCORE_DATA_DIR", dir);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run fleetcore");
+        match wait_timeout(&mut child, RUN_TIMEOUT) {
+            Some(_) => child.wait_with_output().expect("output"),
+            None => {
+                let _ = child.kill();
+                panic!("thing list did not finish");
+            }
+        }
+    };
+    let without = run(None);
+    assert!(!without.status.success(), "no ./data/admin.token here");
+    let with = run(Some(&server.path().join("data")));
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    assert!(String::from_utf8_lossy(&with.stdout).contains("computer-a"));
+}
+
 /// `serve` takes --data-dir of the global options; an admin-only one is refused, not
 /// ignored.
 #[test]
