@@ -768,3 +768,98 @@ fn device_from_a_registered_foreign_ca_can_connect_without_a_restart() {
     assert!(after.status.success(), "{}", describe(&after));
     broker.assert_no_panic_logged();
 }
+
+/// The README's provisioning flow with the shipped example policies: an agent (thing
+/// with an account attribute, config/examples/agent-thing-policy.json) and a backend
+/// (its own thing and certificate, config/examples/backend-policy.json) on the mutual
+/// TLS listener that uses the server's own PKI; the backend's order reaches the agent,
+/// an order for another agent does not, and the agent cannot publish to another's topic.
+#[test]
+fn readme_flow_backend_reaches_its_agent_with_the_example_policies() {
+    let broker = TestBroker::start(BrokerOpts::new().server_pki().registry().admin());
+    let dir = tempfile::tempdir().unwrap();
+    let provision = |thing: &str, attrs: Value, policy: &str, document: &str| -> ClientCert {
+        expect(
+            &broker.admin(
+                "POST",
+                "/things",
+                Some(&json!({"name": thing, "attributes": attrs})),
+            ),
+            201,
+        );
+        expect(
+            &broker.admin(
+                "POST",
+                "/policies",
+                Some(&json!({"name": policy, "document": document})),
+            ),
+            201,
+        );
+        let c = expect(
+            &broker.admin(
+                "POST",
+                "/certificates/create",
+                Some(&json!({"thing": thing, "policies": [policy]})),
+            ),
+            201,
+        );
+        let id = ClientCert {
+            cert: dir.path().join(format!("{thing}.cert.pem")),
+            key: dir.path().join(format!("{thing}.private.key")),
+        };
+        std::fs::write(&id.cert, c["certificate_pem"].as_str().unwrap()).unwrap();
+        std::fs::write(&id.key, c["private_key_pem"].as_str().unwrap()).unwrap();
+        id
+    };
+    let agent = provision(
+        "computer-a",
+        json!({"account": "customer-b"}),
+        "agent",
+        include_str!("../../../config/examples/agent-thing-policy.json"),
+    );
+    let backend = provision(
+        "backend",
+        json!({}),
+        "backend",
+        include_str!("../../../config/examples/backend-policy.json"),
+    );
+
+    let mut sub = mosquitto_sub(&with(
+        &broker.mosq_tls(&agent),
+        &[
+            "-i",
+            "computer-a",
+            "-t",
+            "customer-b/computer-a/#",
+            "-q",
+            "1",
+        ],
+    ));
+    let publish = |id: &ClientCert, client: &str, topic: &str, payload: &str| {
+        mosquitto_pub_output(&with(
+            &broker.mosq_tls(id),
+            &["-i", client, "-t", topic, "-m", payload, "-q", "1"],
+        ))
+    };
+    let other = publish(&backend, "backend", "customer-b/computer-b/x", "not yours");
+    assert!(other.status.success(), "{}", describe(&other));
+    let order = publish(
+        &backend,
+        "backend",
+        "customer-b/computer-a/configurationChanges",
+        r#"{"poll":60}"#,
+    );
+    assert!(order.status.success(), "{}", describe(&order));
+    let (_, _, topic, payload) = expect_mosq_msg(&mut sub, STEP);
+    assert_eq!(
+        (topic.as_str(), payload.as_str()),
+        (
+            "customer-b/computer-a/configurationChanges",
+            r#"{"poll":60}"#
+        )
+    );
+    sub.kill();
+    // The agent is kept to its own topics: as another client id it cannot connect.
+    let sideways = publish(&agent, "computer-b", "customer-b/computer-b/x", "x");
+    assert!(!sideways.status.success(), "{}", describe(&sideways));
+}
