@@ -181,6 +181,7 @@ fn every_command_has_help() {
         &["ca"],
         &["ca", "init"],
         &["ca", "admin-cert"],
+        &["ca", "reissue-server"],
         &["ca", "register"],
         &["ca", "list"],
         &["ca", "crl"],
