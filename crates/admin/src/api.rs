@@ -206,7 +206,15 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
     ]
 }
 
-/// The whole API; every route, the fallbacks included, needs the bearer token.
+/// The routes served without the bearer token (GET only): a load balancer's health
+/// check and a Prometheus scraper must not hold a credential that can revoke every
+/// device. They reveal counts (connections, sessions, messages, ...), never names,
+/// certificates, policies or payloads. The OpenAPI description marks them
+/// `security: []`.
+pub const UNAUTHENTICATED: [&str; 2] = ["/healthz", "/metrics"];
+
+/// The whole API; every route but GET [`UNAUTHENTICATED`], the fallbacks included,
+/// needs the bearer token (or, over TLS, an admin client certificate).
 pub fn router(state: AdminState) -> Router {
     let state = Arc::new(state);
     let mut r = Router::new();
@@ -260,6 +268,9 @@ pub async fn serve(
 }
 
 async fn require_token(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    if req.method() == axum::http::Method::GET && UNAUTHENTICATED.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -1215,10 +1226,17 @@ mod tests {
         // Every operation says what it answers, and the security scheme is declared.
         assert_eq!(spec["openapi"], "3.1.0");
         assert!(spec["components"]["securitySchemes"]["bearer"].is_object());
-        for (_, ops) in described {
+        // The routes open without a token say so (security: []) and answer no 401.
+        for (path, ops) in described {
+            let open = UNAUTHENTICATED.contains(&path.as_str());
             for (m, op) in ops.as_object().unwrap() {
                 if m != "parameters" {
-                    assert!(op["responses"]["401"].is_object(), "{m}: {op}");
+                    assert_eq!(
+                        op["responses"]["401"].is_object(),
+                        !open,
+                        "{m} {path}: {op}"
+                    );
+                    assert_eq!(op["security"] == json!([]), open, "{m} {path}: {op}");
                 }
             }
         }
@@ -1260,6 +1278,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let app = router(state(dir.path()).await);
         for (path, _) in routes() {
+            if UNAUTHENTICATED.contains(&path) {
+                continue;
+            }
             for token in [None, Some("wrong"), Some("secre"), Some("secrett")] {
                 let (status, body) = call(&app, "GET", &concrete(path), token).await;
                 assert_eq!(status, StatusCode::UNAUTHORIZED, "{path} {token:?}");
@@ -1271,5 +1292,35 @@ mod tests {
         let (status, body) = call(&app, "GET", "/healthz", Some("secret")).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["status"], "ok");
+    }
+
+    /// A health check and a metrics scraper get in without the token (or with a wrong
+    /// one); only GET, and only those two paths (a prefix or a suffix does not count).
+    #[tokio::test]
+    async fn healthz_and_metrics_need_no_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = router(state(dir.path()).await);
+        for token in [None, Some("wrong"), Some("secret")] {
+            let (status, body) = call(&app, "GET", "/healthz", token).await;
+            assert_eq!(status, StatusCode::OK, "{token:?}");
+            assert_eq!(body["status"], "ok");
+            let resp = app
+                .clone()
+                .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        for (method, path) in [
+            ("POST", "/healthz"),
+            ("DELETE", "/metrics"),
+            ("GET", "/healthz/"),
+            ("GET", "/metrics/x"),
+            ("GET", "/healthzz"),
+            ("GET", "/things"),
+        ] {
+            let (status, _) = call(&app, method, path, None).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        }
     }
 }

@@ -147,15 +147,23 @@ pub fn spec() -> Value {
         },
         "/metrics": {
             "get": {
-                "summary": "Prometheus metrics (text exposition format)",
+                "summary": "Prometheus metrics (text exposition format); no token needed",
+                "description": "Served without authentication, for Prometheus. Reveals counters and gauges only (connections, sessions, retained messages, messages and bytes in and out, refusals), no names, certificates, policies or payloads.",
+                "security": [],
                 "responses": {
                     "200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
-                    "401": error_responses(&[401])["401"],
                 }
             }
         },
         "/healthz": {
-            "get": op("Liveness, open connections and sessions", None, 200, Some(schema("Health")), &[]),
+            "get": {
+                "summary": "Liveness, open connections and sessions; no token needed",
+                "description": "Served without authentication, for load balancer health checks. Reveals the number of open connections and of sessions.",
+                "security": [],
+                "responses": {
+                    "200": {"description": "success", "content": {"application/json": {"schema": schema("Health")}}},
+                }
+            }
         },
         "/openapi.json": {
             "get": op("This description", None, 200, Some(json!({"type": "object"})), &[]),

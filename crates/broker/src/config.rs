@@ -72,6 +72,7 @@ impl Config {
 
     /// Checks values that parse but cannot work, with a message naming the key.
     pub fn validate(&self) -> Result<(), String> {
+        check_log_level(&self.log.level)?;
         let l = &self.limits;
         if l.max_packet_size < 64 {
             return Err("limits.max_packet_size must be at least 64 bytes".into());
@@ -197,6 +198,7 @@ impl Config {
 pub struct AdminConfig {
     pub enabled: bool,
     /// Plain HTTP unless `tls`; keep plain HTTP on loopback.
+    #[serde(deserialize_with = "deserialize_bind")]
     pub bind: SocketAddr,
     /// Serve the API over TLS with the PKI's server certificate; clients may then
     /// authenticate with an admin client certificate instead of the token.
@@ -262,6 +264,82 @@ impl Default for PkiConfig {
     }
 }
 
+/// The level names `[log] level` accepts, alone or after `TARGET=`.
+pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks `[log] level`: comma-separated directives, each a level (`info`) or
+/// `TARGET=LEVEL` (`fleetcore_broker=debug`). tracing itself takes a bare word as a
+/// target name, so a misspelt level (`inof`) would turn off every log line without a
+/// word; here it is refused.
+pub fn check_log_level(text: &str) -> Result<(), String> {
+    let allowed = LOG_LEVELS.join(", ");
+    let hint = format!(
+        "use one of {allowed}, optionally followed by comma-separated TARGET=LEVEL directives (e.g. \"info,fleetcore_broker=debug\")"
+    );
+    if text.trim().is_empty() {
+        return Err(format!("log.level is empty: {hint}"));
+    }
+    for directive in text.split(',').map(str::trim) {
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.trim().is_empty() => level.trim(),
+            Some(_) => {
+                return Err(format!(
+                    "log.level: {directive:?} names no target before '=': {hint}"
+                ))
+            }
+            None => directive,
+        };
+        if !LOG_LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+            return Err(format!(
+                "log.level: unknown level {level:?} in {text:?}: {hint}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Reads a `bind` value: an IP address and a port. A host name (`localhost:1883`) is
+/// refused with what to write instead, rather than serde's bare "invalid socket address
+/// syntax": which addresses a name stands for depends on the resolver, and a listener
+/// must know exactly which interface it opens.
+fn deserialize_bind<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_bind(&text).map_err(serde::de::Error::custom)
+}
+
+/// See [`deserialize_bind`].
+pub fn parse_bind(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.trim().parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let example = |port: &str| {
+        format!(
+            "write an IP address and a port: \"127.0.0.1:{port}\" (this machine only), \"0.0.0.0:{port}\" (every IPv4 interface) or \"[::]:{port}\" (every interface); host names are not resolved"
+        )
+    };
+    match text.trim().rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => {
+            let host = host.trim_matches(|c| c == '[' || c == ']');
+            if host.eq_ignore_ascii_case("localhost") {
+                Err(format!(
+                    "invalid bind address {text:?}: {} (for localhost: \"127.0.0.1:{port}\")",
+                    example(port)
+                ))
+            } else {
+                Err(format!("invalid bind address {text:?}: {}", example(port)))
+            }
+        }
+        Some((_, port)) => Err(format!(
+            "invalid bind address {text:?}: the port {port:?} is not a number from 0 to 65535; {}",
+            example("1883")
+        )),
+        None => Err(format!(
+            "invalid bind address {text:?}: no port; {}",
+            example("1883")
+        )),
+    }
+}
+
 impl Config {
     /// The PKI directory: `pki.dir`, under `data_dir` when relative.
     pub fn pki_dir(&self) -> PathBuf {
@@ -299,6 +377,7 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub kind: ListenerKind,
+    #[serde(deserialize_with = "deserialize_bind")]
     pub bind: SocketAddr,
     /// Plain TCP only: let in clients that present no identity.
     #[serde(default)]
@@ -466,6 +545,66 @@ impl Default for SessionConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A misspelt level is refused with the allowed names (tracing would take it as a
+    /// target name and log nothing at all); real filter directives still pass.
+    #[test]
+    fn unknown_log_levels_are_refused_with_the_allowed_names() {
+        let with = |level: &str| {
+            Config {
+                log: LogConfig {
+                    level: level.into(),
+                    ..LogConfig::default()
+                },
+                ..Config::default()
+            }
+            .validate()
+        };
+        for ok in [
+            "info",
+            "WARN",
+            "off",
+            "info,fleetcore_broker=debug",
+            "fleetcore_broker::connection=trace, warn",
+        ] {
+            assert_eq!(with(ok), Ok(()), "{ok}");
+        }
+        for bad in ["inof", "", "info,fleetcore_broker", "info,=debug", "debgu"] {
+            let err = with(bad).unwrap_err();
+            assert!(
+                err.starts_with("log.level")
+                    && err.contains("trace, debug, info, warn, error, off"),
+                "{bad:?}: {err}"
+            );
+        }
+        assert!(with("inof").unwrap_err().contains("\"inof\""));
+    }
+
+    /// `bind = "localhost:1883"` says what to write instead.
+    #[test]
+    fn a_host_name_as_bind_address_says_what_to_write() {
+        let err =
+            toml::from_str::<Config>("[[listener]]\nkind = \"tcp\"\nbind = \"localhost:1883\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("\"localhost:1883\"")
+                && err.contains("\"127.0.0.1:1883\"")
+                && err.contains("host names are not resolved"),
+            "{err}"
+        );
+        let err = toml::from_str::<Config>("[admin]\nbind = \"admin.example:8080\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"0.0.0.0:8080\""), "{err}");
+        assert!(parse_bind("127.0.0.1").unwrap_err().contains("no port"));
+        assert!(parse_bind("127.0.0.1:http")
+            .unwrap_err()
+            .contains("not a number"));
+        let c: Config =
+            toml::from_str("[[listener]]\nkind = \"tcp\"\nbind = \"[::1]:1883\"\n").unwrap();
+        assert_eq!(c.listeners[0].bind, "[::1]:1883".parse().unwrap());
+    }
 
     #[test]
     fn resumption_settings_that_cannot_work_are_refused_by_name() {

@@ -22,10 +22,12 @@ use clap::{Args, Subcommand};
 use fleetcore_identity::ca::{Ca, CaFiles};
 use serde_json::{json, Map, Value};
 
-/// Where the admin API is and how to authenticate: global to `thing`, `cert`, `policy`,
-/// `ca` and `token`, so they can go before or after the subcommand.
+/// Where the admin API is and how to authenticate. Flattened into `fleetcore` itself
+/// with `global = true`, so each option can go before the subcommand
+/// (`fleetcore --admin-url URL thing list`) or anywhere after it
+/// (`fleetcore thing list --admin-url URL`). `serve` takes only `--data-dir` of these.
 #[derive(Args, Debug, Clone)]
-#[command(next_help_heading = "Admin API options")]
+#[command(next_help_heading = "Admin API options (thing, cert, policy, ca, token)")]
 pub struct ClientOpts {
     /// Base URL of the admin API of a running `fleetcore serve`.
     #[arg(
@@ -74,19 +76,29 @@ pub struct ClientOpts {
         requires = "client_cert"
     )]
     client_key: Option<PathBuf>,
-    /// The server's data directory: where admin.token is read from, and where
-    /// `ca init` puts pki/ by default.
-    #[arg(
-        long,
-        global = true,
-        env = "FLEETCORE_DATA_DIR",
-        default_value = "./data",
-        value_name = "DIR"
-    )]
-    data_dir: PathBuf,
+    /// The server's data directory. For the admin commands: where admin.token is read
+    /// from, and where `ca init` puts pki/ [default: ./data]. For `serve`: overrides
+    /// `data_dir` of the configuration.
+    #[arg(long, global = true, env = "FLEETCORE_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// Print the API's JSON answer as is instead of a table.
     #[arg(long, global = true)]
     json: bool,
+}
+
+impl ClientOpts {
+    /// `--data-dir` as given (or FLEETCORE_DATA_DIR), for `serve` to override its
+    /// configuration with.
+    pub fn data_dir_override(&self) -> Option<&Path> {
+        self.data_dir.as_deref()
+    }
+
+    /// The data directory the admin commands use: `--data-dir`, else `./data`.
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./data"))
+    }
 }
 
 /// The operator subcommands, flattened into `fleetcore`'s own list.
@@ -108,8 +120,6 @@ pub enum ClientCommand {
 pub struct ThingArgs {
     #[command(subcommand)]
     cmd: ThingCmd,
-    #[command(flatten)]
-    opts: ClientOpts,
 }
 
 #[derive(Args, Debug)]
@@ -121,24 +131,18 @@ Examples:
 pub struct CertArgs {
     #[command(subcommand)]
     cmd: CertCmd,
-    #[command(flatten)]
-    opts: ClientOpts,
 }
 
 #[derive(Args, Debug)]
 pub struct PolicyArgs {
     #[command(subcommand)]
     cmd: PolicyCmd,
-    #[command(flatten)]
-    opts: ClientOpts,
 }
 
 #[derive(Args, Debug)]
 pub struct CaArgs {
     #[command(subcommand)]
     cmd: CaCmd,
-    #[command(flatten)]
-    opts: ClientOpts,
 }
 
 #[derive(Args, Debug)]
@@ -156,8 +160,6 @@ Examples:
 pub struct TokenArgs {
     #[command(subcommand)]
     cmd: TokenCmd,
-    #[command(flatten)]
-    opts: ClientOpts,
 }
 
 #[derive(Subcommand, Debug)]
@@ -433,6 +435,31 @@ enum CaCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Replace the server certificate with one for other names (local files, offline).
+    ///
+    /// Writes a new <DIR>/server.pem and server.key (mode 0600), signed by the CA in the
+    /// same directory, for the names given: the DNS names and IP addresses clients
+    /// connect to (the first is the CN). The CA and every device certificate stay
+    /// valid; devices need nothing new. Restart `fleetcore serve` afterwards: TLS
+    /// listeners and the admin API read the certificate at start. Set [pki]
+    /// server_names in the configuration to the same names, for a PKI created later.
+    #[command(after_help = "\
+Example:
+  fleetcore ca reissue-server --data-dir /var/lib/fleetcore --san broker.example.com --san 10.0.0.5")]
+    ReissueServer {
+        /// Directory of the CA and the server files [default: <DATA_DIR>/pki].
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// A DNS name or IP address of the server; repeat for several; the first is the
+        /// certificate's CN. At least one.
+        #[arg(
+            long = "san",
+            visible_alias = "name",
+            value_name = "NAME",
+            required = true
+        )]
+        sans: Vec<String>,
+    },
     /// Issue an admin client certificate with the local CA (no server needed).
     ///
     /// Writes DIR/admin.cert.pem and DIR/admin.private.key (mode 0600), signed by the CA
@@ -488,8 +515,8 @@ fn parse_attr(text: &str) -> Result<(String, String), String> {
 }
 
 /// Runs one operator command; prints its output, or one error line, and says how it went.
-pub fn run(cmd: ClientCommand) -> ExitCode {
-    match dispatch(cmd) {
+pub fn run(cmd: ClientCommand, opts: &ClientOpts) -> ExitCode {
+    match dispatch(cmd, opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleetcore: {e:#}");
@@ -498,13 +525,13 @@ pub fn run(cmd: ClientCommand) -> ExitCode {
     }
 }
 
-fn dispatch(cmd: ClientCommand) -> Result<()> {
+fn dispatch(cmd: ClientCommand, opts: &ClientOpts) -> Result<()> {
     match cmd {
-        ClientCommand::Thing(a) => thing(a.cmd, &a.opts),
-        ClientCommand::Cert(a) => cert(a.cmd, &a.opts),
-        ClientCommand::Policy(a) => policy(a.cmd, &a.opts),
-        ClientCommand::Ca(a) => ca(a.cmd, &a.opts),
-        ClientCommand::Token(a) => token_cmd(a.cmd, &a.opts),
+        ClientCommand::Thing(a) => thing(a.cmd, opts),
+        ClientCommand::Cert(a) => cert(a.cmd, opts),
+        ClientCommand::Policy(a) => policy(a.cmd, opts),
+        ClientCommand::Ca(a) => ca(a.cmd, opts),
+        ClientCommand::Token(a) => token_cmd(a.cmd, opts),
     }
 }
 
@@ -1064,7 +1091,7 @@ fn policy_full(v: &Value) -> String {
 fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
     match cmd {
         CaCmd::Init { dir, sans, force } => {
-            let dir = dir.unwrap_or_else(|| opts.data_dir.join("pki"));
+            let dir = dir.unwrap_or_else(|| opts.data_dir().join("pki"));
             let sans = if sans.is_empty() {
                 vec!["localhost".to_string(), "127.0.0.1".to_string()]
             } else {
@@ -1092,6 +1119,38 @@ fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
                 details(&[
                     ("CA certificate", files.ca_cert.display().to_string()),
                     ("CA key", format!("{} (mode 0600)", files.ca_key.display())),
+                    (
+                        "server certificate",
+                        files.server_cert.display().to_string()
+                    ),
+                    (
+                        "server key",
+                        format!("{} (mode 0600)", files.server_key.display())
+                    ),
+                ])
+            ))
+        }
+        CaCmd::ReissueServer { dir, sans } => {
+            let dir = dir.unwrap_or_else(|| opts.data_dir().join("pki"));
+            let files = CaFiles::in_dir(&dir);
+            let ca = Ca::load(&files)?;
+            let info = ca.reissue_server(&files, &sans)?;
+            if opts.json {
+                let out = json!({
+                    "certificate_id": info.id,
+                    "server_cert": files.server_cert,
+                    "server_key": files.server_key,
+                    "server_names": sans,
+                    "not_after_ms": ms_since_epoch(info.not_after),
+                });
+                return print_out(&format!("{out}\n"));
+            }
+            print_out(&format!(
+                "issued a new server certificate for {} (signed by the CA in {})\n{}\n\
+                 Restart fleetcore serve to present it. Devices keep trusting ca.pem.\n",
+                sans.join(", "),
+                dir.display(),
+                details(&[
                     (
                         "server certificate",
                         files.server_cert.display().to_string()
@@ -1156,6 +1215,12 @@ fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
     }
 }
 
+fn ms_since_epoch(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// `ca admin-cert`: a client certificate for the admin API, from the local CA.
 fn admin_cert(
     opts: &ClientOpts,
@@ -1167,7 +1232,7 @@ fn admin_cert(
     if days == 0 {
         bail!("--days must be at least 1");
     }
-    let dir = dir.unwrap_or_else(|| opts.data_dir.join("pki"));
+    let dir = dir.unwrap_or_else(|| opts.data_dir().join("pki"));
     let cert_file = out.join("admin.cert.pem");
     let key_file = out.join("admin.private.key");
     for path in [&cert_file, &key_file] {
@@ -1425,11 +1490,44 @@ impl Api {
             ureq::Error::BadUri(u) => format!("invalid URL {u}"),
             other => other.to_string(),
         };
+        if let Some(hint) = scheme_mismatch(&self.base, &e, &reason) {
+            return anyhow!("cannot talk to the admin API at {}: {hint}", self.base);
+        }
         anyhow!(
             "cannot reach the admin API at {}: {reason} — is fleetcore serve running?",
             self.base
         )
     }
+}
+
+/// Says which scheme to use when the failure shows the URL's scheme is the wrong one:
+/// TLS to a plain-HTTP server fails as a "corrupt message" (an HTTP answer is no TLS
+/// record); plain HTTP to a TLS server gets no HTTP answer (the connection is closed or
+/// an alert arrives).
+fn scheme_mismatch(base: &str, e: &ureq::Error, reason: &str) -> Option<String> {
+    let text = format!("{reason} {e:?}").to_ascii_lowercase();
+    if let Some(rest) = base.strip_prefix("https://") {
+        let plain = text.contains("corrupt message")
+            || text.contains("invalidcontenttype")
+            || text.contains("invalid content type");
+        return plain.then(|| {
+            format!(
+                "the server answered in plain HTTP, not TLS — use http://{rest} \
+                 (the admin API serves HTTPS only with [admin] tls = true)"
+            )
+        });
+    }
+    let rest = base.strip_prefix("http://")?;
+    let not_http = matches!(e, ureq::Error::Protocol(_))
+        || text.contains("unexpected eof")
+        || text.contains("connection reset")
+        || text.contains("connection closed")
+        || text.contains("parse");
+    not_http.then(|| {
+        format!(
+            "no HTTP answer ({reason}) — if the server has [admin] tls = true, use https://{rest}"
+        )
+    })
 }
 
 fn with_auth<B>(req: ureq::RequestBuilder<B>, auth: Option<&str>) -> ureq::RequestBuilder<B> {
@@ -1470,7 +1568,7 @@ fn tls_config(opts: &ClientOpts, https: bool) -> Result<ureq::tls::TlsConfig> {
     let cacert = opts
         .cacert
         .clone()
-        .unwrap_or_else(|| opts.data_dir.join("pki").join("ca.pem"));
+        .unwrap_or_else(|| opts.data_dir().join("pki").join("ca.pem"));
     let roots = read_pem_certs(&cacert, "the CA certificate").with_context(|| {
         "an https:// admin URL needs the CA that signed the server's certificate: \
          --cacert FILE or FLEETCORE_ADMIN_CACERT (default <data-dir>/pki/ca.pem)"
@@ -1523,7 +1621,7 @@ fn token(opts: &ClientOpts) -> Result<String> {
         }
         return Ok(t.to_string());
     }
-    let path = opts.data_dir.join("admin.token");
+    let path = opts.data_dir().join("admin.token");
     match fs::read_to_string(&path) {
         Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
         Ok(_) => bail!("the admin token file {} is empty", path.display()),

@@ -28,6 +28,47 @@ use fleetcore_identity::ca::{Ca, CaFiles};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Global: accepted before or after any subcommand.
+    #[command(flatten)]
+    opts: client::ClientOpts,
+}
+
+/// The options of [`client::ClientOpts`] that mean nothing to `serve` and
+/// `default-config` (all but `--data-dir`).
+const ADMIN_ONLY_OPTIONS: [(&str, &str); 6] = [
+    ("admin_url", "--admin-url"),
+    ("token", "--token"),
+    ("cacert", "--cacert"),
+    ("client_cert", "--client-cert"),
+    ("client_key", "--client-key"),
+    ("json", "--json"),
+];
+
+/// Parses the command line. An admin-only option given on the command line to `serve`
+/// or `default-config` is refused rather than silently ignored (from the environment,
+/// e.g. FLEETCORE_ADMIN_URL, it is ignored there).
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let mut cmd = Cli::command();
+    let matches = cmd.clone().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit());
+    let name = match &cli.command {
+        Command::Serve(_) => "serve",
+        Command::DefaultConfig => "default-config",
+        Command::Client(_) => return cli,
+    };
+    for (id, flag) in ADMIN_ONLY_OPTIONS {
+        if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
+            cmd.error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "{flag} is an option of the admin commands (thing, cert, policy, ca, token), not of `{name}`"
+                ),
+            )
+            .exit();
+        }
+    }
+    cli
 }
 
 #[derive(Subcommand)]
@@ -45,9 +86,6 @@ struct ServeArgs {
     /// Configuration file (TOML). Without it the embedded defaults are used.
     #[arg(short, long, env = "FLEETCORE_CONFIG")]
     config: Option<PathBuf>,
-    /// Overrides `data_dir` from the configuration.
-    #[arg(long, env = "FLEETCORE_DATA_DIR")]
-    data_dir: Option<PathBuf>,
     /// Overrides `log.format` ("human" or "json").
     #[arg(long, value_parser = ["human", "json"])]
     log_format: Option<String>,
@@ -56,14 +94,14 @@ struct ServeArgs {
 const DOCUMENTED_CONFIG: &str = include_str!("../../../config/fleetcore.toml");
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     match cli.command {
         Command::DefaultConfig => {
             print!("{DOCUMENTED_CONFIG}");
             ExitCode::SUCCESS
         }
-        Command::Client(cmd) => client::run(*cmd),
-        Command::Serve(args) => match serve(args) {
+        Command::Client(cmd) => client::run(*cmd, &cli.opts),
+        Command::Serve(args) => match serve(args, cli.opts.data_dir_override()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("fleetcore: {e:#}");
@@ -99,7 +137,7 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn serve(args: ServeArgs) -> Result<()> {
+fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
     let (mut config, source) = match &args.config {
         Some(path) => (
             load_config(path)?,
@@ -110,8 +148,8 @@ fn serve(args: ServeArgs) -> Result<()> {
             "embedded defaults (no --config given)".to_string(),
         ),
     };
-    if let Some(dir) = args.data_dir {
-        config.data_dir = dir;
+    if let Some(dir) = data_dir {
+        config.data_dir = dir.to_path_buf();
     }
     match args.log_format.as_deref() {
         Some("json") => config.log.format = LogFormat::Json,
@@ -141,7 +179,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         let signals = Signals::install()?;
         let metrics = fleetcore_admin::api::install_metrics()
             .context("cannot install the metrics recorder")?;
-        let ca = load_pki(&mut config)?;
+        let (ca, pki_created) = load_pki(&mut config)?;
         let admin = config.admin.clone();
         let token_path = config.data_dir.join("admin.token");
         let pki_files = CaFiles::in_dir(&config.pki_dir());
@@ -149,13 +187,24 @@ fn serve(args: ServeArgs) -> Result<()> {
         if config.events.enabled {
             services.push(Arc::new(fleetcore_services::events::EventsService));
         }
-        let server = Server::start_with_services(config, services).await?;
+        let server = match Server::start_with_services(config, services).await {
+            Ok(server) => server,
+            Err(e) => {
+                if pki_created {
+                    remove_new_pki(&pki_files);
+                }
+                return Err(e.into());
+            }
+        };
         let admin_task = if admin.enabled {
             let hub = server.hub().clone();
             match start_admin(&admin, &token_path, &pki_files, hub, ca, metrics).await {
                 Ok(task) => Some(task),
                 Err(e) => {
                     let _ = server.shutdown(Duration::from_secs(2)).await;
+                    if pki_created {
+                        remove_new_pki(&pki_files);
+                    }
                     return Err(e);
                 }
             }
@@ -182,9 +231,33 @@ fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
+/// After a failed first start: removes the CA and server certificate this start
+/// created, so the next start makes them from the configuration as it is then (with
+/// the `[pki] server_names` fixed, say), and says so. Nothing was issued by that CA.
+fn remove_new_pki(files: &CaFiles) {
+    for path in [
+        &files.ca_cert,
+        &files.ca_key,
+        &files.server_cert,
+        &files.server_key,
+    ] {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove a PKI file this failed start created");
+        }
+    }
+    let dir = files.ca_cert.parent().unwrap_or(Path::new("."));
+    // Only when empty: anything else in it is not ours.
+    let _ = std::fs::remove_dir(dir);
+    tracing::warn!(
+        dir = %dir.display(),
+        "start failed: removed the CA and server certificate this start had created; the next start creates them afresh"
+    );
+}
+
 /// Loads the CA (or creates it at first start) and points TLS listeners that name no
-/// files of their own at the PKI's server certificate and CA.
-fn load_pki(config: &mut Config) -> Result<Arc<Ca>> {
+/// files of their own at the PKI's server certificate and CA. Returns the CA and
+/// whether it was created just now.
+fn load_pki(config: &mut Config) -> Result<(Arc<Ca>, bool)> {
     let dir = config.pki_dir();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -209,7 +282,7 @@ fn load_pki(config: &mut Config) -> Result<Arc<Ca>> {
                 .get_or_insert_with(|| files.ca_cert.clone());
         }
     }
-    Ok(Arc::new(ca))
+    Ok((Arc::new(ca), created))
 }
 
 /// The running admin API.

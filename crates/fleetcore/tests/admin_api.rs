@@ -55,8 +55,9 @@ fn every_route_kind_refuses_requests_without_the_token() {
         ("POST", "/policies"),
         ("POST", "/cas"),
         ("GET", "/crl"),
-        ("GET", "/metrics"),
-        ("GET", "/healthz"),
+        ("POST", "/metrics"),
+        ("POST", "/healthz"),
+        ("GET", "/healthz/x"),
         ("GET", "/openapi.json"),
         ("GET", "/no-such-route"),
     ];
@@ -539,6 +540,33 @@ fn crl_lists_a_revoked_serial_and_revoked_stays_revoked() {
     );
 }
 
+/// GET /healthz and GET /metrics answer without any token (a load balancer, a
+/// Prometheus scraper) and with a wrong one; the rest of the API still needs it.
+#[test]
+fn healthz_and_metrics_are_served_without_the_token() {
+    let broker = broker();
+    let port = broker.admin_port();
+    for token in [None, Some("0".repeat(64))] {
+        let h = expect(
+            &http_request(port, "GET", "/healthz", token.as_deref(), None),
+            200,
+        );
+        assert_eq!(h["status"], "ok");
+        let m = http_request(port, "GET", "/metrics", token.as_deref(), None);
+        assert_eq!(m.status, 200);
+        assert!(
+            m.text().contains("fleetcore_connections_open"),
+            "{}",
+            m.text()
+        );
+        expect_error(
+            &http_request(port, "GET", "/things", token.as_deref(), None),
+            401,
+            "Unauthorized",
+        );
+    }
+}
+
 #[test]
 fn metrics_health_and_openapi_are_served() {
     let broker = broker();
@@ -586,6 +614,10 @@ fn admin_token_file_is_private_and_kept_across_restarts() {
     let path = broker.data_dir().join("admin.token");
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "admin.token mode {mode:o}");
+    // The store holds the token-signing keys: owner-only too.
+    let store = broker.data_dir().join("fleetcore.redb");
+    let mode = std::fs::metadata(&store).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "fleetcore.redb mode {mode:o}");
     let token = broker.admin_token();
     assert_eq!(token.len(), 64);
     assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
@@ -735,4 +767,99 @@ fn device_from_a_registered_foreign_ca_can_connect_without_a_restart() {
     let after = publish();
     assert!(after.status.success(), "{}", describe(&after));
     broker.assert_no_panic_logged();
+}
+
+/// The README's provisioning flow with the shipped example policies: an agent (thing
+/// with an account attribute, config/examples/agent-thing-policy.json) and a backend
+/// (its own thing and certificate, config/examples/backend-policy.json) on the mutual
+/// TLS listener that uses the server's own PKI; the backend's order reaches the agent,
+/// an order for another agent does not, and the agent cannot publish to another's topic.
+#[test]
+fn readme_flow_backend_reaches_its_agent_with_the_example_policies() {
+    let broker = TestBroker::start(BrokerOpts::new().server_pki().registry().admin());
+    let dir = tempfile::tempdir().unwrap();
+    let provision = |thing: &str, attrs: Value, policy: &str, document: &str| -> ClientCert {
+        expect(
+            &broker.admin(
+                "POST",
+                "/things",
+                Some(&json!({"name": thing, "attributes": attrs})),
+            ),
+            201,
+        );
+        expect(
+            &broker.admin(
+                "POST",
+                "/policies",
+                Some(&json!({"name": policy, "document": document})),
+            ),
+            201,
+        );
+        let c = expect(
+            &broker.admin(
+                "POST",
+                "/certificates/create",
+                Some(&json!({"thing": thing, "policies": [policy]})),
+            ),
+            201,
+        );
+        let id = ClientCert {
+            cert: dir.path().join(format!("{thing}.cert.pem")),
+            key: dir.path().join(format!("{thing}.private.key")),
+        };
+        std::fs::write(&id.cert, c["certificate_pem"].as_str().unwrap()).unwrap();
+        std::fs::write(&id.key, c["private_key_pem"].as_str().unwrap()).unwrap();
+        id
+    };
+    let agent = provision(
+        "computer-a",
+        json!({"account": "customer-b"}),
+        "agent",
+        include_str!("../../../config/examples/agent-thing-policy.json"),
+    );
+    let backend = provision(
+        "backend",
+        json!({}),
+        "backend",
+        include_str!("../../../config/examples/backend-policy.json"),
+    );
+
+    let mut sub = mosquitto_sub(&with(
+        &broker.mosq_tls(&agent),
+        &[
+            "-i",
+            "computer-a",
+            "-t",
+            "customer-b/computer-a/#",
+            "-q",
+            "1",
+        ],
+    ));
+    let publish = |id: &ClientCert, client: &str, topic: &str, payload: &str| {
+        mosquitto_pub_output(&with(
+            &broker.mosq_tls(id),
+            &["-i", client, "-t", topic, "-m", payload, "-q", "1"],
+        ))
+    };
+    let other = publish(&backend, "backend", "customer-b/computer-b/x", "not yours");
+    assert!(other.status.success(), "{}", describe(&other));
+    let order = publish(
+        &backend,
+        "backend",
+        "customer-b/computer-a/configurationChanges",
+        r#"{"poll":60}"#,
+    );
+    assert!(order.status.success(), "{}", describe(&order));
+    let (_, _, topic, payload) = expect_mosq_msg(&mut sub, STEP);
+    assert_eq!(
+        (topic.as_str(), payload.as_str()),
+        (
+            "customer-b/computer-a/configurationChanges",
+            r#"{"poll":60}"#
+        )
+    );
+    sub.kill();
+    // The agent is kept to its own topics: as another client id it cannot connect.
+    let sideways = publish(&agent, "computer-b", "customer-b/computer-b/x", "x");
+    assert!(!sideways.status.success(), "{}", describe(&sideways));
 }

@@ -134,6 +134,55 @@ fn expect_ok(out: &std::process::Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The CLI with the wrong scheme says which one the server speaks: http:// against
+/// the TLS admin API; https:// against a plain one (TestBroker's default admin API).
+#[test]
+fn the_cli_names_the_scheme_the_admin_api_speaks() {
+    let work = tempfile::tempdir().expect("temp dir");
+    let tls = broker();
+    let data_dir = tls.data_dir();
+    let http_url = format!("http://127.0.0.1:{}", tls.admin_port());
+    let out = cli(
+        work.path(),
+        &[
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--admin-url",
+            &http_url,
+            "thing",
+            "list",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        err.contains(&format!("use https://127.0.0.1:{}", tls.admin_port())),
+        "{err}"
+    );
+
+    let plain = TestBroker::start(BrokerOpts::new().admin());
+    let data_dir = plain.data_dir();
+    let https_url = format!("https://127.0.0.1:{}", plain.admin_port());
+    let out = cli(
+        work.path(),
+        &[
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--admin-url",
+            &https_url,
+            "thing",
+            "list",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        err.contains("answered in plain HTTP, not TLS")
+            && err.contains(&format!("use http://127.0.0.1:{}", plain.admin_port())),
+        "{err}"
+    );
+}
+
 #[test]
 fn admin_api_over_tls_takes_the_token_or_an_admin_client_certificate() {
     let b = broker();

@@ -181,6 +181,7 @@ fn every_command_has_help() {
         &["ca"],
         &["ca", "init"],
         &["ca", "admin-cert"],
+        &["ca", "reissue-server"],
         &["ca", "register"],
         &["ca", "list"],
         &["ca", "crl"],
@@ -269,6 +270,112 @@ fn ca_init_writes_private_keys_0600_and_refuses_to_replace_them() {
     assert_eq!(v["ca_key"], "elsewhere/ca.key", "{v}");
     assert_eq!(v["ca_id"].as_str().map(str::len), Some(64), "{v}");
     assert_eq!(mode(&dir.path().join("elsewhere/server.key")), 0o600);
+}
+
+/// `ca reissue-server` replaces the server certificate with one for new names, signed
+/// by the same CA, offline; the CA is untouched.
+#[test]
+fn ca_reissue_server_changes_the_server_names_and_keeps_the_ca() {
+    use x509_parser::extensions::GeneralName;
+    let dir = temp();
+    let line = fleetcore(
+        dir.path(),
+        &[
+            "ca",
+            "reissue-server",
+            "--data-dir",
+            "data",
+            "--san",
+            "host1",
+        ],
+    )
+    .fails("reissue-server without a CA");
+    assert!(line.contains("data/pki/ca.pem"), "{line}");
+    fleetcore(dir.path(), &["ca", "init", "--data-dir", "data"]).ok("ca init");
+    let pki = dir.path().join("data/pki");
+    let read = |f: &str| fs::read_to_string(pki.join(f)).expect(f);
+    let (ca_pem, ca_key, old_server) = (read("ca.pem"), read("ca.key"), read("server.pem"));
+
+    let out = fleetcore(dir.path(), &["ca", "reissue-server", "--data-dir", "data"]);
+    assert_eq!(out.status.code(), Some(2), "no --san: {}", out.stderr);
+
+    let out = fleetcore(
+        dir.path(),
+        &[
+            "--data-dir",
+            "data",
+            "ca",
+            "reissue-server",
+            "--san",
+            "host1",
+            "--name",
+            "10.0.0.5",
+        ],
+    )
+    .ok("ca reissue-server");
+    assert!(
+        out.stdout.contains("host1, 10.0.0.5") && out.stdout.contains("Restart"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(read("ca.pem"), ca_pem, "CA certificate unchanged");
+    assert_eq!(read("ca.key"), ca_key, "CA key unchanged");
+    assert_ne!(read("server.pem"), old_server);
+    assert_eq!(mode(&pki.join("server.key")), 0o600);
+
+    let pem = read("server.pem");
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
+    let cert = block.parse_x509().expect("certificate");
+    let (_, ca_block) = x509_parser::pem::parse_x509_pem(ca_pem.as_bytes()).expect("CA PEM");
+    let ca = ca_block.parse_x509().expect("CA certificate");
+    assert_eq!(cert.issuer(), ca.subject());
+    cert.verify_signature(Some(ca.public_key()))
+        .expect("signed by the CA");
+    let names: Vec<String> = cert
+        .subject_alternative_name()
+        .expect("SAN")
+        .expect("SAN present")
+        .value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            GeneralName::DNSName(d) => format!("DNS:{d}"),
+            GeneralName::IPAddress(ip) => format!("IP:{ip:?}"),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(names, ["DNS:host1", "IP:[10, 0, 0, 5]"]);
+    let cn = cert.subject().iter_common_name().next().unwrap();
+    assert_eq!(cn.as_str().unwrap(), "host1");
+}
+
+/// A first start that fails after it created the PKI (here: the MQTT port is taken)
+/// removes that PKI and says so; a PKI that existed before is left alone.
+#[test]
+fn a_failed_first_start_removes_the_ca_it_created() {
+    let dir = temp();
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().unwrap().port();
+    let config = format!(
+        "data_dir = \"data\"\n[admin]\nenabled = false\n[[listener]]\nkind = \"tcp\"\nbind = \"127.0.0.1:{port}\"\nallow_anonymous = true\n"
+    );
+    fs::write(dir.path().join("f.toml"), config).expect("write config");
+    let out = fleetcore(dir.path(), &["serve", "--config", "f.toml"]);
+    assert!(!out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("removed the CA"), "{}", out.stderr);
+    let pki = dir.path().join("data/pki");
+    assert!(!pki.exists(), "the new PKI was left behind");
+
+    fleetcore(dir.path(), &["ca", "init", "--data-dir", "data"]).ok("ca init");
+    let ca_pem = fs::read_to_string(pki.join("ca.pem")).expect("ca.pem");
+    let out = fleetcore(dir.path(), &["serve", "--config", "f.toml"]);
+    assert!(!out.status.success(), "{}", out.stderr);
+    assert!(!out.stderr.contains("removed the CA"), "{}", out.stderr);
+    assert_eq!(
+        fs::read_to_string(pki.join("ca.pem")).expect("ca.pem"),
+        ca_pem
+    );
+    drop(taken);
 }
 
 #[test]
@@ -435,11 +542,9 @@ impl Server {
 
     /// The CLI run in the server's directory, so ./data/admin.token is found by default.
     fn cli(&self, args: &[&str]) -> Out {
-        let mut all = vec!["--admin-url", self.admin_url.as_str()];
-        // Global options go after the subcommand; put them last.
-        let mut args = args.to_vec();
-        args.append(&mut all);
-        fleetcore(self.path(), &args)
+        let mut all = args.to_vec();
+        all.extend(["--admin-url", self.admin_url.as_str()]);
+        fleetcore(self.path(), &all)
     }
 
     fn kill(&mut self) {
@@ -469,6 +574,172 @@ fn healthz(port: u16, token: &str) -> Option<String> {
     let mut answer = String::new();
     s.read_to_string(&mut answer).ok()?;
     answer.lines().next().map(str::to_string)
+}
+
+/// The admin options are global: before the subcommand (the form docs/admin-api.md
+/// shows), between, or after it, with the same effect.
+#[test]
+fn admin_options_go_before_or_after_the_subcommand() {
+    let server = Server::start();
+    let url = server.admin_url.as_str();
+    fleetcore(
+        server.path(),
+        &["thing", "create", "computer-a", "--admin-url", url],
+    )
+    .ok("thing create --admin-url URL");
+    let before = fleetcore(
+        server.path(),
+        &["--admin-url", url, "--json", "thing", "list"],
+    )
+    .ok("--admin-url URL --json thing list");
+    let between = fleetcore(
+        server.path(),
+        &["thing", "--admin-url", url, "--json", "list"],
+    )
+    .ok("thing --admin-url URL --json list");
+    let after = fleetcore(
+        server.path(),
+        &["thing", "list", "--admin-url", url, "--json"],
+    )
+    .ok("thing list --admin-url URL --json");
+    assert_eq!(before.json()["things"][0]["name"], "computer-a");
+    assert_eq!(before.json(), after.json());
+    assert_eq!(between.json(), after.json());
+
+    // --data-dir and --token before the subcommand too: a wrong token from --token is
+    // used (and refused by the server) instead of ./data/admin.token.
+    let line = fleetcore(
+        server.path(),
+        &["--token", "wrong", "--admin-url", url, "cert", "list"],
+    )
+    .fails("--token wrong cert list");
+    assert!(line.contains("401"), "{line}");
+    let dir = temp();
+    fleetcore(dir.path(), &["--data-dir", "elsewhere", "ca", "init"]).ok("--data-dir DIR ca init");
+    assert!(dir.path().join("elsewhere/pki/ca.key").exists());
+}
+
+/// FLEETCORE_DATA_DIR stands for --data-dir (the container image sets it, so
+/// `docker compose exec fleetcore fleetcore thing list` finds admin.token).
+#[test]
+fn fleetcore_data_dir_from_the_environment_finds_the_token() {
+    let server = Server::start();
+    fleetcore(
+        server.path(),
+        &[
+            "thing",
+            "create",
+            "computer-a",
+            "--admin-url",
+            &server.admin_url,
+        ],
+    )
+    .ok("thing create");
+    let elsewhere = temp();
+    let run = |env: Option<&Path>| {
+        let mut cmd = Command::new(binary());
+        cmd.args(["thing", "list", "--admin-url", &server.admin_url])
+            .current_dir(elsewhere.path())
+            .env_remove("FLEETCORE_ADMIN_TOKEN")
+            .env_remove("FLEETCORE_DATA_DIR")
+            .stdin(Stdio::null());
+        if let Some(dir) = env {
+            cmd.env("FLEETCORE_DATA_DIR", dir);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run fleetcore");
+        match wait_timeout(&mut child, RUN_TIMEOUT) {
+            Some(_) => child.wait_with_output().expect("output"),
+            None => {
+                let _ = child.kill();
+                panic!("thing list did not finish");
+            }
+        }
+    };
+    let without = run(None);
+    assert!(!without.status.success(), "no ./data/admin.token here");
+    let with = run(Some(&server.path().join("data")));
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    assert!(String::from_utf8_lossy(&with.stdout).contains("computer-a"));
+}
+
+/// `serve` takes --data-dir of the global options; an admin-only one is refused, not
+/// ignored.
+#[test]
+fn serve_refuses_admin_only_options() {
+    let dir = temp();
+    for args in [
+        &["--admin-url", "http://127.0.0.1:1", "serve"][..],
+        &["serve", "--token", "t"][..],
+        &["default-config", "--json"][..],
+    ] {
+        let out = fleetcore(dir.path(), args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("is an option of the admin commands"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    assert!(
+        fs::read_dir(dir.path()).unwrap().all(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".cli.")),
+        "nothing was started or created"
+    );
+}
+
+/// Configuration mistakes a new user makes stop `serve` at once with what to write
+/// instead: a misspelt log level (which would otherwise silence every log line) and a
+/// host name as bind address.
+#[test]
+fn serve_names_the_fix_for_a_misspelt_log_level_and_a_host_name_bind() {
+    let dir = temp();
+    for (config, expected) in [
+        (
+            "[log]\nlevel = \"inof\"\n",
+            &[
+                "log.level",
+                "\"inof\"",
+                "trace, debug, info, warn, error, off",
+            ][..],
+        ),
+        (
+            "[[listener]]\nkind = \"tcp\"\nbind = \"localhost:1883\"\n",
+            &[
+                "\"localhost:1883\"",
+                "\"127.0.0.1:1883\"",
+                "host names are not resolved",
+            ][..],
+        ),
+    ] {
+        fs::write(dir.path().join("bad.toml"), config).expect("write config");
+        let out = fleetcore(
+            dir.path(),
+            &["serve", "--config", "bad.toml", "--data-dir", "data"],
+        );
+        assert!(!out.status.success(), "{config}: {}", out.stderr);
+        for e in expected {
+            assert!(
+                out.stderr.contains(e),
+                "{config}: {e} missing in {}",
+                out.stderr
+            );
+        }
+        assert!(
+            !dir.path().join("data").exists(),
+            "nothing created for {config}"
+        );
+    }
 }
 
 const POLICY: &str = r#"{

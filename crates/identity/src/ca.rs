@@ -312,6 +312,34 @@ impl Ca {
         }
     }
 
+    /// Replaces the server certificate and key (`files.server_cert`, `.server_key`) with
+    /// new ones for `sans` (DNS names and IP addresses; the first is the CN), signed by
+    /// this CA, 825 days, as [`Ca::init`] makes them. Each file is replaced atomically,
+    /// the key first; the CA itself, and so every device certificate, is unchanged.
+    /// Returns the new certificate's details.
+    pub fn reissue_server(&self, files: &CaFiles, sans: &[String]) -> Result<CertInfo, CaError> {
+        let server_names = server_names(sans)?;
+        let server_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
+        let mut subject = DistinguishedName::new();
+        subject.push(DnType::CommonName, sans[0].as_str());
+        let mut params =
+            self.leaf_params(subject, SERVER_DAYS, ExtendedKeyUsagePurpose::ServerAuth)?;
+        params.subject_alt_names = server_names;
+        let server_cert = params
+            .signed_by(&server_key, &self.issuer)
+            .map_err(CaError::Sign)?;
+        let pem = server_cert.pem();
+        let info = inspect_pem(&pem)?;
+        write_file(
+            &files.server_key,
+            server_key.serialize_pem().as_bytes(),
+            0o600,
+            true,
+        )?;
+        write_file(&files.server_cert, pem.as_bytes(), 0o644, true)?;
+        Ok(info)
+    }
+
     /// The CA certificate, PEM: what devices and clients must trust.
     pub fn ca_pem(&self) -> &str {
         &self.cert_pem

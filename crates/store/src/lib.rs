@@ -100,10 +100,14 @@ pub(crate) type Opener = Box<dyn Fn() -> Result<Database, DatabaseError> + Send>
 
 impl Store {
     /// Opens or creates the file (creating parent dirs), loads everything, starts the writer thread.
+    ///
+    /// A new file is created with mode 0600 (owner only, whatever the umask): it holds
+    /// the token-signing keys and every session. An existing file keeps its mode.
     pub fn open(path: &Path, opts: StoreOptions) -> Result<(Store, Loaded), StoreError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| open_err(path, e))?;
         }
+        create_private(path).map_err(|e| open_err(path, e))?;
         let file = path.to_path_buf();
         Store::open_with(path, opts, Box::new(move || Database::create(&file)))
     }
@@ -189,6 +193,22 @@ impl Store {
 impl fleetcore_core::storage::RecordStore for Store {
     fn submit_records(&self, ops: Vec<fleetcore_core::storage::RecordOp>) -> Commit {
         self.submit(ops.into_iter().map(Op::from).collect())
+    }
+}
+
+/// Creates `path` empty with mode 0600 unless it exists; redb then takes an empty file
+/// as a new database.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

@@ -534,3 +534,19 @@ async fn registry_records_survive_reopen_and_delete() {
         ]
     );
 }
+
+/// The file holds token-signing keys: a new one is owner-only, whatever the umask
+/// (under the usual 022 redb alone makes it 0644); reopening works and keeps the mode.
+#[test]
+fn a_new_store_file_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data/fleetcore.redb");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let (store, _) = open(&path);
+    assert_eq!(mode(&path), 0o600);
+    drop(store);
+    let (store, _) = open(&path);
+    assert_eq!(mode(&path), 0o600);
+    drop(store);
+}
