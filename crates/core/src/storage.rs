@@ -30,7 +30,10 @@ pub enum StoreError {
         found: u64,
         expected: u64,
     },
-    /// A write transaction failed (disk full, I/O error); its ops are lost.
+    /// The disk holding the store is full: nothing of the change was written.
+    #[error("the disk holding the store is full ({0}); nothing of this change was written")]
+    DiskFull(String),
+    /// A write transaction failed (an I/O error); its ops are lost.
     #[error("store commit failed: {0}")]
     Io(String),
     /// A record could not be encoded; nothing of its batch was written.

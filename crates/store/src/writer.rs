@@ -203,9 +203,19 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 /// Names the underlying OS error plainly ("No space left on device (os error 28)").
+/// A full disk (or quota) is its own error, so the operator and the client are told
+/// what to do about it.
 fn io_err(e: impl Into<redb::Error>) -> StoreError {
     match e.into() {
+        redb::Error::Io(io) if is_disk_full(&io) => StoreError::DiskFull(io.to_string()),
         redb::Error::Io(io) => StoreError::Io(io.to_string()),
         other => StoreError::Io(other.to_string()),
     }
+}
+
+/// ENOSPC or EDQUOT.
+fn is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(28) | Some(122))
 }

@@ -19,6 +19,7 @@ use tokio::sync::{watch, Notify};
 use crate::config::Config;
 use crate::engine::certs::CertIndex;
 use crate::engine::services::ServiceHost;
+use crate::engine::undo::{Guarded, Undo};
 use crate::message::Delivery;
 use crate::metrics as m;
 use crate::retained::RetainedTree;
@@ -82,7 +83,7 @@ pub struct Hub {
     pub config: Config,
     pub topic_limits: TopicLimits,
     pub router: Router<SubEntry>,
-    pub retained: RwLock<RetainedTree<Arc<Message>>>,
+    pub retained: Arc<RwLock<RetainedTree<Arc<Message>>>>,
     index: Mutex<SessionIndex>,
     pub store: Store,
     /// Things, certificates, policies and their attachments.
@@ -128,7 +129,7 @@ impl Hub {
             config,
             topic_limits,
             router: Router::new(),
-            retained: RwLock::new(RetainedTree::new()),
+            retained: Arc::new(RwLock::new(RetainedTree::new())),
             index: Mutex::new(SessionIndex::default()),
             store,
             next_id: AtomicU64::new(1),
@@ -320,20 +321,31 @@ impl Hub {
             // The store op is submitted while the tree is still locked, so
             // memory and disk see concurrent changes to one topic in one order.
             let mut tree = self.retained.write();
-            let op = if msg.payload.is_empty() {
-                tree.remove(&topic).map(|_| Op::DeleteRetained { topic })
+            let (op, ours, previous) = if msg.payload.is_empty() {
+                let previous = tree.remove(&topic);
+                let op = previous.as_ref().map(|_| Op::DeleteRetained {
+                    topic: topic.clone(),
+                });
+                (op, None, previous)
             } else {
-                tree.insert(&topic, msg.clone());
-                Some(Op::PutRetained {
-                    topic,
+                let previous = tree.insert(&topic, msg.clone());
+                let op = Op::PutRetained {
+                    topic: topic.clone(),
                     msg: msg.to_stored(),
-                })
+                };
+                (Some(op), Some(msg.clone()), previous)
             };
             if let Some(op) = op {
+                // If the commit fails the tree is put back, so new subscribers are
+                // never served a retained message the disk does not have.
+                let guarded = Guarded::new(
+                    self.store.submit(vec![op]),
+                    undo_retained(self.retained.clone(), topic, ours, previous),
+                );
                 if msg.qos == QoS::Level0 {
-                    self.store.submit_nowait(vec![op]);
+                    drop(guarded); // nobody to tell; the undo still runs on failure
                 } else {
-                    retained_commit = Some(self.store.submit(vec![op]));
+                    retained_commit = Some(guarded);
                 }
             }
             let n = tree.len();
@@ -404,12 +416,7 @@ impl Hub {
     }
 
     /// Offers `msg` to one session through its matching subscriptions `subs`.
-    fn deliver(
-        &self,
-        msg: &Arc<Message>,
-        subs: &[SubEntry],
-        commits: &mut Vec<fleetcore_store::Commit>,
-    ) -> bool {
+    fn deliver(&self, msg: &Arc<Message>, subs: &[SubEntry], commits: &mut Vec<Guarded>) -> bool {
         let mut qos = None;
         let mut retain = false;
         let mut subscription_ids = Vec::new();
@@ -436,8 +443,8 @@ impl Hub {
             .enqueue(d, self.config.limits.max_queued_messages, &self.store)
         {
             Enqueued::Queued => true,
-            Enqueued::Stored(commit) => {
-                commits.push(commit);
+            Enqueued::Stored(commit, seq) => {
+                commits.push(undo_queued(&entry.session, commit, seq));
                 true
             }
             Enqueued::Dropped(reason) => {
@@ -923,13 +930,53 @@ impl Publisher for Hub {
             seq: None,
         };
         match session.enqueue(d, self.config.limits.max_queued_messages, &self.store) {
-            Enqueued::Queued | Enqueued::Stored(_) => true,
+            Enqueued::Queued => true,
+            Enqueued::Stored(commit, seq) => {
+                drop(undo_queued(&session, commit, seq));
+                true
+            }
             Enqueued::Dropped(reason) => {
                 m::dropped(reason);
                 false
             }
         }
     }
+}
+
+/// Takes a retained change back if its commit fails: the tree gets `previous` again,
+/// unless a later publish changed the topic meanwhile (then that one stands).
+fn undo_retained(
+    retained: Arc<RwLock<RetainedTree<Arc<Message>>>>,
+    topic: String,
+    ours: Option<Arc<Message>>,
+    previous: Option<Arc<Message>>,
+) -> Undo {
+    Box::new(move || {
+        let mut tree = retained.write();
+        let still_ours = match (&ours, tree.get(&topic)) {
+            (Some(ours), Some(now)) => Arc::ptr_eq(ours, now),
+            (None, None) => true,
+            _ => false,
+        };
+        if still_ours {
+            match previous {
+                Some(p) => {
+                    tree.insert(&topic, p);
+                }
+                None => {
+                    tree.remove(&topic);
+                }
+            }
+        }
+        m::gauge_retained(tree.len());
+    })
+}
+
+/// Takes a queued copy out of an offline session's queue if its commit fails, so the
+/// session does not get a message its publisher was told was refused.
+fn undo_queued(session: &Arc<Session>, commit: fleetcore_store::Commit, seq: u64) -> Guarded {
+    let session = session.clone();
+    Guarded::new(commit, Box::new(move || session.unqueue(seq)))
 }
 
 fn stored_session(st: &crate::session::SessionState) -> StoredSession {

@@ -4,8 +4,10 @@
 //!   offline sessions), the session lifecycle (attach, takeover, detach, expiry), wills,
 //!   certificate kicks, trust reloads, shutdown.
 //! - [`certs`]: which live connections authenticated with which certificate (for kicks).
+//! - [`undo`]: a store commit that takes its change back from memory if it fails.
 //! - [`services`]: the `$aws/...` service host: dispatch of authorized publishes, events.
 
 pub mod certs;
 pub mod hub;
 pub mod services;
+pub mod undo;

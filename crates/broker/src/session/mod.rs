@@ -303,8 +303,8 @@ pub enum Enqueued {
     Queued,
     /// Queued, and its durable copy was submitted to the store (under the
     /// session's lock, so it is ordered before any later delete of it); the
-    /// publisher is acknowledged once this commit completes.
-    Stored(fleetcore_store::Commit),
+    /// publisher is acknowledged once this commit completes. The number is the copy's store key.
+    Stored(fleetcore_store::Commit, u64),
     /// Not queued (the reason is a metrics label).
     Dropped(&'static str),
 }
@@ -427,11 +427,14 @@ impl Session {
             let seq = st.next_seq;
             st.next_seq += 1;
             d.seq = Some(seq);
-            Enqueued::Stored(store.submit(vec![fleetcore_store::Op::PutQueued {
-                client_id: self.client_id.to_string(),
+            Enqueued::Stored(
+                store.submit(vec![fleetcore_store::Op::PutQueued {
+                    client_id: self.client_id.to_string(),
+                    seq,
+                    item: d.to_stored(),
+                }]),
                 seq,
-                item: d.to_stored(),
-            }]))
+            )
         } else {
             Enqueued::Queued
         };
@@ -441,6 +444,15 @@ impl Session {
             self.wake.notify();
         }
         result
+    }
+
+    /// Takes the queued copy with store key `seq` back out (its write failed); a copy
+    /// already sent is left to its in-flight window.
+    pub fn unqueue(&self, seq: u64) {
+        let mut st = self.state.lock();
+        if let Some(i) = st.queue.iter().position(|d| d.seq == Some(seq)) {
+            st.queue.remove(i);
+        }
     }
 }
 
@@ -520,5 +532,46 @@ mod tests {
         assert_eq!(k.message, "first");
         let waker = futures_util::task::noop_waker();
         assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+    }
+
+    #[tokio::test]
+    async fn a_copy_whose_write_failed_is_taken_back_out_of_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) =
+            fleetcore_store::Store::open(&dir.path().join("s.redb"), Default::default()).unwrap();
+        let s = Session::new(
+            1,
+            Arc::from("c1"),
+            3600,
+            fleetcore_core::protocol::Version::V5,
+        );
+        let msg = |p: &'static str| crate::message::Delivery {
+            msg: Arc::new(fleetcore_core::message::Message::from_publish(
+                mqtt_proto::TopicName::try_from("t").unwrap(),
+                bytes::Bytes::from_static(p.as_bytes()),
+                QoS::Level1,
+                false,
+                Default::default(),
+                0,
+            )),
+            qos: QoS::Level1,
+            retain: false,
+            subscription_ids: Vec::new(),
+            seq: None,
+        };
+        let mut seqs = Vec::new();
+        for p in ["a", "b", "c"] {
+            match s.enqueue(msg(p), 10, &store) {
+                Enqueued::Stored(commit, seq) => {
+                    commit.await.unwrap();
+                    seqs.push(seq);
+                }
+                _ => panic!("a detached persistent session stores its copies"),
+            }
+        }
+        s.unqueue(seqs[1]);
+        s.unqueue(999);
+        let left: Vec<_> = s.state.lock().queue.iter().map(|d| d.seq).collect();
+        assert_eq!(left, vec![Some(seqs[0]), Some(seqs[2])]);
     }
 }
