@@ -91,7 +91,21 @@ impl Config {
                 "session.default_expiry_secs may not exceed session.max_expiry_secs".into(),
             );
         }
+        let mut names = std::collections::BTreeSet::new();
         for l in &self.listeners {
+            if let Some(name) = &l.name {
+                if name.is_empty() || name.len() > 64 || name.contains(['"', '\\']) {
+                    return Err(format!(
+                        "listener {}: name must be 1-64 characters without quotes or backslashes",
+                        l.bind
+                    ));
+                }
+                if !names.insert(name.as_str()) {
+                    return Err(format!(
+                        "two listeners are named {name:?}; names must differ"
+                    ));
+                }
+            }
             if l.allow_anonymous && l.uses_registry() {
                 return Err(format!(
                     "listener {}: allow_anonymous cannot be combined with tokens or registry = true (clients are checked against the registry)",
@@ -376,6 +390,10 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
+    /// The listener's label in logs and metrics (`listener="..."`); by default its kind
+    /// and address, e.g. `wss/0.0.0.0:443`, so two listeners of one kind stay apart.
+    #[serde(default)]
+    pub name: Option<String>,
     pub kind: ListenerKind,
     #[serde(deserialize_with = "deserialize_bind")]
     pub bind: SocketAddr,
@@ -425,6 +443,7 @@ fn default_ws_path() -> String {
 impl ListenerConfig {
     pub fn default_tcp() -> Self {
         ListenerConfig {
+            name: None,
             kind: ListenerKind::Tcp,
             bind: SocketAddr::from(([127, 0, 0, 1], 1883)),
             allow_anonymous: true,
@@ -454,8 +473,19 @@ impl ListenerConfig {
             .unwrap_or(self.kind == ListenerKind::Tls && self.websocket)
     }
 
-    /// Short name for logs and metrics labels: tcp, tls, ws (plain TCP with
-    /// WebSocket) or wss (TLS with ALPN dispatch and WebSocket).
+    /// The listener's label in logs and metrics once bound to `addr`: its `name`, or
+    /// `kind/address`. Made once per listener at start (and kept for the process's
+    /// life: metric labels are static strings).
+    pub fn label(&self, addr: SocketAddr) -> &'static str {
+        let label = match &self.name {
+            Some(n) => n.clone(),
+            None => format!("{}/{addr}", self.kind_name()),
+        };
+        Box::leak(label.into_boxed_str())
+    }
+
+    /// Short name of the kind: tcp, tls, ws (plain TCP with WebSocket) or wss (TLS
+    /// with ALPN dispatch and WebSocket).
     pub fn kind_name(&self) -> &'static str {
         match (self.kind, self.websocket) {
             (ListenerKind::Tcp, false) => "tcp",
@@ -581,6 +611,26 @@ mod tests {
     }
 
     /// `bind = "localhost:1883"` says what to write instead.
+    #[test]
+    fn listener_names_must_be_sane_and_differ() {
+        let two = |a: &str, b: &str| {
+            toml::from_str::<Config>(&format!(
+                "[[listener]]\nname = {a:?}\nkind = \"tcp\"\nbind = \"127.0.0.1:1\"\n\
+                 [[listener]]\nname = {b:?}\nkind = \"tcp\"\nbind = \"127.0.0.1:2\"\n"
+            ))
+            .unwrap()
+            .validate()
+        };
+        assert_eq!(two("a", "b"), Ok(()));
+        assert!(two("a", "a").unwrap_err().contains("names must differ"));
+        assert!(two("", "b").unwrap_err().contains("1-64 characters"));
+        let l = ListenerConfig::default_tcp();
+        assert_eq!(
+            l.label("127.0.0.1:1883".parse().unwrap()),
+            "tcp/127.0.0.1:1883"
+        );
+    }
+
     #[test]
     fn a_host_name_as_bind_address_says_what_to_write() {
         let err =

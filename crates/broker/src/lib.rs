@@ -167,6 +167,7 @@ impl Server {
                 socket,
                 tls,
                 policy,
+                label: kind,
             });
         }
         let path = config.data_dir.join("fleetcore.redb");
@@ -193,14 +194,16 @@ impl Server {
         hub.reload_trust().map_err(StartError::Config)?;
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
-        for l in bound {
+        for mut l in bound {
             let addr = l.socket.local_addr().map_err(|e| StartError::Listener {
                 bind: l.config.bind,
                 kind: l.config.kind_name(),
                 reason: e.to_string(),
             })?;
+            l.label = l.config.label(addr);
             tracing::info!(
-                listener = l.config.kind_name(),
+                listener = l.label,
+                kind = l.config.kind_name(),
                 addr = %addr,
                 anonymous = l.config.allow_anonymous,
                 "listening"

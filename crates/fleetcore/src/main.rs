@@ -120,10 +120,22 @@ fn load_config(path: &std::path::Path) -> Result<Config> {
     Ok(config)
 }
 
+/// The configured level, plus a quieter default for rustls's handshake parser: it
+/// warns once per connection for a client that sends an IP address as SNI (mosquitto
+/// and paho do when told to connect to an IP), which is legal for clients to do and
+/// harmless. A level that names rustls itself is left as written.
+fn log_directives(level: &str) -> String {
+    if level.contains("rustls") {
+        level.to_string()
+    } else {
+        format!("{level},rustls::msgs::handshake=error")
+    }
+}
+
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .or_else(|_| EnvFilter::try_new(log_directives(&config.log.level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a person at a terminal; a log file gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -162,3 +162,30 @@ fn silent_socket_on_tls_listener_is_closed_after_connect_timeout() {
     broker.assert_healthy();
     assert_mtls_roundtrip(&broker, "things/after-silence");
 }
+
+/// Clients told to connect to an IP address send it as SNI (mosquitto does); that is
+/// no reason for a WARN line per connection in the broker's log.
+#[test]
+fn an_ip_address_as_sni_logs_no_warning() {
+    let broker = tls_broker();
+    let pki = broker.pki();
+    let mut args = broker.mosq_tls(&pki.thing2);
+    let h = args
+        .iter()
+        .position(|a| a == "-h")
+        .expect("-h in the TLS args");
+    args[h + 1] = "127.0.0.1".into();
+    for i in 0..3 {
+        mosquitto_pub(&with(
+            &args,
+            &["-q", "1", "-t", "sni/ip", "-m", &i.to_string()],
+        ));
+    }
+    let log = broker.log();
+    assert!(
+        log.matches("client connected").count() >= 3,
+        "the clients did not connect\n{log}"
+    );
+    let warns: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert!(warns.is_empty(), "{warns:#?}");
+}

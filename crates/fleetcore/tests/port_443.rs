@@ -901,3 +901,25 @@ fn revoking_the_certificate_behind_a_token_cuts_its_sessions_off() {
     );
     assert!(resp.status >= 400, "{}", resp.text());
 }
+
+#[test]
+fn listeners_are_told_apart_in_logs_by_name_or_address() {
+    let broker = TestBroker::start(BrokerOpts::new().ws("name = \"edge-ws\"").wss(""));
+    let log = broker.log();
+    let tcp = format!("listener=\"tcp/127.0.0.1:{}\"", broker.tcp_port());
+    let wss = format!("listener=\"wss/127.0.0.1:{}\"", broker.wss_port());
+    for label in [tcp.as_str(), wss.as_str(), "listener=\"edge-ws\""] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("listening") && l.contains(label)),
+            "no listening line with {label}\n{log}"
+        );
+    }
+    mosquitto_pub(&with(&broker.mosq_tcp(), &["-t", "a", "-m", "b"]));
+    let log = broker.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("client connected") && l.contains(&tcp)),
+        "the connection is not labelled with its listener\n{log}"
+    );
+}

@@ -35,6 +35,8 @@ pub struct Listener {
     pub tls: Option<Arc<crate::transport::tls::TlsSource>>,
     /// The policy every client on this listener is bound by, if any.
     pub policy: Option<Arc<fleetcore_policy::Policy>>,
+    /// The label in logs and metrics ([`crate::config::ListenerConfig::label`]).
+    pub label: &'static str,
 }
 
 /// Decrements the open-connection count when a connection task ends.
@@ -59,7 +61,7 @@ struct Dispatch {
 
 /// Runs the accept loop until shutdown.
 pub async fn run(hub: Arc<Hub>, listener: Listener) {
-    let kind = listener.config.kind_name();
+    let kind = listener.label;
     let dispatch = Arc::new(Dispatch {
         websocket: listener.config.websocket,
         websocket_path: listener.config.websocket_path.clone(),
