@@ -118,6 +118,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "Conflict", message),
             RegistryError::Invalid(_) => ApiError::invalid(message),
             RegistryError::Store(_) => ApiError::unavailable(message),
+            RegistryError::Signing(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "SigningFailed", message)
+            }
         }
     }
 }

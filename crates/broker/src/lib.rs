@@ -191,7 +191,9 @@ impl Server {
                 hub.tls_sources.lock().push(src.clone());
             }
         }
-        hub.reload_trust().map_err(StartError::Config)?;
+        hub.reload_trust().map_err(|e| {
+            StartError::Config(format!("rebuilding TLS trust with registered CAs: {e}"))
+        })?;
         let mut addrs = Vec::new();
         let mut tasks = Vec::new();
         for mut l in bound {

@@ -153,6 +153,28 @@ pub enum RegistryError {
     Invalid(String),
     #[error("registry change not stored: {0}")]
     Store(String),
+    /// A token or its signing key could not be made (the system's random source or
+    /// the key encoding failed); nothing was stored.
+    #[error("token signing failed: {0}")]
+    Signing(String),
+}
+
+/// Why a certificate or token does not identify anyone now (told to the client in the
+/// CONNACK's reason string, and logged).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    #[error("certificate {id} (CN {cn:?}) is not registered")]
+    NotRegistered { id: String, cn: String },
+    #[error("certificate {0} named by the token is not registered")]
+    TokenCertNotRegistered(String),
+    #[error("certificate {id} is {state}")]
+    NotActive { id: String, state: CertState },
+    #[error("thing {0:?} named by the token does not exist")]
+    NoSuchThing(String),
+    #[error("thing {thing:?} is no longer attached to certificate {cert}")]
+    NotAttached { thing: String, cert: String },
+    #[error("certificate {0}: its stored PEM does not read")]
+    UnreadablePem(String),
 }
 
 impl From<StoreError> for RegistryError {
@@ -846,7 +868,7 @@ impl Registry {
         &self,
         cert: &ClientCert,
         client_id: &str,
-    ) -> std::result::Result<Authz, String> {
+    ) -> std::result::Result<Authz, IdentityError> {
         resolve_in(&self.state.read(), cert, client_id)
     }
 
@@ -880,39 +902,37 @@ impl Registry {
         &self,
         claims: &TokenClaims,
         client_id: &str,
-    ) -> std::result::Result<(Authz, ClientCert), String> {
+    ) -> std::result::Result<(Authz, ClientCert), IdentityError> {
         use rustls_pki_types::pem::PemObject;
         let st = self.state.read();
-        let rec = st.certs.get(&claims.cert).ok_or_else(|| {
-            format!(
-                "certificate {} named by the token is not registered",
-                claims.cert
-            )
-        })?;
+        let rec = st
+            .certs
+            .get(&claims.cert)
+            .ok_or_else(|| IdentityError::TokenCertNotRegistered(claims.cert.clone()))?;
         if rec.state != CertState::Active {
-            return Err(format!("certificate {} is {}", rec.id, rec.state));
+            return Err(IdentityError::NotActive {
+                id: rec.id.clone(),
+                state: rec.state,
+            });
         }
         if !st.things.contains_key(&claims.thing) {
-            return Err(format!(
-                "thing {:?} named by the token does not exist",
-                claims.thing
-            ));
+            return Err(IdentityError::NoSuchThing(claims.thing.clone()));
         }
         if !st
             .cert_things
             .get(&rec.id)
             .is_some_and(|t| t.contains(&claims.thing))
         {
-            return Err(format!(
-                "thing {:?} is no longer attached to certificate {}",
-                claims.thing, rec.id
-            ));
+            return Err(IdentityError::NotAttached {
+                thing: claims.thing.clone(),
+                cert: rec.id.clone(),
+            });
         }
         let cert = rustls_pki_types::CertificateDer::from_pem_slice(rec.pem.as_bytes())
             .ok()
             .and_then(|der| ClientCert::from_der(&der))
             .filter(|c| c.fingerprint == rec.id)
-            .ok_or_else(|| format!("certificate {}: its stored PEM does not read", rec.id))?;
+            .ok_or_else(|| IdentityError::UnreadablePem(rec.id.clone()))?;
         let authz = resolve_in(&st, &cert, client_id)?;
         Ok((authz, cert))
     }
@@ -968,7 +988,7 @@ impl Registry {
             .tokens
             .read()
             .issue(thing, &cert_id, iat, iat.saturating_add(ttl_secs))
-            .map_err(|e| RegistryError::Store(e.to_string()))?;
+            .map_err(|e| RegistryError::Signing(e.to_string()))?;
         Ok(issued)
     }
 
@@ -1031,8 +1051,8 @@ impl Registry {
             let newest = ring.signing_key().map(|k| k.created_ms().saturating_add(1));
             (now.max(newest.unwrap_or(0)), ring.expired_keys(now))
         };
-        let stored = StoredKey::generate(created_ms).map_err(|e| RegistryError::Store(e.0))?;
-        let key = TokenKey::load(&stored).map_err(|e| RegistryError::Store(e.0))?;
+        let stored = StoredKey::generate(created_ms).map_err(|e| RegistryError::Signing(e.0))?;
+        let key = TokenKey::load(&stored).map_err(|e| RegistryError::Signing(e.0))?;
         let mut ops = vec![put(TOKEN_KEY, &stored.kid, &stored)];
         ops.extend(pruned.iter().map(|kid| del(TOKEN_KEY, kid)));
         self.commit(ops).await?;
@@ -1044,7 +1064,7 @@ impl Registry {
         }
         ring.infos()
             .pop()
-            .ok_or_else(|| RegistryError::Store("the new token key is missing".into()))
+            .ok_or_else(|| RegistryError::Signing("the new token key is missing".into()))
     }
 }
 
@@ -1053,16 +1073,18 @@ fn resolve_in(
     st: &State,
     cert: &ClientCert,
     client_id: &str,
-) -> std::result::Result<Authz, String> {
+) -> std::result::Result<Authz, IdentityError> {
     let Some(rec) = st.certs.get(&cert.fingerprint) else {
-        return Err(format!(
-            "certificate {} (CN {:?}) is not registered",
-            cert.fingerprint,
-            cert.subject_cn.as_deref().unwrap_or("")
-        ));
+        return Err(IdentityError::NotRegistered {
+            id: cert.fingerprint.clone(),
+            cn: cert.subject_cn.clone().unwrap_or_default(),
+        });
     };
     if rec.state != CertState::Active {
-        return Err(format!("certificate {} is {}", rec.id, rec.state));
+        return Err(IdentityError::NotActive {
+            id: rec.id.clone(),
+            state: rec.state,
+        });
     }
     let attached_things = st.cert_things.get(&rec.id);
     let mut vars = Vars {
@@ -1146,6 +1168,7 @@ mod tests {
         assert!(reg
             .resolve(&c, "computer-a")
             .unwrap_err()
+            .to_string()
             .contains("not registered"));
 
         reg.register_certificate(new_cert("aa11", "computer-a"), CertState::Active)
@@ -1194,6 +1217,7 @@ mod tests {
         assert!(reg
             .resolve(&c, "computer-a")
             .unwrap_err()
+            .to_string()
             .contains("REVOKED"));
         assert_eq!(reg.revoked().len(), 1);
         assert!(reg
@@ -1401,13 +1425,13 @@ mod tests {
         let mut unknown = claims.clone();
         unknown.cert = "00".repeat(32);
         let e = reg.resolve_token(&unknown, "computer-a").unwrap_err();
-        assert!(e.contains("not registered"), "{e}");
+        assert!(e.to_string().contains("not registered"), "{e}");
 
         reg.set_certificate_state(&id, CertState::Inactive)
             .await
             .unwrap();
         let e = reg.resolve_token(&claims, "computer-a").unwrap_err();
-        assert_eq!(e, format!("certificate {id} is INACTIVE"));
+        assert_eq!(e.to_string(), format!("certificate {id} is INACTIVE"));
         reg.set_certificate_state(&id, CertState::Active)
             .await
             .unwrap();
@@ -1415,10 +1439,10 @@ mod tests {
 
         reg.detach_thing("computer-a", &id).await.unwrap();
         let e = reg.resolve_token(&claims, "computer-a").unwrap_err();
-        assert!(e.contains("no longer attached"), "{e}");
+        assert!(e.to_string().contains("no longer attached"), "{e}");
         reg.delete_thing("computer-a").await.unwrap();
         let e = reg.resolve_token(&claims, "computer-a").unwrap_err();
-        assert!(e.contains("does not exist"), "{e}");
+        assert!(e.to_string().contains("does not exist"), "{e}");
         reg.create_thing("computer-a", None, BTreeMap::new())
             .await
             .unwrap();
@@ -1429,7 +1453,7 @@ mod tests {
             .await
             .unwrap();
         let e = reg.resolve_token(&claims, "computer-a").unwrap_err();
-        assert_eq!(e, format!("certificate {id} is REVOKED"));
+        assert_eq!(e.to_string(), format!("certificate {id} is REVOKED"));
         // The token itself still verifies: the certificate is what was withdrawn.
         assert!(reg.verify_token(&issued.token).is_ok());
     }

@@ -329,7 +329,7 @@ pub(super) async fn negotiate<S: AsyncWrite + Unpin>(
                 let (authz, cert) = hub
                     .registry
                     .resolve_token(claims, &client_id)
-                    .map_err(|why| refuse(ConnectReasonCode::NotAuthorized, why))?;
+                    .map_err(|why| refuse(ConnectReasonCode::NotAuthorized, why.to_string()))?;
                 token_cert = Some(cert);
                 authz
             }
@@ -340,7 +340,7 @@ pub(super) async fn negotiate<S: AsyncWrite + Unpin>(
                 cert_id = Some(Arc::from(cert.fingerprint.as_str()));
                 hub.registry
                     .resolve(cert, &client_id)
-                    .map_err(|why| refuse(ConnectReasonCode::NotAuthorized, why))?
+                    .map_err(|why| refuse(ConnectReasonCode::NotAuthorized, why.to_string()))?
             }
             (_, Some(policy)) => Authz::bind(&[policy], &client_id, peer.cert.as_ref()),
             _ => Authz::AllowAll,

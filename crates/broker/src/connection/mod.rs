@@ -420,7 +420,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 self.authz = a;
                 Ok(())
             }
-            Err(why) => Err(Exit::Refuse(DisconnectReasonCode::NotAuthorized, why)),
+            Err(why) => Err(Exit::Refuse(
+                DisconnectReasonCode::NotAuthorized,
+                why.to_string(),
+            )),
         }
     }
 }

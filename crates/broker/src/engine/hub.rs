@@ -874,7 +874,7 @@ impl Hub {
             }
             RegistryEvent::CasChanged => {
                 if let Err(e) = self.reload_trust() {
-                    tracing::error!(error = %e, "registered CAs changed but the TLS listeners could not be rebuilt; they keep the previous trust");
+                    tracing::error!(error = %e, "registered CAs changed but rebuilding TLS trust with them failed; the listeners keep the previous trust");
                 }
             }
         }
@@ -900,11 +900,10 @@ impl Hub {
 
     /// Makes registry listeners trust the CAs registered in the registry
     /// (besides their `client_ca_file`), from the next handshake on.
-    pub fn reload_trust(&self) -> Result<(), String> {
+    pub fn reload_trust(&self) -> Result<(), crate::transport::tls::TlsError> {
         let extra: Vec<String> = self.registry.cas().into_iter().map(|c| c.pem).collect();
         for src in self.tls_sources.lock().iter() {
-            src.reload(&extra)
-                .map_err(|e| format!("rebuilding TLS trust with registered CAs: {e}"))?;
+            src.reload(&extra)?;
         }
         Ok(())
     }
