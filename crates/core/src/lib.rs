@@ -8,7 +8,7 @@
 //! - [`service`]: the `$aws/...` service seam: `TopicService`, `Publisher`, engine `Event`s.
 //! - [`storage`]: the durable records, [`storage::Commit`], and the record-store seam.
 //! - [`encoding`]: hex, the SHA-256 certificate id, base64url (one copy each).
-//! - [`time`]: the [`time::Clock`] seam, unix time, RFC 3339 text.
+//! - [`time`]: unix time, RFC 3339 text.
 #![forbid(unsafe_code)]
 
 pub mod encoding;

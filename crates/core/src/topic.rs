@@ -1,8 +1,8 @@
 //! MQTT topic names and topic filters: what is a valid one, and what matches what.
 //!
 //! Every topic and filter that enters the broker is checked here once, at the edge
-//! (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, will messages), so the [router](crate::router) and
-//! the [retained index](crate::retained) can assume well-formed input and stay fast.
+//! (PUBLISH, SUBSCRIBE, UNSUBSCRIBE, will messages), so the broker's router and
+//! retained index can assume well-formed input and stay fast.
 //!
 //! The rules are those of MQTT 3.1.1 and 5 (section 4.7), plus the limits AWS IoT Core
 //! puts on topics, which fleetcore keeps by default so that clients migrating from it

@@ -394,9 +394,11 @@ fn writer_survives_a_failed_commit() {
 
     full.store(true, Ordering::SeqCst);
     let err = rt.block_on(put("lost")).unwrap_err();
+    assert!(matches!(err, StoreError::DiskFull(_)), "{err:?}");
     assert_eq!(
         err.to_string(),
-        "store commit failed: No space left on device (os error 28)"
+        "the disk holding the store is full (No space left on device (os error 28)); \
+         nothing of this change was written"
     );
     full.store(false, Ordering::SeqCst);
 
