@@ -11,3 +11,6 @@ pub mod certs;
 pub mod hub;
 pub mod services;
 pub mod undo;
+
+#[cfg(test)]
+mod lifecycle_tests;
