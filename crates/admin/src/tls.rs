@@ -10,17 +10,15 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
-use fleetcore_broker::transport::tls::TlsError;
+use fleetcore_broker::transport::tls::{read_certs, read_key, read_roots, TlsError};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -33,30 +31,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; further connections wait in the kernel's backlog.
 const MAX_HANDSHAKES: usize = 256;
 
-#[derive(Debug, thiserror::Error)]
-pub enum AdminTlsError {
-    #[error("cannot read {what} from {path}: {reason}")]
-    File {
-        what: &'static str,
-        path: PathBuf,
-        reason: String,
-    },
-    #[error("{path} holds no {what}")]
-    Empty { what: &'static str, path: PathBuf },
-    #[error("admin API TLS configuration refused: {0}")]
-    Config(String),
-}
-
-fn read_certs(
-    path: &Path,
-    what: &'static str,
-) -> Result<Vec<CertificateDer<'static>>, AdminTlsError> {
-    fleetcore_broker::transport::tls::read_certs(path, what).map_err(|e| match e {
-        TlsError::File { what, path, reason } => AdminTlsError::File { what, path, reason },
-        TlsError::Empty { what, path } => AdminTlsError::Empty { what, path },
-        TlsError::Config(m) => AdminTlsError::Config(m),
-    })
-}
+/// Why the admin API's TLS configuration could not be made: the broker's TLS errors,
+/// as the files are read the same way.
+pub type AdminTlsError = TlsError;
 
 /// The admin API's rustls configuration: `cert_file`/`key_file` as the server's identity;
 /// client certificates are optional, and verified against `client_ca_file` when sent (a
@@ -67,28 +44,19 @@ pub fn server_config(
     client_ca_file: &Path,
 ) -> Result<Arc<ServerConfig>, AdminTlsError> {
     let chain = read_certs(cert_file, "a server certificate")?;
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| AdminTlsError::File {
-        what: "a private key",
-        path: key_file.into(),
-        reason: e.to_string(),
-    })?;
-    let mut roots = RootCertStore::empty();
-    for ca in read_certs(client_ca_file, "a CA certificate")? {
-        roots.add(ca).map_err(|e| {
-            AdminTlsError::Config(format!("CA in {}: {e}", client_ca_file.display()))
-        })?;
-    }
+    let key = read_key(key_file)?;
+    let (roots, _) = read_roots(client_ca_file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()
-        .map_err(|e| AdminTlsError::Config(e.to_string()))?;
+        .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| AdminTlsError::Config(e.to_string()))?
+        .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| AdminTlsError::Config(format!("server certificate and key: {e}")))?;
+        .map_err(|e| TlsError::Config(format!("server certificate and key: {e}")))?;
     // The API speaks HTTP/1.1 only.
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))

@@ -50,23 +50,10 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// The retained topics a fresh subscriber to `fill/#` is given.
 fn retained_topics(broker: &TestBroker) -> BTreeSet<String> {
-    let marker = "e2e-marker/full-disk";
-    let args = ["-V", "mqttv5", "-q", "1", "-t", "fill/#", "-t", marker];
-    let mut sub = mosquitto_sub(&with(&broker.mosq_tcp(), &args));
-    mosquitto_pub(&with(
-        &broker.mosq_tcp(),
-        &["-q", "1", "-t", marker, "-m", "end"],
-    ));
-    let mut found = BTreeSet::new();
-    loop {
-        let (_, retain, topic, _) = expect_mosq_msg(&mut sub, 2 * STEP);
-        if topic == marker {
-            sub.kill();
-            return found;
-        }
-        assert!(retain, "{topic}");
-        found.insert(topic);
-    }
+    retained_under(broker, "fill/#")
+        .into_iter()
+        .map(|(topic, _)| topic)
+        .collect()
 }
 
 /// Publishes `count` retained QoS 1 messages of `size` bytes to `fill/{prefix}{i}`;

@@ -383,6 +383,15 @@ impl Registry {
         Ok(())
     }
 
+    /// The one way a change is made: write `ops` (durable when this returns), then
+    /// apply `change` to memory and move the generation. Called under `write`.
+    async fn apply(&self, ops: Vec<RecordOp>, change: impl FnOnce(&mut State)) -> Result<()> {
+        self.commit(ops).await?;
+        change(&mut self.state.write());
+        self.bump();
+        Ok(())
+    }
+
     fn bump(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -410,12 +419,10 @@ impl Registry {
             version: 1,
             created_ms: now_ms(),
         };
-        self.commit(vec![put(THING, name, &thing)]).await?;
-        self.state
-            .write()
-            .things
-            .insert(name.to_owned(), thing.clone());
-        self.bump();
+        self.apply(vec![put(THING, name, &thing)], |st| {
+            st.things.insert(name.to_owned(), thing.clone());
+        })
+        .await?;
         Ok(thing)
     }
 
@@ -448,12 +455,10 @@ impl Registry {
         }
         valid_attributes(&thing.attributes)?;
         thing.version += 1;
-        self.commit(vec![put(THING, name, &thing)]).await?;
-        self.state
-            .write()
-            .things
-            .insert(name.to_owned(), thing.clone());
-        self.bump();
+        self.apply(vec![put(THING, name, &thing)], |st| {
+            st.things.insert(name.to_owned(), thing.clone());
+        })
+        .await?;
         Ok(thing)
     }
 
@@ -470,9 +475,10 @@ impl Registry {
                 )));
             }
         }
-        self.commit(vec![del(THING, name)]).await?;
-        self.state.write().things.remove(name);
-        self.bump();
+        self.apply(vec![del(THING, name)], |st| {
+            st.things.remove(name);
+        })
+        .await?;
         Ok(())
     }
 
@@ -518,9 +524,10 @@ impl Registry {
             updated_ms: now,
             revoked_ms: (state == CertState::Revoked).then_some(now),
         };
-        self.commit(vec![put(CERT, &rec.id, &rec)]).await?;
-        self.state.write().certs.insert(rec.id.clone(), rec.clone());
-        self.bump();
+        self.apply(vec![put(CERT, &rec.id, &rec)], |st| {
+            st.certs.insert(rec.id.clone(), rec.clone());
+        })
+        .await?;
         Ok(rec)
     }
 
@@ -544,9 +551,10 @@ impl Registry {
         let was = rec.state;
         rec.state = state;
         rec.updated_ms = now;
-        self.commit(vec![put(CERT, id, &rec)]).await?;
-        self.state.write().certs.insert(id.to_owned(), rec.clone());
-        self.bump();
+        self.apply(vec![put(CERT, id, &rec)], |st| {
+            st.certs.insert(id.to_owned(), rec.clone());
+        })
+        .await?;
         if was == CertState::Active && state != CertState::Active {
             self.tell(RegistryEvent::CertificateLeftActive {
                 cert_id: id.to_owned(),
@@ -577,9 +585,10 @@ impl Registry {
                 )));
             }
         }
-        self.commit(vec![del(CERT, id)]).await?;
-        self.state.write().certs.remove(id);
-        self.bump();
+        self.apply(vec![del(CERT, id)], |st| {
+            st.certs.remove(id);
+        })
+        .await?;
         Ok(())
     }
 
@@ -631,12 +640,10 @@ impl Registry {
             default_version: 1,
             created_ms: now,
         };
-        self.commit(vec![put(POLICY, name, &rec)]).await?;
-        self.state
-            .write()
-            .policies
-            .insert(name.to_owned(), (rec.clone(), compiled));
-        self.bump();
+        self.apply(vec![put(POLICY, name, &rec)], |st| {
+            st.policies.insert(name.to_owned(), (rec.clone(), compiled));
+        })
+        .await?;
         Ok(rec)
     }
 
@@ -680,12 +687,10 @@ impl Registry {
         } else {
             old
         };
-        self.commit(vec![put(POLICY, name, &rec)]).await?;
-        self.state
-            .write()
-            .policies
-            .insert(name.to_owned(), (rec.clone(), compiled));
-        self.bump();
+        self.apply(vec![put(POLICY, name, &rec)], |st| {
+            st.policies.insert(name.to_owned(), (rec.clone(), compiled));
+        })
+        .await?;
         Ok(rec)
     }
 
@@ -710,12 +715,10 @@ impl Registry {
             .clone();
         let compiled = compile(name, &doc)?;
         rec.default_version = version;
-        self.commit(vec![put(POLICY, name, &rec)]).await?;
-        self.state
-            .write()
-            .policies
-            .insert(name.to_owned(), (rec.clone(), compiled));
-        self.bump();
+        self.apply(vec![put(POLICY, name, &rec)], |st| {
+            st.policies.insert(name.to_owned(), (rec.clone(), compiled));
+        })
+        .await?;
         Ok(rec)
     }
 
@@ -732,9 +735,10 @@ impl Registry {
                 )));
             }
         }
-        self.commit(vec![del(POLICY, name)]).await?;
-        self.state.write().policies.remove(name);
-        self.bump();
+        self.apply(vec![del(POLICY, name)], |st| {
+            st.policies.remove(name);
+        })
+        .await?;
         Ok(())
     }
 
@@ -802,9 +806,7 @@ impl Registry {
         } else {
             del(kind, &key)
         };
-        self.commit(vec![op]).await?;
-        {
-            let mut st = self.state.write();
+        self.apply(vec![op], |st| {
             let map = if kind == POLICY_ATTACHMENT {
                 &mut st.cert_policies
             } else {
@@ -816,9 +818,8 @@ impl Registry {
             } else {
                 set.remove(target);
             }
-        }
-        self.bump();
-        Ok(())
+        })
+        .await
     }
 
     pub fn certificate_policies(&self, cert_id: &str) -> Vec<String> {
@@ -847,9 +848,10 @@ impl Registry {
                 rec.id
             )));
         }
-        self.commit(vec![put(CA, &rec.id, &rec)]).await?;
-        self.state.write().cas.insert(rec.id.clone(), rec.clone());
-        self.bump();
+        self.apply(vec![put(CA, &rec.id, &rec)], |st| {
+            st.cas.insert(rec.id.clone(), rec.clone());
+        })
+        .await?;
         self.tell(RegistryEvent::CasChanged);
         Ok(rec)
     }

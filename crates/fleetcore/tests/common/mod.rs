@@ -1388,3 +1388,33 @@ pub fn payloads(events: &[Event]) -> Vec<String> {
         .map(|e| e.get("payload").to_string())
         .collect()
 }
+
+/// Subscribes to `filter` and returns the retained (topic, payload) pairs it delivers.
+///
+/// The subscriber also listens on a marker topic; a live marker published after SUBACK
+/// arrives after every retained message the subscription produced, so no fixed wait is
+/// needed to know that the set is complete.
+pub fn retained_under(
+    broker: &TestBroker,
+    filter: &str,
+) -> std::collections::BTreeSet<(String, String)> {
+    let marker = "e2e-marker/retained";
+    let args = ["-V", "mqttv5", "-q", "1", "-t", filter, "-t", marker];
+    let mut sub = mosquitto_sub(&with(&broker.mosq_tcp(), &args));
+    mosquitto_pub(&with(
+        &broker.mosq_tcp(),
+        &["-q", "1", "-t", marker, "-m", "end"],
+    ));
+    let mut found = std::collections::BTreeSet::new();
+    loop {
+        let (_qos, retain, topic, payload) = expect_mosq_msg(&mut sub, STEP);
+        if topic == marker {
+            return found;
+        }
+        assert!(
+            retain,
+            "{topic} {payload:?} arrived on subscribe without the retain flag"
+        );
+        found.insert((topic, payload));
+    }
+}

@@ -32,6 +32,29 @@ pub enum TlsError {
 }
 
 /// Every certificate in a PEM file; an error names the file and what was expected.
+/// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1).
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::File {
+        what: "a private key",
+        path: path.into(),
+        reason: e.to_string(),
+    })
+}
+
+/// Reads the CA certificates of a PEM file into a root store, and as DER.
+pub fn read_roots(path: &Path) -> Result<(RootCertStore, Vec<CertificateDer<'static>>), TlsError> {
+    let mut roots = RootCertStore::empty();
+    let mut ders = Vec::new();
+    for ca in read_certs(path, "a CA certificate")? {
+        ders.push(ca.clone());
+        roots
+            .add(ca)
+            .map_err(|e| TlsError::Config(format!("CA in {}: {e}", path.display())))?;
+    }
+    Ok((roots, ders))
+}
+
+/// Reads the certificates of a PEM file; `what` names them in errors.
 pub fn read_certs(
     path: &Path,
     what: &'static str,
@@ -106,20 +129,9 @@ pub fn server_config_with(
     opts: &TlsOptions,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = read_certs(cert_file, "a server certificate")?;
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| TlsError::File {
-        what: "a private key",
-        path: key_file.into(),
-        reason: e.to_string(),
-    })?;
-    let mut roots = RootCertStore::empty();
+    let key = read_key(key_file)?;
     // Every CA trusted, as DER: what resumption tickets are bound to.
-    let mut trusted: Vec<CertificateDer<'static>> = Vec::new();
-    for ca in read_certs(client_ca_file, "a CA certificate")? {
-        trusted.push(ca.clone());
-        roots
-            .add(ca)
-            .map_err(|e| TlsError::Config(format!("CA in {}: {e}", client_ca_file.display())))?;
-    }
+    let (mut roots, mut trusted) = read_roots(client_ca_file)?;
     for pem in extra_cas {
         for ca in CertificateDer::pem_slice_iter(pem.as_bytes()).flatten() {
             trusted.push(ca.clone());
