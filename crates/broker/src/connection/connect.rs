@@ -257,7 +257,13 @@ pub(super) async fn negotiate<S: AsyncWrite + Unpin>(
                     .map_err(|_| "the password is not a device token".to_string())
                     .and_then(|t| hub.registry.verify_token(t).map_err(|e| e.to_string()))
                     .map_err(|why| refuse(ConnectReasonCode::BadUserNameOrPassword, why))?;
-                if c.username.as_deref() != Some(claims.thing.as_str()) {
+                // The AWS IoT Device SDKs send `thing?SDK=...&Platform=...` as the user
+                // name (their metrics, on by default): the thing is what comes before `?`.
+                let thing = c
+                    .username
+                    .as_deref()
+                    .map(|u| u.split('?').next().unwrap_or(u));
+                if thing != Some(claims.thing.as_str()) {
                     return Err(refuse(
                         ConnectReasonCode::BadUserNameOrPassword,
                         format!(
