@@ -75,8 +75,16 @@ impl DecodeError {
     }
 }
 
+/// MQTT 5 1.5.4 (3.1.1 1.5.3): a UTF-8 string with U+0000 is a malformed packet.
+fn nul_in(what: &str) -> DecodeError {
+    DecodeError::Malformed(format!("U+0000 in {what}"))
+}
+
 fn from_common(e: CodecError) -> DecodeError {
     match e {
+        // The codec refuses U+0000 in topics as an invalid topic; it is malformed.
+        CodecError::InvalidTopicName(t) if t.contains('\0') => nul_in("a topic name"),
+        CodecError::InvalidTopicFilter(t) if t.contains('\0') => nul_in("a topic filter"),
         CodecError::InvalidTopicName(t) => DecodeError::TopicName(t.to_string()),
         CodecError::InvalidTopicFilter(t) => DecodeError::TopicFilter(t.to_string()),
         CodecError::InvalidProtocol(name, level) => {
@@ -174,8 +182,96 @@ pub fn connect_version(frame: &[u8]) -> Result<Version, DecodeError> {
     }
 }
 
+/// The UTF-8 strings of a decoded packet that the codec does not check for U+0000
+/// (it does for topic names and filters): client id, user name, and the string
+/// properties. Any U+0000 makes the packet malformed.
+fn check_no_nul(p: &Packet) -> Result<(), DecodeError> {
+    fn users(u: &[v5::UserProperty]) -> bool {
+        u.iter()
+            .any(|u| u.name.contains('\0') || u.value.contains('\0'))
+    }
+    fn opt(s: &Option<std::sync::Arc<str>>) -> bool {
+        s.as_deref().is_some_and(|s| s.contains('\0'))
+    }
+    let bad = match p {
+        Packet::Connect(c) => {
+            if c.client_id.contains('\0') {
+                return Err(nul_in("the client identifier"));
+            }
+            if opt(&c.username) {
+                return Err(nul_in("the user name"));
+            }
+            users(&c.properties.user_properties)
+                || opt(&c.properties.auth_method)
+                || c.last_will.as_ref().is_some_and(|w| {
+                    users(&w.properties.user_properties) || opt(&w.properties.content_type)
+                })
+        }
+        Packet::Publish(p) => {
+            users(&p.properties.user_properties) || opt(&p.properties.content_type)
+        }
+        Packet::Puback(a) => {
+            users(&a.properties.user_properties) || opt(&a.properties.reason_string)
+        }
+        Packet::Pubrec(a) => {
+            users(&a.properties.user_properties) || opt(&a.properties.reason_string)
+        }
+        Packet::Pubrel(a) => {
+            users(&a.properties.user_properties) || opt(&a.properties.reason_string)
+        }
+        Packet::Pubcomp(a) => {
+            users(&a.properties.user_properties) || opt(&a.properties.reason_string)
+        }
+        Packet::Subscribe(s) => users(&s.properties.user_properties),
+        Packet::Unsubscribe(u) => users(&u.properties.user_properties),
+        Packet::Disconnect(d) => {
+            users(&d.properties.user_properties)
+                || opt(&d.properties.reason_string)
+                || opt(&d.properties.server_reference)
+        }
+        Packet::Auth(a) => {
+            users(&a.properties.user_properties)
+                || opt(&a.properties.reason_string)
+                || opt(&a.properties.auth_method)
+        }
+        _ => false,
+    };
+    if bad {
+        return Err(nul_in("a string property"));
+    }
+    Ok(())
+}
+
+/// A Reason String made from `why`: MQTT 5 1.5.4 forbids U+0000 in it and advises
+/// against other control characters, and `why` may quote what the client sent, so
+/// these are written as `\u{..}` escapes.
+pub fn reason_string(why: &str) -> std::sync::Arc<str> {
+    if !why.chars().any(char::is_control) {
+        return std::sync::Arc::from(why);
+    }
+    let mut out = String::with_capacity(why.len() + 8);
+    for c in why.chars() {
+        if c.is_control() {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    std::sync::Arc::from(out)
+}
+
 /// Decodes one whole frame into the common (MQTT 5 shaped) packet model.
 pub fn decode(version: Version, frame: &[u8]) -> Result<Packet, DecodeError> {
+    let p = decode_unchecked(version, frame)?;
+    // PUBLISH without properties is most of the traffic; its topic was checked.
+    if !matches!(&p, Packet::Publish(p) if p.properties.user_properties.is_empty() && p.properties.content_type.is_none())
+    {
+        check_no_nul(&p)?;
+    }
+    Ok(p)
+}
+
+fn decode_unchecked(version: Version, frame: &[u8]) -> Result<Packet, DecodeError> {
     if version.is_v5() {
         return match Packet::decode(frame) {
             Ok(Some(p)) => Ok(p),
@@ -720,6 +816,42 @@ mod tests {
         let mut out = BytesMut::new();
         encode(Version::V311, &Packet::Suback(suback), &mut out).unwrap();
         assert_eq!(&out[..], &[0x90, 5, 0, 5, 0x01, 0x80, 0x80]);
+    }
+
+    #[test]
+    fn nul_in_any_string_is_malformed() {
+        // PUBLISH, topic "a\0b", v3 and v5 (empty properties).
+        for (version, frame) in [
+            (Version::V311, vec![0x30, 5, 0, 3, b'a', 0, b'b']),
+            (Version::V5, vec![0x30, 6, 0, 3, b'a', 0, b'b', 0]),
+        ] {
+            let e = decode(version, &frame).unwrap_err();
+            assert!(matches!(e, DecodeError::Malformed(_)), "{e:?}");
+            assert!(!e.to_string().contains('\0'));
+        }
+        // SUBSCRIBE to "a\0".
+        let e = decode(Version::V311, &[0x82, 7, 0, 1, 0, 2, b'a', 0, 0]);
+        assert!(matches!(e, Err(DecodeError::Malformed(_))), "{e:?}");
+        // CONNECT 3.1.1 with client id "a\0".
+        let connect = [
+            0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 30, 0, 2, b'a', 0,
+        ];
+        assert!(matches!(
+            decode(Version::V311, &connect),
+            Err(DecodeError::Malformed(_))
+        ));
+        // PUBLISH v5 with a user property "k" = "\0".
+        let publish = [0x30, 12, 0, 1, b't', 7, 0x26, 0, 1, b'k', 0, 1, 0, b'x'];
+        assert!(matches!(
+            decode(Version::V5, &publish),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn reason_strings_carry_no_nul() {
+        assert_eq!(&*reason_string("plain"), "plain");
+        assert_eq!(&*reason_string("a\0b"), "a\\u{0}b");
     }
 
     #[test]

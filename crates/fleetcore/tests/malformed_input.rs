@@ -267,3 +267,148 @@ fn second_connect_is_a_protocol_error() {
     }
     arena.finish();
 }
+
+/// The Reason String (property 0x1F) of a CONNACK or DISCONNECT body whose properties
+/// start at `at`, if it has one.
+fn reason_string_of(body: &[u8], at: usize) -> Option<Vec<u8>> {
+    let mut i = at;
+    let mut len = 0usize;
+    let mut shift = 0;
+    loop {
+        let b = *body.get(i)?;
+        i += 1;
+        len |= usize::from(b & 0x7F) << shift;
+        shift += 7;
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let props = body.get(i..i + len)?;
+    let mut j = 0;
+    while j < props.len() {
+        let id = props[j];
+        j += 1;
+        let two = |j: usize| usize::from(u16::from_be_bytes([props[j], props[j + 1]]));
+        match id {
+            0x1F => return Some(props[j + 2..j + 2 + two(j)].to_vec()),
+            // Strings and binary data: two-byte length.
+            0x03 | 0x08 | 0x09 | 0x12 | 0x15 | 0x16 | 0x1A | 0x1C => j += 2 + two(j),
+            0x26 => {
+                j += 2 + two(j);
+                j += 2 + two(j);
+            }
+            0x11 | 0x27 | 0x02 | 0x18 => j += 4,
+            0x13 | 0x21 | 0x22 | 0x23 => j += 2,
+            0x0B => {
+                while props[j] & 0x80 != 0 {
+                    j += 1;
+                }
+                j += 1;
+            }
+            _ => j += 1,
+        }
+    }
+    None
+}
+
+/// A U+0000 in a topic, a topic filter or a user property is a malformed packet (0x81),
+/// not an invalid topic (0x90/0x8F), and fleetcore's DISCONNECT does not copy the NUL
+/// into its Reason String (which would make it malformed in turn).
+#[test]
+fn nul_in_a_string_is_malformed_and_never_echoed() {
+    let mut arena = Arena::new();
+    let mut publish_v311 = string("a\0b");
+    publish_v311.extend(b"x");
+    let mut publish_v5 = string("a\0b");
+    publish_v5.push(0);
+    publish_v5.extend(b"x");
+    let mut subscribe_v311 = vec![0, 1];
+    subscribe_v311.extend(string("f\0/#"));
+    subscribe_v311.push(0);
+    let mut subscribe_v5 = vec![0, 1, 0];
+    subscribe_v5.extend(string("f\0/#"));
+    subscribe_v5.push(0);
+    let mut user_prop_v5 = string("t");
+    user_prop_v5.push(7);
+    user_prop_v5.push(0x26);
+    user_prop_v5.extend(string("k"));
+    user_prop_v5.extend(string("\0"));
+    let cases: [(&str, Vec<u8>, Option<Vec<u8>>); 3] = [
+        (
+            "topic",
+            packet(0x30, &publish_v5),
+            Some(packet(0x30, &publish_v311)),
+        ),
+        (
+            "topic filter",
+            packet(0x82, &subscribe_v5),
+            Some(packet(0x82, &subscribe_v311)),
+        ),
+        ("user property", packet(0x30, &user_prop_v5), None),
+    ];
+    for (what, v5, v311) in cases {
+        let mut stream = connected(arena.port(), V5, "nul-v5");
+        let _ = stream.write_all(&v5);
+        match read_packet(&mut stream, Instant::now() + STEP) {
+            Incoming::Packet(0xE0, body) => {
+                assert_eq!(body[0], MALFORMED_PACKET, "U+0000 in a {what}: {body:02x?}");
+                if let Some(reason) = reason_string_of(&body, 1) {
+                    assert!(
+                        !reason.contains(&0),
+                        "U+0000 in a {what}: the Reason String has the NUL: {body:02x?}"
+                    );
+                }
+            }
+            other => panic!("U+0000 in a {what}: expected DISCONNECT 0x81, got {other:?}"),
+        }
+        expect_closed(&mut stream, STEP, what);
+        if let Some(v311) = v311 {
+            let mut stream = connected(arena.port(), V311, "nul-v311");
+            let _ = stream.write_all(&v311);
+            expect_closed(&mut stream, STEP, &format!("{what} (3.1.1)"));
+        }
+        arena.bystander_still_served();
+    }
+    arena.finish();
+}
+
+/// A U+0000 in the client identifier or the user name: MQTT 5 gets CONNACK 0x81 (with no
+/// NUL in its Reason String), 3.1.1 is closed without CONNACK (3.1.1 1.5.3: a malformed
+/// string closes the connection).
+#[test]
+fn nul_in_client_id_or_user_name_is_refused() {
+    let mut arena = Arena::new();
+    for (client_id, user) in [("dev\0ice", None), ("device", Some("us\0er"))] {
+        for version in [V5, V311] {
+            let mut body = string("MQTT");
+            body.push(version);
+            body.push(0x02 | if user.is_some() { 0x80 } else { 0 });
+            body.extend(30u16.to_be_bytes());
+            if version == V5 {
+                body.push(0);
+            }
+            body.extend(string(client_id));
+            if let Some(u) = user {
+                body.extend(string(u));
+            }
+            let mut stream = TcpStream::connect(("127.0.0.1", arena.port())).expect("connect");
+            stream
+                .write_all(&packet(0x10, &body))
+                .expect("send CONNECT");
+            let what = format!("client id {client_id:?}, user {user:?}, level {version}");
+            match read_packet(&mut stream, Instant::now() + STEP) {
+                Incoming::Packet(0x20, ack) if version == V5 => {
+                    assert_eq!(ack[1], MALFORMED_PACKET, "{what}: CONNACK {ack:02x?}");
+                    if let Some(reason) = reason_string_of(&ack, 2) {
+                        assert!(!reason.contains(&0), "{what}: NUL in the Reason String");
+                    }
+                    expect_closed(&mut stream, STEP, &what);
+                }
+                Incoming::Closed if version == V311 => {}
+                other => panic!("{what}: got {other:?}"),
+            }
+        }
+        arena.bystander_still_served();
+    }
+    arena.finish();
+}

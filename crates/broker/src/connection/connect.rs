@@ -202,7 +202,7 @@ pub(super) async fn refuse_connect<S: AsyncWrite + Unpin>(
 ) {
     let mut ack = v5::Connack::new(false, code);
     if version.is_v5() {
-        ack.properties.reason_string = Some(Arc::from(why));
+        ack.properties.reason_string = Some(protocol::reason_string(why));
     }
     let mut out = BytesMut::new();
     if protocol::encode(version, &Packet::Connack(ack), &mut out).is_ok() {

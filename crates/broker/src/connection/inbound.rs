@@ -293,7 +293,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     /// Refuses one QoS 1/2 publish with a reason code, keeping the connection.
     pub(super) fn nack(&mut self, qos: QoS, pid: Pid, code: u8, why: String) {
-        let reason = self.problem_info.then(|| Arc::from(why.as_str()));
+        let reason = self.problem_info.then(|| protocol::reason_string(&why));
         if qos == QoS::Level1 {
             let mut ack = v5::Puback::new(
                 pid,

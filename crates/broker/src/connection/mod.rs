@@ -185,7 +185,7 @@ async fn serve_boxed<S>(
             if conn.version.is_v5() {
                 let mut d = v5::Disconnect::new(*code);
                 if conn.problem_info {
-                    d.properties.reason_string = Some(Arc::from(why.as_str()));
+                    d.properties.reason_string = Some(protocol::reason_string(why));
                 }
                 conn.send(&Packet::Disconnect(d), "disconnect");
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.flush()).await;
