@@ -419,7 +419,8 @@ pub fn encode(version: Version, packet: &Packet, out: &mut BytesMut) -> Result<u
     }
     let v3p = match packet {
         Packet::Connack(c) => v3::Packet::Connack(v3::Connack {
-            session_present: c.session_present,
+            // MQTT 3.1 has no Session Present flag: the byte is reserved (0).
+            session_present: c.session_present && version != Version::V31,
             code: connack_v3(c.reason_code),
         }),
         Packet::Publish(p) => v3::Packet::Publish(v3::Publish {

@@ -412,3 +412,42 @@ fn nul_in_client_id_or_user_name_is_refused() {
     }
     arena.finish();
 }
+
+/// MQTT 3.1 (protocol name MQIsdp, level 3) is followed as 3.1, not as 3.1.1: its CONNACK
+/// has no Session Present flag (the byte is reserved, 0, even when a session is resumed),
+/// and a client id of 0 or more than 23 characters gets CONNACK 2 (identifier rejected).
+#[test]
+fn mqtt_3_1_is_served_as_3_1() {
+    let mut arena = Arena::new();
+    let connect31 = |client_id: &str, clean: bool| {
+        let mut body = string("MQIsdp");
+        body.push(3);
+        body.push(u8::from(clean) << 1);
+        body.extend(30u16.to_be_bytes());
+        body.extend(string(client_id));
+        packet(0x10, &body)
+    };
+    let connack = |bytes: &[u8]| {
+        let mut stream = TcpStream::connect(("127.0.0.1", arena.port())).expect("connect");
+        stream.write_all(bytes).expect("send CONNECT");
+        match read_packet(&mut stream, Instant::now() + STEP) {
+            Incoming::Packet(0x20, ack) => (stream, ack),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    };
+    // A persistent session, then its resumption: accepted, and byte 1 stays 0.
+    let (first, ack) = connack(&connect31("old-client-31", false));
+    assert_eq!(ack, [0, 0]);
+    first.shutdown(Shutdown::Both).unwrap();
+    let (second, ack) = connack(&connect31("old-client-31", false));
+    assert_eq!(ack, [0, 0], "a 3.1 CONNACK has no Session Present flag");
+    drop(second);
+    for id in ["", "a-client-id-of-24-chars!"] {
+        let (_, ack) = connack(&connect31(id, true));
+        assert_eq!(ack, [0, 2], "client id {id:?}");
+    }
+    let (_, ack) = connack(&connect31("twenty-three-characters", true));
+    assert_eq!(ack, [0, 0]);
+    arena.bystander_still_served();
+    arena.finish();
+}

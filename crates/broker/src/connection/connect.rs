@@ -297,6 +297,14 @@ pub(super) async fn negotiate<S: AsyncWrite + Unpin>(
                 },
             ));
         }
+        // MQTT 3.1 (3.1, CONNECT payload): the client id is 1 to 23 characters, and
+        // CONNACK 2 (identifier rejected) answers any other.
+        if version == Version::V31 && !(1..=23).contains(&c.client_id.chars().count()) {
+            return Err(refuse(
+                ConnectReasonCode::ClientIdentifierNotValid,
+                "an MQTT 3.1 client id is 1 to 23 characters".into(),
+            ));
+        }
         let mut assigned = None;
         let client_id: Arc<str> = if c.client_id.is_empty() {
             if !version.is_v5() && !c.clean_start {
