@@ -260,8 +260,91 @@ pub fn reason_string(why: &str) -> std::sync::Arc<str> {
     std::sync::Arc::from(out)
 }
 
+/// Walks a whole CONNECT frame as the spec lays it out, which the codec does not
+/// fully do: the reserved flag is 0, the will QoS and retain are 0 without a will and
+/// the QoS is not 3, a 3.1/3.1.1 password comes with a user name, and the fields
+/// named by the flags end exactly where the packet does (no trailing bytes).
+fn check_connect_layout(version: Version, frame: &[u8]) -> Result<(), DecodeError> {
+    let bad = |why: &str| DecodeError::Malformed(format!("CONNECT: {why}"));
+    let short = || bad("shorter than its fields");
+    let mut i = 1;
+    while frame.get(i).is_some_and(|b| b & 0x80 != 0) {
+        i += 1;
+    }
+    i += 1;
+    let two = |i: usize| -> Result<usize, DecodeError> {
+        match frame.get(i..i + 2) {
+            Some(b) => Ok(usize::from(u16::from_be_bytes([b[0], b[1]]))),
+            None => Err(short()),
+        }
+    };
+    // A two-byte length and that many bytes.
+    let skip_field = |i: &mut usize| -> Result<(), DecodeError> {
+        *i += 2 + two(*i)?;
+        Ok(())
+    };
+    let skip_props = |i: &mut usize| -> Result<(), DecodeError> {
+        let mut len = 0usize;
+        for k in 0..4 {
+            let b = *frame.get(*i).ok_or_else(short)?;
+            *i += 1;
+            len |= usize::from(b & 0x7f) << (7 * k);
+            if b & 0x80 == 0 {
+                *i += len;
+                return Ok(());
+            }
+        }
+        Err(bad("property length longer than 4 bytes"))
+    };
+    skip_field(&mut i)?; // protocol name
+    i += 1; // level
+    let flags = *frame.get(i).ok_or_else(short)?;
+    i += 3; // flags, keep alive
+    if flags & 0x01 != 0 {
+        return Err(bad("the reserved flag is set"));
+    }
+    let will = flags & 0x04 != 0;
+    let will_qos = (flags >> 3) & 0x03;
+    if will_qos == 3 {
+        return Err(bad("will QoS 3"));
+    }
+    if !will && (will_qos != 0 || flags & 0x20 != 0) {
+        return Err(bad("will QoS or will retain set without a will"));
+    }
+    let user = flags & 0x80 != 0;
+    let password = flags & 0x40 != 0;
+    if password && !user && !version.is_v5() {
+        return Err(bad("a password without a user name"));
+    }
+    if version.is_v5() {
+        skip_props(&mut i)?;
+    }
+    skip_field(&mut i)?; // client id
+    if will {
+        if version.is_v5() {
+            skip_props(&mut i)?;
+        }
+        skip_field(&mut i)?; // topic
+        skip_field(&mut i)?; // payload
+    }
+    if user {
+        skip_field(&mut i)?;
+    }
+    if password {
+        skip_field(&mut i)?;
+    }
+    match i.cmp(&frame.len()) {
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Less => Err(bad("trailing bytes after its last field")),
+        std::cmp::Ordering::Greater => Err(short()),
+    }
+}
+
 /// Decodes one whole frame into the common (MQTT 5 shaped) packet model.
 pub fn decode(version: Version, frame: &[u8]) -> Result<Packet, DecodeError> {
+    if frame.first().is_some_and(|b| b >> 4 == 1) {
+        check_connect_layout(version, frame)?;
+    }
     let p = decode_unchecked(version, frame)?;
     // PUBLISH without properties is most of the traffic; its topic was checked.
     if !matches!(&p, Packet::Publish(p) if p.properties.user_properties.is_empty() && p.properties.content_type.is_none())
@@ -845,6 +928,54 @@ mod tests {
         let publish = [0x30, 12, 0, 1, b't', 7, 0x26, 0, 1, b'k', 0, 1, 0, b'x'];
         assert!(matches!(
             decode(Version::V5, &publish),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn connect_with_trailing_bytes_or_inconsistent_flags_is_malformed() {
+        // 3.1.1, clean session, keep alive 30, client id "c".
+        let good = vec![
+            0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 1, b'c',
+        ];
+        assert!(decode(Version::V311, &good).is_ok());
+        let mut trailing = good.clone();
+        trailing[1] += 2;
+        trailing.extend([0, 0]);
+        let with_flags = |flags: u8| {
+            let mut f = good.clone();
+            f[9] = flags;
+            f
+        };
+        for (what, frame) in [
+            ("trailing bytes", trailing),
+            ("reserved flag", with_flags(0x03)),
+            ("will QoS without will", with_flags(0x0A)),
+            ("will retain without will", with_flags(0x22)),
+            ("password without user name", with_flags(0x42)),
+            ("user name flag without the field", with_flags(0x82)),
+        ] {
+            assert!(
+                matches!(
+                    decode(Version::V311, &frame),
+                    Err(DecodeError::Malformed(_))
+                ),
+                "{what}: {:?}",
+                decode(Version::V311, &frame)
+            );
+        }
+        // MQTT 5 allows a password without a user name.
+        let mut v5 = vec![0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x42, 0, 30, 0];
+        v5.extend([0, 1, b'c', 0, 1, b'p']);
+        assert!(
+            decode(Version::V5, &v5).is_ok(),
+            "{:?}",
+            decode(Version::V5, &v5)
+        );
+        v5[1] += 1;
+        v5.push(0);
+        assert!(matches!(
+            decode(Version::V5, &v5),
             Err(DecodeError::Malformed(_))
         ));
     }

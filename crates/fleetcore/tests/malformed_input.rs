@@ -451,3 +451,51 @@ fn mqtt_3_1_is_served_as_3_1() {
     arena.bystander_still_served();
     arena.finish();
 }
+
+/// A CONNECT that breaks the rules is refused: MQTT 5 with CONNACK 0x81 (or 0x90 for an
+/// invalid will topic), 3.1.1 by closing the connection without CONNACK (3.1.1 has no
+/// return code for it; 0x03 "server unavailable" was sent for a zero-length will topic,
+/// and trailing bytes or inconsistent flags were accepted).
+#[test]
+fn connect_breaking_the_rules_is_refused() {
+    let mut arena = Arena::new();
+    // flags, then what follows the client id "c"; the properties (v5) are empty.
+    let cases: [(&str, u8, &[u8], u8); 5] = [
+        ("zero-length will topic", 0x06, &[0, 0, 0, 1, b'w'], 0x90),
+        ("trailing bytes", 0x02, &[0xFF, 0xFF], MALFORMED_PACKET),
+        ("will QoS without will", 0x0A, &[], MALFORMED_PACKET),
+        ("will retain without will", 0x22, &[], MALFORMED_PACKET),
+        ("reserved flag set", 0x03, &[], MALFORMED_PACKET),
+    ];
+    for (what, flags, tail, v5_code) in cases {
+        for version in [V5, V311] {
+            let mut body = string("MQTT");
+            body.push(version);
+            body.push(flags);
+            body.extend(30u16.to_be_bytes());
+            if version == V5 {
+                body.push(0);
+            }
+            body.extend(string("c"));
+            if version == V5 && flags & 0x04 != 0 {
+                body.push(0); // will properties
+            }
+            body.extend_from_slice(tail);
+            let mut stream = TcpStream::connect(("127.0.0.1", arena.port())).expect("connect");
+            stream
+                .write_all(&packet(0x10, &body))
+                .expect("send CONNECT");
+            let what = format!("{what} (level {version})");
+            match read_packet(&mut stream, Instant::now() + STEP) {
+                Incoming::Packet(0x20, ack) if version == V5 => {
+                    assert_eq!(ack[1], v5_code, "{what}: CONNACK {ack:02x?}");
+                    expect_closed(&mut stream, STEP, &what);
+                }
+                Incoming::Closed if version == V311 => {}
+                other => panic!("{what}: got {other:?}"),
+            }
+        }
+        arena.bystander_still_served();
+    }
+    arena.finish();
+}

@@ -457,7 +457,18 @@ pub(super) async fn negotiate<S: AsyncWrite + Unpin>(
         Err((code, why)) => {
             tracing::info!(peer = %peer.addr, client_id = %c.client_id, reason = %why, "CONNECT refused");
             m::connection_refused("connect_refused");
-            refuse_connect(stream, version, code, &why).await;
+            // MQTT 3.1/3.1.1 has no CONNACK code for a CONNECT that breaks the rules
+            // (an invalid will topic, say): the connection is closed without one
+            // (3.1.1 3.1.4, 4.8).
+            let violation = matches!(
+                code,
+                ConnectReasonCode::TopicNameInvalid
+                    | ConnectReasonCode::ProtocolError
+                    | ConnectReasonCode::MalformedPacket
+            );
+            if version.is_v5() || !violation {
+                refuse_connect(stream, version, code, &why).await;
+            }
             None
         }
     }
