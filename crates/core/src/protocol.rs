@@ -544,6 +544,59 @@ pub fn encode(version: Version, packet: &Packet, out: &mut BytesMut) -> Result<u
     Ok(bytes.as_ref().len())
 }
 
+/// [`encode`] for a client whose Maximum Packet Size is `max`: a packet that would be
+/// larger goes without its Reason String and User Properties, which MQTT 5 says the
+/// server must not send if they would make it too large (3.2.2.3.9 and the like);
+/// if it is still too large nothing is written and `Ok(None)` says so.
+pub fn encode_within(
+    version: Version,
+    packet: &Packet,
+    max: usize,
+    out: &mut BytesMut,
+) -> Result<Option<usize>, CodecError> {
+    let start = out.len();
+    let n = encode(version, packet, out)?;
+    if n <= max {
+        return Ok(Some(n));
+    }
+    out.truncate(start);
+    if let Some(lean) = without_optional_properties(packet) {
+        let n = encode(version, &lean, out)?;
+        if n <= max {
+            return Ok(Some(n));
+        }
+        out.truncate(start);
+    }
+    Ok(None)
+}
+
+/// `packet` without its Reason String and User Properties, if it has any.
+fn without_optional_properties(packet: &Packet) -> Option<Packet> {
+    macro_rules! strip {
+        ($variant:ident, $p:expr) => {{
+            if $p.properties.reason_string.is_none() && $p.properties.user_properties.is_empty() {
+                return None;
+            }
+            let mut lean = $p.clone();
+            lean.properties.reason_string = None;
+            lean.properties.user_properties = Vec::new();
+            Packet::$variant(lean)
+        }};
+    }
+    Some(match packet {
+        Packet::Connack(p) => strip!(Connack, p),
+        Packet::Puback(p) => strip!(Puback, p),
+        Packet::Pubrec(p) => strip!(Pubrec, p),
+        Packet::Pubrel(p) => strip!(Pubrel, p),
+        Packet::Pubcomp(p) => strip!(Pubcomp, p),
+        Packet::Suback(p) => strip!(Suback, p),
+        Packet::Unsuback(p) => strip!(Unsuback, p),
+        Packet::Disconnect(p) => strip!(Disconnect, p),
+        Packet::Auth(p) => strip!(Auth, p),
+        _ => return None,
+    })
+}
+
 fn connack_v3(code: v5::ConnectReasonCode) -> v3::ConnectReturnCode {
     use v3::ConnectReturnCode as R;
     use v5::ConnectReasonCode as C;
@@ -978,6 +1031,33 @@ mod tests {
             decode(Version::V5, &v5),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn packets_over_the_clients_maximum_lose_reason_string_and_user_properties() {
+        let mut ack = v5::Connack::new(false, v5::ConnectReasonCode::ProtocolError);
+        ack.properties.reason_string = Some("a long explanation of the refusal".into());
+        let packet = Packet::Connack(ack);
+        let mut out = BytesMut::new();
+        let full = encode(Version::V5, &packet, &mut out).unwrap();
+        out.clear();
+        assert_eq!(
+            encode_within(Version::V5, &packet, full, &mut out).unwrap(),
+            Some(full)
+        );
+        out.clear();
+        // Header 2, flags, code, property length 0.
+        assert_eq!(
+            encode_within(Version::V5, &packet, 16, &mut out).unwrap(),
+            Some(5)
+        );
+        assert_eq!(&out[..], &[0x20, 3, 0, 0x82, 0]);
+        out.clear();
+        assert_eq!(
+            encode_within(Version::V5, &packet, 4, &mut out).unwrap(),
+            None
+        );
+        assert!(out.is_empty());
     }
 
     #[test]

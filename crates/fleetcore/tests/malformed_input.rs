@@ -499,3 +499,92 @@ fn connect_breaking_the_rules_is_refused() {
     }
     arena.finish();
 }
+
+/// The client's Maximum Packet Size holds for CONNACK too: a refusal goes without its
+/// Reason String when that would make it too large, and a CONNACK that cannot be made
+/// small enough (here: an assigned client id) is not sent; the connection is closed.
+#[test]
+fn connack_respects_the_clients_maximum_packet_size() {
+    let mut arena = Arena::new();
+    let connect = |client_id: &str, props: &[u8]| {
+        let mut body = string("MQTT");
+        body.push(V5);
+        body.push(0x02);
+        body.extend(30u16.to_be_bytes());
+        body.extend(varint(props.len()));
+        body.extend_from_slice(props);
+        body.extend(string(client_id));
+        packet(0x10, &body)
+    };
+    // Receive Maximum 0 (a protocol error, refused with a Reason String), Maximum Packet
+    // Size 16.
+    let refused = connect("small", &[0x21, 0, 0, 0x27, 0, 0, 0, 16]);
+    let mut stream = TcpStream::connect(("127.0.0.1", arena.port())).expect("connect");
+    stream.write_all(&refused).expect("send CONNECT");
+    match read_packet(&mut stream, Instant::now() + STEP) {
+        Incoming::Packet(0x20, ack) => {
+            assert_eq!(ack[1], PROTOCOL_ERROR, "CONNACK {ack:02x?}");
+            assert!(ack.len() + 2 <= 16, "CONNACK of {} bytes", ack.len() + 2);
+        }
+        other => panic!("expected CONNACK 0x82, got {other:?}"),
+    }
+    // An empty client id gets one assigned: CONNACK is some 40 bytes, over 24.
+    let assigned = connect("", &[0x27, 0, 0, 0, 24]);
+    let mut stream = TcpStream::connect(("127.0.0.1", arena.port())).expect("connect");
+    stream.write_all(&assigned).expect("send CONNECT");
+    match read_packet(&mut stream, Instant::now() + STEP) {
+        Incoming::Closed => {}
+        Incoming::Packet(t, body) => panic!(
+            "a packet of {} bytes over the client's maximum of 24: {t:#04x} {body:02x?}",
+            body.len() + 2
+        ),
+        other => panic!("expected the connection closed, got {other:?}"),
+    }
+    arena.bystander_still_served();
+    arena.finish();
+}
+
+/// An acknowledgement of the wrong kind for a message in flight is a protocol error:
+/// PUBREC for QoS 1 (it was answered with PUBREL), PUBACK for QoS 2 and PUBCOMP before
+/// PUBREC (they were ignored).
+#[test]
+fn wrong_acknowledgement_types_are_protocol_errors() {
+    let mut arena = Arena::new();
+    // (QoS published, the acknowledgement the client answers with)
+    for (qos, ack) in [(1u8, 0x50u8), (2, 0x40), (2, 0x70)] {
+        for version in [V5, V311] {
+            let what = format!("QoS {qos} answered with {ack:#04x} (level {version})");
+            let mut sub = connected(arena.port(), version, &format!("acker-v{version}"));
+            let mut body = vec![0, 1];
+            if version == V5 {
+                body.push(0);
+            }
+            body.extend(string("acks/#"));
+            body.push(2);
+            sub.write_all(&packet(0x82, &body)).expect("SUBSCRIBE");
+            match read_packet(&mut sub, Instant::now() + STEP) {
+                Incoming::Packet(0x90, _) => {}
+                other => panic!("{what}: expected SUBACK, got {other:?}"),
+            }
+            mosquitto_pub(&with(
+                &arena.broker.mosq_tcp(),
+                &["-q", &qos.to_string(), "-t", "acks/x", "-m", "m"],
+            ));
+            let pid = match read_packet(&mut sub, Instant::now() + STEP) {
+                Incoming::Packet(t, body) if t >> 4 == 3 => {
+                    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                    [body[2 + topic_len], body[3 + topic_len]]
+                }
+                other => panic!("{what}: expected PUBLISH, got {other:?}"),
+            };
+            let _ = sub.write_all(&[ack, 2, pid[0], pid[1]]);
+            if version == V5 {
+                expect_disconnect(&mut sub, PROTOCOL_ERROR, &what);
+            } else {
+                expect_closed(&mut sub, STEP, &what);
+            }
+            arena.bystander_still_served();
+        }
+    }
+    arena.finish();
+}

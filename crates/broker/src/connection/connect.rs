@@ -74,13 +74,35 @@ where
                     DisconnectReasonCode::ProtocolError => ConnectReasonCode::ProtocolError,
                     _ => ConnectReasonCode::MalformedPacket,
                 };
-                refuse_connect(&mut stream, version, code, &e.to_string()).await;
+                // The CONNECT could not be read, so neither could the client's
+                // Maximum Packet Size: no Reason String, the smallest CONNACK.
+                refuse_connect(&mut stream, version, code, &e.to_string(), 0).await;
             }
             m::connection_refused("bad_connect");
             return None;
         }
     };
     let setup = negotiate(hub, peer, version, connect, &mut stream).await?;
+    // A CONNACK the client cannot take (its properties, an assigned client id, over
+    // its Maximum Packet Size) is not sent: the connection is closed before the
+    // session is touched. Its size does not depend on Session Present.
+    {
+        let mut probe = v5::Connack::new(false, ConnectReasonCode::Success);
+        probe.properties = setup.connack_props.clone();
+        probe.properties.session_expiry_interval = setup.told_expiry;
+        let mut out = BytesMut::new();
+        let fits = protocol::encode_within(
+            version,
+            &Packet::Connack(probe),
+            setup.client_max_packet,
+            &mut out,
+        );
+        if !matches!(fits, Ok(Some(_))) {
+            tracing::info!(peer = %peer.addr, client_id = %setup.client_id, max = setup.client_max_packet, "CONNACK would exceed the client's maximum packet size; closing");
+            m::connection_refused("connack_too_large");
+            return None;
+        }
+    }
     let conn_id = hub.next_session_id();
     let attached = hub
         .attach(
@@ -199,13 +221,16 @@ pub(super) async fn refuse_connect<S: AsyncWrite + Unpin>(
     version: Version,
     code: ConnectReasonCode,
     why: &str,
+    client_max_packet: usize,
 ) {
     let mut ack = v5::Connack::new(false, code);
     if version.is_v5() {
         ack.properties.reason_string = Some(protocol::reason_string(why));
     }
     let mut out = BytesMut::new();
-    if protocol::encode(version, &Packet::Connack(ack), &mut out).is_ok() {
+    // A CONNACK without its Reason String is 5 bytes: always sent.
+    let max = client_max_packet.max(5);
+    if let Ok(Some(_)) = protocol::encode_within(version, &Packet::Connack(ack), max, &mut out) {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             let _ = stream.write_all(&out).await;
             let _ = stream.flush().await;
@@ -467,7 +492,8 @@ pub(super) async fn negotiate<S: AsyncWrite + Unpin>(
                     | ConnectReasonCode::MalformedPacket
             );
             if version.is_v5() || !violation {
-                refuse_connect(stream, version, code, &why).await;
+                let max = c.properties.max_packet_size.unwrap_or(u32::MAX) as usize;
+                refuse_connect(stream, version, code, &why, max).await;
             }
             None
         }
