@@ -58,6 +58,8 @@ pub enum DecodeError {
     TopicFilter(String),
     #[error("unsupported protocol version: {0}")]
     UnsupportedVersion(String),
+    #[error("payload format invalid: {0}")]
+    PayloadFormat(String),
 }
 
 impl DecodeError {
@@ -71,6 +73,7 @@ impl DecodeError {
             DecodeError::TooLarge { .. } => DisconnectReasonCode::PacketTooLarge,
             DecodeError::TopicName(_) => DisconnectReasonCode::TopicNameInvalid,
             DecodeError::TopicFilter(_) => DisconnectReasonCode::TopicFilterInvalid,
+            DecodeError::PayloadFormat(_) => DisconnectReasonCode::PayloadFormatInvalid,
         }
     }
 }
@@ -102,15 +105,29 @@ fn from_common(e: CodecError) -> DecodeError {
     }
 }
 
+/// The codec's MQTT 5 errors as the spec classes them (docs/conformance.md lists the
+/// mapping and where the spec leaves the choice open).
 fn from_v5(e: ErrorV5) -> DecodeError {
     match e {
         ErrorV5::Common(c) => from_common(c),
+        // 3.3.2.3.2: the receiver that checks answers 0x99 (Payload format invalid).
         ErrorV5::InvalidPayloadFormat => {
-            DecodeError::Malformed("payload is not UTF-8 although flagged so".into())
+            DecodeError::PayloadFormat("payload is not UTF-8 although flagged so".into())
         }
+        // Each property's definition: "It is a Protocol Error to include it more than once".
         ErrorV5::DuplicatedProperty(p) => DecodeError::Protocol(format!("duplicated property {p}")),
+        // 2.2.2.2: an identifier not valid for the packet type is a Malformed Packet.
         ErrorV5::InvalidProperty(t, p) => {
-            DecodeError::Protocol(format!("property {p} not allowed in {t:?}"))
+            DecodeError::Malformed(format!("property {p} not allowed in {t:?}"))
+        }
+        // 3.1.2.11.6/7 and the like: a value other than 0 or 1 is a Protocol Error.
+        ErrorV5::InvalidByteProperty(p, v) => {
+            DecodeError::Protocol(format!("value {v} for property {p}, which takes 0 or 1"))
+        }
+        // 3.8.3.1: reserved bits set or QoS 3 are malformed, Retain Handling 3 is a
+        // Protocol Error.
+        ErrorV5::InvalidSubscriptionOption(o) if o & 0xC0 == 0 && o & 0x03 != 0x03 => {
+            DecodeError::Protocol(format!("subscription options {o:#04x}: Retain Handling 3"))
         }
         other => DecodeError::Malformed(other.to_string()),
     }
@@ -1058,6 +1075,49 @@ mod tests {
             None
         );
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn v5_errors_get_the_reason_codes_the_spec_gives() {
+        let code = |frame: &[u8]| {
+            decode(Version::V5, frame)
+                .map(|_| ())
+                .map_err(|e| e.reason())
+        };
+        use DisconnectReasonCode as R;
+        // PUBLISH "t" with Session Expiry Interval (0x11), not a PUBLISH property.
+        assert_eq!(
+            code(&[0x30, 9, 0, 1, b't', 5, 0x11, 0, 0, 0, 1]),
+            Err(R::MalformedPacket)
+        );
+        // PUBLISH with the Payload Format Indicator twice.
+        assert_eq!(
+            code(&[0x30, 8, 0, 1, b't', 4, 0x01, 0, 0x01, 0]),
+            Err(R::ProtocolError)
+        );
+        // PUBLISH with Payload Format Indicator 2.
+        assert_eq!(
+            code(&[0x30, 6, 0, 1, b't', 2, 0x01, 2]),
+            Err(R::ProtocolError)
+        );
+        // PUBLISH flagged UTF-8 with the payload 0xFF.
+        assert_eq!(
+            code(&[0x30, 7, 0, 1, b't', 2, 0x01, 1, 0xFF]),
+            Err(R::PayloadFormatInvalid)
+        );
+        // SUBSCRIBE "a", options: Retain Handling 3; reserved bits; QoS 3.
+        for (options, want) in [
+            (0x30, R::ProtocolError),
+            (0x40, R::MalformedPacket),
+            (0x03, R::MalformedPacket),
+        ] {
+            assert_eq!(
+                code(&[0x82, 7, 0, 1, 0, 0, 1, b'a', options]),
+                Err(want),
+                "options {options:#04x}"
+            );
+        }
+        assert_eq!(code(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x01]), Ok(()));
     }
 
     #[test]

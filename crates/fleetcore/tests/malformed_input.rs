@@ -588,3 +588,32 @@ fn wrong_acknowledgement_types_are_protocol_errors() {
     }
     arena.finish();
 }
+
+/// A property not valid for the packet type is a Malformed Packet (MQTT 5 2.2.2.2), 0x81,
+/// not a protocol error; a duplicated one is a protocol error, 0x82.
+#[test]
+fn property_not_allowed_in_a_packet_is_malformed() {
+    let mut arena = Arena::new();
+    for (what, props, reason) in [
+        (
+            "Session Expiry Interval in PUBLISH",
+            &[0x11u8, 0, 0, 0, 1][..],
+            MALFORMED_PACKET,
+        ),
+        (
+            "Payload Format Indicator twice",
+            &[0x01, 0, 0x01, 0][..],
+            PROTOCOL_ERROR,
+        ),
+    ] {
+        let mut body = string("props/x");
+        body.extend(varint(props.len()));
+        body.extend_from_slice(props);
+        body.extend(b"x");
+        let mut stream = connected(arena.port(), V5, "props-v5");
+        let _ = stream.write_all(&packet(0x30, &body));
+        expect_disconnect(&mut stream, reason, what);
+        arena.bystander_still_served();
+    }
+    arena.finish();
+}

@@ -72,6 +72,9 @@ where
                 let code = match e.reason() {
                     DisconnectReasonCode::TopicNameInvalid => ConnectReasonCode::TopicNameInvalid,
                     DisconnectReasonCode::ProtocolError => ConnectReasonCode::ProtocolError,
+                    DisconnectReasonCode::PayloadFormatInvalid => {
+                        ConnectReasonCode::PayloadFormatInvalid
+                    }
                     _ => ConnectReasonCode::MalformedPacket,
                 };
                 // The CONNECT could not be read, so neither could the client's
