@@ -333,7 +333,7 @@ fn nul_in_a_string_is_malformed_and_never_echoed() {
     user_prop_v5.push(0x26);
     user_prop_v5.extend(string("k"));
     user_prop_v5.extend(string("\0"));
-    let cases: [(&str, Vec<u8>, Option<Vec<u8>>); 3] = [
+    let cases = [
         (
             "topic",
             packet(0x30, &publish_v5),
