@@ -315,7 +315,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     r = self.flush() => r,
                     k = std::future::poll_fn(|cx| kick_rx.poll_recv(cx)) => {
                         if let Some(exit) = self.drain_before_takeover(&k, will, max_packet) {
-                            return exit;
+                            // The output stopped mid-packet: nothing more can be said.
+                            return match exit {
+                                Exit::Refuse(_, why) => Exit::Abort(why),
+                                other => other,
+                            };
                         }
                         return Exit::Abort(format!("{} (while a write was stalled)", k.message));
                     }
