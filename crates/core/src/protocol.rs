@@ -58,6 +58,8 @@ pub enum DecodeError {
     TopicFilter(String),
     #[error("unsupported protocol version: {0}")]
     UnsupportedVersion(String),
+    #[error("payload format invalid: {0}")]
+    PayloadFormat(String),
 }
 
 impl DecodeError {
@@ -71,12 +73,21 @@ impl DecodeError {
             DecodeError::TooLarge { .. } => DisconnectReasonCode::PacketTooLarge,
             DecodeError::TopicName(_) => DisconnectReasonCode::TopicNameInvalid,
             DecodeError::TopicFilter(_) => DisconnectReasonCode::TopicFilterInvalid,
+            DecodeError::PayloadFormat(_) => DisconnectReasonCode::PayloadFormatInvalid,
         }
     }
 }
 
+/// MQTT 5 1.5.4 (3.1.1 1.5.3): a UTF-8 string with U+0000 is a malformed packet.
+fn nul_in(what: &str) -> DecodeError {
+    DecodeError::Malformed(format!("U+0000 in {what}"))
+}
+
 fn from_common(e: CodecError) -> DecodeError {
     match e {
+        // The codec refuses U+0000 in topics as an invalid topic; it is malformed.
+        CodecError::InvalidTopicName(t) if t.contains('\0') => nul_in("a topic name"),
+        CodecError::InvalidTopicFilter(t) if t.contains('\0') => nul_in("a topic filter"),
         CodecError::InvalidTopicName(t) => DecodeError::TopicName(t.to_string()),
         CodecError::InvalidTopicFilter(t) => DecodeError::TopicFilter(t.to_string()),
         CodecError::InvalidProtocol(name, level) => {
@@ -94,15 +105,29 @@ fn from_common(e: CodecError) -> DecodeError {
     }
 }
 
+/// The codec's MQTT 5 errors as the spec classes them (docs/conformance.md lists the
+/// mapping and where the spec leaves the choice open).
 fn from_v5(e: ErrorV5) -> DecodeError {
     match e {
         ErrorV5::Common(c) => from_common(c),
+        // 3.3.2.3.2: the receiver that checks answers 0x99 (Payload format invalid).
         ErrorV5::InvalidPayloadFormat => {
-            DecodeError::Malformed("payload is not UTF-8 although flagged so".into())
+            DecodeError::PayloadFormat("payload is not UTF-8 although flagged so".into())
         }
+        // Each property's definition: "It is a Protocol Error to include it more than once".
         ErrorV5::DuplicatedProperty(p) => DecodeError::Protocol(format!("duplicated property {p}")),
+        // 2.2.2.2: an identifier not valid for the packet type is a Malformed Packet.
         ErrorV5::InvalidProperty(t, p) => {
-            DecodeError::Protocol(format!("property {p} not allowed in {t:?}"))
+            DecodeError::Malformed(format!("property {p} not allowed in {t:?}"))
+        }
+        // 3.1.2.11.6/7 and the like: a value other than 0 or 1 is a Protocol Error.
+        ErrorV5::InvalidByteProperty(p, v) => {
+            DecodeError::Protocol(format!("value {v} for property {p}, which takes 0 or 1"))
+        }
+        // 3.8.3.1: reserved bits set or QoS 3 are malformed, Retain Handling 3 is a
+        // Protocol Error.
+        ErrorV5::InvalidSubscriptionOption(o) if o & 0xC0 == 0 && o & 0x03 != 0x03 => {
+            DecodeError::Protocol(format!("subscription options {o:#04x}: Retain Handling 3"))
         }
         other => DecodeError::Malformed(other.to_string()),
     }
@@ -174,8 +199,179 @@ pub fn connect_version(frame: &[u8]) -> Result<Version, DecodeError> {
     }
 }
 
+/// The UTF-8 strings of a decoded packet that the codec does not check for U+0000
+/// (it does for topic names and filters): client id, user name, and the string
+/// properties. Any U+0000 makes the packet malformed.
+fn check_no_nul(p: &Packet) -> Result<(), DecodeError> {
+    fn users(u: &[v5::UserProperty]) -> bool {
+        u.iter()
+            .any(|u| u.name.contains('\0') || u.value.contains('\0'))
+    }
+    fn opt(s: &Option<std::sync::Arc<str>>) -> bool {
+        s.as_deref().is_some_and(|s| s.contains('\0'))
+    }
+    let bad = match p {
+        Packet::Connect(c) => {
+            if c.client_id.contains('\0') {
+                return Err(nul_in("the client identifier"));
+            }
+            if opt(&c.username) {
+                return Err(nul_in("the user name"));
+            }
+            users(&c.properties.user_properties)
+                || opt(&c.properties.auth_method)
+                || c.last_will.as_ref().is_some_and(|w| {
+                    users(&w.properties.user_properties) || opt(&w.properties.content_type)
+                })
+        }
+        Packet::Publish(p) => {
+            users(&p.properties.user_properties) || opt(&p.properties.content_type)
+        }
+        Packet::Puback(a) => {
+            users(&a.properties.user_properties) || opt(&a.properties.reason_string)
+        }
+        Packet::Pubrec(a) => {
+            users(&a.properties.user_properties) || opt(&a.properties.reason_string)
+        }
+        Packet::Pubrel(a) => {
+            users(&a.properties.user_properties) || opt(&a.properties.reason_string)
+        }
+        Packet::Pubcomp(a) => {
+            users(&a.properties.user_properties) || opt(&a.properties.reason_string)
+        }
+        Packet::Subscribe(s) => users(&s.properties.user_properties),
+        Packet::Unsubscribe(u) => users(&u.properties.user_properties),
+        Packet::Disconnect(d) => {
+            users(&d.properties.user_properties)
+                || opt(&d.properties.reason_string)
+                || opt(&d.properties.server_reference)
+        }
+        Packet::Auth(a) => {
+            users(&a.properties.user_properties)
+                || opt(&a.properties.reason_string)
+                || opt(&a.properties.auth_method)
+        }
+        _ => false,
+    };
+    if bad {
+        return Err(nul_in("a string property"));
+    }
+    Ok(())
+}
+
+/// A Reason String made from `why`: MQTT 5 1.5.4 forbids U+0000 in it and advises
+/// against other control characters, and `why` may quote what the client sent, so
+/// these are written as `\u{..}` escapes.
+pub fn reason_string(why: &str) -> std::sync::Arc<str> {
+    if !why.chars().any(char::is_control) {
+        return std::sync::Arc::from(why);
+    }
+    let mut out = String::with_capacity(why.len() + 8);
+    for c in why.chars() {
+        if c.is_control() {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    std::sync::Arc::from(out)
+}
+
+/// Walks a whole CONNECT frame as the spec lays it out, which the codec does not
+/// fully do: the reserved flag is 0, the will QoS and retain are 0 without a will and
+/// the QoS is not 3, a 3.1/3.1.1 password comes with a user name, and the fields
+/// named by the flags end exactly where the packet does (no trailing bytes).
+fn check_connect_layout(version: Version, frame: &[u8]) -> Result<(), DecodeError> {
+    let bad = |why: &str| DecodeError::Malformed(format!("CONNECT: {why}"));
+    let short = || bad("shorter than its fields");
+    let mut i = 1;
+    while frame.get(i).is_some_and(|b| b & 0x80 != 0) {
+        i += 1;
+    }
+    i += 1;
+    let two = |i: usize| -> Result<usize, DecodeError> {
+        match frame.get(i..i + 2) {
+            Some(b) => Ok(usize::from(u16::from_be_bytes([b[0], b[1]]))),
+            None => Err(short()),
+        }
+    };
+    // A two-byte length and that many bytes.
+    let skip_field = |i: &mut usize| -> Result<(), DecodeError> {
+        *i += 2 + two(*i)?;
+        Ok(())
+    };
+    let skip_props = |i: &mut usize| -> Result<(), DecodeError> {
+        let mut len = 0usize;
+        for k in 0..4 {
+            let b = *frame.get(*i).ok_or_else(short)?;
+            *i += 1;
+            len |= usize::from(b & 0x7f) << (7 * k);
+            if b & 0x80 == 0 {
+                *i += len;
+                return Ok(());
+            }
+        }
+        Err(bad("property length longer than 4 bytes"))
+    };
+    skip_field(&mut i)?; // protocol name
+    i += 1; // level
+    let flags = *frame.get(i).ok_or_else(short)?;
+    i += 3; // flags, keep alive
+    if flags & 0x01 != 0 {
+        return Err(bad("the reserved flag is set"));
+    }
+    let will = flags & 0x04 != 0;
+    let will_qos = (flags >> 3) & 0x03;
+    if will_qos == 3 {
+        return Err(bad("will QoS 3"));
+    }
+    if !will && (will_qos != 0 || flags & 0x20 != 0) {
+        return Err(bad("will QoS or will retain set without a will"));
+    }
+    let user = flags & 0x80 != 0;
+    let password = flags & 0x40 != 0;
+    if password && !user && !version.is_v5() {
+        return Err(bad("a password without a user name"));
+    }
+    if version.is_v5() {
+        skip_props(&mut i)?;
+    }
+    skip_field(&mut i)?; // client id
+    if will {
+        if version.is_v5() {
+            skip_props(&mut i)?;
+        }
+        skip_field(&mut i)?; // topic
+        skip_field(&mut i)?; // payload
+    }
+    if user {
+        skip_field(&mut i)?;
+    }
+    if password {
+        skip_field(&mut i)?;
+    }
+    match i.cmp(&frame.len()) {
+        std::cmp::Ordering::Equal => Ok(()),
+        std::cmp::Ordering::Less => Err(bad("trailing bytes after its last field")),
+        std::cmp::Ordering::Greater => Err(short()),
+    }
+}
+
 /// Decodes one whole frame into the common (MQTT 5 shaped) packet model.
 pub fn decode(version: Version, frame: &[u8]) -> Result<Packet, DecodeError> {
+    if frame.first().is_some_and(|b| b >> 4 == 1) {
+        check_connect_layout(version, frame)?;
+    }
+    let p = decode_unchecked(version, frame)?;
+    // PUBLISH without properties is most of the traffic; its topic was checked.
+    if !matches!(&p, Packet::Publish(p) if p.properties.user_properties.is_empty() && p.properties.content_type.is_none())
+    {
+        check_no_nul(&p)?;
+    }
+    Ok(p)
+}
+
+fn decode_unchecked(version: Version, frame: &[u8]) -> Result<Packet, DecodeError> {
     if version.is_v5() {
         return match Packet::decode(frame) {
             Ok(Some(p)) => Ok(p),
@@ -323,7 +519,8 @@ pub fn encode(version: Version, packet: &Packet, out: &mut BytesMut) -> Result<u
     }
     let v3p = match packet {
         Packet::Connack(c) => v3::Packet::Connack(v3::Connack {
-            session_present: c.session_present,
+            // MQTT 3.1 has no Session Present flag: the byte is reserved (0).
+            session_present: c.session_present && version != Version::V31,
             code: connack_v3(c.reason_code),
         }),
         Packet::Publish(p) => v3::Packet::Publish(v3::Publish {
@@ -362,6 +559,59 @@ pub fn encode(version: Version, packet: &Packet, out: &mut BytesMut) -> Result<u
     let bytes = v3p.encode()?;
     out.extend_from_slice(bytes.as_ref());
     Ok(bytes.as_ref().len())
+}
+
+/// [`encode`] for a client whose Maximum Packet Size is `max`: a packet that would be
+/// larger goes without its Reason String and User Properties, which MQTT 5 says the
+/// server must not send if they would make it too large (3.2.2.3.9 and the like);
+/// if it is still too large nothing is written and `Ok(None)` says so.
+pub fn encode_within(
+    version: Version,
+    packet: &Packet,
+    max: usize,
+    out: &mut BytesMut,
+) -> Result<Option<usize>, CodecError> {
+    let start = out.len();
+    let n = encode(version, packet, out)?;
+    if n <= max {
+        return Ok(Some(n));
+    }
+    out.truncate(start);
+    if let Some(lean) = without_optional_properties(packet) {
+        let n = encode(version, &lean, out)?;
+        if n <= max {
+            return Ok(Some(n));
+        }
+        out.truncate(start);
+    }
+    Ok(None)
+}
+
+/// `packet` without its Reason String and User Properties, if it has any.
+fn without_optional_properties(packet: &Packet) -> Option<Packet> {
+    macro_rules! strip {
+        ($variant:ident, $p:expr) => {{
+            if $p.properties.reason_string.is_none() && $p.properties.user_properties.is_empty() {
+                return None;
+            }
+            let mut lean = $p.clone();
+            lean.properties.reason_string = None;
+            lean.properties.user_properties = Vec::new();
+            Packet::$variant(lean)
+        }};
+    }
+    Some(match packet {
+        Packet::Connack(p) => strip!(Connack, p),
+        Packet::Puback(p) => strip!(Puback, p),
+        Packet::Pubrec(p) => strip!(Pubrec, p),
+        Packet::Pubrel(p) => strip!(Pubrel, p),
+        Packet::Pubcomp(p) => strip!(Pubcomp, p),
+        Packet::Suback(p) => strip!(Suback, p),
+        Packet::Unsuback(p) => strip!(Unsuback, p),
+        Packet::Disconnect(p) => strip!(Disconnect, p),
+        Packet::Auth(p) => strip!(Auth, p),
+        _ => return None,
+    })
 }
 
 fn connack_v3(code: v5::ConnectReasonCode) -> v3::ConnectReturnCode {
@@ -720,6 +970,160 @@ mod tests {
         let mut out = BytesMut::new();
         encode(Version::V311, &Packet::Suback(suback), &mut out).unwrap();
         assert_eq!(&out[..], &[0x90, 5, 0, 5, 0x01, 0x80, 0x80]);
+    }
+
+    #[test]
+    fn nul_in_any_string_is_malformed() {
+        // PUBLISH, topic "a\0b", v3 and v5 (empty properties).
+        for (version, frame) in [
+            (Version::V311, vec![0x30, 5, 0, 3, b'a', 0, b'b']),
+            (Version::V5, vec![0x30, 6, 0, 3, b'a', 0, b'b', 0]),
+        ] {
+            let e = decode(version, &frame).unwrap_err();
+            assert!(matches!(e, DecodeError::Malformed(_)), "{e:?}");
+            assert!(!e.to_string().contains('\0'));
+        }
+        // SUBSCRIBE to "a\0".
+        let e = decode(Version::V311, &[0x82, 7, 0, 1, 0, 2, b'a', 0, 0]);
+        assert!(matches!(e, Err(DecodeError::Malformed(_))), "{e:?}");
+        // CONNECT 3.1.1 with client id "a\0".
+        let connect = [
+            0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 30, 0, 2, b'a', 0,
+        ];
+        assert!(matches!(
+            decode(Version::V311, &connect),
+            Err(DecodeError::Malformed(_))
+        ));
+        // PUBLISH v5 with a user property "k" = "\0".
+        let publish = [0x30, 12, 0, 1, b't', 7, 0x26, 0, 1, b'k', 0, 1, 0, b'x'];
+        assert!(matches!(
+            decode(Version::V5, &publish),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn connect_with_trailing_bytes_or_inconsistent_flags_is_malformed() {
+        // 3.1.1, clean session, keep alive 30, client id "c".
+        let good = vec![
+            0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 1, b'c',
+        ];
+        assert!(decode(Version::V311, &good).is_ok());
+        let mut trailing = good.clone();
+        trailing[1] += 2;
+        trailing.extend([0, 0]);
+        let with_flags = |flags: u8| {
+            let mut f = good.clone();
+            f[9] = flags;
+            f
+        };
+        for (what, frame) in [
+            ("trailing bytes", trailing),
+            ("reserved flag", with_flags(0x03)),
+            ("will QoS without will", with_flags(0x0A)),
+            ("will retain without will", with_flags(0x22)),
+            ("password without user name", with_flags(0x42)),
+            ("user name flag without the field", with_flags(0x82)),
+        ] {
+            assert!(
+                matches!(
+                    decode(Version::V311, &frame),
+                    Err(DecodeError::Malformed(_))
+                ),
+                "{what}: {:?}",
+                decode(Version::V311, &frame)
+            );
+        }
+        // MQTT 5 allows a password without a user name.
+        let mut v5 = vec![0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x42, 0, 30, 0];
+        v5.extend([0, 1, b'c', 0, 1, b'p']);
+        assert!(
+            decode(Version::V5, &v5).is_ok(),
+            "{:?}",
+            decode(Version::V5, &v5)
+        );
+        v5[1] += 1;
+        v5.push(0);
+        assert!(matches!(
+            decode(Version::V5, &v5),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn packets_over_the_clients_maximum_lose_reason_string_and_user_properties() {
+        let mut ack = v5::Connack::new(false, v5::ConnectReasonCode::ProtocolError);
+        ack.properties.reason_string = Some("a long explanation of the refusal".into());
+        let packet = Packet::Connack(ack);
+        let mut out = BytesMut::new();
+        let full = encode(Version::V5, &packet, &mut out).unwrap();
+        out.clear();
+        assert_eq!(
+            encode_within(Version::V5, &packet, full, &mut out).unwrap(),
+            Some(full)
+        );
+        out.clear();
+        // Header 2, flags, code, property length 0.
+        assert_eq!(
+            encode_within(Version::V5, &packet, 16, &mut out).unwrap(),
+            Some(5)
+        );
+        assert_eq!(&out[..], &[0x20, 3, 0, 0x82, 0]);
+        out.clear();
+        assert_eq!(
+            encode_within(Version::V5, &packet, 4, &mut out).unwrap(),
+            None
+        );
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn v5_errors_get_the_reason_codes_the_spec_gives() {
+        let code = |frame: &[u8]| {
+            decode(Version::V5, frame)
+                .map(|_| ())
+                .map_err(|e| e.reason())
+        };
+        use DisconnectReasonCode as R;
+        // PUBLISH "t" with Session Expiry Interval (0x11), not a PUBLISH property.
+        assert_eq!(
+            code(&[0x30, 9, 0, 1, b't', 5, 0x11, 0, 0, 0, 1]),
+            Err(R::MalformedPacket)
+        );
+        // PUBLISH with the Payload Format Indicator twice.
+        assert_eq!(
+            code(&[0x30, 8, 0, 1, b't', 4, 0x01, 0, 0x01, 0]),
+            Err(R::ProtocolError)
+        );
+        // PUBLISH with Payload Format Indicator 2.
+        assert_eq!(
+            code(&[0x30, 6, 0, 1, b't', 2, 0x01, 2]),
+            Err(R::ProtocolError)
+        );
+        // PUBLISH flagged UTF-8 with the payload 0xFF.
+        assert_eq!(
+            code(&[0x30, 7, 0, 1, b't', 2, 0x01, 1, 0xFF]),
+            Err(R::PayloadFormatInvalid)
+        );
+        // SUBSCRIBE "a", options: Retain Handling 3; reserved bits; QoS 3.
+        for (options, want) in [
+            (0x30, R::ProtocolError),
+            (0x40, R::MalformedPacket),
+            (0x03, R::MalformedPacket),
+        ] {
+            assert_eq!(
+                code(&[0x82, 7, 0, 1, 0, 0, 1, b'a', options]),
+                Err(want),
+                "options {options:#04x}"
+            );
+        }
+        assert_eq!(code(&[0x82, 7, 0, 1, 0, 0, 1, b'a', 0x01]), Ok(()));
+    }
+
+    #[test]
+    fn reason_strings_carry_no_nul() {
+        assert_eq!(&*reason_string("plain"), "plain");
+        assert_eq!(&*reason_string("a\0b"), "a\\u{0}b");
     }
 
     #[test]

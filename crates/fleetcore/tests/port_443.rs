@@ -923,3 +923,50 @@ fn listeners_are_told_apart_in_logs_by_name_or_address() {
         "the connection is not labelled with its listener\n{log}"
     );
 }
+
+/// The AWS IoT Device SDKs send `thing?SDK=...&Platform=...` as the MQTT user name (their
+/// metrics, on by default): with a token it counts as `thing`, and only the part before `?`
+/// names the thing.
+#[test]
+fn an_aws_iot_sdk_user_name_with_metrics_is_taken_as_the_thing_name() {
+    let (broker, _fleet, _dir) = token_broker(BrokerOpts::new());
+    let token = issue_token(&broker, "computer-a", "1h");
+    let sdk = "?SDK=IoTDeviceSDK/Python&Version=1.11.0&Platform=Linux";
+    for protocol in ["5", "3.1.1"] {
+        let mut agent = paho_token(
+            &broker,
+            &format!("computer-a{sdk}"),
+            &token,
+            &[
+                "--protocol",
+                protocol,
+                "--client-id",
+                "computer-a",
+                "--filter",
+                "customer-a/computer-a/#",
+                "--exit-after-subscribe",
+            ],
+        );
+        assert_eq!(
+            agent.expect_event("suback", 10 * SEC).get("codes"),
+            "1",
+            "v{protocol}: {}",
+            agent.transcript()
+        );
+    }
+    for user in [format!("computer-b{sdk}"), format!("x?computer-a{sdk}")] {
+        let mut c = paho_token(
+            &broker,
+            &user,
+            &token,
+            &["--client-id", "computer-a", "--exit-after-subscribe"],
+        );
+        assert_eq!(
+            c.expect_event("connack", 10 * SEC).get("reason_code"),
+            "134",
+            "{user}: {}",
+            c.transcript()
+        );
+    }
+    broker.assert_no_panic_logged();
+}

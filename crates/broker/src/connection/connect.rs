@@ -72,15 +72,40 @@ where
                 let code = match e.reason() {
                     DisconnectReasonCode::TopicNameInvalid => ConnectReasonCode::TopicNameInvalid,
                     DisconnectReasonCode::ProtocolError => ConnectReasonCode::ProtocolError,
+                    DisconnectReasonCode::PayloadFormatInvalid => {
+                        ConnectReasonCode::PayloadFormatInvalid
+                    }
                     _ => ConnectReasonCode::MalformedPacket,
                 };
-                refuse_connect(&mut stream, version, code, &e.to_string()).await;
+                // The CONNECT could not be read, so neither could the client's
+                // Maximum Packet Size: no Reason String, the smallest CONNACK.
+                refuse_connect(&mut stream, version, code, &e.to_string(), 0).await;
             }
             m::connection_refused("bad_connect");
             return None;
         }
     };
     let setup = negotiate(hub, peer, version, connect, &mut stream).await?;
+    // A CONNACK the client cannot take (its properties, an assigned client id, over
+    // its Maximum Packet Size) is not sent: the connection is closed before the
+    // session is touched. Its size does not depend on Session Present.
+    {
+        let mut probe = v5::Connack::new(false, ConnectReasonCode::Success);
+        probe.properties = setup.connack_props.clone();
+        probe.properties.session_expiry_interval = setup.told_expiry;
+        let mut out = BytesMut::new();
+        let fits = protocol::encode_within(
+            version,
+            &Packet::Connack(probe),
+            setup.client_max_packet,
+            &mut out,
+        );
+        if !matches!(fits, Ok(Some(_))) {
+            tracing::info!(peer = %peer.addr, client_id = %setup.client_id, max = setup.client_max_packet, "CONNACK would exceed the client's maximum packet size; closing");
+            m::connection_refused("connack_too_large");
+            return None;
+        }
+    }
     let conn_id = hub.next_session_id();
     let attached = hub
         .attach(
@@ -202,13 +227,16 @@ pub(super) async fn refuse_connect<S: AsyncWrite + Unpin>(
     version: Version,
     code: ConnectReasonCode,
     why: &str,
+    client_max_packet: usize,
 ) {
     let mut ack = v5::Connack::new(false, code);
     if version.is_v5() {
-        ack.properties.reason_string = Some(Arc::from(why));
+        ack.properties.reason_string = Some(protocol::reason_string(why));
     }
     let mut out = BytesMut::new();
-    if protocol::encode(version, &Packet::Connack(ack), &mut out).is_ok() {
+    // A CONNACK without its Reason String is 5 bytes: always sent.
+    let max = client_max_packet.max(5);
+    if let Ok(Some(_)) = protocol::encode_within(version, &Packet::Connack(ack), max, &mut out) {
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             let _ = stream.write_all(&out).await;
             let _ = stream.flush().await;
@@ -260,7 +288,13 @@ pub(super) async fn negotiate<S: AsyncWrite + Unpin>(
                     .map_err(|_| "the password is not a device token".to_string())
                     .and_then(|t| hub.registry.verify_token(t).map_err(|e| e.to_string()))
                     .map_err(|why| refuse(ConnectReasonCode::BadUserNameOrPassword, why))?;
-                if c.username.as_deref() != Some(claims.thing.as_str()) {
+                // The AWS IoT Device SDKs send `thing?SDK=...&Platform=...` as the user
+                // name (their metrics, on by default): the thing is what comes before `?`.
+                let thing = c
+                    .username
+                    .as_deref()
+                    .map(|u| u.split('?').next().unwrap_or(u));
+                if thing != Some(claims.thing.as_str()) {
                     return Err(refuse(
                         ConnectReasonCode::BadUserNameOrPassword,
                         format!(
@@ -292,6 +326,14 @@ pub(super) async fn negotiate<S: AsyncWrite + Unpin>(
                 } else {
                     "this listener requires a client certificate".into()
                 },
+            ));
+        }
+        // MQTT 3.1 (3.1, CONNECT payload): the client id is 1 to 23 characters, and
+        // CONNACK 2 (identifier rejected) answers any other.
+        if version == Version::V31 && !(1..=23).contains(&c.client_id.chars().count()) {
+            return Err(refuse(
+                ConnectReasonCode::ClientIdentifierNotValid,
+                "an MQTT 3.1 client id is 1 to 23 characters".into(),
             ));
         }
         let mut assigned = None;
@@ -446,7 +488,19 @@ pub(super) async fn negotiate<S: AsyncWrite + Unpin>(
         Err((code, why)) => {
             tracing::info!(peer = %peer.addr, client_id = %c.client_id, reason = %why, "CONNECT refused");
             m::connection_refused("connect_refused");
-            refuse_connect(stream, version, code, &why).await;
+            // MQTT 3.1/3.1.1 has no CONNACK code for a CONNECT that breaks the rules
+            // (an invalid will topic, say): the connection is closed without one
+            // (3.1.1 3.1.4, 4.8).
+            let violation = matches!(
+                code,
+                ConnectReasonCode::TopicNameInvalid
+                    | ConnectReasonCode::ProtocolError
+                    | ConnectReasonCode::MalformedPacket
+            );
+            if version.is_v5() || !violation {
+                let max = c.properties.max_packet_size.unwrap_or(u32::MAX) as usize;
+                refuse_connect(stream, version, code, &why, max).await;
+            }
             None
         }
     }

@@ -3,6 +3,19 @@
 
 use super::*;
 
+/// The protocol error for an acknowledgement of the wrong kind for a message in flight.
+fn wrong_ack(kind: &str, pid: u16, inf: &Inflight) -> Exit {
+    let expected = match (inf.delivery.qos, inf.state) {
+        (QoS::Level2, InflightState::Published) => "PUBREC",
+        (QoS::Level2, InflightState::Released) => "PUBCOMP",
+        _ => "PUBACK",
+    };
+    Exit::Refuse(
+        DisconnectReasonCode::ProtocolError,
+        format!("{kind} for packet id {pid}, which awaits {expected}"),
+    )
+}
+
 /// A connection's MQTT 5 topic aliases, both ways.
 #[derive(Default)]
 pub(super) struct Aliases {
@@ -16,20 +29,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     pub(super) fn handle(&mut self, packet: Packet, will: &mut Will) -> Result<(), Exit> {
         match packet {
             Packet::Publish(p) => self.on_publish(p),
+            // An acknowledgement of the wrong kind for a message in flight (PUBACK for
+            // QoS 2, PUBREC for QoS 1, PUBCOMP before PUBREL) is a protocol error
+            // (MQTT 5 4.3, 4.13); one for an unknown packet id is not.
             Packet::Puback(a) => {
                 let pid = a.pid.value();
                 if let Some(inf) = self.inflight.get(&pid) {
-                    if inf.delivery.qos == QoS::Level1 {
-                        let inf = self.inflight.remove(&pid);
-                        if let Some(inf) = inf {
-                            self.forget_stored(&inf.delivery);
-                        }
+                    if inf.delivery.qos != QoS::Level1 {
+                        return Err(wrong_ack("PUBACK", pid, inf));
+                    }
+                    let inf = self.inflight.remove(&pid);
+                    if let Some(inf) = inf {
+                        self.forget_stored(&inf.delivery);
                     }
                 }
                 Ok(())
             }
             Packet::Pubrec(r) => {
                 let pid = r.pid.value();
+                if let Some(inf) = self.inflight.get(&pid) {
+                    if inf.delivery.qos != QoS::Level2 {
+                        return Err(wrong_ack("PUBREC", pid, inf));
+                    }
+                }
                 let known = self
                     .inflight
                     .get(&pid)
@@ -59,6 +81,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             }
             Packet::Pubcomp(c) => {
                 let pid = c.pid.value();
+                if let Some(inf) = self.inflight.get(&pid) {
+                    if inf.state != InflightState::Released {
+                        return Err(wrong_ack("PUBCOMP", pid, inf));
+                    }
+                }
                 if self
                     .inflight
                     .get(&pid)
@@ -293,7 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     /// Refuses one QoS 1/2 publish with a reason code, keeping the connection.
     pub(super) fn nack(&mut self, qos: QoS, pid: Pid, code: u8, why: String) {
-        let reason = self.problem_info.then(|| Arc::from(why.as_str()));
+        let reason = self.problem_info.then(|| protocol::reason_string(&why));
         if qos == QoS::Level1 {
             let mut ack = v5::Puback::new(
                 pid,

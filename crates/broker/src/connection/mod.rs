@@ -56,6 +56,8 @@ use outbound::{AfterCommit, PendingAcks};
 pub const WRITE_STALL: Duration = Duration::from_secs(30);
 /// Stop filling the write buffer past this; flush first.
 const OUT_HIGH_WATER: usize = 64 * 1024;
+/// At most this much input is read and handled from a connection being taken over.
+const DRAIN_BUDGET: usize = 256 * 1024;
 
 /// Who is on the other end, as the listener saw it.
 #[derive(Debug, Clone)]
@@ -183,7 +185,7 @@ async fn serve_boxed<S>(
             if conn.version.is_v5() {
                 let mut d = v5::Disconnect::new(*code);
                 if conn.problem_info {
-                    d.properties.reason_string = Some(Arc::from(why.as_str()));
+                    d.properties.reason_string = Some(protocol::reason_string(why));
                 }
                 conn.send(&Packet::Disconnect(d), "disconnect");
                 let _ = tokio::time::timeout(Duration::from_secs(2), conn.flush()).await;
@@ -315,6 +317,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 let flushed = tokio::select! {
                     r = self.flush() => r,
                     k = std::future::poll_fn(|cx| kick_rx.poll_recv(cx)) => {
+                        if let Some(exit) = self.drain_before_takeover(&k, will, max_packet) {
+                            // The output stopped mid-packet: nothing more can be said.
+                            return match exit {
+                                Exit::Refuse(_, why) => Exit::Abort(why),
+                                other => other,
+                            };
+                        }
                         return Exit::Abort(format!("{} (while a write was stalled)", k.message));
                     }
                 };
@@ -331,6 +340,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 // server shutting down) that came while this turn ran wins
                 // over whatever else is ready.
                 k = std::future::poll_fn(|cx| kick_rx.poll_recv(cx)) => {
+                    if let Some(exit) = self.drain_before_takeover(&k, will, max_packet) {
+                        return exit;
+                    }
                     return Exit::Refuse(k.reason, k.message);
                 }
                 Some((after, res)) = self.pending.next(), if !self.pending.is_empty() => {
@@ -395,6 +407,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             spare::put_in(std::mem::take(&mut self.inbuf));
         }
         Ok(())
+    }
+
+    /// On a takeover, handles what the client sent on this connection before it
+    /// reconnected: the packets already in the socket, read without waiting (a bounded
+    /// amount). A client that sends DISCONNECT and reconnects at once has its DISCONNECT
+    /// (its session expiry, the end of its will) taken before the new connection
+    /// attaches, which waits for this one to detach. Returns how the connection ended if
+    /// those packets ended it (DISCONNECT, a protocol error, end of stream).
+    ///
+    /// Only for a takeover: a connection kicked for authorization or at shutdown is not
+    /// served further.
+    fn drain_before_takeover(
+        &mut self,
+        kick: &crate::session::Kick,
+        will: &mut Will,
+        max_packet: usize,
+    ) -> Option<Exit> {
+        use futures_util::FutureExt;
+        if kick.reason != DisconnectReasonCode::SessionTakenOver {
+            return None;
+        }
+        let mut budget = DRAIN_BUDGET;
+        while budget > 0 {
+            match ReadInto::new(&mut self.stream, &mut self.inbuf).now_or_never() {
+                // Nothing more to read now: what the client sent before is in.
+                None => return None,
+                Some(Ok(0)) => return Some(Exit::Lost("closed by peer during takeover".into())),
+                Some(Err(e)) => return Some(Exit::Lost(e.to_string())),
+                Some(Ok(n)) => {
+                    budget = budget.saturating_sub(n);
+                    if let Err(exit) = self.handle_buffered(will, max_packet) {
+                        return Some(exit);
+                    }
+                }
+            }
+        }
+        None
     }
 
     fn refresh_authz(&mut self) -> Result<(), Exit> {

@@ -69,9 +69,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     pub(super) fn send(&mut self, packet: &Packet, name: &'static str) {
         let version = self.version;
-        match protocol::encode(version, packet, self.out_buf()) {
-            Ok(0) => {}
-            Ok(_) => m::packet_out(name),
+        let max = self.client_max_packet;
+        match protocol::encode_within(version, packet, max, self.out_buf()) {
+            Ok(Some(0)) => {}
+            Ok(Some(_)) => m::packet_out(name),
+            Ok(None) => {
+                tracing::warn!(client_id = %self.session.client_id, packet = name, max, "not sent: larger than the client's maximum packet size")
+            }
             Err(e) => {
                 tracing::error!(error = %e, packet = name, "could not encode an outgoing packet")
             }

@@ -95,6 +95,7 @@ mod tests {
             conn_id,
             kick: tx,
             cert_id: Some(Arc::from(cert)),
+            released: None,
         });
         (s, rx)
     }

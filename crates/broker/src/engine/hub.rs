@@ -485,24 +485,41 @@ impl Hub {
             let existing = self.index.lock().sessions.get(&client_id).cloned();
             if let Some(s) = &existing {
                 let busy = {
-                    let st = s.state.lock();
-                    st.conn.as_ref().map(|l| l.kick.clone())
+                    let mut st = s.state.lock();
+                    st.conn.as_mut().map(|l| {
+                        let released = l.released.get_or_insert_with(Default::default).clone();
+                        (l.conn_id, l.kick.clone(), released)
+                    })
                 };
-                if let Some(kick) = busy {
+                if let Some((old_conn, kick, released)) = busy {
+                    // Registered before the link is looked at again, so a release
+                    // in between is not missed.
+                    let notified = released.notified();
+                    let mut notified = std::pin::pin!(notified);
+                    notified.as_mut().enable();
                     if !kicked_once {
+                        // The old connection handles what its client sent before this
+                        // reconnect (a DISCONNECT, say), then detaches.
                         kick.send(Kick {
                             reason: mqtt_proto::v5::DisconnectReasonCode::SessionTakenOver,
                             message: "another connection with the same client id".into(),
                         });
                         kicked_once = true;
                     }
-                    if tokio::time::Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    let still_attached =
+                        || s.state.lock().conn.as_ref().map(|l| l.conn_id) == Some(old_conn);
+                    if still_attached() && tokio::time::timeout_at(deadline, notified).await.is_ok()
+                    {
                         continue;
                     }
-                    // The old connection did not let go in time: detach it by force.
-                    tracing::warn!(client_id = %client_id, "previous connection did not close in 5 s; detaching it");
-                    s.state.lock().conn = None;
+                    let mut st = s.state.lock();
+                    if st.conn.as_ref().map(|l| l.conn_id) == Some(old_conn) {
+                        // The old connection did not let go in time: detach it by force.
+                        tracing::warn!(client_id = %client_id, "previous connection did not close in 5 s; detaching it");
+                        st.conn = None;
+                    }
+                    drop(st);
+                    continue;
                 }
             }
             let (kick_tx, kick_rx) = crate::session::kick_slot();
@@ -511,6 +528,7 @@ impl Hub {
                 conn_id,
                 kick: kick_tx,
                 cert_id: cert_id.clone(),
+                released: None,
             };
             match existing {
                 Some(old) if !clean_start => {
@@ -1135,5 +1153,39 @@ mod tests {
             .subscribe("acct1/dev1/#".into(), sub_opts());
         hub.persist_session(&back.session).unwrap().await.unwrap();
         assert_eq!(commits(&hub), after_attach + 2);
+    }
+
+    /// A takeover attaches as soon as the old connection detaches: it waits on the
+    /// release of the old link, not by polling (the 5 ms sleep loop it replaced made
+    /// the new connection wait up to 5 ms more).
+    #[tokio::test(start_paused = true)]
+    async fn takeover_attaches_as_soon_as_the_old_connection_detaches() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, loaded) =
+            Store::open(&dir.path().join("fleetcore.redb"), StoreOptions::default()).unwrap();
+        let hub = Hub::new(Config::default(), store, loaded, ServiceHost::default());
+        let first = hub
+            .attach("twin".into(), false, 0, Version::V5, 1, None)
+            .await;
+        let start = tokio::time::Instant::now();
+        let h = hub.clone();
+        let second = tokio::spawn(async move {
+            let a = h
+                .attach("twin".into(), false, 0, Version::V5, 2, None)
+                .await;
+            (a, tokio::time::Instant::now())
+        });
+        let mut kick_rx = first.kick_rx;
+        let kick = std::future::poll_fn(|cx| kick_rx.poll_recv(cx)).await;
+        assert_eq!(
+            kick.reason,
+            mqtt_proto::v5::DisconnectReasonCode::SessionTakenOver
+        );
+        // The old connection takes 2 ms to handle its last input and let go.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        hub.detach(&first.session, 1, Vec::new(), Default::default(), None);
+        let (attached, at) = second.await.unwrap();
+        assert!(!attached.session_present, "expiry 0: the session ended");
+        assert_eq!(at - start, Duration::from_millis(2), "attached late");
     }
 }

@@ -288,6 +288,18 @@ pub struct ConnLink {
     pub kick: KickSender,
     /// The registered certificate the connection authenticated with.
     pub cert_id: Option<Arc<str>>,
+    /// Made by a connection that takes this one's session over and waits for it to
+    /// let go: notified when the link is dropped, whichever way the connection leaves
+    /// the session (detach, the session ending, a forced detach).
+    pub released: Option<Arc<tokio::sync::Notify>>,
+}
+
+impl Drop for ConnLink {
+    fn drop(&mut self) {
+        if let Some(released) = &self.released {
+            released.notify_waiters();
+        }
+    }
 }
 
 /// A will waiting for its delay (or for the session to end).
