@@ -61,7 +61,14 @@ pub struct Router<V> {
     /// Subscriptions in `wildcard`, so a publish can skip locking it when there are none.
     wildcard_len: AtomicUsize,
     len: AtomicUsize,
+    /// Told when a (filter, share group) gets its first subscriber here, or loses its
+    /// last: the node's interest, which a cluster fabric advertises to other nodes.
+    interest: Option<InterestHook>,
 }
+
+/// Called with (filter, share group, on) under the shard's lock: it must not block
+/// or touch the router.
+pub type InterestHook = Box<dyn Fn(&str, Option<&str>, bool) + Send + Sync>;
 
 /// A trie behind its own lock, aligned so that two shards never share a cache line
 /// (taking a read lock writes to the lock word).
@@ -325,7 +332,16 @@ impl<V: Clone> Router<V> {
             wildcard: Shard::new(),
             wildcard_len: AtomicUsize::new(0),
             len: AtomicUsize::new(0),
+            interest: None,
         }
+    }
+
+    /// A router that tells `hook` when a (filter, share group) gets its first
+    /// subscriber or loses its last.
+    pub fn with_interest(hook: InterestHook) -> Self {
+        let mut r = Self::new();
+        r.interest = Some(hook);
+        r
     }
 
     /// Adds a subscription, or replaces the value of the one with the same filter,
@@ -360,6 +376,7 @@ impl<V: Clone> Router<V> {
             existing.value = value;
             return true;
         }
+        let first = !subs.iter().any(|s| s.group.as_deref() == group);
         // Most filters have one subscriber (a device's own `account/device/#`):
         // grow by one, not to Vec's first step of four (256 bytes each).
         subs.reserve_exact(1);
@@ -371,6 +388,11 @@ impl<V: Clone> Router<V> {
         self.len.fetch_add(1, Ordering::Relaxed);
         if is_wildcard {
             self.wildcard_len.fetch_add(1, Ordering::Release);
+        }
+        if first {
+            if let Some(hook) = &self.interest {
+                hook(filter, group, true);
+            }
         }
         false
     }
@@ -406,6 +428,11 @@ impl<V: Clone> Router<V> {
             return false;
         };
         subs.swap_remove(i);
+        if !subs.iter().any(|s| s.group.as_deref() == group) {
+            if let Some(hook) = &self.interest {
+                hook(filter, group, false);
+            }
+        }
         self.len.fetch_sub(1, Ordering::Relaxed);
         if is_wildcard {
             self.wildcard_len.fetch_sub(1, Ordering::Relaxed);
@@ -797,5 +824,42 @@ mod tests {
             }
             prop_assert_eq!(router.wildcard_len.load(Ordering::Relaxed), 0);
         }
+    }
+
+    #[test]
+    fn interest_is_told_at_the_first_subscriber_and_after_the_last() {
+        use std::sync::Mutex;
+        type Seen = Vec<(String, Option<String>, bool)>;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let s = seen.clone();
+        let r: Router<u32> = Router::with_interest(Box::new(move |f, g, on| {
+            s.lock()
+                .unwrap()
+                .push((f.to_string(), g.map(str::to_string), on))
+        }));
+        let take = || std::mem::take(&mut *seen.lock().unwrap());
+        r.subscribe("a/#", None, 1, 1);
+        r.subscribe("a/#", None, 2, 2); // a second subscriber: no news
+        r.subscribe("a/#", None, 1, 3); // a replacement: no news
+        r.subscribe("a/#", Some("g"), 3, 4); // a share group is its own interest
+        assert_eq!(
+            take(),
+            [
+                ("a/#".into(), None, true),
+                ("a/#".into(), Some("g".into()), true)
+            ]
+        );
+        r.unsubscribe("a/#", None, 1);
+        assert!(take().is_empty(), "subscriber 2 is still there");
+        r.unsubscribe("a/#", None, 2);
+        r.unsubscribe("a/#", None, 2); // not there any more: no news
+        r.unsubscribe("a/#", Some("g"), 3);
+        assert_eq!(
+            take(),
+            [
+                ("a/#".into(), None, false),
+                ("a/#".into(), Some("g".into()), false)
+            ]
+        );
     }
 }

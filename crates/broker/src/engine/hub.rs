@@ -27,6 +27,7 @@ use crate::router::{Match, Router};
 use crate::session::{
     ConnLink, Enqueued, Inflight, Kick, KickReceiver, PendingWill, Session, SessionId, SubOptions,
 };
+use fleetcore_core::fabric::{Control, Fabric, Standalone};
 use fleetcore_core::message::Message;
 use fleetcore_core::protocol::Version;
 use fleetcore_core::service::{Event, Handled, Publisher, Requester, ServiceRequest};
@@ -101,6 +102,8 @@ pub struct Hub {
     services: ServiceHost,
     /// Live connections by the certificate they authenticated with.
     certs: CertIndex,
+    /// The world outside this node.
+    fabric: Arc<dyn Fabric>,
 }
 
 impl Hub {
@@ -111,6 +114,18 @@ impl Hub {
         store: Store,
         loaded: fleetcore_store::Loaded,
         services: ServiceHost,
+    ) -> Arc<Hub> {
+        Hub::with_fabric(config, store, loaded, services, Arc::new(Standalone))
+    }
+
+    /// As [`Hub::new`], telling `fabric` about interest, publishes and control events
+    /// (a cluster's; [`Standalone`] for one node).
+    pub fn with_fabric(
+        config: Config,
+        store: Store,
+        loaded: fleetcore_store::Loaded,
+        services: ServiceHost,
+        fabric: Arc<dyn Fabric>,
     ) -> Arc<Hub> {
         let topic_limits = TopicLimits {
             max_len: config.limits.max_topic_len,
@@ -128,7 +143,13 @@ impl Hub {
             registry,
             config,
             topic_limits,
-            router: Router::new(),
+            router: {
+                let f = fabric.clone();
+                Router::with_interest(Box::new(move |filter, group, on| {
+                    f.interest(filter, group, on)
+                }))
+            },
+            fabric,
             retained: Arc::new(RwLock::new(RetainedTree::new())),
             index: Mutex::new(SessionIndex::default()),
             store,
@@ -352,6 +373,7 @@ impl Hub {
             drop(tree);
             m::gauge_retained(n);
         }
+        let remote_commit = self.fabric.forward(&msg);
         let mut matches: Vec<Match<SubEntry>> = Vec::new();
         self.router.matches(&msg.topic, &mut matches);
         let mut matched = 0;
@@ -393,6 +415,10 @@ impl Hub {
             if self.deliver(&msg, &members[pick..=pick], &mut commits) {
                 matched += 1;
             }
+        }
+        // Another node must store it first (cluster mode); nothing to undo here.
+        if let Some(c) = remote_commit {
+            commits.push(Guarded::new(c, Box::new(|| {})));
         }
         let rest: Option<PendingCommit> = match commits.len() {
             0 => None,
@@ -888,9 +914,13 @@ impl Hub {
                 let n = self
                     .certs
                     .kick(cert_id, &format!("certificate {cert_id} is now {state}"));
+                self.fabric.broadcast(&Control::KickCertificate {
+                    cert_id: cert_id.clone(),
+                });
                 tracing::warn!(certificate = %cert_id, state = %state, connections = n, "certificate left ACTIVE; its connections were cut off");
             }
             RegistryEvent::CasChanged => {
+                self.fabric.broadcast(&Control::TrustChanged);
                 if let Err(e) = self.reload_trust() {
                     tracing::error!(error = %e, "registered CAs changed but rebuilding TLS trust with them failed; the listeners keep the previous trust");
                 }

@@ -149,3 +149,68 @@ async fn clean_start_and_expiry_0_leave_no_session_behind() {
         "the cleaned queue stayed gone"
     );
 }
+
+/// A fabric that writes down what it is told.
+#[derive(Default)]
+struct Recording(parking_lot::Mutex<Vec<String>>);
+
+impl fleetcore_core::fabric::Fabric for Recording {
+    fn interest(&self, filter: &str, group: Option<&str>, on: bool) {
+        self.0
+            .lock()
+            .push(format!("interest {filter} {group:?} {on}"));
+    }
+    fn forward(&self, msg: &Message) -> Option<fleetcore_store::Commit> {
+        self.0.lock().push(format!("forward {}", &*msg.topic));
+        None
+    }
+    fn broadcast(&self, ev: &fleetcore_core::fabric::Control) {
+        self.0.lock().push(format!("broadcast {ev:?}"));
+    }
+}
+
+#[tokio::test]
+async fn the_fabric_hears_interest_publishes_and_revocations() {
+    use fleetcore_identity::registry::{CertState, NewCert};
+    let dir = tempfile::tempdir().unwrap();
+    let (store, loaded) =
+        Store::open(&dir.path().join("fleetcore.redb"), StoreOptions::default()).unwrap();
+    let fabric = Arc::new(Recording::default());
+    let hub = Hub::with_fabric(
+        Config::default(),
+        store,
+        loaded,
+        ServiceHost::default(),
+        fabric.clone(),
+    );
+    let take = || std::mem::take(&mut *fabric.0.lock());
+    let a = hub
+        .attach("dev".into(), true, 0, Version::V5, 1, None)
+        .await;
+    subscribe(&hub, &a.session, "acct/dev/#").await;
+    assert_eq!(take(), ["interest acct/dev/# None true"]);
+    let _ = hub.publish(order("acct/dev/cmd", "x"));
+    assert_eq!(take(), ["forward acct/dev/cmd"]);
+    hub.detach(&a.session, 1, Vec::new(), PidSet::default(), None);
+    assert_eq!(take(), ["interest acct/dev/# None false"]);
+    hub.registry
+        .register_certificate(
+            NewCert {
+                id: "c1".into(),
+                pem: String::new(),
+                subject: "CN=dev".into(),
+                subject_cn: Some("dev".into()),
+                issuer: "CN=ca".into(),
+                serial: "01".into(),
+                not_after_ms: u64::MAX,
+            },
+            CertState::Active,
+        )
+        .await
+        .unwrap();
+    hub.registry
+        .set_certificate_state("c1", CertState::Revoked)
+        .await
+        .unwrap();
+    assert_eq!(take(), [r#"broadcast KickCertificate { cert_id: "c1" }"#]);
+}
