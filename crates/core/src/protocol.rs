@@ -381,6 +381,15 @@ fn decode_unchecked(version: Version, frame: &[u8]) -> Result<Packet, DecodeErro
             Err(e) => Err(from_v5(e)),
         };
     }
+    // MQTT 3.1 lets a client set DUP on a resent PUBREL (fixed header 0x6A; 3.1.1 made
+    // the flags 0010 mandatory): read it as the PUBREL it is.
+    let relaxed;
+    let frame = if version == Version::V31 && frame.first() == Some(&0x6A) {
+        relaxed = [&[0x62u8][..], &frame[1..]].concat();
+        &relaxed[..]
+    } else {
+        frame
+    };
     let p = match decode_v3_hot(frame) {
         Some(Ok(p)) => p,
         Some(Err(e)) => return Err(from_common(e)),
@@ -1137,5 +1146,16 @@ mod tests {
             decode(Version::V311, &frame),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_resent_mqtt_3_1_pubrel_may_carry_dup() {
+        let dup = [0x6A, 0x02, 0x00, 0x07];
+        match decode(Version::V31, &dup) {
+            Ok(Packet::Pubrel(p)) => assert_eq!(p.pid.value(), 7),
+            other => panic!("{other:?}"),
+        }
+        // 3.1.1 made the flags mandatory: the same bytes are malformed there.
+        assert!(decode(Version::V311, &dup).is_err());
     }
 }
