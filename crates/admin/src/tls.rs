@@ -16,8 +16,9 @@ use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
 use axum::serve::IncomingStream;
-use fleetcore_broker::transport::tls::{read_certs, read_key, read_roots, TlsError};
-use rustls::server::WebPkiClientVerifier;
+use fleetcore_broker::transport::tls::{
+    read_certs, read_key, read_roots, verifying_config, TlsError,
+};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -47,16 +48,7 @@ pub fn server_config(
     let key = read_key(key_file)?;
     let (roots, _) = read_roots(client_ca_file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Config(format!("server certificate and key: {e}")))?;
+    let mut cfg = verifying_config(provider, roots, true, chain, key)?;
     // The API speaks HTTP/1.1 only.
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))

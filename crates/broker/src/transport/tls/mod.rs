@@ -32,6 +32,31 @@ pub enum TlsError {
 }
 
 /// Every certificate in a PEM file; an error names the file and what was expected.
+/// A server configuration presenting `chain`/`key` that verifies client certificates
+/// against `roots` (required, or only checked when sent if `optional`).
+pub fn verifying_config(
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    roots: RootCertStore,
+    optional: bool,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ServerConfig, TlsError> {
+    let mut verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if optional {
+        verifier = verifier.allow_unauthenticated();
+    }
+    let verifier = verifier
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(format!("server certificate and key: {e}")))
+}
+
 /// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1).
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::File {
@@ -141,20 +166,7 @@ pub fn server_config_with(
         }
     }
     let provider = Arc::new(server_provider());
-    let mut verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-    if opts.client_cert_optional {
-        verifier = verifier.allow_unauthenticated();
-    }
-    let verifier = verifier
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    let mut cfg = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| TlsError::Config(format!("server certificate and key: {e}")))?;
+    let mut cfg = verifying_config(provider, roots, opts.client_cert_optional, chain, key)?;
     cfg.alpn_protocols = opts.alpn.clone();
     // No server-side session cache at all: no TLS 1.2 session ids, and no stateful
     // TLS 1.3 tickets (rustls's default keeps 256 sessions in memory).
