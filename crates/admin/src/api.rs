@@ -53,9 +53,12 @@ pub struct AdminState {
     pub client_cert_cn: Option<String>,
     /// Renders `GET /metrics`; `None` answers 503 (no recorder installed).
     pub metrics: Option<PrometheusHandle>,
+    /// The Device Shadow service behind `/things/{thing}/shadow`; `None` when it is
+    /// disabled (those routes answer 404).
+    pub shadows: Option<Arc<fleetcore_services::shadow::ShadowService>>,
 }
 
-type Shared = Arc<AdminState>;
+pub(crate) type Shared = Arc<AdminState>;
 
 // ----- errors --------------------------------------------------------------
 
@@ -171,7 +174,8 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathArg
 /// Every route the API serves: (path, handlers by method). The single list that
 /// [`router`] mounts and the OpenAPI description is tested against.
 pub fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
-    vec![
+    let mut routes = crate::shadow::routes();
+    routes.extend([
         ("/things", post(create_thing).get(list_things)),
         (
             "/things/{name}",
@@ -206,7 +210,8 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
         ("/metrics", get(metrics)),
         ("/healthz", get(healthz)),
         ("/openapi.json", get(openapi)),
-    ]
+    ]);
+    routes
 }
 
 /// The routes served without the bearer token (GET only): a load balancer's health
@@ -1153,6 +1158,7 @@ mod tests {
         let files = ca::CaFiles::in_dir(&dir.join("pki"));
         let (ca, _) = Ca::load_or_init(&files, &["localhost".into()]).unwrap();
         AdminState {
+            shadows: None,
             hub,
             ca: Arc::new(ca),
             token: "secret".into(),

@@ -5,6 +5,8 @@
 //!   policies, CAs, CRL, `/metrics`, `/healthz`, behind a bearer token. It talks to the
 //!   broker only through the [`Hub`](fleetcore_broker::engine::hub::Hub)'s registry (whose
 //!   events the engine acts on) and its connection and session counts.
+//! - [`shadow`]: the Device Shadow HTTP data plane (`/things/{thing}/shadow`,
+//!   `ListNamedShadowsForThing`), answered by the shadow service.
 //! - [`openapi`]: the OpenAPI 3.1 description served at `/openapi.json`.
 //! - [`token`]: the admin token file (made once, mode 0600).
 //! - [`tls`]: TLS for the admin API (`[admin] tls = true`), with optional admin client
@@ -14,5 +16,6 @@
 
 pub mod api;
 pub mod openapi;
+pub mod shadow;
 pub mod tls;
 pub mod token;

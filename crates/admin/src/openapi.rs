@@ -261,6 +261,16 @@ pub fn spec() -> Value {
             "status": {"type": "string", "const": "ok"}, "connections": {"type": "integer"}, "sessions": {"type": "integer"}}},
     });
 
+    let (mut paths, mut schemas) = (paths, schemas);
+    if let (Some(p), Value::Object(more)) = (paths.as_object_mut(), crate::shadow::openapi_paths())
+    {
+        p.extend(more);
+    }
+    if let (Some(s), Value::Object(more)) =
+        (schemas.as_object_mut(), crate::shadow::openapi_schemas())
+    {
+        s.extend(more);
+    }
     json!({
         "openapi": "3.1.0",
         "info": {

@@ -25,6 +25,37 @@ pub struct Config {
     pub tokens: TokenConfig,
     pub tls_resumption: TlsResumptionConfig,
     pub events: EventsConfig,
+    pub shadow: ShadowConfig,
+}
+
+/// The Device Shadow service (`$aws/things/{thing}/shadow/...`, classic and named, and
+/// the admin API's `/things/{thing}/shadow`). The limits default to IoT Core's.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShadowConfig {
+    /// Serve shadows (on by default).
+    pub enabled: bool,
+    /// Bytes of `desired` + `reported` in one document (metadata not counted).
+    pub max_state_bytes: usize,
+    /// Levels of objects under `desired` / `reported`.
+    pub max_depth: usize,
+    /// Requests of one connection waiting for an answer; one more is answered 429.
+    pub max_in_flight: usize,
+    pub max_thing_name: usize,
+    pub max_shadow_name: usize,
+}
+
+impl Default for ShadowConfig {
+    fn default() -> Self {
+        ShadowConfig {
+            enabled: true,
+            max_state_bytes: 8 * 1024,
+            max_depth: 6,
+            max_in_flight: 10,
+            max_thing_name: 128,
+            max_shadow_name: 64,
+        }
+    }
 }
 
 /// Lifecycle events (`$aws/events/presence/...`, `$aws/events/subscriptions/...`), as
@@ -55,6 +86,7 @@ impl Default for Config {
             tokens: TokenConfig::default(),
             tls_resumption: TlsResumptionConfig::default(),
             events: EventsConfig::default(),
+            shadow: ShadowConfig::default(),
         }
     }
 }
@@ -73,6 +105,21 @@ impl Config {
     /// Checks values that parse but cannot work, with a message naming the key.
     pub fn validate(&self) -> Result<(), String> {
         check_log_level(&self.log.level)?;
+        let sh = &self.shadow;
+        if sh.max_state_bytes == 0 || sh.max_state_bytes > 1024 * 1024 {
+            return Err("shadow.max_state_bytes must be between 1 and 1048576".into());
+        }
+        if !(1..=32).contains(&sh.max_depth) {
+            return Err("shadow.max_depth must be between 1 and 32".into());
+        }
+        if sh.max_in_flight == 0 {
+            return Err("shadow.max_in_flight must be at least 1".into());
+        }
+        if !(1..=256).contains(&sh.max_thing_name) || !(1..=256).contains(&sh.max_shadow_name) {
+            return Err(
+                "shadow.max_thing_name and shadow.max_shadow_name must be between 1 and 256".into(),
+            );
+        }
         let l = &self.limits;
         if l.max_packet_size < 64 {
             return Err("limits.max_packet_size must be at least 64 bytes".into());

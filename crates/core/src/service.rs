@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use crate::message::Message;
-use crate::storage::Commit;
+use crate::storage::{Commit, RecordStore};
 
 /// Who published a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +44,45 @@ pub enum Handled {
     Consumed { commit: Option<Commit> },
     /// Not for this service after all: the engine routes the message as usual.
     PassThrough,
+    /// The publish is refused as a protocol matter (e.g. a client publishing to an
+    /// answer topic only the service may publish to): MQTT 5 QoS 1/2 publishes get
+    /// `code` in their PUBACK/PUBREC with `why` as the reason string; where MQTT
+    /// cannot refuse a publish (3.1.1, QoS 0) the connection is closed, as IoT Core
+    /// does for an unsupported publish to a reserved topic.
+    Refused { code: RefuseCode, why: String },
+}
+
+/// The reason code of a [`Handled::Refused`] publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseCode {
+    /// 0x87: the topic is the service's to publish to, not a client's.
+    NotAuthorized,
+    /// 0x90: the topic is under the service's filter but names no request it serves.
+    TopicNameInvalid,
+}
+
+impl RefuseCode {
+    /// The MQTT 5 reason code byte.
+    pub fn code(self) -> u8 {
+        match self {
+            RefuseCode::NotAuthorized => 0x87,
+            RefuseCode::TopicNameInvalid => 0x90,
+        }
+    }
+}
+
+/// A registry record as loaded at start: (kind, key, value).
+pub type Record = (String, String, Vec<u8>);
+
+/// What a service that keeps state is handed once at start, before any listener
+/// accepts: where to write its records, the records of its kinds as they were on
+/// disk, and a [`Publisher`] for answers it sends outside [`TopicService::handle`]
+/// (an HTTP request changing a shadow, a timer).
+pub struct ServiceContext<'a> {
+    pub store: Arc<dyn RecordStore>,
+    /// Every record on disk; a service takes the kinds it owns.
+    pub records: &'a [Record],
+    pub publisher: Arc<dyn Publisher>,
 }
 
 /// Where a service's answers go.
@@ -123,4 +162,7 @@ pub trait TopicService: Send + Sync + 'static {
     fn handle(&self, req: ServiceRequest<'_>, out: &Arc<dyn Publisher>) -> Handled;
     /// Reacts to an engine event; the default ignores it.
     fn on_event(&self, _ev: &Event, _out: &Arc<dyn Publisher>) {}
+    /// Called once at start with the store, the records and a publisher; the default
+    /// ignores them (a service without state).
+    fn start(&self, _ctx: ServiceContext<'_>) {}
 }

@@ -14,6 +14,8 @@ use fleetcore_admin::api::AdminState;
 use fleetcore_broker::config::{AdminConfig, Config, ListenerKind, LogFormat};
 use fleetcore_broker::Server;
 use fleetcore_identity::ca::{Ca, CaFiles};
+use fleetcore_services::shadow::document::Limits as ShadowLimits;
+use fleetcore_services::shadow::ShadowService;
 
 #[derive(Parser)]
 #[command(
@@ -199,6 +201,19 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
         if config.events.enabled {
             services.push(Arc::new(fleetcore_services::events::EventsService));
         }
+        let shadows = config.shadow.enabled.then(|| {
+            let c = &config.shadow;
+            Arc::new(ShadowService::new(ShadowLimits {
+                max_state_bytes: c.max_state_bytes,
+                max_depth: c.max_depth,
+                max_in_flight: c.max_in_flight,
+                max_thing_name: c.max_thing_name,
+                max_shadow_name: c.max_shadow_name,
+            }))
+        });
+        if let Some(s) = &shadows {
+            services.push(s.clone());
+        }
         let server = match Server::start_with_services(config, services).await {
             Ok(server) => server,
             Err(e) => {
@@ -210,7 +225,7 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
         };
         let admin_task = if admin.enabled {
             let hub = server.hub().clone();
-            match start_admin(&admin, &token_path, &pki_files, hub, ca, metrics).await {
+            match start_admin(&admin, &token_path, &pki_files, hub, ca, metrics, shadows).await {
                 Ok(task) => Some(task),
                 Err(e) => {
                     let _ = server.shutdown(Duration::from_secs(2)).await;
@@ -325,6 +340,7 @@ async fn start_admin(
     hub: Arc<fleetcore_broker::engine::hub::Hub>,
     ca: Arc<Ca>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shadows: Option<Arc<ShadowService>>,
 ) -> Result<AdminTask> {
     let (token, created) =
         fleetcore_admin::token::load_or_create(token_path).with_context(|| {
@@ -358,6 +374,7 @@ async fn start_admin(
         token,
         client_cert_cn: admin.tls.then(|| admin.client_cert_cn.clone()),
         metrics: Some(metrics),
+        shadows,
     };
     let url = match tls {
         Some(_) => format!("https://{addr}"),

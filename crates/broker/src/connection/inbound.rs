@@ -255,7 +255,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             p.properties,
             self.session.id,
         );
-        let routed = self.hub.publish_from(msg, || self.requester());
+        let routed = match self.hub.publish_from(msg, || self.requester()) {
+            Ok(routed) => routed,
+            Err((code, why)) => {
+                tracing::info!(client_id = %self.session.client_id, reason = %why, "PUBLISH refused by a service");
+                return match (pid, self.version.is_v5()) {
+                    (Some(pid), true) => {
+                        self.nack(qos, pid, code.code(), why);
+                        Ok(())
+                    }
+                    _ => Err(Exit::Refuse(
+                        DisconnectReasonCode::from_u8(code.code())
+                            .unwrap_or(DisconnectReasonCode::NotAuthorized),
+                        why,
+                    )),
+                };
+            }
+        };
         let matched = routed.matched > 0;
         match (qos, pid) {
             (QoS::Level1, Some(pid)) => match routed.commit {

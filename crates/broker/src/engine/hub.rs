@@ -30,7 +30,9 @@ use crate::session::{
 use fleetcore_core::fabric::{Control, Fabric, Standalone};
 use fleetcore_core::message::Message;
 use fleetcore_core::protocol::Version;
-use fleetcore_core::service::{Event, Handled, Publisher, Requester, ServiceRequest};
+use fleetcore_core::service::{
+    Event, Handled, Publisher, RefuseCode, Requester, ServiceContext, ServiceRequest,
+};
 use fleetcore_core::time::now_ms;
 use fleetcore_core::topic::{parse_filter, TopicLimits};
 use fleetcore_identity::registry::RegistryEvent;
@@ -177,6 +179,13 @@ impl Hub {
         hub.index.lock().unloaded = loaded.unloaded_sessions.into_iter().collect();
         m::gauge_retained(hub.retained.read().len());
         // Weak: the registry is the hub's, a strong pointer back would be a cycle.
+        if !hub.services.is_empty() {
+            hub.services.start(ServiceContext {
+                store: Arc::new(hub.store.clone()),
+                records: &loaded.records,
+                publisher: Arc::new(WeakPublisher(Arc::downgrade(&hub))),
+            });
+        }
         let weak = Arc::downgrade(&hub);
         hub.registry.on_event(move |ev| {
             if let Some(hub) = weak.upgrade() {
@@ -296,7 +305,7 @@ impl Hub {
         self: &Arc<Self>,
         msg: Message,
         from: impl FnOnce() -> Requester,
-    ) -> Routed {
+    ) -> Result<Routed, (RefuseCode, String)> {
         if let Some(service) = self.services.find(&msg.topic) {
             let out: Arc<dyn Publisher> = self.clone();
             let from = from();
@@ -309,15 +318,16 @@ impl Hub {
             );
             match handled {
                 Handled::Consumed { commit } => {
-                    return Routed {
+                    return Ok(Routed {
                         commit: commit.map(|c| Box::pin(c) as PendingCommit),
                         matched: 1,
-                    }
+                    })
                 }
+                Handled::Refused { code, why } => return Err((code, why)),
                 Handled::PassThrough => {}
             }
         }
-        self.publish(msg)
+        Ok(self.publish(msg))
     }
 
     /// Tells every service what happened (nothing to do without services).
@@ -987,6 +997,24 @@ impl Publisher for Hub {
                 false
             }
         }
+    }
+}
+
+/// The hub as a service's lasting [`Publisher`]: weak, since the hub owns the services
+/// (a strong pointer back would be a cycle). Once the hub is gone nothing is sent.
+struct WeakPublisher(std::sync::Weak<Hub>);
+
+impl Publisher for WeakPublisher {
+    fn publish(&self, msg: Message) -> usize {
+        self.0
+            .upgrade()
+            .map_or(0, |hub| Publisher::publish(&*hub, msg))
+    }
+
+    fn send_to(&self, client_id: &str, msg: Message) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|hub| Publisher::send_to(&*hub, client_id, msg))
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use fleetcore_core::service::{Event, Publisher, TopicService};
+use fleetcore_core::service::{Event, Publisher, ServiceContext, TopicService};
 use fleetcore_core::topic::{parse_filter, TopicLimits};
 
 /// Why a service could not be installed.
@@ -93,6 +93,17 @@ impl ServiceHost {
     pub fn emit(&self, ev: &Event, out: &Arc<dyn Publisher>) {
         for s in &self.services {
             s.on_event(ev, out);
+        }
+    }
+
+    /// Hands every service the store, the loaded records and a publisher, once.
+    pub fn start(&self, ctx: ServiceContext<'_>) {
+        for s in &self.services {
+            s.start(ServiceContext {
+                store: ctx.store.clone(),
+                records: ctx.records,
+                publisher: ctx.publisher.clone(),
+            });
         }
     }
 

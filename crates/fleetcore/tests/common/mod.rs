@@ -808,7 +808,7 @@ fn toml_str(path: &Path) -> String {
     format!("{:?}", path_str(path))
 }
 
-fn path_str(path: &Path) -> String {
+pub fn path_str(path: &Path) -> String {
     path.to_str().expect("utf-8 path").to_string()
 }
 
@@ -1299,7 +1299,7 @@ pub fn mqttjs(args: &[String]) -> LineChild {
     LineChild::spawn("mqttjs", cmd)
 }
 
-fn clients_dir() -> PathBuf {
+pub fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("clients")

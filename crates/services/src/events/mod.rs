@@ -14,14 +14,12 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use fleetcore_core::message::Message;
 use fleetcore_core::service::{
     DisconnectCause, Event, Handled, Publisher, Requester, ServiceRequest, TopicService,
 };
-use mqtt_proto::v5::PublishProperties;
-use mqtt_proto::{QoS, TopicName};
 use serde_json::{json, Map, Value};
+
+use crate::publish_json;
 
 /// The lifecycle events service. It claims no topics; it only publishes.
 #[derive(Debug, Default)]
@@ -140,28 +138,6 @@ fn base(client: &Requester) -> Map<String, Value> {
 
 fn session_id(connection: u64) -> String {
     format!("{connection:032x}")
-}
-
-/// Publishes `body` as a QoS 1, non-retained JSON message from the broker.
-fn publish_json(out: &dyn Publisher, topic: &str, body: &Value) {
-    let Ok(topic) = TopicName::try_from(topic) else {
-        tracing::warn!(topic, "event topic is not a valid topic name");
-        return;
-    };
-    let properties = PublishProperties {
-        payload_is_utf8: Some(true),
-        content_type: Some(Arc::from("application/json")),
-        ..PublishProperties::default()
-    };
-    let payload = Bytes::from(body.to_string());
-    out.publish(Message::from_publish(
-        topic,
-        payload,
-        QoS::Level1,
-        false,
-        properties,
-        0,
-    ));
 }
 
 #[cfg(test)]

@@ -1,0 +1,246 @@
+//! The Device Shadow service end to end: the AWS IoT Device SDK v2 for Python's shadow
+//! clients (v2 over MQTT 5, v1 over MQTT 3.1.1) unchanged, raw topics with paho for bad
+//! input, kill -9 during a stream of updates, the HTTP data plane and the CLI.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Each device may use its own shadow topics only (as the SDK's sample policy, with
+/// the certificate's CN as the thing name).
+const SHADOW_POLICY: &str = r#"{
+  "Version": "2012-10-17",
+  "Statement": [
+    { "Effect": "Allow", "Action": "iot:Connect",
+      "Resource": "arn:aws:iot:*:*:client/${iot:Certificate.Subject.CommonName}" },
+    { "Effect": "Allow", "Action": "iot:Publish",
+      "Resource": "arn:aws:iot:*:*:topic/$aws/things/${iot:Certificate.Subject.CommonName}/shadow/*" },
+    { "Effect": "Allow", "Action": "iot:Subscribe",
+      "Resource": "arn:aws:iot:*:*:topicfilter/$aws/things/${iot:Certificate.Subject.CommonName}/shadow/*" },
+    { "Effect": "Allow", "Action": "iot:Receive",
+      "Resource": "arn:aws:iot:*:*:topic/$aws/things/${iot:Certificate.Subject.CommonName}/shadow/*" }
+  ]
+}"#;
+
+/// As [`SHADOW_POLICY`], and publishing to any `$aws/things/...` topic but the thing
+/// `forbidden`'s (so the service, not the policy, judges malformed shadow topics).
+const RAW_POLICY: &str = r#"{
+  "Version": "2012-10-17",
+  "Statement": [
+    { "Effect": "Allow", "Action": "iot:Connect",
+      "Resource": "arn:aws:iot:*:*:client/${iot:Certificate.Subject.CommonName}" },
+    { "Effect": "Allow", "Action": "iot:Publish", "Resource": "arn:aws:iot:*:*:topic/$aws/things/*" },
+    { "Effect": "Deny", "Action": "iot:Publish",
+      "Resource": "arn:aws:iot:*:*:topic/$aws/things/forbidden/*" },
+    { "Effect": "Allow", "Action": "iot:Subscribe",
+      "Resource": "arn:aws:iot:*:*:topicfilter/$aws/things/${iot:Certificate.Subject.CommonName}/shadow/*" },
+    { "Effect": "Allow", "Action": "iot:Receive",
+      "Resource": "arn:aws:iot:*:*:topic/$aws/things/${iot:Certificate.Subject.CommonName}/shadow/*" }
+  ]
+}"#;
+
+fn run_python(script: &str, broker: &TestBroker, cert: &ClientCert, args: &[&str]) -> String {
+    let pki = broker.pki();
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(clients_dir().join(script))
+        .args([
+            "--host",
+            "localhost",
+            "--port",
+            &broker.tls_port().to_string(),
+        ])
+        .arg("--ca")
+        .arg(&pki.ca_cert)
+        .arg("--cert")
+        .arg(&cert.cert)
+        .arg("--key")
+        .arg(&cert.key)
+        .args(args);
+    let out = run(cmd, Duration::from_secs(90));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_ne!(
+        out.status.code(),
+        Some(10),
+        "a Python client library is missing\n{}",
+        describe(&out)
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(!stdout.contains("fail "), "{stdout}");
+    assert!(stdout.contains("ok "), "{stdout}");
+    stdout
+}
+
+#[test]
+fn sdk_v2_shadow_client_over_mqtt5_gets_iot_cores_answers() {
+    let broker = TestBroker::start(BrokerOpts::new().tls().policy(SHADOW_POLICY));
+    let out = run_python(
+        "awsiot_shadow.py",
+        &broker,
+        &broker.pki().thing1,
+        &["--thing", "thing-1", "--client", "v2"],
+    );
+    for check in [
+        "v2.delta_stream",
+        "v2.documents_stream",
+        "v2.get_with_delta",
+        "v2.stale_version_409",
+        "v2.named_get_after_delete_404",
+        "v2.recreate_continues_version",
+    ] {
+        assert!(
+            out.contains(&format!("ok {check}")),
+            "{check} missing:\n{out}"
+        );
+    }
+    broker.assert_no_panic_logged();
+}
+
+#[test]
+fn sdk_v1_shadow_client_over_mqtt311_on_the_exact_topics() {
+    let broker = TestBroker::start(BrokerOpts::new().tls().policy(SHADOW_POLICY));
+    let out = run_python(
+        "awsiot_shadow.py",
+        &broker,
+        &broker.pki().thing1,
+        &["--thing", "thing-1", "--client", "v1"],
+    );
+    assert!(out.contains("ok v1.get_after_clear"), "{out}");
+    assert!(out.contains("ok v1.rejected_409"), "{out}");
+    broker.assert_no_panic_logged();
+}
+
+#[test]
+fn bad_shadow_requests_get_their_documented_errors_and_nothing_else_is_affected() {
+    let broker = TestBroker::start(BrokerOpts::new().tls().policy(RAW_POLICY));
+    let pki = broker.pki();
+    let other_cert = path_str(&pki.thing2.cert);
+    let other_key = path_str(&pki.thing2.key);
+    let out = run_python(
+        "shadow_raw.py",
+        &broker,
+        &pki.thing1,
+        &[
+            "checks",
+            "--thing",
+            "thing-1",
+            "--other-cert",
+            &other_cert,
+            "--other-key",
+            &other_key,
+        ],
+    );
+    for check in [
+        "too_deep",
+        "oversized",
+        "answer_topic_0x87",
+        "bad_thing_name_0x90",
+        "burst_429",
+        "policy_denied_0x87",
+        "other_device_unaffected",
+    ] {
+        assert!(
+            out.contains(&format!("ok {check}")),
+            "{check} missing:\n{out}"
+        );
+    }
+    let log = broker.log();
+    assert!(
+        log.contains("is an answer topic of the shadow service"),
+        "{log}"
+    );
+    broker.assert_no_panic_logged();
+}
+
+#[test]
+fn every_update_answered_accepted_survives_kill_9() {
+    let mut broker = TestBroker::start(BrokerOpts::new().tls().policy(SHADOW_POLICY));
+    let pki = broker.pki();
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg("-u")
+        .arg(clients_dir().join("shadow_raw.py"))
+        .args([
+            "stream",
+            "--host",
+            "localhost",
+            "--port",
+            &broker.tls_port().to_string(),
+        ])
+        .arg("--ca")
+        .arg(&pki.ca_cert)
+        .arg("--cert")
+        .arg(&pki.thing1.cert)
+        .arg("--key")
+        .arg(&pki.thing1.key)
+        .args(["--thing", "thing-1", "--count", "100000"]);
+    let mut stream = LineChild::spawn("shadow_raw.py stream", cmd);
+    // Let a good number of updates be answered, then kill the broker mid-stream.
+    let mut last = (0u64, 0u64);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while last.0 < 200 {
+        let line = stream
+            .next_line(deadline)
+            .unwrap_or_else(|| panic!("stream ended early:\n{}", stream.transcript()));
+        if let Some(rest) = line.strip_prefix("accepted ") {
+            last = parse_accepted(rest);
+        }
+    }
+    broker.kill9();
+    // Whatever was answered after the last line we read is also accepted: take all.
+    for line in stream.drain(Duration::from_secs(2)) {
+        if let Some(rest) = line.strip_prefix("accepted ") {
+            last = last.max(parse_accepted(rest));
+        }
+    }
+    stream.kill();
+    broker.restart();
+    let pki = broker.pki();
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(clients_dir().join("shadow_raw.py"))
+        .args([
+            "get",
+            "--host",
+            "localhost",
+            "--port",
+            &broker.tls_port().to_string(),
+        ])
+        .arg("--ca")
+        .arg(&pki.ca_cert)
+        .arg("--cert")
+        .arg(&pki.thing1.cert)
+        .arg("--key")
+        .arg(&pki.thing1.key)
+        .args(["--thing", "thing-1"]);
+    let out = run(cmd, Duration::from_secs(30));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let state = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("state "))
+        .unwrap_or_else(|| panic!("no state after restart: {}", describe(&out)));
+    let (version, i) = parse_accepted(state);
+    assert!(
+        version >= last.0 && i >= last.1,
+        "accepted up to version {} (i={}) before kill -9, found version {version} (i={i}) after",
+        last.0,
+        last.1
+    );
+    // Versions and values moved together: one update per version from a new shadow.
+    assert_eq!(version, i, "{stdout}");
+    broker.assert_no_panic_logged();
+}
+
+/// `version=V i=I` as the stream and get modes print it.
+fn parse_accepted(text: &str) -> (u64, u64) {
+    let mut v = 0;
+    let mut i = 0;
+    for part in text.split_whitespace() {
+        if let Some(x) = part.strip_prefix("version=") {
+            v = x.parse().unwrap();
+        }
+        if let Some(x) = part.strip_prefix("i=") {
+            i = x.parse().unwrap();
+        }
+    }
+    (v, i)
+}
