@@ -1,4 +1,4 @@
-//! The operator commands: `fleetcore thing|cert|policy|ca|token ...`.
+//! The operator commands: `fleetcore thing|cert|policy|ca|token|shadow ...`.
 //!
 //! Every command except `ca init` is one or two calls to the admin API of a running
 //! `fleetcore serve` (see `docs/admin-api.md`): it finds the API and its token from the
@@ -22,12 +22,14 @@ use clap::{Args, Subcommand};
 use fleetcore_identity::ca::{Ca, CaFiles};
 use serde_json::{json, Map, Value};
 
+mod shadow;
+
 /// Where the admin API is and how to authenticate. Flattened into `fleetcore` itself
 /// with `global = true`, so each option can go before the subcommand
 /// (`fleetcore --admin-url URL thing list`) or anywhere after it
 /// (`fleetcore thing list --admin-url URL`). `serve` takes only `--data-dir` of these.
 #[derive(Args, Debug, Clone)]
-#[command(next_help_heading = "Admin API options (thing, cert, policy, ca, token)")]
+#[command(next_help_heading = "Admin API options (thing, cert, policy, ca, token, shadow)")]
 pub struct ClientOpts {
     /// Base URL of the admin API of a running `fleetcore serve`.
     #[arg(
@@ -114,6 +116,8 @@ pub enum ClientCommand {
     Ca(CaArgs),
     /// Issue short-lived device tokens (an MQTT password) and manage their signing keys.
     Token(TokenArgs),
+    /// Read, update and delete Device Shadows (classic and named).
+    Shadow(shadow::ShadowArgs),
 }
 
 #[derive(Args, Debug)]
@@ -532,6 +536,7 @@ fn dispatch(cmd: ClientCommand, opts: &ClientOpts) -> Result<()> {
         ClientCommand::Policy(a) => policy(a.cmd, opts),
         ClientCommand::Ca(a) => ca(a.cmd, opts),
         ClientCommand::Token(a) => token_cmd(a.cmd, opts),
+        ClientCommand::Shadow(a) => shadow::run(a, opts),
     }
 }
 
@@ -1590,7 +1595,10 @@ fn api_error_message(status: u16, body: &[u8]) -> String {
     let parsed: Option<Value> = serde_json::from_slice(body).ok();
     let message = parsed
         .as_ref()
-        .and_then(|v| v.pointer("/error/message"))
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .or_else(|| v.pointer("/message"))
+        })
         .and_then(Value::as_str)
         .map(str::to_string);
     let mut line = match message {

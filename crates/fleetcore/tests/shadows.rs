@@ -244,3 +244,175 @@ fn parse_accepted(text: &str) -> (u64, u64) {
     }
     (v, i)
 }
+
+/// Runs the `fleetcore` CLI against the broker's admin API; returns (success, stdout,
+/// stderr).
+fn cli(broker: &TestBroker, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(broker_binary());
+    cmd.args(args)
+        .args(["--admin-url", &broker.admin_url()])
+        .arg("--data-dir")
+        .arg(broker.data_dir());
+    let out = run(cmd, Duration::from_secs(30));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn http_and_cli_updates_reach_the_device_over_mqtt_even_while_it_is_offline() {
+    let broker = TestBroker::start(BrokerOpts::new().tls().policy(SHADOW_POLICY).admin());
+    let pki = broker.pki();
+    let device = with(
+        &broker.paho_tls(&pki.thing1),
+        &[
+            "--protocol",
+            "5",
+            "--client-id",
+            "thing-1",
+            "--persistent",
+            "--session-expiry",
+            "300",
+        ],
+    );
+    // A persistent session on the delta topic, then offline.
+    paho(
+        "subscribe.py",
+        &with(
+            &device,
+            &[
+                "--filter",
+                "$aws/things/thing-1/shadow/update/delta",
+                "--qos",
+                "1",
+                "--exit-after-subscribe",
+            ],
+        ),
+    )
+    .expect_success(STEP);
+
+    // The backend sets desired state through the CLI (the HTTP data plane).
+    let (ok, out, err) = cli(
+        &broker,
+        &[
+            "shadow",
+            "update",
+            "thing-1",
+            "--desired",
+            r#"{"agent":{"version":"4.12.0"}}"#,
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("to version 1"), "{out}");
+
+    // The device comes back and gets the delta that was published while it was away.
+    let mut back = paho(
+        "subscribe.py",
+        &with(&device, &["--no-subscribe", "--count", "1"]),
+    );
+    let msg = back.expect_event("message", STEP);
+    assert_eq!(msg.get("topic"), "$aws/things/thing-1/shadow/update/delta");
+    let body: serde_json::Value = serde_json::from_str(msg.get("payload")).unwrap();
+    assert_eq!(
+        body["state"],
+        serde_json::json!({"agent": {"version": "4.12.0"}})
+    );
+    assert_eq!(body["version"], 1);
+    back.expect_success(STEP);
+
+    // GET over HTTP: the document with its delta, timestamps in seconds.
+    let got = broker.admin("GET", "/things/thing-1/shadow", None);
+    assert_eq!(got.status, 200, "{}", got.text());
+    let doc = got.json();
+    assert_eq!(doc["state"]["delta"]["agent"]["version"], "4.12.0");
+    let ts = doc["timestamp"].as_u64().unwrap();
+    assert!(ts > 1_700_000_000 && ts < 10_000_000_000, "seconds: {ts}");
+    // A stale version over HTTP: 409 with IoT Core's body, nothing changed.
+    let stale = broker.admin(
+        "POST",
+        "/things/thing-1/shadow",
+        Some(&serde_json::json!({"state": {"reported": {"x": 1}}, "version": 7})),
+    );
+    assert_eq!(stale.status, 409, "{}", stale.text());
+    assert_eq!(stale.json()["message"], "Version conflict");
+    let bad = broker.admin(
+        "POST",
+        "/things/bad.name/shadow",
+        Some(&serde_json::json!({"state": {}})),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.text());
+
+    // Named shadows: created over HTTP, listed, shown, deleted by the CLI.
+    for name in ["net", "config"] {
+        let r = broker.admin(
+            "POST",
+            &format!("/things/thing-1/shadow?name={name}"),
+            Some(&serde_json::json!({"state": {"reported": {"interval": 60}}})),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let page = broker
+        .admin(
+            "GET",
+            "/api/things/shadow/ListNamedShadowsForThing/thing-1?pageSize=1",
+            None,
+        )
+        .json();
+    assert_eq!(page["results"], serde_json::json!(["config"]));
+    assert!(page["nextToken"].is_string(), "{page}");
+    let none = broker
+        .admin(
+            "GET",
+            "/api/things/shadow/ListNamedShadowsForThing/nobody",
+            None,
+        )
+        .json();
+    assert_eq!(none["results"], serde_json::json!([]));
+    let r = broker.admin(
+        "GET",
+        "/api/things/shadow/ListNamedShadowsForThing/thing-1?pageSize=0",
+        None,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let (ok, out, err) = cli(&broker, &["shadow", "list", "thing-1", "--page-size", "1"]);
+    assert!(
+        ok && out.contains("config") && out.contains("net"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = cli(&broker, &["shadow", "get", "thing-1", "--name", "net"]);
+    assert!(
+        ok && out.contains("interval") && out.contains("60"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = cli(&broker, &["shadow", "delete", "thing-1", "--name", "net"]);
+    assert!(ok && out.contains("at version 1"), "{out}{err}");
+    let (ok, _, err) = cli(&broker, &["shadow", "get", "thing-1", "--name", "net"]);
+    assert!(
+        !ok && err.contains("No shadow exists with name: 'net' (404)"),
+        "{err}"
+    );
+    let (ok, out, err) = cli(&broker, &["--json", "shadow", "get", "thing-1"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["version"], 1);
+    let (ok, _, err) = cli(
+        &broker,
+        &["shadow", "update", "thing-1", "--desired", "[1]"],
+    );
+    assert!(!ok && err.contains("must be a JSON object"), "{err}");
+
+    // The service's metrics.
+    let metrics = broker.admin("GET", "/metrics", None).text();
+    assert!(
+        metrics
+            .contains("fleetcore_shadow_requests_total{operation=\"update\",outcome=\"accepted\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fleetcore_shadow_documents 2"),
+        "{metrics}"
+    );
+    broker.assert_no_panic_logged();
+}
