@@ -8,6 +8,8 @@
 //! # Layout
 //! - [`events`]: lifecycle events (`$aws/events/presence/...`,
 //!   `$aws/events/subscriptions/...`), made from the engine's events.
+//! - [`jobs`]: IoT Core's Jobs, device side (`$aws/things/{thing}/jobs/...`) and the
+//!   control plane the admin API serves.
 //! - [`shadow`]: the Device Shadow service (`$aws/things/{thing}/shadow/...`, classic
 //!   and named), its documents in the record store.
 #![forbid(unsafe_code)]
@@ -22,6 +24,7 @@ use mqtt_proto::{QoS, TopicName};
 use serde_json::Value;
 
 pub mod events;
+pub mod jobs;
 pub mod shadow;
 
 /// Publishes `body` as a QoS 1, non-retained JSON message from the broker.
