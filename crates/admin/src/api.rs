@@ -56,6 +56,8 @@ pub struct AdminState {
     /// The Device Shadow service behind `/things/{thing}/shadow`; `None` when it is
     /// disabled (those routes answer 404).
     pub shadows: Option<Arc<fleetcore_services::shadow::ShadowService>>,
+    /// The Jobs service behind `/jobs` and `/things/{thing}/jobs`; `None` when disabled.
+    pub jobs: Option<Arc<fleetcore_services::jobs::JobsService>>,
 }
 
 pub(crate) type Shared = Arc<AdminState>;
@@ -71,7 +73,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             code,
@@ -175,6 +181,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathArg
 /// [`router`] mounts and the OpenAPI description is tested against.
 pub fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
     let mut routes = crate::shadow::routes();
+    routes.extend(crate::jobs::routes());
     routes.extend([
         ("/things", post(create_thing).get(list_things)),
         (
@@ -1159,6 +1166,7 @@ mod tests {
         let (ca, _) = Ca::load_or_init(&files, &["localhost".into()]).unwrap();
         AdminState {
             shadows: None,
+            jobs: None,
             hub,
             ca: Arc::new(ca),
             token: "secret".into(),

@@ -7,6 +7,8 @@
 //!   events the engine acts on) and its connection and session counts.
 //! - [`shadow`]: the Device Shadow HTTP data plane (`/things/{thing}/shadow`,
 //!   `ListNamedShadowsForThing`), answered by the shadow service.
+//! - [`jobs`]: the Jobs control plane (`/jobs`, `/things/{thing}/jobs`), answered by
+//!   the jobs service.
 //! - [`openapi`]: the OpenAPI 3.1 description served at `/openapi.json`.
 //! - [`token`]: the admin token file (made once, mode 0600).
 //! - [`tls`]: TLS for the admin API (`[admin] tls = true`), with optional admin client
@@ -15,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod jobs;
 pub mod openapi;
 pub mod shadow;
 pub mod tls;

@@ -262,9 +262,10 @@ pub fn spec() -> Value {
     });
 
     let (mut paths, mut schemas) = (paths, schemas);
-    if let (Some(p), Value::Object(more)) = (paths.as_object_mut(), crate::shadow::openapi_paths())
-    {
-        p.extend(more);
+    for more in [crate::shadow::openapi_paths(), crate::jobs::openapi_paths()] {
+        if let (Some(p), Value::Object(more)) = (paths.as_object_mut(), more) {
+            p.extend(more);
+        }
     }
     if let (Some(s), Value::Object(more)) =
         (schemas.as_object_mut(), crate::shadow::openapi_schemas())

@@ -26,6 +26,21 @@ pub struct Config {
     pub tls_resumption: TlsResumptionConfig,
     pub events: EventsConfig,
     pub shadow: ShadowConfig,
+    pub jobs: JobsConfig,
+}
+
+/// The Jobs service (`$aws/things/{thing}/jobs/...` and the admin API's `/jobs`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Serve jobs (on by default).
+    pub enabled: bool,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig { enabled: true }
+    }
 }
 
 /// The Device Shadow service (`$aws/things/{thing}/shadow/...`, classic and named, and
@@ -87,6 +102,7 @@ impl Default for Config {
             tls_resumption: TlsResumptionConfig::default(),
             events: EventsConfig::default(),
             shadow: ShadowConfig::default(),
+            jobs: JobsConfig::default(),
         }
     }
 }

@@ -214,6 +214,13 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
         if let Some(s) = &shadows {
             services.push(s.clone());
         }
+        let jobs = config
+            .jobs
+            .enabled
+            .then(|| Arc::new(fleetcore_services::jobs::JobsService::new()));
+        if let Some(j) = &jobs {
+            services.push(j.clone());
+        }
         let server = match Server::start_with_services(config, services).await {
             Ok(server) => server,
             Err(e) => {
@@ -225,7 +232,7 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
         };
         let admin_task = if admin.enabled {
             let hub = server.hub().clone();
-            match start_admin(&admin, &token_path, &pki_files, hub, ca, metrics, shadows).await {
+            match start_admin(&admin, &token_path, &pki_files, hub, ca, metrics, DeviceServices { shadows, jobs }).await {
                 Ok(task) => Some(task),
                 Err(e) => {
                     let _ = server.shutdown(Duration::from_secs(2)).await;
@@ -333,6 +340,12 @@ impl AdminTask {
     }
 }
 
+/// The device services whose HTTP side the admin API serves (`None`: disabled).
+struct DeviceServices {
+    shadows: Option<Arc<ShadowService>>,
+    jobs: Option<Arc<fleetcore_services::jobs::JobsService>>,
+}
+
 async fn start_admin(
     admin: &AdminConfig,
     token_path: &Path,
@@ -340,7 +353,7 @@ async fn start_admin(
     hub: Arc<fleetcore_broker::engine::hub::Hub>,
     ca: Arc<Ca>,
     metrics: metrics_exporter_prometheus::PrometheusHandle,
-    shadows: Option<Arc<ShadowService>>,
+    services: DeviceServices,
 ) -> Result<AdminTask> {
     let (token, created) =
         fleetcore_admin::token::load_or_create(token_path).with_context(|| {
@@ -374,7 +387,8 @@ async fn start_admin(
         token,
         client_cert_cn: admin.tls.then(|| admin.client_cert_cn.clone()),
         metrics: Some(metrics),
-        shadows,
+        shadows: services.shadows,
+        jobs: services.jobs,
     };
     let url = match tls {
         Some(_) => format!("https://{addr}"),

@@ -99,9 +99,11 @@ pub fn parse_topic(topic: &str) -> JobsTopic {
             DeviceOp::Describe(id.to_string())
         }
         [id, "update"] if machine::valid_job_id(id) => DeviceOp::Update(id.to_string()),
-        _ => return JobsTopic::Invalid(format!(
+        _ => {
+            return JobsTopic::Invalid(format!(
             "{topic:?} is not a jobs request topic (get, start-next, <jobId>/get, <jobId>/update)"
-        )),
+        ))
+        }
     };
     if !crate::shadow::document::valid_name(thing, 128) {
         return JobsTopic::Invalid(format!(
@@ -983,7 +985,12 @@ impl Inner {
                 if exists {
                     continue;
                 }
-                inner.enqueue(thing, Op::Queue { job_id: job_id.clone() });
+                inner.enqueue(
+                    thing,
+                    Op::Queue {
+                        job_id: job_id.clone(),
+                    },
+                );
             }
             match gap {
                 Some(g) => tokio::time::sleep(g).await,
@@ -1048,12 +1055,14 @@ impl TopicService for JobsService {
         let topic: &str = &req.message.topic;
         let (thing, op) = match parse_topic(topic) {
             JobsTopic::Request(thing, op) => (thing, op),
-            JobsTopic::Answer => return Handled::Refused {
-                code: RefuseCode::NotAuthorized,
-                why: format!(
+            JobsTopic::Answer => {
+                return Handled::Refused {
+                    code: RefuseCode::NotAuthorized,
+                    why: format!(
                     "{topic:?} is a topic of the jobs service; clients may only subscribe to it"
                 ),
-            },
+                }
+            }
             JobsTopic::Invalid(why) => {
                 return Handled::Refused {
                     code: RefuseCode::TopicNameInvalid,

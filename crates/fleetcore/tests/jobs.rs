@@ -1,0 +1,321 @@
+//! Jobs end to end: the AWS IoT Device SDK v2 for Python's jobs clients (v2 over MQTT 5,
+//! v1 over MQTT 3.1.1) unchanged against jobs created on the admin API, the control
+//! plane over HTTP, and kill -9 in the middle of a rate-limited rollout.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Each device may use its own jobs topics only.
+const JOBS_POLICY: &str = r#"{
+  "Version": "2012-10-17",
+  "Statement": [
+    { "Effect": "Allow", "Action": "iot:Connect",
+      "Resource": "arn:aws:iot:*:*:client/${iot:Certificate.Subject.CommonName}" },
+    { "Effect": "Allow", "Action": ["iot:Publish", "iot:Receive"],
+      "Resource": "arn:aws:iot:*:*:topic/$aws/things/${iot:Certificate.Subject.CommonName}/jobs/*" },
+    { "Effect": "Allow", "Action": "iot:Subscribe",
+      "Resource": "arn:aws:iot:*:*:topicfilter/$aws/things/${iot:Certificate.Subject.CommonName}/jobs/*" }
+  ]
+}"#;
+
+fn ok(r: HttpResponse, status: u16) -> Value {
+    assert_eq!(r.status, status, "{}", r.text());
+    if r.text().is_empty() {
+        Value::Null
+    } else {
+        r.json()
+    }
+}
+
+fn thing(broker: &TestBroker, name: &str) {
+    ok(
+        broker.admin("POST", "/things", Some(&json!({ "name": name }))),
+        201,
+    );
+}
+
+fn run_sdk(broker: &TestBroker, client: &str) -> String {
+    let pki = broker.pki();
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(clients_dir().join("awsiot_jobs.py"))
+        .args([
+            "--host",
+            "localhost",
+            "--port",
+            &broker.tls_port().to_string(),
+        ])
+        .arg("--ca")
+        .arg(&pki.ca_cert)
+        .arg("--cert")
+        .arg(&pki.thing1.cert)
+        .arg("--key")
+        .arg(&pki.thing1.key)
+        .args([
+            "--thing",
+            "thing-1",
+            "--first-job",
+            "job-offline",
+            "--client",
+            client,
+        ])
+        .args([
+            "--admin-url",
+            &broker.admin_url(),
+            "--token",
+            &broker.admin_token(),
+        ]);
+    let out = run(cmd, Duration::from_secs(90));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_ne!(
+        out.status.code(),
+        Some(10),
+        "awsiotsdk is missing\n{}",
+        describe(&out)
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(!stdout.contains("fail "), "{stdout}");
+    stdout
+}
+
+/// A broker with thing-1 registered and one job queued for it while it is offline.
+fn broker_with_offline_job() -> TestBroker {
+    let broker = TestBroker::start(BrokerOpts::new().tls().policy(JOBS_POLICY).admin());
+    thing(&broker, "thing-1");
+    ok(
+        broker.admin(
+            "PUT",
+            "/jobs/job-offline",
+            Some(
+                &json!({"targets": ["arn:aws:iot:eu-west-1:123456789012:thing/thing-1"],
+                         "document": "{\"operation\":\"reboot\"}", "description": "reboot"}),
+            ),
+        ),
+        201,
+    );
+    broker
+}
+
+#[test]
+fn sdk_v2_jobs_client_over_mqtt5_runs_jobs_created_on_the_admin_api() {
+    let broker = broker_with_offline_job();
+    let out = run_sdk(&broker, "v2");
+    for c in [
+        "v2.get_pending",
+        "v2.start_next",
+        "v2.version_mismatch",
+        "v2.update_succeeded",
+        "v2.notify_next_empty",
+        "v2.notify_next_new_job",
+        "v2.describe_next",
+        "v2.terminal_is_final",
+    ] {
+        assert!(out.contains(&format!("ok {c}")), "{c} missing:\n{out}");
+    }
+    // The control plane saw it all.
+    let job = ok(broker.admin("GET", "/jobs/job-offline", None), 200);
+    assert_eq!(job["job"]["status"], "COMPLETED", "{job}");
+    assert_eq!(
+        job["job"]["jobProcessDetails"]["numberOfSucceededThings"],
+        1
+    );
+    let ex = ok(
+        broker.admin("GET", "/things/thing-1/jobs/job-offline", None),
+        200,
+    );
+    assert_eq!(ex["execution"]["statusDetails"]["result"], "rebooted");
+    let live = ok(broker.admin("GET", "/jobs/job-live/things", None), 200);
+    assert_eq!(
+        live["executionSummaries"][0]["jobExecutionSummary"]["status"],
+        "REJECTED"
+    );
+    broker.assert_no_panic_logged();
+}
+
+#[test]
+fn sdk_v1_jobs_client_over_mqtt311_follows_the_samples_flow() {
+    let broker = broker_with_offline_job();
+    let out = run_sdk(&broker, "v1");
+    assert!(out.contains("ok v1.update_terminal_rejected"), "{out}");
+    broker.assert_no_panic_logged();
+}
+
+#[test]
+fn the_control_plane_refuses_bad_jobs_and_cancels_and_deletes() {
+    let broker = TestBroker::start(BrokerOpts::new().admin());
+    for t in ["a", "b"] {
+        thing(&broker, t);
+    }
+    let bad = |body: Value, status: u16| {
+        let r = broker.admin("PUT", "/jobs/j1", Some(&body));
+        assert_eq!(r.status, status, "{body}: {}", r.text());
+    };
+    bad(json!({"targets": ["nobody"], "document": {}}), 404);
+    bad(json!({"targets": [], "document": {}}), 400);
+    bad(json!({"targets": ["a"], "document": "not json"}), 400);
+    bad(json!({"targets": ["a"], "document": [1]}), 400);
+    bad(
+        json!({"targets": ["arn:aws:iot:r:1:thinggroup/g"], "document": {}}),
+        400,
+    );
+    bad(
+        json!({"targets": ["a"], "document": {"x": "y".repeat(33 * 1024)}}),
+        400,
+    );
+    bad(
+        json!({"targets": ["a"], "document": {}, "targetSelection": "CONTINUOUS"}),
+        400,
+    );
+    bad(json!({"targets": ["a"], "document": {}, "bogus": 1}), 400);
+    let r = broker.admin(
+        "PUT",
+        "/jobs/bad id",
+        Some(&json!({"targets": ["a"], "document": {}})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    ok(
+        broker.admin(
+            "PUT",
+            "/jobs/j1",
+            Some(&json!({"targets": ["a", "b"], "document": {"op": 1}})),
+        ),
+        201,
+    );
+    let again = broker.admin(
+        "PUT",
+        "/jobs/j1",
+        Some(&json!({"targets": ["a"], "document": {}})),
+    );
+    assert_eq!(again.status, 409, "{}", again.text());
+    wait_for(&broker, "/jobs/j1", |j| {
+        j["job"]["jobProcessDetails"]["numberOfQueuedThings"] == 2
+    });
+    let doc = ok(broker.admin("GET", "/jobs/j1/job-document", None), 200);
+    assert_eq!(doc["document"], "{\"op\":1}");
+    let list = ok(broker.admin("GET", "/jobs?status=IN_PROGRESS", None), 200);
+    assert_eq!(list["jobs"][0]["jobId"], "j1");
+    let forthing = ok(broker.admin("GET", "/things/a/jobs", None), 200);
+    assert_eq!(forthing["executionSummaries"][0]["jobId"], "j1");
+    ok(
+        broker.admin("PUT", "/things/a/jobs/j1/cancel", Some(&json!({}))),
+        200,
+    );
+    let r = broker.admin("PUT", "/things/a/jobs/j1/cancel", Some(&json!({})));
+    assert_eq!(r.status, 409, "{}", r.text());
+    ok(
+        broker.admin(
+            "PUT",
+            "/jobs/j1/cancel",
+            Some(&json!({"comment": "wrong build"})),
+        ),
+        200,
+    );
+    wait_for(&broker, "/jobs/j1", |j| {
+        j["job"]["jobProcessDetails"]["numberOfCanceledThings"] == 2
+    });
+    let j = ok(broker.admin("GET", "/jobs/j1", None), 200);
+    assert_eq!(
+        (j["job"]["status"].as_str(), j["job"]["comment"].as_str()),
+        (Some("CANCELED"), Some("wrong build"))
+    );
+    ok(broker.admin("DELETE", "/jobs/j1", None), 204);
+    let r = broker.admin("GET", "/jobs/j1", None);
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = broker.admin("GET", "/things/a/jobs/j1", None);
+    assert_eq!(r.status, 404, "{}", r.text());
+    broker.assert_no_panic_logged();
+}
+
+/// Polls GET `path` until `pred` holds (at most 30 s).
+fn wait_for(broker: &TestBroker, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = ok(broker.admin("GET", path, None), 200);
+        if pred(&v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{path} never got there: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_rate_limited_rollout_of_2000_survives_kill_9_without_duplicates() {
+    let mut broker = TestBroker::start(BrokerOpts::new().admin());
+    let n = 2000;
+    for i in 0..n {
+        thing(&broker, &format!("dev-{i}"));
+    }
+    let targets: Vec<String> = (0..n).map(|i| format!("dev-{i}")).collect();
+    // 6,000 a minute: 2,000 executions take about 20 s.
+    ok(
+        broker.admin(
+            "PUT",
+            "/jobs/fleet-update",
+            Some(
+                &json!({"targets": targets, "document": {"operation": "update"},
+                         "jobExecutionsRolloutConfig": {"maximumPerMinute": 6000}}),
+            ),
+        ),
+        201,
+    );
+    let part = wait_for(&broker, "/jobs/fleet-update", |j| {
+        j["job"]["jobProcessDetails"]["numberOfQueuedThings"].as_u64() > Some(200)
+    });
+    let before = part["job"]["jobProcessDetails"]["numberOfQueuedThings"]
+        .as_u64()
+        .unwrap();
+    // A device update accepted before the crash (dev-0 is first in the rollout).
+    let ex = ok(
+        broker.admin(
+            "PUT",
+            "/things/dev-0/jobs/fleet-update/cancel",
+            Some(&json!({})),
+        ),
+        200,
+    );
+    assert_eq!(ex["execution"]["status"], "CANCELED");
+    broker.kill9();
+    broker.restart();
+    let after = ok(broker.admin("GET", "/jobs/fleet-update", None), 200);
+    let queued_now = after["job"]["jobProcessDetails"]["numberOfQueuedThings"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        queued_now + 1 >= before.min(n as u64),
+        "executions created before the kill were kept: {before} → {queued_now}"
+    );
+    assert!(
+        queued_now < n as u64 - 1,
+        "the rollout was still running when killed: {after}"
+    );
+    let done = wait_for(&broker, "/jobs/fleet-update", |j| {
+        let d = &j["job"]["jobProcessDetails"];
+        d["numberOfQueuedThings"].as_u64().unwrap() + d["numberOfCanceledThings"].as_u64().unwrap()
+            == n as u64
+    });
+    assert_eq!(
+        done["job"]["jobProcessDetails"]["numberOfCanceledThings"], 1,
+        "{done}"
+    );
+    let list = ok(broker.admin("GET", "/jobs/fleet-update/things", None), 200);
+    assert_eq!(
+        list["executionSummaries"].as_array().unwrap().len(),
+        n,
+        "one execution per thing"
+    );
+    let ex = ok(
+        broker.admin("GET", "/things/dev-0/jobs/fleet-update", None),
+        200,
+    );
+    assert_eq!(
+        ex["execution"]["status"], "CANCELED",
+        "an accepted change survived kill -9"
+    );
+    assert_eq!(ex["execution"]["versionNumber"], 2);
+    broker.assert_no_panic_logged();
+}
