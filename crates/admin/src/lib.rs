@@ -5,6 +5,9 @@
 //!   policies, CAs, CRL, `/metrics`, `/healthz`, behind a bearer token. It talks to the
 //!   broker only through the [`Hub`](fleetcore_broker::engine::hub::Hub)'s registry (whose
 //!   events the engine acts on) and its connection and session counts.
+//! - [`retained`]: IoT Core's retained-message APIs (`GET /retainedMessage[/{topic}]`)
+//!   and fleetcore's `DELETE /retainedMessage/{topic}`, through the hub's
+//!   `retained_page`/`retained_get`/`retained_delete`.
 //! - [`openapi`]: the OpenAPI 3.1 description served at `/openapi.json`.
 //! - [`token`]: the admin token file (made once, mode 0600).
 //! - [`tls`]: TLS for the admin API (`[admin] tls = true`), with optional admin client
@@ -14,5 +17,6 @@
 
 pub mod api;
 pub mod openapi;
+pub mod retained;
 pub mod tls;
 pub mod token;
