@@ -1,4 +1,5 @@
-//! The operator commands: `fleetcore thing|cert|policy|ca|token ...`.
+//! The operator commands: `fleetcore thing|cert|policy|ca|token|retained ...`
+//! (`retained` in [`retained`]).
 //!
 //! Every command except `ca init` is one or two calls to the admin API of a running
 //! `fleetcore serve` (see `docs/admin-api.md`): it finds the API and its token from the
@@ -22,12 +23,14 @@ use clap::{Args, Subcommand};
 use fleetcore_identity::ca::{Ca, CaFiles};
 use serde_json::{json, Map, Value};
 
+mod retained;
+
 /// Where the admin API is and how to authenticate. Flattened into `fleetcore` itself
 /// with `global = true`, so each option can go before the subcommand
 /// (`fleetcore --admin-url URL thing list`) or anywhere after it
 /// (`fleetcore thing list --admin-url URL`). `serve` takes only `--data-dir` of these.
 #[derive(Args, Debug, Clone)]
-#[command(next_help_heading = "Admin API options (thing, cert, policy, ca, token)")]
+#[command(next_help_heading = "Admin API options (thing, cert, policy, ca, token, retained)")]
 pub struct ClientOpts {
     /// Base URL of the admin API of a running `fleetcore serve`.
     #[arg(
@@ -114,6 +117,8 @@ pub enum ClientCommand {
     Ca(CaArgs),
     /// Issue short-lived device tokens (an MQTT password) and manage their signing keys.
     Token(TokenArgs),
+    /// List, show and delete retained messages (IoT Core's retained-message APIs).
+    Retained(retained::RetainedArgs),
 }
 
 #[derive(Args, Debug)]
@@ -532,6 +537,7 @@ fn dispatch(cmd: ClientCommand, opts: &ClientOpts) -> Result<()> {
         ClientCommand::Policy(a) => policy(a.cmd, opts),
         ClientCommand::Ca(a) => ca(a.cmd, opts),
         ClientCommand::Token(a) => token_cmd(a.cmd, opts),
+        ClientCommand::Retained(a) => retained::retained(a, opts),
     }
 }
 
