@@ -102,7 +102,7 @@ impl ApiError {
         )
     }
 
-    fn unavailable(message: impl Into<String>) -> ApiError {
+    pub(crate) fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "StoreUnavailable", message)
     }
 }
@@ -214,6 +214,11 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
         ("/tokens/keys", get(list_token_keys)),
         ("/tokens/keys/rotate", post(rotate_token_key)),
         ("/crl", get(crl)),
+        ("/retainedMessage", get(crate::retained::list)),
+        (
+            "/retainedMessage/{*topic}",
+            get(crate::retained::get_one).delete(crate::retained::delete),
+        ),
         ("/metrics", get(metrics)),
         ("/healthz", get(healthz)),
         ("/openapi.json", get(openapi)),
@@ -1209,6 +1214,8 @@ mod tests {
         path.replace("{name}", "x")
             .replace("{id}", "y")
             .replace("{certificate_id}", "z")
+            .replace("{*topic}", "a/b")
+            .replace("{topic}", "a/b")
     }
 
     /// The description lists exactly the router's paths, and on each path exactly the
@@ -1219,14 +1226,17 @@ mod tests {
         let app = router(state(dir.path()).await);
         let spec = crate::openapi::spec();
         let described = spec["paths"].as_object().unwrap();
-        let mounted: Vec<&str> = routes().iter().map(|(p, _)| *p).collect();
+        let mounted: Vec<String> = routes()
+            .iter()
+            .map(|(p, _)| crate::openapi::described_path(p))
+            .collect();
         let mut a: Vec<&str> = described.keys().map(String::as_str).collect();
-        let mut b = mounted.clone();
+        let mut b: Vec<&str> = mounted.iter().map(String::as_str).collect();
         a.sort();
         b.sort();
         assert_eq!(a, b, "OpenAPI paths differ from the router's");
-        for path in mounted {
-            let ops = described[path].as_object().unwrap();
+        for path in &mounted {
+            let ops = described[path.as_str()].as_object().unwrap();
             for method in METHODS {
                 let listed = ops.contains_key(&method.to_ascii_lowercase());
                 let (status, body) = call(&app, method, &concrete(path), Some("secret")).await;

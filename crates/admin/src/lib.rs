@@ -9,6 +9,9 @@
 //!   `ListNamedShadowsForThing`), answered by the shadow service.
 //! - [`jobs`]: the Jobs control plane (`/jobs`, `/things/{thing}/jobs`), answered by
 //!   the jobs service.
+//! - [`retained`]: IoT Core's retained-message APIs (`GET /retainedMessage[/{topic}]`)
+//!   and fleetcore's `DELETE /retainedMessage/{topic}`, through the hub's
+//!   `retained_page`/`retained_get`/`retained_delete`.
 //! - [`openapi`]: the OpenAPI 3.1 description served at `/openapi.json`.
 //! - [`token`]: the admin token file (made once, mode 0600).
 //! - [`tls`]: TLS for the admin API (`[admin] tls = true`), with optional admin client
@@ -19,6 +22,7 @@
 pub mod api;
 pub mod jobs;
 pub mod openapi;
+pub mod retained;
 pub mod shadow;
 pub mod tls;
 pub mod token;

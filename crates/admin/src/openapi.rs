@@ -12,7 +12,7 @@ fn error_responses(codes: &[u16]) -> Map<String, Value> {
     let mut m = Map::new();
     for code in codes {
         let what = match code {
-            400 => "InvalidRequest: bad JSON, name, policy document, PEM, CSR or token lifetime",
+            400 => "InvalidRequest: bad JSON, name, topic, policy document, PEM, CSR or token lifetime",
             401 => "Unauthorized: missing or wrong bearer token (and no admin client certificate)",
             404 => "NotFound",
             409 => "Conflict: already exists, still attached, revoked, or (tokens) no ACTIVE certificate attached to the thing",
@@ -53,6 +53,12 @@ fn list_of(key: &str, item: &str) -> Value {
 
 fn path_param(name: &str, what: &str) -> Value {
     json!({"name": name, "in": "path", "required": true, "description": what, "schema": {"type": "string"}})
+}
+
+/// How a router path is written in the description: the wildcard `{*topic}` (which
+/// takes raw slashes) is the parameter `{topic}`.
+pub fn described_path(router_path: &str) -> String {
+    router_path.replace("{*", "{")
 }
 
 /// The description, as JSON.
@@ -144,6 +150,27 @@ pub fn spec() -> Value {
                     "401": error_responses(&[401])["401"],
                 }
             }
+        },
+        "/retainedMessage": {
+            "get": {
+                "summary": "ListRetainedMessages (as IoT Core): retained topics in topic order, a page at a time, without payloads",
+                "parameters": [
+                    {"name": "maxResults", "in": "query", "required": false, "description": "topics per page",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": crate::retained::MAX_MAX_RESULTS, "default": crate::retained::DEFAULT_MAX_RESULTS}},
+                    {"name": "nextToken", "in": "query", "required": false, "description": "the nextToken of the previous page, as it came",
+                     "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {"description": "success", "content": {"application/json": {"schema": schema("RetainedTopics")}}},
+                    "400": {"description": "InvalidRequest: maxResults not a whole number from 1 to 200, or a nextToken this API did not return", "content": {"application/json": {"schema": schema("Error")}}},
+                    "401": error_responses(&[401])["401"],
+                }
+            }
+        },
+        "/retainedMessage/{topic}": {
+            "parameters": [path_param("topic", "the topic; URL-encoded, its slashes either as %2F or as they are (retainedMessage/acct/dev1/config)")],
+            "get": op("GetRetainedMessage (as IoT Core): the retained message of a topic", None, 200, Some(schema("RetainedMessage")), &[400, 404]),
+            "delete": op("fleetcore extension: delete the retained message of a topic, as MQTT does (a zero-byte retained publish, delivered to subscribers too); answered once the removal is on disk", None, 200, Some(schema("RetainedDeleted")), &[400, 404, 503]),
         },
         "/metrics": {
             "get": {
@@ -257,6 +284,20 @@ pub fn spec() -> Value {
             "verify_until": {"type": "string", "format": "date-time", "description": "retired keys: tokens they signed are accepted until then"},
             "verify_until_ms": {"type": "integer"},
             "public_key": {"type": "string", "description": "Ed25519 public key, base64url without padding"}}},
+        "RetainedTopics": {"type": "object", "required": ["retainedTopics"], "properties": {
+            "retainedTopics": {"type": "array", "items": {"type": "object", "required": ["topic", "payloadSize", "qos", "lastModifiedTime"], "properties": {
+                "topic": {"type": "string"}, "payloadSize": {"type": "integer", "description": "bytes"},
+                "qos": {"type": "integer", "minimum": 0, "maximum": 2},
+                "lastModifiedTime": {"type": "integer", "description": "when the message was retained, unix milliseconds"}}}},
+            "nextToken": {"type": "string", "description": "absent on the last page"}}},
+        "RetainedMessage": {"type": "object", "required": ["topic", "payload", "qos", "lastModifiedTime"], "properties": {
+            "topic": {"type": "string"},
+            "payload": {"type": "string", "contentEncoding": "base64"},
+            "qos": {"type": "integer", "minimum": 0, "maximum": 2},
+            "lastModifiedTime": {"type": "integer", "description": "when the message was retained, unix milliseconds"},
+            "userProperties": {"type": "string", "contentEncoding": "base64", "description": "base64 of a JSON array of one-key objects, [{\"name\":\"value\"}, ...], in the publisher's order; absent without user properties"}}},
+        "RetainedDeleted": {"type": "object", "required": ["topic", "deleted"], "properties": {
+            "topic": {"type": "string"}, "deleted": {"type": "boolean", "const": true}}},
         "Health": {"type": "object", "required": ["status", "connections", "sessions"], "properties": {
             "status": {"type": "string", "const": "ok"}, "connections": {"type": "integer"}, "sessions": {"type": "integer"}}},
     });

@@ -112,6 +112,20 @@ fn bench_retained(c: &mut Criterion) {
         });
     }
     group.finish();
+    // What a retained publish pays in the tree: a new device's first retained message
+    // (and its delete), and a newer message for a topic already retained.
+    let mut group = c.benchmark_group("retained/publish (100k topics)");
+    group.bench_function("insert+remove new topic", |b| {
+        b.iter(|| {
+            let topic = black_box("acct42/dev100042/configurationChanges");
+            tree.insert(topic, 1);
+            tree.remove(topic)
+        })
+    });
+    group.bench_function("replace existing topic", |b| {
+        b.iter(|| tree.insert(black_box("acct42/dev42042/configurationChanges"), 2))
+    });
+    group.finish();
 }
 
 criterion_group!(benches, bench_matches, bench_subscribe, bench_retained);

@@ -11,20 +11,39 @@
 //! Each node with a message keeps the full topic as an `Arc<str>`, so results carry
 //! their topic without rebuilding strings from levels.
 //!
+//! The admin API lists retained topics a page at a time in topic order
+//! ([`RetainedTree::after`]); the trie's children are hashed, not ordered, so the tree
+//! also keeps the set of its topics in a `BTreeSet` (the same `Arc<str>`s, one pointer
+//! each). Only a retained publish to a new topic, or a delete, touches it; matching on
+//! subscribe and replacing a topic's message never do.
+//!
 //! The tree is not synchronized: retained messages change far less often than they are
 //! published through, and the broker wraps the tree in its own lock. It holds only
 //! what is in memory; durability is the store's job. Topics and filters are assumed to
 //! have been validated by [`fleetcore_core::topic`]. No operation recurses per level, so a very
 //! deep topic cannot overflow the stack.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::ops::Bound;
 use std::sync::Arc;
+
+use fleetcore_core::message::Message;
+
+/// What the broker retains per topic: the message, and when it was stored (kept on disk
+/// with it; IoT Core's `lastModifiedTime`).
+#[derive(Debug, Clone)]
+pub struct Retained {
+    pub msg: Arc<Message>,
+    /// Unix milliseconds.
+    pub stored_at_ms: u64,
+}
 
 /// Retained messages by topic. Not synchronized; see the module docs.
 pub struct RetainedTree<V> {
     root: Node<V>,
-    len: usize,
+    /// Every topic with a value, in order, for paging.
+    topics: BTreeSet<Arc<str>>,
 }
 
 struct Node<V> {
@@ -78,7 +97,7 @@ impl<V: Clone> RetainedTree<V> {
     pub fn new() -> Self {
         RetainedTree {
             root: Node::default(),
-            len: 0,
+            topics: BTreeSet::new(),
         }
     }
 
@@ -91,8 +110,9 @@ impl<V: Clone> RetainedTree<V> {
         match &mut node.value {
             Some((_, old)) => Some(std::mem::replace(old, value)),
             empty => {
-                *empty = Some((Arc::from(topic), value));
-                self.len += 1;
+                let topic: Arc<str> = Arc::from(topic);
+                self.topics.insert(topic.clone());
+                *empty = Some((topic, value));
                 None
             }
         }
@@ -111,7 +131,7 @@ impl<V: Clone> RetainedTree<V> {
             node = node.children.get_mut(level)?;
         }
         let (_, old) = node.value.take()?;
-        self.len -= 1;
+        self.topics.remove(topic);
         if node.children.is_empty() {
             // Cut the edge below the node that stays; the chain under it is empty.
             let mut levels = topic.split('/');
@@ -182,14 +202,29 @@ impl<V: Clone> RetainedTree<V> {
         }
     }
 
+    /// Every retained topic after `after` (all with `None`), in ascending byte order of
+    /// the topic, with its value: a page is `after(last_of_previous).take(n)`.
+    pub fn after<'a>(
+        &'a self,
+        after: Option<&'a str>,
+    ) -> impl Iterator<Item = (&'a Arc<str>, &'a V)> + 'a {
+        let start = match after {
+            Some(t) => Bound::Excluded(t),
+            None => Bound::Unbounded,
+        };
+        self.topics
+            .range::<str, _>((start, Bound::Unbounded))
+            .filter_map(|topic| Some((topic, self.get(topic)?)))
+    }
+
     /// The number of retained topics.
     pub fn len(&self) -> usize {
-        self.len
+        self.topics.len()
     }
 
     /// Whether no topic has a retained value.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.topics.is_empty()
     }
 }
 
@@ -202,7 +237,7 @@ impl<V: Clone> Default for RetainedTree<V> {
 impl<V> fmt::Debug for RetainedTree<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetainedTree")
-            .field("len", &self.len)
+            .field("len", &self.topics.len())
             .finish_non_exhaustive()
     }
 }
@@ -328,6 +363,37 @@ mod tests {
         assert_eq!(topics(&t, "$SYS/monitor/+"), ["$SYS/monitor/Clients"]);
     }
 
+    fn page(tree: &RetainedTree<u32>, after: Option<&str>, n: usize) -> Vec<String> {
+        tree.after(after)
+            .take(n)
+            .map(|(t, _)| t.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn pages_follow_byte_order_of_the_whole_topic() {
+        // Level order would put "a/b" before "a-b"; byte order puts '-' (0x2D) before
+        // '/' (0x2F). Pages follow the latter, as the token is the last topic.
+        let mut t = tree_of(&["a/b", "a-b", "a", "$aws/x", "b", "a//c", "/lead"]);
+        assert_eq!(
+            page(&t, None, 10),
+            ["$aws/x", "/lead", "a", "a-b", "a//c", "a/b", "b"]
+        );
+        assert_eq!(page(&t, None, 2), ["$aws/x", "/lead"]);
+        assert_eq!(page(&t, Some("/lead"), 2), ["a", "a-b"]);
+        assert_eq!(page(&t, Some("a-b"), 2), ["a//c", "a/b"]);
+        assert_eq!(page(&t, Some("a/b"), 2), ["b"]);
+        assert!(page(&t, Some("b"), 2).is_empty());
+        // A topic that is no longer there still resumes at the right place.
+        assert_eq!(page(&t, Some("a-a"), 1), ["a-b"]);
+        assert_eq!(t.remove("a-b"), Some(1));
+        assert_eq!(page(&t, Some("a"), 2), ["a//c", "a/b"]);
+        // Replacing a value keeps one entry per topic.
+        t.insert("a", 42);
+        assert_eq!(t.len(), 6);
+        assert_eq!(t.after(Some("/lead")).next(), Some((&Arc::from("a"), &42)));
+    }
+
     #[test]
     fn very_deep_topics_neither_overflow_nor_leak() {
         let deep = vec!["a"; 100_000].join("/");
@@ -382,6 +448,11 @@ mod tests {
                 prop_assert_eq!(tree.remove(topic), model.remove(topic));
             }
             prop_assert_eq!(tree.len(), model.len());
+            let ordered: Vec<(String, u32)> =
+                tree.after(None).map(|(t, v)| (t.to_string(), *v)).collect();
+            let expected: Vec<(String, u32)> =
+                model.iter().map(|(t, v)| (t.clone(), *v)).collect();
+            prop_assert_eq!(ordered, expected);
             for (topic, v) in &model {
                 prop_assert_eq!(tree.get(topic), Some(v));
             }

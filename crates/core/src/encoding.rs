@@ -1,5 +1,7 @@
-//! Byte encodings, one copy each: lower-case hex, the SHA-256 certificate id, and
-//! unpadded base64url (device tokens and their keys).
+//! Byte encodings, one copy each: lower-case hex, the SHA-256 certificate id,
+//! unpadded base64url (device tokens and their keys, the retained-message page token)
+//! and padded standard base64 (the blobs of IoT Core's JSON APIs: a retained message's
+//! payload and user properties).
 //!
 //! The certificate id is computed when a certificate is registered and again at every
 //! CONNECT; both go through [`sha256_hex`], so the two can never drift apart.
@@ -99,6 +101,46 @@ pub fn b64url_decode_vec(text: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Standard base64 with padding (RFC 4648 §4), as AWS JSON APIs encode blobs.
+pub fn b64_encode(bytes: &[u8]) -> String {
+    let mut out: String = b64url_encode(bytes)
+        .chars()
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            c => c,
+        })
+        .collect();
+    while !out.len().is_multiple_of(4) {
+        out.push('=');
+    }
+    out
+}
+
+/// Decodes canonical padded standard base64; `None` for the url alphabet, missing or
+/// extra padding, or unused bits that are not zero.
+pub fn b64_decode_vec(text: &[u8]) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(4) {
+        return None;
+    }
+    let body = text
+        .strip_suffix(b"==")
+        .or_else(|| text.strip_suffix(b"="))
+        .unwrap_or(text);
+    if body.iter().any(|c| matches!(c, b'-' | b'_' | b'=')) {
+        return None;
+    }
+    let url: Vec<u8> = body
+        .iter()
+        .map(|&c| match c {
+            b'+' => b'-',
+            b'/' => b'_',
+            c => c,
+        })
+        .collect();
+    b64url_decode_vec(&url)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,5 +177,24 @@ mod tests {
         assert_eq!(b64url_decode_vec(b"Q"), None, "impossible length");
         assert_eq!(b64url_decode_vec(b"QQ=="), None, "padding");
         assert_eq!(b64url_decode_vec(b"Q+Q/"), None, "standard alphabet");
+    }
+
+    #[test]
+    fn standard_base64_is_padded_and_round_trips() {
+        assert_eq!(b64_encode(b""), "");
+        assert_eq!(b64_encode(b"f"), "Zg==");
+        assert_eq!(b64_encode(b"fo"), "Zm8=");
+        assert_eq!(b64_encode(b"foo"), "Zm9v");
+        assert_eq!(b64_encode(b"\xfb\xff\xfe"), "+//+");
+        for n in 0..40u8 {
+            let bytes: Vec<u8> = (0..n).map(|i| i.wrapping_mul(91).wrapping_add(n)).collect();
+            assert_eq!(b64_decode_vec(b64_encode(&bytes).as_bytes()), Some(bytes));
+        }
+        assert_eq!(b64_decode_vec(b"Zg=="), Some(b"f".to_vec()));
+        assert_eq!(b64_decode_vec(b"Zg"), None, "padding missing");
+        assert_eq!(b64_decode_vec(b"Zg="), None, "padding short");
+        assert_eq!(b64_decode_vec(b"Z==="), None, "too much padding");
+        assert_eq!(b64_decode_vec(b"-_-_"), None, "url alphabet");
+        assert_eq!(b64_decode_vec(b"Zh=="), None, "unused bits set");
     }
 }

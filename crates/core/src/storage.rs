@@ -84,6 +84,16 @@ impl StoredMessage {
     }
 }
 
+/// A retained message as the `retained` table keeps it: the message, and when the broker
+/// stored it (IoT Core's `lastModifiedTime`). Queued deliveries carry no such time, so it
+/// lives here rather than in [`StoredMessage`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredRetained {
+    /// When this message became the topic's retained message, unix milliseconds.
+    pub stored_at_ms: u64,
+    pub msg: StoredMessage,
+}
+
 /// One delivery waiting for an offline client: the message and how it is to be delivered.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredQueued {
@@ -122,7 +132,7 @@ pub struct StoredSession {
 pub enum Op {
     PutRetained {
         topic: String,
-        msg: StoredMessage,
+        retained: StoredRetained,
     },
     DeleteRetained {
         topic: String,
@@ -160,7 +170,7 @@ impl Op {
     /// Rough bytes this op adds to a transaction.
     pub fn approx_len(&self) -> usize {
         match self {
-            Op::PutRetained { topic, msg } => topic.len() + msg.approx_len(),
+            Op::PutRetained { topic, retained } => topic.len() + 8 + retained.msg.approx_len(),
             Op::PutSession { client_id, session } => {
                 let subs: usize = session
                     .subscriptions
@@ -185,8 +195,8 @@ impl Op {
 /// Everything in the file at open, for the broker to rebuild its state from.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// Retained messages; the topic is inside each.
-    pub retained: Vec<StoredMessage>,
+    /// Retained messages, in topic order; the topic is inside each.
+    pub retained: Vec<StoredRetained>,
     pub sessions: Vec<LoadedSession>,
     /// Registry records as (kind, key, value), in key order.
     pub records: Vec<(String, String, Vec<u8>)>,

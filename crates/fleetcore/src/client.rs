@@ -1,4 +1,5 @@
-//! The operator commands: `fleetcore thing|cert|policy|ca|token|shadow ...`.
+//! The operator commands: `fleetcore thing|cert|policy|ca|token|shadow|retained ...`
+//! (`shadow` in [`shadow`], `retained` in [`retained`]).
 //!
 //! Every command except `ca init` is one or two calls to the admin API of a running
 //! `fleetcore serve` (see `docs/admin-api.md`): it finds the API and its token from the
@@ -22,6 +23,7 @@ use clap::{Args, Subcommand};
 use fleetcore_identity::ca::{Ca, CaFiles};
 use serde_json::{json, Map, Value};
 
+mod retained;
 mod shadow;
 
 /// Where the admin API is and how to authenticate. Flattened into `fleetcore` itself
@@ -29,7 +31,9 @@ mod shadow;
 /// (`fleetcore --admin-url URL thing list`) or anywhere after it
 /// (`fleetcore thing list --admin-url URL`). `serve` takes only `--data-dir` of these.
 #[derive(Args, Debug, Clone)]
-#[command(next_help_heading = "Admin API options (thing, cert, policy, ca, token, shadow)")]
+#[command(
+    next_help_heading = "Admin API options (thing, cert, policy, ca, token, shadow, retained)"
+)]
 pub struct ClientOpts {
     /// Base URL of the admin API of a running `fleetcore serve`.
     #[arg(
@@ -118,6 +122,8 @@ pub enum ClientCommand {
     Token(TokenArgs),
     /// Read, update and delete Device Shadows (classic and named).
     Shadow(shadow::ShadowArgs),
+    /// List, show and delete retained messages (IoT Core's retained-message APIs).
+    Retained(retained::RetainedArgs),
 }
 
 #[derive(Args, Debug)]
@@ -537,6 +543,7 @@ fn dispatch(cmd: ClientCommand, opts: &ClientOpts) -> Result<()> {
         ClientCommand::Ca(a) => ca(a.cmd, opts),
         ClientCommand::Token(a) => token_cmd(a.cmd, opts),
         ClientCommand::Shadow(a) => shadow::run(a, opts),
+        ClientCommand::Retained(a) => retained::retained(a, opts),
     }
 }
 

@@ -144,7 +144,7 @@ fn temp() -> tempfile::TempDir {
 fn every_command_has_help() {
     let dir = temp();
     let top = fleetcore(dir.path(), &["--help"]).ok("--help");
-    for cmd in ["thing", "cert", "policy", "ca"] {
+    for cmd in ["thing", "cert", "policy", "ca", "retained"] {
         assert!(
             top.stdout.contains(&format!("\n  {cmd} ")),
             "--help lists {cmd}: {}",
@@ -185,6 +185,10 @@ fn every_command_has_help() {
         &["ca", "register"],
         &["ca", "list"],
         &["ca", "crl"],
+        &["retained"],
+        &["retained", "list"],
+        &["retained", "get"],
+        &["retained", "delete"],
     ];
     for cmd in commands {
         let mut args = cmd.to_vec();

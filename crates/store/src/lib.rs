@@ -2,20 +2,40 @@
 //! (metadata and subscriptions) and the queues of messages waiting for offline clients.
 //!
 //! # Layout
-//! - this file: the records ([`StoredMessage`], [`StoredSession`], [`StoredQueued`]), the
-//!   [`Op`]s that change them, [`Store::open`] (create or open the file, check the schema
-//!   version, load everything into [`Loaded`]) and the [`Store`] handle the broker submits
-//!   ops through, with the [`Commit`] future that tells when they are durable.
+//! - this file: the records ([`StoredRetained`], [`StoredMessage`], [`StoredSession`],
+//!   [`StoredQueued`]), the [`Op`]s that change them, [`Store::open`] (create or open the
+//!   file, check the schema version, migrate an older one, load everything into
+//!   [`Loaded`]) and the [`Store`] handle the broker submits ops through, with the
+//!   [`Commit`] future that tells when they are durable.
 //! - `writer`: the one writer thread and its group commit. It blocks for the first request,
 //!   drains every request already waiting (up to [`StoreOptions::max_batch_ops`] ops or about
 //!   8 MiB), applies them in one write transaction, commits with fsync, and only then
 //!   completes the waiters. One fsync covers many publishes; never one per message.
 //!
 //! # File
-//! Tables: `retained` (topic → postcard [`StoredMessage`]), `sessions` (client id → postcard
-//! [`StoredSession`]), `queue` ((client id, seq) → postcard [`StoredQueued`]) and `meta`
-//! (`schema_version` → 1), and `registry` ((kind, key) → bytes: things, certificates, policies). A file with another schema version is refused at open; a record
-//! that fails to decode is skipped with a warning, so one bad record never stops the broker.
+//! Tables: `retained` (topic → postcard [`StoredRetained`]), `sessions` (client id →
+//! postcard [`StoredSession`]), `queue` ((client id, seq) → postcard [`StoredQueued`]),
+//! `registry` ((kind, key) → bytes: things, certificates, policies) and `meta`
+//! (`schema_version` → [`SCHEMA_VERSION`]). A file with a newer or unknown schema
+//! version is refused at open; a record that fails to decode is skipped with a warning,
+//! so one bad record never stops the broker.
+//!
+//! # Schema versions and migration
+//! - 1: `retained` held a bare [`StoredMessage`].
+//! - 2: `retained` holds a [`StoredRetained`]: the message and when it was stored (the
+//!   retained-message API's `lastModifiedTime`, which must survive restarts).
+//!
+//! Postcard records carry no field names or lengths, so a field cannot be appended to
+//! [`StoredMessage`] with a default for old records, and [`StoredMessage`] is also the
+//! message inside every queued delivery, which has no use for the time. Hence a record of
+//! its own for the `retained` table and an explicit migration: opening a version 1 file
+//! rewrites every `retained` record as a [`StoredRetained`] stamped with the time of the
+//! migration (the real time was never recorded; the migration is the latest it can have
+//! been) and sets the version to 2, all in one write transaction, so a crash leaves
+//! either the old file or the new one. The other tables are not touched. A record that
+//! does not decode as version 1 is left as it is (it was skipped at load before, and it
+//! is skipped now). A fleetcore that reads only version 1 refuses a migrated file with
+//! [`StoreError::SchemaVersion`] instead of misreading it.
 #![forbid(unsafe_code)]
 
 mod writer;
@@ -24,13 +44,15 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 
-use redb::{Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, DatabaseError, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
 pub use fleetcore_core::storage::{
-    Commit, Loaded, LoadedSession, Op, StoreError, StoredMessage, StoredQueued, StoredSession,
-    StoredSubscription,
+    Commit, Loaded, LoadedSession, Op, StoreError, StoredMessage, StoredQueued, StoredRetained,
+    StoredSession, StoredSubscription,
 };
 
 use crate::writer::{Reply, Request};
@@ -43,8 +65,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// The broker owns their types; the store only keeps them.
 const REGISTRY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("registry");
 const SCHEMA_KEY: &str = "schema_version";
-/// The layout of tables and records this code reads and writes.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The layout of tables and records this code reads and writes (see the module docs).
+pub const SCHEMA_VERSION: u64 = 2;
+/// The version [`migrate_retained_v1`] upgrades from.
+const SCHEMA_V1: u64 = 1;
 
 /// Tuning of a [`Store`].
 #[derive(Debug, Clone)]
@@ -219,37 +243,84 @@ fn open_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// Creates the tables of a new file and refuses a file of another schema version.
+/// Creates the tables of a new file, migrates a version 1 file, and refuses a file of
+/// any other schema version.
 fn init_schema(db: &Database, path: &Path) -> Result<(), StoreError> {
-    let result = (|| -> Result<Option<u64>, redb::Error> {
-        let txn = db.begin_write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            let found = meta.get(SCHEMA_KEY)?.map(|v| v.value());
-            match found {
-                Some(v) if v != SCHEMA_VERSION => return Ok(Some(v)),
-                Some(_) => {}
-                None => {
-                    meta.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
-                }
-            }
-            txn.open_table(RETAINED)?;
-            txn.open_table(SESSIONS)?;
-            txn.open_table(QUEUE)?;
-            txn.open_table(REGISTRY)?;
+    let redb_err = |e: redb::Error| open_err(path, e);
+    let txn = db.begin_write().map_err(|e| redb_err(e.into()))?;
+    let found = {
+        let meta = txn.open_table(META).map_err(|e| redb_err(e.into()))?;
+        let found = meta.get(SCHEMA_KEY).map_err(|e| redb_err(e.into()))?;
+        found.map(|v| v.value())
+    };
+    match found {
+        Some(SCHEMA_VERSION) => {}
+        Some(SCHEMA_V1) => {
+            let n = migrate_retained_v1(&txn, fleetcore_core::time::now_ms())
+                .map_err(|e| open_err(path, format!("migrating schema 1 to 2: {e}")))?;
+            set_schema_version(&txn).map_err(redb_err)?;
+            tracing::info!(
+                path = %path.display(),
+                retained = n,
+                "store migrated from schema version 1 to 2"
+            );
         }
-        txn.commit()?;
-        Ok(None)
-    })();
-    match result {
-        Ok(None) => Ok(()),
-        Ok(Some(found)) => Err(StoreError::SchemaVersion {
-            path: path.to_path_buf(),
-            found,
-            expected: SCHEMA_VERSION,
-        }),
-        Err(e) => Err(open_err(path, e)),
+        Some(found) => {
+            return Err(StoreError::SchemaVersion {
+                path: path.to_path_buf(),
+                found,
+                expected: SCHEMA_VERSION,
+            })
+        }
+        None => set_schema_version(&txn).map_err(redb_err)?,
     }
+    (|| -> Result<(), redb::Error> {
+        txn.open_table(RETAINED)?;
+        txn.open_table(SESSIONS)?;
+        txn.open_table(QUEUE)?;
+        txn.open_table(REGISTRY)?;
+        txn.commit()?;
+        Ok(())
+    })()
+    .map_err(redb_err)
+}
+
+fn set_schema_version(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    txn.open_table(META)?.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
+    Ok(())
+}
+
+/// Rewrites every version 1 `retained` record (a bare [`StoredMessage`]) as a
+/// [`StoredRetained`] stored at `now` ms; returns how many. Inside the caller's
+/// transaction, so the migration is all or nothing.
+fn migrate_retained_v1(txn: &WriteTransaction, now: u64) -> Result<usize, String> {
+    let mut table = txn.open_table(RETAINED).map_err(|e| e.to_string())?;
+    let mut rewritten = Vec::new();
+    for entry in table.iter().map_err(|e| e.to_string())? {
+        let (key, value) = entry.map_err(|e| e.to_string())?;
+        let topic = key.value().to_owned();
+        match postcard::from_bytes::<StoredMessage>(value.value()) {
+            Ok(msg) => rewritten.push((
+                topic,
+                StoredRetained {
+                    stored_at_ms: now,
+                    msg,
+                },
+            )),
+            Err(e) => tracing::warn!(
+                topic,
+                error = %e,
+                "retained record does not decode as schema 1; left as it is"
+            ),
+        }
+    }
+    for (topic, record) in &rewritten {
+        let bytes = postcard::to_allocvec(record).map_err(|e| e.to_string())?;
+        table
+            .insert(topic.as_str(), bytes.as_slice())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(rewritten.len())
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(
@@ -276,8 +347,8 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
     let mut loaded = Loaded::default();
     for entry in txn.open_table(RETAINED)?.iter()? {
         let (key, value) = entry?;
-        if let Some(msg) = decode("retained", key.value(), value.value()) {
-            loaded.retained.push(msg);
+        if let Some(record) = decode("retained", key.value(), value.value()) {
+            loaded.retained.push(record);
         }
     }
     let mut sessions = std::collections::BTreeMap::new();

@@ -22,6 +22,13 @@ fn msg(topic: &str, payload: &[u8]) -> StoredMessage {
     }
 }
 
+fn retained(topic: &str, payload: &[u8]) -> StoredRetained {
+    StoredRetained {
+        stored_at_ms: 1_750_000_000_123,
+        msg: msg(topic, payload),
+    }
+}
+
 fn session(filter: &str) -> StoredSession {
     StoredSession {
         protocol_version: 5,
@@ -85,11 +92,11 @@ fn data_survives_reopen_and_deletes_remove_it() {
         rt.block_on(store.submit(vec![
             Op::PutRetained {
                 topic: "a/config".into(),
-                msg: msg("a/config", b"one"),
+                retained: retained("a/config", b"one"),
             },
             Op::PutRetained {
                 topic: "b/config".into(),
-                msg: msg("b/config", b"two"),
+                retained: retained("b/config", b"two"),
             },
             Op::PutSession {
                 client_id: "computer-a".into(),
@@ -108,12 +115,16 @@ fn data_survives_reopen_and_deletes_remove_it() {
         .unwrap();
     }
     let (store, loaded) = open(&path);
-    let mut topics: Vec<_> = loaded.retained.iter().map(|m| m.topic.as_str()).collect();
+    let mut topics: Vec<_> = loaded
+        .retained
+        .iter()
+        .map(|r| r.msg.topic.as_str())
+        .collect();
     topics.sort();
     assert_eq!(topics, ["a/config", "b/config"]);
     assert_eq!(
-        loaded.retained.iter().find(|m| m.topic == "a/config"),
-        Some(&msg("a/config", b"one"))
+        loaded.retained.iter().find(|r| r.msg.topic == "a/config"),
+        Some(&retained("a/config", b"one"))
     );
     let a = session_of(&loaded, "computer-a").unwrap();
     assert_eq!(a.session, session("customer-b/computer-a/#"));
@@ -138,7 +149,11 @@ fn data_survives_reopen_and_deletes_remove_it() {
     drop(store);
 
     let (store, loaded) = open(&path);
-    let topics: Vec<_> = loaded.retained.iter().map(|m| m.topic.as_str()).collect();
+    let topics: Vec<_> = loaded
+        .retained
+        .iter()
+        .map(|r| r.msg.topic.as_str())
+        .collect();
     assert_eq!(topics, ["b/config"]);
     assert!(session_of(&loaded, "computer-a").is_none());
     let b = session_of(&loaded, "computer-b").unwrap();
@@ -232,25 +247,154 @@ fn other_schema_version_is_refused() {
         let txn = db.begin_write().unwrap();
         txn.open_table(META)
             .unwrap()
-            .insert(SCHEMA_KEY, 2u64)
+            .insert(SCHEMA_KEY, 3u64)
             .unwrap();
         txn.commit().unwrap();
     }
     let err =
-        Store::open(&path, StoreOptions::default()).expect_err("a version 2 file must be refused");
+        Store::open(&path, StoreOptions::default()).expect_err("a version 3 file must be refused");
     assert!(
         matches!(
             err,
             StoreError::SchemaVersion {
-                found: 2,
-                expected: 1,
+                found: 3,
+                expected: 2,
                 ..
             }
         ),
         "{err:?}"
     );
     let text = err.to_string();
-    assert!(text.contains("schema version 2") && text.contains("reads version 1"));
+    assert!(text.contains("schema version 3") && text.contains("reads version 2"));
+}
+
+/// The message of [`V1_RETAINED`].
+fn v1_message() -> StoredMessage {
+    StoredMessage {
+        topic: "acct/dev1/config".into(),
+        payload: br#"{"poll":60}"#.to_vec(),
+        qos: 1,
+        retain: true,
+        expires_at_ms: None,
+        payload_format_utf8: Some(true),
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: vec![("deviceName".into(), "alpha".into())],
+    }
+}
+
+/// A `retained` record exactly as schema 1 wrote it (postcard of a bare StoredMessage),
+/// byte for byte, so the migration is tested against the old layout and not against
+/// whatever the code encodes today.
+const V1_RETAINED: &[u8] = &[
+    16, b'a', b'c', b'c', b't', b'/', b'd', b'e', b'v', b'1', b'/', b'c', b'o', b'n', b'f', b'i',
+    b'g', // topic
+    11, b'{', b'"', b'p', b'o', b'l', b'l', b'"', b':', b'6', b'0', b'}', // payload
+    1,    // qos
+    1,    // retain
+    0,    // expires_at_ms: None
+    1, 1, // payload_format_utf8: Some(true)
+    0, 0, 0, // content_type, response_topic, correlation_data: None
+    1, 10, b'd', b'e', b'v', b'i', b'c', b'e', b'N', b'a', b'm', b'e', 5, b'a', b'l', b'p', b'h',
+    b'a', // user_properties
+];
+
+fn encoded<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).unwrap()
+}
+
+/// StoredMessage is also the message inside queued deliveries; a change to its layout
+/// needs a schema version and a migration of its own. This pins it.
+#[test]
+fn stored_message_layout_is_still_schema_1() {
+    assert_eq!(postcard::to_allocvec(&v1_message()).unwrap(), V1_RETAINED);
+}
+
+#[test]
+fn a_schema_1_file_is_migrated_once_keeping_sessions_queues_and_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    {
+        // The file as a schema 1 fleetcore left it.
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            txn.open_table(META)
+                .unwrap()
+                .insert(SCHEMA_KEY, 1u64)
+                .unwrap();
+            let mut retained = txn.open_table(RETAINED).unwrap();
+            retained.insert("acct/dev1/config", V1_RETAINED).unwrap();
+            retained.insert("unreadable", &[0xff_u8; 12][..]).unwrap();
+            txn.open_table(SESSIONS)
+                .unwrap()
+                .insert("computer-a", encoded(&session("#")).as_slice())
+                .unwrap();
+            txn.open_table(QUEUE)
+                .unwrap()
+                .insert(("computer-a", 1u64), encoded(&queued("t", 1)).as_slice())
+                .unwrap();
+            txn.open_table(REGISTRY)
+                .unwrap()
+                .insert(("thing", "computer-a"), &b"opaque"[..])
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let before = fleetcore_core::time::now_ms();
+    let (store, loaded) = open(&path);
+    let after = fleetcore_core::time::now_ms();
+    assert_eq!(loaded.retained.len(), 1, "{:?}", loaded.retained);
+    let migrated = loaded.retained[0].clone();
+    assert_eq!(migrated.msg, v1_message());
+    assert!(
+        (before..=after).contains(&migrated.stored_at_ms),
+        "stamped with the migration time: {} not in {before}..={after}",
+        migrated.stored_at_ms
+    );
+    let a = session_of(&loaded, "computer-a").unwrap();
+    assert_eq!(a.session, session("#"));
+    assert_eq!(a.queue, vec![(1, queued("t", 1))]);
+    assert_eq!(
+        loaded.records,
+        [("thing".into(), "computer-a".into(), b"opaque".to_vec())]
+    );
+    // New records are written in the new layout next to the migrated one.
+    runtime()
+        .block_on(store.submit(vec![Op::PutRetained {
+            topic: "b/config".into(),
+            retained: retained("b/config", b"two"),
+        }]))
+        .unwrap();
+    drop(store);
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        assert_eq!(meta.get(SCHEMA_KEY).unwrap().unwrap().value(), 2);
+        // The unreadable record was left alone, not deleted.
+        let raw = txn.open_table(RETAINED).unwrap();
+        assert_eq!(
+            raw.get("unreadable").unwrap().unwrap().value(),
+            [0xff_u8; 12]
+        );
+    }
+    // Opening again does not migrate again: the time stays the one stamped the first time.
+    let (_store, again) = open(&path);
+    let mut got: Vec<_> = again
+        .retained
+        .iter()
+        .map(|r| (r.msg.topic.clone(), r.stored_at_ms))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("acct/dev1/config".to_string(), migrated.stored_at_ms),
+            ("b/config".to_string(), 1_750_000_000_123)
+        ]
+    );
 }
 
 #[test]
@@ -263,7 +407,7 @@ fn corrupt_record_is_skipped_and_the_rest_loaded() {
         rt.block_on(store.submit(vec![
             Op::PutRetained {
                 topic: "good".into(),
-                msg: msg("good", b"x"),
+                retained: retained("good", b"x"),
             },
             Op::PutSession {
                 client_id: "ok".into(),
@@ -302,7 +446,11 @@ fn corrupt_record_is_skipped_and_the_rest_loaded() {
         txn.commit().unwrap();
     }
     let (_store, loaded) = open(&path);
-    let topics: Vec<_> = loaded.retained.iter().map(|m| m.topic.as_str()).collect();
+    let topics: Vec<_> = loaded
+        .retained
+        .iter()
+        .map(|r| r.msg.topic.as_str())
+        .collect();
     assert_eq!(topics, ["good"]);
     assert_eq!(loaded.sessions.len(), 1);
     let ok = session_of(&loaded, "ok").unwrap();
@@ -387,7 +535,7 @@ fn writer_survives_a_failed_commit() {
     let put = |topic: &str| {
         store.submit(vec![Op::PutRetained {
             topic: topic.into(),
-            msg: msg(topic, b"x"),
+            retained: retained(topic, b"x"),
         }])
     };
     rt.block_on(put("before")).unwrap();
@@ -412,7 +560,11 @@ fn writer_survives_a_failed_commit() {
     drop(store);
 
     let (_, loaded) = open(&path);
-    let mut topics: Vec<_> = loaded.retained.iter().map(|m| m.topic.as_str()).collect();
+    let mut topics: Vec<_> = loaded
+        .retained
+        .iter()
+        .map(|r| r.msg.topic.as_str())
+        .collect();
     topics.sort();
     assert_eq!(topics, ["after", "before"]);
 }

@@ -162,8 +162,8 @@ impl Writer {
             let mut registry = txn.open_table(REGISTRY).map_err(io_err)?;
             for op in batch.iter().flat_map(|r| &r.ops) {
                 match op {
-                    Op::PutRetained { topic, msg } => {
-                        retained.insert(topic.as_str(), encode(msg)?.as_slice())
+                    Op::PutRetained { topic, retained: r } => {
+                        retained.insert(topic.as_str(), encode(r)?.as_slice())
                     }
                     Op::DeleteRetained { topic } => retained.remove(topic.as_str()),
                     Op::PutSession { client_id, session } => {

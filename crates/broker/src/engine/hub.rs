@@ -22,7 +22,7 @@ use crate::engine::services::ServiceHost;
 use crate::engine::undo::{Guarded, Undo};
 use crate::message::Delivery;
 use crate::metrics as m;
-use crate::retained::RetainedTree;
+use crate::retained::{Retained, RetainedTree};
 use crate::router::{Match, Router};
 use crate::session::{
     ConnLink, Enqueued, Inflight, Kick, KickReceiver, PendingWill, Session, SessionId, SubOptions,
@@ -86,7 +86,7 @@ pub struct Hub {
     pub config: Config,
     pub topic_limits: TopicLimits,
     pub router: Router<SubEntry>,
-    pub retained: Arc<RwLock<RetainedTree<Arc<Message>>>>,
+    pub retained: Arc<RwLock<RetainedTree<Retained>>>,
     index: Mutex<SessionIndex>,
     pub store: Store,
     /// Things, certificates, policies and their attachments.
@@ -165,10 +165,12 @@ impl Hub {
         let now = now_ms();
         {
             let mut tree = hub.retained.write();
-            for s in &loaded.retained {
-                if let Some(msg) = Message::from_stored(s) {
+            for r in &loaded.retained {
+                if let Some(msg) = Message::from_stored(&r.msg) {
                     if !msg.is_expired(now) {
-                        tree.insert(&s.topic, Arc::new(msg));
+                        let msg = Arc::new(msg);
+                        let stored_at_ms = r.stored_at_ms;
+                        tree.insert(&r.msg.topic, Retained { msg, stored_at_ms });
                     }
                 }
             }
@@ -359,10 +361,18 @@ impl Hub {
                 });
                 (op, None, previous)
             } else {
-                let previous = tree.insert(&topic, msg.clone());
+                let stored_at_ms = now_ms();
+                let retained = Retained {
+                    msg: msg.clone(),
+                    stored_at_ms,
+                };
+                let previous = tree.insert(&topic, retained);
                 let op = Op::PutRetained {
                     topic: topic.clone(),
-                    msg: msg.to_stored(),
+                    retained: fleetcore_store::StoredRetained {
+                        stored_at_ms,
+                        msg: msg.to_stored(),
+                    },
                 };
                 (Some(op), Some(msg.clone()), previous)
             };
@@ -496,7 +506,7 @@ impl Hub {
         self.retained.read().matching(filter, &mut out);
         let now = now_ms();
         out.into_iter()
-            .map(|(_, m)| m)
+            .map(|(_, r)| r.msg)
             .filter(|m| !m.is_expired(now))
             .collect()
     }
@@ -1021,15 +1031,15 @@ impl Publisher for WeakPublisher {
 /// Takes a retained change back if its commit fails: the tree gets `previous` again,
 /// unless a later publish changed the topic meanwhile (then that one stands).
 fn undo_retained(
-    retained: Arc<RwLock<RetainedTree<Arc<Message>>>>,
+    retained: Arc<RwLock<RetainedTree<Retained>>>,
     topic: String,
     ours: Option<Arc<Message>>,
-    previous: Option<Arc<Message>>,
+    previous: Option<Retained>,
 ) -> Undo {
     Box::new(move || {
         let mut tree = retained.write();
         let still_ours = match (&ours, tree.get(&topic)) {
-            (Some(ours), Some(now)) => Arc::ptr_eq(ours, now),
+            (Some(ours), Some(now)) => Arc::ptr_eq(ours, &now.msg),
             (None, None) => true,
             _ => false,
         };

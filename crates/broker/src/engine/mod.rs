@@ -6,9 +6,12 @@
 //! - [`certs`]: which live connections authenticated with which certificate (for kicks).
 //! - [`undo`]: a store commit that takes its change back from memory if it fails.
 //! - [`services`]: the `$aws/...` service host: dispatch of authorized publishes, events.
+//! - [`retained_api`]: the hub's answers to the admin API's retained-message endpoints
+//!   (a page in topic order, one message, a delete that is an MQTT delete).
 
 pub mod certs;
 pub mod hub;
+pub mod retained_api;
 pub mod services;
 pub mod undo;
 
