@@ -905,23 +905,27 @@ fn revoking_the_certificate_behind_a_token_cuts_its_sessions_off() {
 #[test]
 fn listeners_are_told_apart_in_logs_by_name_or_address() {
     let broker = TestBroker::start(BrokerOpts::new().ws("name = \"edge-ws\"").wss(""));
-    let log = broker.log();
+    // The log is written by the broker as it goes: wait for the lines rather than
+    // read it once (the ports may accept before the last "listening" line is out).
+    let log_has = |pred: &dyn Fn(&str) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = broker.log();
+            if log.lines().any(pred) {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "not in the log:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
     let tcp = format!("listener=\"tcp/127.0.0.1:{}\"", broker.tcp_port());
     let wss = format!("listener=\"wss/127.0.0.1:{}\"", broker.wss_port());
     for label in [tcp.as_str(), wss.as_str(), "listener=\"edge-ws\""] {
-        assert!(
-            log.lines()
-                .any(|l| l.contains("listening") && l.contains(label)),
-            "no listening line with {label}\n{log}"
-        );
+        log_has(&|l| l.contains("listening") && l.contains(label));
     }
     mosquitto_pub(&with(&broker.mosq_tcp(), &["-t", "a", "-m", "b"]));
-    let log = broker.log();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("client connected") && l.contains(&tcp)),
-        "the connection is not labelled with its listener\n{log}"
-    );
+    // the connection is labelled with its listener
+    log_has(&|l| l.contains("client connected") && l.contains(&tcp));
 }
 
 /// The AWS IoT Device SDKs send `thing?SDK=...&Platform=...` as the MQTT user name (their
