@@ -1,5 +1,5 @@
-//! The operator commands: `fleetcore thing|cert|policy|ca|token|shadow|retained ...`
-//! (`shadow` in [`shadow`], `retained` in [`retained`]).
+//! The operator commands: `fleetcore thing|cert|policy|ca|token|shadow|job|retained ...`
+//! (`shadow`, `job` and `retained` in their own modules).
 //!
 //! Every command except `ca init` is one or two calls to the admin API of a running
 //! `fleetcore serve` (see `docs/admin-api.md`): it finds the API and its token from the
@@ -23,6 +23,7 @@ use clap::{Args, Subcommand};
 use fleetcore_identity::ca::{Ca, CaFiles};
 use serde_json::{json, Map, Value};
 
+mod job;
 mod retained;
 mod shadow;
 
@@ -32,7 +33,7 @@ mod shadow;
 /// (`fleetcore thing list --admin-url URL`). `serve` takes only `--data-dir` of these.
 #[derive(Args, Debug, Clone)]
 #[command(
-    next_help_heading = "Admin API options (thing, cert, policy, ca, token, shadow, retained)"
+    next_help_heading = "Admin API options (thing, cert, policy, ca, token, shadow, job, retained)"
 )]
 pub struct ClientOpts {
     /// Base URL of the admin API of a running `fleetcore serve`.
@@ -122,6 +123,8 @@ pub enum ClientCommand {
     Token(TokenArgs),
     /// Read, update and delete Device Shadows (classic and named).
     Shadow(shadow::ShadowArgs),
+    /// Send jobs to things and follow their executions.
+    Job(job::JobArgs),
     /// List, show and delete retained messages (IoT Core's retained-message APIs).
     Retained(retained::RetainedArgs),
 }
@@ -543,6 +546,7 @@ fn dispatch(cmd: ClientCommand, opts: &ClientOpts) -> Result<()> {
         ClientCommand::Ca(a) => ca(a.cmd, opts),
         ClientCommand::Token(a) => token_cmd(a.cmd, opts),
         ClientCommand::Shadow(a) => shadow::run(a, opts),
+        ClientCommand::Job(a) => job::run(a, opts),
         ClientCommand::Retained(a) => retained::retained(a, opts),
     }
 }

@@ -319,3 +319,152 @@ fn a_rate_limited_rollout_of_2000_survives_kill_9_without_duplicates() {
     assert_eq!(ex["execution"]["versionNumber"], 2);
     broker.assert_no_panic_logged();
 }
+
+/// Runs the `fleetcore` CLI against the broker's admin API.
+fn cli(broker: &TestBroker, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(broker_binary());
+    cmd.args(args)
+        .args(["--admin-url", &broker.admin_url()])
+        .arg("--data-dir")
+        .arg(broker.data_dir());
+    let out = run(cmd, Duration::from_secs(60));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn the_cli_creates_follows_cancels_and_deletes_jobs() {
+    let broker = TestBroker::start(BrokerOpts::new().admin());
+    for t in ["a", "b"] {
+        thing(&broker, t);
+    }
+    let (ok_, out, err) = cli(
+        &broker,
+        &[
+            "job",
+            "create",
+            "upd-1",
+            "--target",
+            "a",
+            "--target",
+            "b",
+            "--document",
+            r#"{"operation":"update","version":"4.12.0"}"#,
+            "--description",
+            "agent update",
+        ],
+    );
+    assert!(ok_, "{out}{err}");
+    assert!(out.contains("created job upd-1"), "{out}");
+    wait_for(&broker, "/jobs/upd-1", |j| {
+        j["job"]["jobProcessDetails"]["numberOfQueuedThings"] == 2
+    });
+    let (ok_, out, err) = cli(&broker, &["job", "executions", "upd-1"]);
+    assert!(
+        ok_ && out.contains("THING")
+            && out
+                .lines()
+                .filter(|l| l.split_whitespace().nth(1) == Some("QUEUED"))
+                .count()
+                == 2,
+        "{out}{err}"
+    );
+    let (ok_, out, _) = cli(&broker, &["job", "executions", "--thing", "a"]);
+    assert!(ok_ && out.contains("upd-1"), "{out}");
+    let (ok_, out, _) = cli(&broker, &["job", "document", "upd-1"]);
+    assert!(ok_ && out.contains("\"version\": \"4.12.0\""), "{out}");
+    let (ok_, out, err) = cli(&broker, &["job", "cancel", "upd-1", "--comment", "hold"]);
+    assert!(ok_, "{out}{err}");
+    // --follow ends once no execution is open: it prints the final table.
+    let (ok_, out, err) = cli(&broker, &["job", "describe", "upd-1", "--follow"]);
+    assert!(ok_, "{out}{err}");
+    assert!(
+        out.contains("CANCELED") && out.contains("2/2 executions ended"),
+        "{out}{err}"
+    );
+    let (ok_, out, _) = cli(&broker, &["--json", "job", "list"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert!(ok_ && v["jobs"][0]["status"] == "CANCELED", "{out}");
+    let (ok_, _, err) = cli(
+        &broker,
+        &["job", "create", "x", "--target", "a", "--document", "[1]"],
+    );
+    assert!(!ok_ && err.contains("must be a JSON object"), "{err}");
+    let (ok_, _, err) = cli(
+        &broker,
+        &[
+            "job",
+            "create",
+            "x",
+            "--target",
+            "nobody",
+            "--document",
+            "{}",
+        ],
+    );
+    assert!(
+        !ok_ && err.contains("target thing \"nobody\" not found (404)"),
+        "{err}"
+    );
+    let (ok_, out, err) = cli(&broker, &["job", "delete", "upd-1"]);
+    assert!(ok_ && out.contains("deleted job upd-1"), "{out}{err}");
+    let (ok_, _, err) = cli(&broker, &["job", "describe", "upd-1"]);
+    assert!(!ok_ && err.contains("(404)"), "{err}");
+    broker.assert_no_panic_logged();
+}
+
+#[test]
+fn an_offline_persistent_session_gets_notify_next_when_it_comes_back() {
+    let broker = TestBroker::start(BrokerOpts::new().tls().policy(JOBS_POLICY).admin());
+    thing(&broker, "thing-1");
+    let pki = broker.pki();
+    let device = with(
+        &broker.paho_tls(&pki.thing1),
+        &[
+            "--protocol",
+            "3.1.1",
+            "--client-id",
+            "thing-1",
+            "--persistent",
+        ],
+    );
+    paho(
+        "subscribe.py",
+        &with(
+            &device,
+            &[
+                "--filter",
+                "$aws/things/thing-1/jobs/notify-next",
+                "--qos",
+                "1",
+                "--exit-after-subscribe",
+            ],
+        ),
+    )
+    .expect_success(STEP);
+    ok(
+        broker.admin(
+            "PUT",
+            "/jobs/while-away",
+            Some(&json!({"targets": ["thing-1"], "document": {"op": "x"}})),
+        ),
+        201,
+    );
+    wait_for(&broker, "/jobs/while-away", |j| {
+        j["job"]["jobProcessDetails"]["numberOfQueuedThings"] == 1
+    });
+    let mut back = paho(
+        "subscribe.py",
+        &with(&device, &["--no-subscribe", "--count", "1"]),
+    );
+    let msg = back.expect_event("message", STEP);
+    assert_eq!(msg.get("topic"), "$aws/things/thing-1/jobs/notify-next");
+    let body: Value = serde_json::from_str(msg.get("payload")).unwrap();
+    assert_eq!(body["execution"]["jobId"], "while-away");
+    assert_eq!(body["execution"]["jobDocument"], json!({"op": "x"}));
+    back.expect_success(STEP);
+    broker.assert_no_panic_logged();
+}

@@ -914,7 +914,10 @@ fn listeners_are_told_apart_in_logs_by_name_or_address() {
             if log.lines().any(pred) {
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "not in the log:\n{log}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not in the log:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     };
