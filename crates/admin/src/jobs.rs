@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put, MethodRouter};
 use axum::Json;
 use fleetcore_services::jobs::machine::JobsError;
+use fleetcore_services::jobs::store::{AbortCriteria, FailureType, RetryCriteria};
 use fleetcore_services::jobs::{JobsService, NewJob};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -71,6 +72,39 @@ struct CreateJob {
     timeout_config: Option<TimeoutConfig>,
     #[serde(default)]
     job_executions_rollout_config: Option<RolloutConfig>,
+    #[serde(default)]
+    abort_config: Option<AbortConfig>,
+    #[serde(default)]
+    job_executions_retry_config: Option<RetryConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AbortConfig {
+    criteria_list: Vec<AbortCriterion>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AbortCriterion {
+    /// Only CANCEL exists.
+    action: String,
+    failure_type: FailureType,
+    min_number_of_executed_things: u64,
+    threshold_percentage: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RetryConfig {
+    criteria_list: Vec<RetryCriterion>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RetryCriterion {
+    failure_type: FailureType,
+    number_of_retries: u32,
 }
 
 #[derive(Deserialize)]
@@ -131,6 +165,34 @@ async fn create_job(
         if !document.is_object() {
             return Err(ApiError::invalid("document must be a JSON object"));
         }
+        let mut abort = Vec::new();
+        for c in req
+            .abort_config
+            .map(|a| a.criteria_list)
+            .unwrap_or_default()
+        {
+            if c.action != "CANCEL" {
+                return Err(ApiError::invalid(format!(
+                    "abortConfig action {:?}: only CANCEL exists",
+                    c.action
+                )));
+            }
+            abort.push(AbortCriteria {
+                failure_type: c.failure_type,
+                min_executed: c.min_number_of_executed_things,
+                threshold_percent: c.threshold_percentage,
+            });
+        }
+        let retry = req
+            .job_executions_retry_config
+            .map(|r| r.criteria_list)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| RetryCriteria {
+                failure_type: c.failure_type,
+                retries: c.number_of_retries,
+            })
+            .collect();
         let mut things = Vec::new();
         for t in &req.targets {
             let name = target_thing(t)?;
@@ -152,6 +214,8 @@ async fn create_job(
             max_per_minute: req
                 .job_executions_rollout_config
                 .and_then(|r| r.maximum_per_minute),
+            abort,
+            retry,
         })
         .await
         .map_err(err)
@@ -294,7 +358,7 @@ pub fn openapi_paths() -> Value {
             "parameters": [{"name": "status", "in": "query", "required": false, "schema": {"type": "string"}}],
             "responses": {"200": ok("{jobs:[...]}"), "401": e("Unauthorized")}}},
         "/jobs/{job}": {
-            "put": {"summary": "CreateJob: {targets:[thing names or thing ARNs], document: object or JSON string (≤ 32 KB), description?, targetSelection?: SNAPSHOT, timeoutConfig?: {inProgressTimeoutInMinutes}, jobExecutionsRolloutConfig?: {maximumPerMinute}}",
+            "put": {"summary": "CreateJob: {targets:[thing names or thing ARNs], document: object or JSON string (≤ 32 KB), description?, targetSelection?: SNAPSHOT, timeoutConfig?: {inProgressTimeoutInMinutes}, jobExecutionsRolloutConfig?: {maximumPerMinute}, abortConfig?: {criteriaList:[{action: CANCEL, failureType: FAILED|REJECTED|TIMED_OUT|ALL, minNumberOfExecutedThings, thresholdPercentage}]}, jobExecutionsRetryConfig?: {criteriaList:[{failureType: FAILED|TIMED_OUT|ALL, numberOfRetries: 0-10}]}}",
                 "parameters": [job.clone()],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object"}}}},
                 "responses": {"201": ok("{jobId, description}"), "400": e("invalid"), "401": e("Unauthorized"), "404": e("a target thing does not exist"), "409": e("ResourceAlreadyExists")}},

@@ -170,6 +170,16 @@ fn the_control_plane_refuses_bad_jobs_and_cancels_and_deletes() {
         400,
     );
     bad(json!({"targets": ["a"], "document": {}, "bogus": 1}), 400);
+    bad(
+        json!({"targets": ["a"], "document": {}, "abortConfig": {"criteriaList": [
+        {"action": "PAUSE", "failureType": "FAILED", "minNumberOfExecutedThings": 1, "thresholdPercentage": 10}]}}),
+        400,
+    );
+    bad(
+        json!({"targets": ["a"], "document": {}, "jobExecutionsRetryConfig": {"criteriaList": [
+        {"failureType": "FAILED", "numberOfRetries": 11}]}}),
+        400,
+    );
     let r = broker.admin(
         "PUT",
         "/jobs/bad id",
@@ -466,5 +476,54 @@ fn an_offline_persistent_session_gets_notify_next_when_it_comes_back() {
     assert_eq!(body["execution"]["jobId"], "while-away");
     assert_eq!(body["execution"]["jobDocument"], json!({"op": "x"}));
     back.expect_success(STEP);
+    broker.assert_no_panic_logged();
+}
+
+#[test]
+fn abort_and_retry_configs_act_on_device_failures() {
+    let broker = TestBroker::start(BrokerOpts::new().admin());
+    for t in ["a", "b", "c"] {
+        thing(&broker, t);
+    }
+    ok(
+        broker.admin(
+            "PUT",
+            "/jobs/risky",
+            Some(&json!({"targets": ["a", "b", "c"], "document": {"op": "flash"},
+                "abortConfig": {"criteriaList": [{"action": "CANCEL", "failureType": "ALL",
+                    "minNumberOfExecutedThings": 2, "thresholdPercentage": 100}]},
+                "jobExecutionsRetryConfig": {"criteriaList": [{"failureType": "TIMED_OUT", "numberOfRetries": 2}]}})),
+        ),
+        201,
+    );
+    wait_for(&broker, "/jobs/risky", |j| {
+        j["job"]["jobProcessDetails"]["numberOfQueuedThings"] == 3
+    });
+    // Two devices fail (anonymous TCP clients act as the thing of their client id).
+    for t in ["a", "b"] {
+        let topic = format!("$aws/things/{t}/jobs/risky/update");
+        mosquitto_pub(&with(
+            &broker.mosq_tcp(),
+            &[
+                "-i",
+                t,
+                "-t",
+                &topic,
+                "-m",
+                r#"{"status":"FAILED"}"#,
+                "-q",
+                "1",
+            ],
+        ));
+    }
+    let j = wait_for(&broker, "/jobs/risky", |j| {
+        j["job"]["status"] == "CANCELED"
+            && j["job"]["jobProcessDetails"]["numberOfCanceledThings"] == 1
+    });
+    assert_eq!(j["job"]["reasonCode"], "ABORTED", "{j}");
+    assert_eq!(
+        j["job"]["jobProcessDetails"]["numberOfFailedThings"], 2,
+        "{j}"
+    );
     broker.assert_no_panic_logged();
 }

@@ -83,6 +83,11 @@ pub struct Execution {
     pub in_progress_deadline: Option<u64>,
     #[serde(default)]
     pub force_canceled: bool,
+    /// Retries so far after FAILED and after TIMED_OUT.
+    #[serde(default)]
+    pub retries_failed: u32,
+    #[serde(default)]
+    pub retries_timed_out: u32,
 }
 
 impl Execution {
@@ -101,7 +106,34 @@ impl Execution {
             step_deadline: None,
             in_progress_deadline: None,
             force_canceled: false,
+            retries_failed: 0,
+            retries_timed_out: 0,
         }
+    }
+
+    /// The next attempt of an execution that ended FAILED or TIMED_OUT: a new execution
+    /// number, QUEUED again at version 1, if `allowed` retries of its kind remain.
+    pub fn retry(
+        &self,
+        allowed_failed: u32,
+        allowed_timed_out: u32,
+        seq: u64,
+        now: u64,
+    ) -> Option<Execution> {
+        let (used, allowed) = match self.status {
+            Status::Failed => (self.retries_failed, allowed_failed),
+            Status::TimedOut => (self.retries_timed_out, allowed_timed_out),
+            _ => return None,
+        };
+        if used >= allowed {
+            return None;
+        }
+        let mut next = Execution::new(&self.job_id, &self.thing, seq, now);
+        next.execution_number = self.execution_number + 1;
+        next.retries_failed = self.retries_failed + u32::from(self.status == Status::Failed);
+        next.retries_timed_out =
+            self.retries_timed_out + u32::from(self.status == Status::TimedOut);
+        Some(next)
     }
 
     /// The earliest timer that would end this execution, if it is in progress.

@@ -47,7 +47,7 @@ use tokio::sync::oneshot;
 
 use crate::publish_json;
 use machine::{Execution, JobsError, Status};
-use store::{Job, JobStatus};
+use store::{AbortCriteria, FailureType, Job, JobStatus, RetryCriteria};
 
 /// The largest job document (IoT Core: 32 KB).
 pub const MAX_DOCUMENT_BYTES: usize = 32 * 1024;
@@ -122,6 +122,8 @@ pub struct NewJob {
     pub things: Vec<String>,
     pub in_progress_timeout_minutes: Option<u64>,
     pub max_per_minute: Option<u32>,
+    pub abort: Vec<AbortCriteria>,
+    pub retry: Vec<RetryCriteria>,
 }
 
 /// The Jobs service.
@@ -144,6 +146,8 @@ struct JobEntry {
     document: Arc<Value>,
     /// Executions by status (index: `Status::index`).
     counts: [u64; 8],
+    /// Retries decided but not yet queued (the job is not complete meanwhile).
+    pending_retries: u64,
 }
 
 #[derive(Default)]
@@ -168,6 +172,11 @@ enum Op {
         status: Status,
         force: bool,
         reply: Option<oneshot::Sender<Result<Value, JobsError>>>,
+    },
+    /// The execution ended FAILED or TIMED_OUT and the job retries it.
+    Retry {
+        job_id: String,
+        execution_number: u64,
     },
     /// The job is deleted: its execution goes too.
     Remove {
@@ -196,6 +205,8 @@ enum Reply {
         Result<Value, JobsError>,
     ),
     Removed(oneshot::Sender<()>),
+    /// A retry was applied (or found moot): the job's pending count goes down.
+    Retried(String),
 }
 
 impl Default for JobsService {
@@ -246,6 +257,20 @@ impl JobsService {
         if new.max_per_minute == Some(0) {
             return Err(JobsError::invalid("maximumPerMinute must be at least 1"));
         }
+        for a in &new.abort {
+            if !(0.0..=100.0).contains(&a.threshold_percent) || a.min_executed == 0 {
+                return Err(JobsError::invalid(
+                    "abortConfig: thresholdPercentage must be 0 to 100 and minNumberOfExecutedThings at least 1",
+                ));
+            }
+        }
+        for r in &new.retry {
+            if r.retries > 10 || matches!(r.failure_type, FailureType::Rejected) {
+                return Err(JobsError::invalid(
+                    "jobExecutionsRetryConfig: failureType FAILED, TIMED_OUT or ALL, numberOfRetries 0 to 10",
+                ));
+            }
+        }
         let now = now_secs();
         let mut things = new.things.clone();
         things.sort();
@@ -264,6 +289,8 @@ impl JobsService {
             comment: None,
             reason_code: None,
             force_canceled: false,
+            abort: new.abort,
+            retry: new.retry,
         };
         {
             let mut jobs = self.inner.jobs.lock();
@@ -280,6 +307,7 @@ impl JobsService {
                     document: Arc::new(job.document.clone()),
                     job: job.clone(),
                     counts: [0; 8],
+                    pending_retries: 0,
                 },
             );
         }
@@ -333,50 +361,7 @@ impl JobsService {
         comment: Option<String>,
         reason_code: Option<String>,
     ) -> Result<Value, JobsError> {
-        let job = {
-            let mut jobs = self.inner.jobs.lock();
-            let e = jobs
-                .get_mut(id)
-                .ok_or_else(|| JobsError::not_found(format!("job {id} not found")))?;
-            // A canceled job may be canceled again only to force its in-progress executions.
-            if e.job.status == JobStatus::Canceled && (!force || e.job.force_canceled) {
-                return Err(JobsError::new(
-                    "InvalidStateTransition",
-                    format!("job {id} is already canceled"),
-                ));
-            }
-            if e.job.status == JobStatus::Completed {
-                return Err(JobsError::new(
-                    "InvalidStateTransition",
-                    format!("job {id} is completed"),
-                ));
-            }
-            let mut j = e.job.clone();
-            j.status = JobStatus::Canceled;
-            j.force_canceled = force;
-            j.comment = comment;
-            j.reason_code = reason_code;
-            j.last_updated_at = now_secs();
-            e.job = j.clone();
-            j
-        };
-        self.inner
-            .write(vec![store::put_job(&job)])
-            .await
-            .map_err(|e| JobsError::new("InternalError", e.to_string()))?;
-        for thing in &job.targets {
-            self.inner.enqueue(
-                thing,
-                Op::End {
-                    job_id: id.to_string(),
-                    status: Status::Canceled,
-                    force,
-                    reply: None,
-                },
-            );
-        }
-        self.inner.job_event(id, "canceled");
-        Ok(json!({"jobId": id, "description": job.description}))
+        self.inner.cancel(id, force, comment, reason_code).await
     }
 
     /// DeleteJob: the job and its executions. A job with executions in progress needs
@@ -519,6 +504,59 @@ fn job_json(e: &JobEntry) -> Value {
 }
 
 impl Inner {
+    /// CancelJob (and an abort).
+    async fn cancel(
+        self: &Arc<Self>,
+        id: &str,
+        force: bool,
+        comment: Option<String>,
+        reason_code: Option<String>,
+    ) -> Result<Value, JobsError> {
+        let job = {
+            let mut jobs = self.jobs.lock();
+            let e = jobs
+                .get_mut(id)
+                .ok_or_else(|| JobsError::not_found(format!("job {id} not found")))?;
+            // A canceled job may be canceled again only to force its in-progress executions.
+            if e.job.status == JobStatus::Canceled && (!force || e.job.force_canceled) {
+                return Err(JobsError::new(
+                    "InvalidStateTransition",
+                    format!("job {id} is already canceled"),
+                ));
+            }
+            if e.job.status == JobStatus::Completed {
+                return Err(JobsError::new(
+                    "InvalidStateTransition",
+                    format!("job {id} is completed"),
+                ));
+            }
+            let mut j = e.job.clone();
+            j.status = JobStatus::Canceled;
+            j.force_canceled = force;
+            j.comment = comment;
+            j.reason_code = reason_code;
+            j.last_updated_at = now_secs();
+            e.job = j.clone();
+            j
+        };
+        self.write(vec![store::put_job(&job)])
+            .await
+            .map_err(|e| JobsError::new("InternalError", e.to_string()))?;
+        for thing in &job.targets {
+            self.enqueue(
+                thing,
+                Op::End {
+                    job_id: id.to_string(),
+                    status: Status::Canceled,
+                    force,
+                    reply: None,
+                },
+            );
+        }
+        self.job_event(id, "canceled");
+        Ok(json!({"jobId": id, "description": job.description}))
+    }
+
     async fn write(&self, ops: Vec<RecordOp>) -> Result<(), StoreError> {
         match self.store.get() {
             Some(s) => s.submit_records(ops).await,
@@ -570,6 +608,24 @@ impl Inner {
             Some(s) => s.submit_records(ops),
             None => Commit::failed(StoreError::Closed),
         }
+    }
+
+    /// Retries the job allows after FAILED and after TIMED_OUT.
+    fn retries_allowed(&self, job_id: &str) -> (u32, u32) {
+        let jobs = self.jobs.lock();
+        let Some(e) = jobs.get(job_id) else {
+            return (0, 0);
+        };
+        let pick = |s: Status| {
+            e.job
+                .retry
+                .iter()
+                .filter(|r| r.failure_type.covers(s))
+                .map(|r| r.retries)
+                .max()
+                .unwrap_or(0)
+        };
+        (pick(Status::Failed), pick(Status::TimedOut))
     }
 
     fn job_info(&self, job_id: &str) -> Option<(JobStatus, Arc<Value>, Option<u64>)> {
@@ -627,6 +683,26 @@ impl Inner {
                         Some(tx) => Reply::Admin(tx, answer),
                         None => Reply::None,
                     },
+                }
+            }
+            Op::Retry {
+                job_id,
+                execution_number,
+            } => {
+                let (allowed_failed, allowed_timed_out) = self.retries_allowed(&job_id);
+                let live = matches!(self.job_info(&job_id), Some((JobStatus::InProgress, _, _)));
+                let change = execs
+                    .get(&job_id)
+                    .filter(|e| live && e.execution_number == execution_number)
+                    .and_then(|e| {
+                        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+                        e.retry(allowed_failed, allowed_timed_out, seq, now)
+                    })
+                    .map(|next| (job_id.clone(), Some(next)));
+                Decided {
+                    change,
+                    answer: None,
+                    reply: Reply::Retried(job_id),
                 }
             }
             Op::Remove { job_id, done } => Decided {
@@ -774,7 +850,7 @@ impl Inner {
 
     /// After the write: memory, counts, answers, notifications, events.
     fn finish(
-        &self,
+        self: &Arc<Self>,
         thing: &str,
         d: Decided,
         head_before: Option<String>,
@@ -821,6 +897,22 @@ impl Inner {
                 h
             });
             drop(things);
+            // A retry is decided before the counts, so the job is not complete meanwhile.
+            if let (Some(e), Some(Status::Failed | Status::TimedOut)) = (next, after) {
+                let (f, t) = self.retries_allowed(job_id);
+                if before != after && e.retry(f, t, 0, now).is_some() {
+                    if let Some(j) = self.jobs.lock().get_mut(job_id) {
+                        j.pending_retries += 1;
+                    }
+                    self.enqueue(
+                        thing,
+                        Op::Retry {
+                            job_id: job_id.clone(),
+                            execution_number: e.execution_number,
+                        },
+                    );
+                }
+            }
             self.count(job_id, before, after);
             if let Some(n) = notify.take() {
                 self.publish(&format!("{prefix}/notify"), &n);
@@ -838,12 +930,25 @@ impl Inner {
             }
             if let Some((job_id, s)) = ended {
                 self.execution_event(&job_id, thing, s, now);
+                self.check_abort(&job_id);
             }
         }
         match d.reply {
             Reply::None => {}
             Reply::Removed(tx) => {
                 let _ = tx.send(());
+            }
+            Reply::Retried(job_id) => {
+                let complete = {
+                    let mut jobs = self.jobs.lock();
+                    jobs.get_mut(&job_id).is_some_and(|j| {
+                        j.pending_retries = j.pending_retries.saturating_sub(1);
+                        true
+                    })
+                };
+                if complete {
+                    self.count(&job_id, None, None);
+                }
             }
             Reply::Admin(tx, result) => {
                 let result = if ok {
@@ -896,6 +1001,7 @@ impl Inner {
             let open = e.counts[Status::Queued.index()] + e.counts[Status::InProgress.index()];
             if e.job.status == JobStatus::InProgress
                 && open == 0
+                && e.pending_retries == 0
                 && total as usize == e.job.targets.len()
             {
                 let now = now_secs();
@@ -908,6 +1014,54 @@ impl Inner {
         if let Some(job) = completed {
             drop(self.submit(vec![store::put_job(&job)]));
             self.job_event(&job.id, "completed");
+        }
+    }
+
+    /// Cancels the job (its QUEUED executions) when an abort criterion is met.
+    fn check_abort(self: &Arc<Self>, job_id: &str) {
+        let hit = {
+            let jobs = self.jobs.lock();
+            let Some(e) = jobs.get(job_id) else {
+                return;
+            };
+            if e.job.status != JobStatus::InProgress {
+                return;
+            }
+            let c = |s: Status| e.counts[s.index()];
+            let executed = c(Status::Succeeded)
+                + c(Status::Failed)
+                + c(Status::Rejected)
+                + c(Status::TimedOut);
+            e.job
+                .abort
+                .iter()
+                .find(|a| {
+                    let failures: u64 = Status::ALL
+                        .iter()
+                        .filter(|s| a.failure_type.covers(**s))
+                        .map(|s| c(*s))
+                        .sum();
+                    executed >= a.min_executed
+                        && failures as f64 * 100.0 >= a.threshold_percent * executed as f64
+                })
+                .copied()
+        };
+        if let Some(a) = hit {
+            tracing::warn!(job = job_id, failure_type = ?a.failure_type, threshold = a.threshold_percent, "job aborted: too many executions failed");
+            let inner = self.clone();
+            let id = job_id.to_string();
+            tokio::spawn(async move {
+                let comment = format!(
+                    "aborted: at least {}% of at least {} executions ended {:?}",
+                    a.threshold_percent, a.min_executed, a.failure_type
+                );
+                if let Err(e) = inner
+                    .cancel(&id, false, Some(comment), Some("ABORTED".into()))
+                    .await
+                {
+                    tracing::error!(job = %id, error = %e, "job abort failed");
+                }
+            });
         }
     }
 
@@ -1134,6 +1288,7 @@ impl TopicService for JobsService {
                         document: Arc::new(job.document.clone()),
                         job,
                         counts,
+                        pending_retries: 0,
                     },
                 );
             }

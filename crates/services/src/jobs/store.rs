@@ -57,6 +57,51 @@ pub struct Job {
     pub reason_code: Option<String>,
     #[serde(default)]
     pub force_canceled: bool,
+    /// `abortConfig.criteriaList`: cancel the job when too many executions fail.
+    #[serde(default)]
+    pub abort: Vec<AbortCriteria>,
+    /// `jobExecutionsRetryConfig.criteriaList`: run failed or timed-out executions again.
+    #[serde(default)]
+    pub retry: Vec<RetryCriteria>,
+}
+
+/// Which ended executions count as failures for abort and retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum FailureType {
+    Failed,
+    Rejected,
+    TimedOut,
+    All,
+}
+
+impl FailureType {
+    pub fn covers(self, s: super::machine::Status) -> bool {
+        use super::machine::Status;
+        match self {
+            FailureType::Failed => s == Status::Failed,
+            FailureType::Rejected => s == Status::Rejected,
+            FailureType::TimedOut => s == Status::TimedOut,
+            FailureType::All => matches!(s, Status::Failed | Status::Rejected | Status::TimedOut),
+        }
+    }
+}
+
+/// Cancel the job once at least `min_executed` executions ended and `threshold_percent`
+/// of them ended in `failure_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AbortCriteria {
+    pub failure_type: FailureType,
+    pub min_executed: u64,
+    pub threshold_percent: f64,
+}
+
+/// Run an execution that ended in `failure_type` (FAILED, TIMED_OUT or ALL of those two)
+/// again, at most `retries` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryCriteria {
+    pub failure_type: FailureType,
+    pub retries: u32,
 }
 
 pub fn put_job(job: &Job) -> RecordOp {

@@ -62,6 +62,8 @@ fn new_job(id: &str, things: &[&str]) -> NewJob {
         things: things.iter().map(|t| t.to_string()).collect(),
         in_progress_timeout_minutes: None,
         max_per_minute: None,
+        abort: Vec::new(),
+        retry: Vec::new(),
     }
 }
 
@@ -414,5 +416,85 @@ async fn bad_jobs_are_refused() {
     assert_eq!(
         r.sent.last_on("nope/update/rejected").unwrap().1["code"],
         "ResourceNotFound"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_execution_is_retried_with_a_new_execution_number() {
+    let r = rig_at(tempfile::tempdir().unwrap());
+    let mut job = new_job("j", &["t"]);
+    job.retry = vec![RetryCriteria {
+        failure_type: FailureType::Failed,
+        retries: 1,
+    }];
+    r.jobs.create_job(job).await.unwrap();
+    r.wait_queued("t", "j").await;
+    r.device("t", "j/update", json!({"status": "FAILED"})).await;
+    let mut e = Value::Null;
+    for _ in 0..100 {
+        e = r.jobs.describe_execution("t", "j").unwrap();
+        if e["execution"]["executionNumber"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(e["execution"]["executionNumber"], 2, "{e}");
+    assert_eq!(e["execution"]["status"], "QUEUED");
+    assert_eq!(
+        r.jobs.describe_job("j").unwrap()["job"]["status"],
+        "IN_PROGRESS",
+        "not complete while retrying"
+    );
+    // The second failure is final: no retry left, the job completes.
+    r.device("t", "j/update", json!({"status": "FAILED"})).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let e = r.jobs.describe_execution("t", "j").unwrap();
+    assert_eq!(
+        (
+            e["execution"]["executionNumber"].as_u64(),
+            e["execution"]["status"].as_str()
+        ),
+        (Some(2), Some("FAILED"))
+    );
+    assert_eq!(
+        r.jobs.describe_job("j").unwrap()["job"]["status"],
+        "COMPLETED"
+    );
+}
+
+#[tokio::test]
+async fn a_job_is_aborted_when_too_many_executions_fail() {
+    let r = rig_at(tempfile::tempdir().unwrap());
+    let mut job = new_job("j", &["a", "b", "c", "d"]);
+    job.abort = vec![AbortCriteria {
+        failure_type: FailureType::All,
+        min_executed: 2,
+        threshold_percent: 50.0,
+    }];
+    r.jobs.create_job(job).await.unwrap();
+    for t in ["a", "b", "c", "d"] {
+        r.wait_queued(t, "j").await;
+    }
+    r.device("a", "j/update", json!({"status": "FAILED"})).await;
+    assert_eq!(
+        r.jobs.describe_job("j").unwrap()["job"]["status"],
+        "IN_PROGRESS",
+        "one executed: under the minimum"
+    );
+    r.device("b", "j/update", json!({"status": "REJECTED"}))
+        .await;
+    let mut j = Value::Null;
+    for _ in 0..100 {
+        j = r.jobs.describe_job("j").unwrap();
+        if j["job"]["jobProcessDetails"]["numberOfCanceledThings"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(j["job"]["status"], "CANCELED", "{j}");
+    assert_eq!(j["job"]["reasonCode"], "ABORTED");
+    assert_eq!(
+        j["job"]["jobProcessDetails"]["numberOfCanceledThings"], 2,
+        "{j}"
     );
 }
