@@ -25,18 +25,39 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub fn to_stored(&self) -> StoredQueued {
+    /// The durable copy of this delivery; `new_body` gives the message's body id the
+    /// first time one is stored (every later copy shares it).
+    pub fn to_stored(&self, new_body: impl FnOnce() -> u64) -> StoredQueued {
+        let (body, msg) = self.msg.stored_body(new_body);
         StoredQueued {
-            msg: self.msg.to_stored(),
+            body,
+            msg,
             qos: self.qos as u8,
             retain: self.retain,
             subscription_ids: self.subscription_ids.clone(),
         }
     }
 
-    pub fn from_stored(seq: u64, q: &StoredQueued) -> Option<Delivery> {
+    /// A delivery restored from the store. `bodies` holds the messages made so far by
+    /// body id, so the copies of one message queued for many sessions share one
+    /// `Message` in memory as they do one body on disk.
+    pub fn from_stored(
+        seq: u64,
+        q: &StoredQueued,
+        bodies: &mut std::collections::HashMap<u64, Arc<Message>>,
+    ) -> Option<Delivery> {
+        let msg = match bodies.get(&q.body) {
+            Some(m) => m.clone(),
+            None => {
+                let m = Message::from_stored(&q.msg)?;
+                let _ = m.stored.set((q.body, q.msg.clone()));
+                let m = Arc::new(m);
+                bodies.insert(q.body, m.clone());
+                m
+            }
+        };
         Some(Delivery {
-            msg: Arc::new(Message::from_stored(&q.msg)?),
+            msg,
             qos: QoS::from_u8(q.qos).ok()?,
             retain: q.retain,
             subscription_ids: q.subscription_ids.clone(),

@@ -6,7 +6,7 @@
 //! packet identifier) lives in the broker's `Delivery`, not here.
 
 use crate::time::now_ms;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::storage::StoredMessage;
 use bytes::Bytes;
@@ -29,6 +29,10 @@ pub struct Message {
     pub expires_at_ms: Option<u64>,
     /// The publishing session, 0 for the broker itself.
     pub origin: Origin,
+    /// The stored form of this message and the id of its body in the store, made at
+    /// the first durable copy and shared by every later one: one body on disk for
+    /// every offline session the message is queued for.
+    pub stored: OnceLock<(u64, Arc<StoredMessage>)>,
 }
 
 impl Message {
@@ -54,7 +58,16 @@ impl Message {
             properties,
             expires_at_ms,
             origin,
+            stored: OnceLock::new(),
         }
+    }
+
+    /// The stored form and body id of this message; `new_id` is called once, for the
+    /// first durable copy.
+    pub fn stored_body(&self, new_id: impl FnOnce() -> u64) -> (u64, Arc<StoredMessage>) {
+        self.stored
+            .get_or_init(|| (new_id(), Arc::new(self.to_stored())))
+            .clone()
     }
 
     /// Restarts the Message Expiry Interval from now: a will's interval
@@ -132,6 +145,7 @@ impl Message {
             properties,
             expires_at_ms: s.expires_at_ms,
             origin: 0,
+            stored: OnceLock::new(),
         })
     }
 }

@@ -95,9 +95,16 @@ pub struct StoredRetained {
 }
 
 /// One delivery waiting for an offline client: the message and how it is to be delivered.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// The message is a body of its own in the store (id `body`), written with the first
+/// queued copy and shared by every other copy with the same id: a message queued for
+/// 2,000 offline sessions is on disk once. The store counts the references and deletes
+/// a body with its last queued copy.
+#[derive(Debug, Clone, PartialEq)]
 pub struct StoredQueued {
-    pub msg: StoredMessage,
+    /// The id of the message's body (never 0), from `Store::next_body_id`.
+    pub body: u64,
+    pub msg: std::sync::Arc<StoredMessage>,
     /// Delivery QoS (the minimum of the published and the subscribed QoS).
     pub qos: u8,
     /// Retain flag as it will be delivered (retain-as-published applied).

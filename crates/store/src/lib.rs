@@ -14,7 +14,10 @@
 //!
 //! # File
 //! Tables: `retained` (topic → postcard [`StoredRetained`]), `sessions` (client id →
-//! postcard [`StoredSession`]), `queue` ((client id, seq) → postcard [`StoredQueued`]),
+//! postcard [`StoredSession`]), `queue` ((client id, seq) → postcard `QueueRow`: the
+//! delivery with its message's body id), `bodies` (body id → postcard [`StoredMessage`],
+//! one per message however many sessions it is queued for; the writer counts the rows
+//! that reference each and deletes a body with its last row),
 //! `registry` ((kind, key) → bytes: things, certificates, policies) and `meta`
 //! (`schema_version` → [`SCHEMA_VERSION`]). A file with a newer or unknown schema
 //! version is refused at open; a record that fails to decode is skipped with a warning,
@@ -24,6 +27,10 @@
 //! - 1: `retained` held a bare [`StoredMessage`].
 //! - 2: `retained` holds a [`StoredRetained`]: the message and when it was stored (the
 //!   retained-message API's `lastModifiedTime`, which must survive restarts).
+//! - 3: `queue` rows reference a body in `bodies` instead of holding the message, so a
+//!   64 KiB order queued for 2,000 offline agents is written once, not 2,000 times.
+//!   Opening a schema 2 file gives each existing row a body of its own, in one write
+//!   transaction (a schema 1 file is migrated to 2 first, in the same transaction).
 //!
 //! Postcard records carry no field names or lengths, so a field cannot be appended to
 //! [`StoredMessage`] with a default for old records, and [`StoredMessage`] is also the
@@ -60,15 +67,37 @@ use crate::writer::{Reply, Request};
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 const QUEUE: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("queue");
+/// Message bodies of queued deliveries: body id -> postcard [`StoredMessage`].
+const BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("bodies");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Registry records (things, certificates, policies, ...): (kind, key) -> opaque bytes.
 /// The broker owns their types; the store only keeps them.
 const REGISTRY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("registry");
 const SCHEMA_KEY: &str = "schema_version";
 /// The layout of tables and records this code reads and writes (see the module docs).
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 /// The version [`migrate_retained_v1`] upgrades from.
 const SCHEMA_V1: u64 = 1;
+/// The version [`migrate_queue_v2`] upgrades from.
+const SCHEMA_V2: u64 = 2;
+
+/// A `queue` row since schema 3: the delivery, its message by body id.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub(crate) struct QueueRow {
+    pub(crate) body: u64,
+    pub(crate) qos: u8,
+    pub(crate) retain: bool,
+    pub(crate) subscription_ids: Vec<u32>,
+}
+
+/// A `queue` row of schemas 1 and 2: the message inline.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub(crate) struct QueueRowV2 {
+    pub(crate) msg: StoredMessage,
+    pub(crate) qos: u8,
+    pub(crate) retain: bool,
+    pub(crate) subscription_ids: Vec<u32>,
+}
 
 /// Tuning of a [`Store`].
 #[derive(Debug, Clone)]
@@ -106,6 +135,8 @@ struct Inner {
     tx: Option<mpsc::Sender<Request>>,
     writer: Option<std::thread::JoinHandle<()>>,
     commits: Arc<AtomicU64>,
+    /// The next message body id (ids of bodies on disk are below it).
+    next_body: AtomicU64,
 }
 
 impl Drop for Inner {
@@ -143,10 +174,10 @@ impl Store {
     ) -> Result<(Store, Loaded), StoreError> {
         let db = opener().map_err(|e| open_err(path, e))?;
         init_schema(&db, path)?;
-        let loaded = load(&db).map_err(|e| open_err(path, e))?;
+        let (loaded, refs, max_body) = load(&db).map_err(|e| open_err(path, e))?;
         let commits = Arc::new(AtomicU64::new(0));
         let (tx, rx) = mpsc::channel();
-        let writer = writer::Writer::new(db, opener, opts.max_batch_ops, commits.clone());
+        let writer = writer::Writer::new(db, opener, opts.max_batch_ops, commits.clone(), refs);
         let handle = std::thread::Builder::new()
             .name("fleetcore-store-writer".into())
             .spawn(move || writer.run(rx))
@@ -156,6 +187,7 @@ impl Store {
                 tx: Some(tx),
                 writer: Some(handle),
                 commits,
+                next_body: AtomicU64::new(max_body + 1),
             }),
         };
         Ok((store, loaded))
@@ -200,6 +232,12 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         self.send(Vec::new(), Reply::Async(tx), true)?;
         rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// A new message body id for [`StoredQueued::body`]: every queued copy of one message
+    /// carries the same id, and the body is written once.
+    pub fn next_body_id(&self) -> u64 {
+        self.inner.next_body.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Write transactions committed since open (each one fsync); for tests and diagnostics.
@@ -255,14 +293,20 @@ fn init_schema(db: &Database, path: &Path) -> Result<(), StoreError> {
     };
     match found {
         Some(SCHEMA_VERSION) => {}
-        Some(SCHEMA_V1) => {
-            let n = migrate_retained_v1(&txn, fleetcore_core::time::now_ms())
-                .map_err(|e| open_err(path, format!("migrating schema 1 to 2: {e}")))?;
+        Some(v @ (SCHEMA_V1 | SCHEMA_V2)) => {
+            if v == SCHEMA_V1 {
+                let n = migrate_retained_v1(&txn, fleetcore_core::time::now_ms())
+                    .map_err(|e| open_err(path, format!("migrating schema 1 to 2: {e}")))?;
+                tracing::info!(path = %path.display(), retained = n, "store migrating from schema version 1: retained records stamped");
+            }
+            let n = migrate_queue_v2(&txn)
+                .map_err(|e| open_err(path, format!("migrating schema 2 to 3: {e}")))?;
             set_schema_version(&txn).map_err(redb_err)?;
             tracing::info!(
                 path = %path.display(),
-                retained = n,
-                "store migrated from schema version 1 to 2"
+                from = v,
+                queued = n,
+                "store migrated to schema version 3 (queued messages as shared bodies)"
             );
         }
         Some(found) => {
@@ -278,6 +322,7 @@ fn init_schema(db: &Database, path: &Path) -> Result<(), StoreError> {
         txn.open_table(RETAINED)?;
         txn.open_table(SESSIONS)?;
         txn.open_table(QUEUE)?;
+        txn.open_table(BODIES)?;
         txn.open_table(REGISTRY)?;
         txn.commit()?;
         Ok(())
@@ -323,6 +368,43 @@ fn migrate_retained_v1(txn: &WriteTransaction, now: u64) -> Result<usize, String
     Ok(rewritten.len())
 }
 
+/// Rewrites every schema 2 `queue` row (the message inline) as a [`QueueRow`] with a
+/// body of its own; returns how many. Copies of one message queued for many sessions
+/// were separate before and stay separate bodies (only new copies share one).
+fn migrate_queue_v2(txn: &WriteTransaction) -> Result<usize, String> {
+    let mut queue = txn.open_table(QUEUE).map_err(|e| e.to_string())?;
+    let mut bodies = txn.open_table(BODIES).map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for entry in queue.iter().map_err(|e| e.to_string())? {
+        let (key, value) = entry.map_err(|e| e.to_string())?;
+        let (client, seq) = key.value();
+        match postcard::from_bytes::<QueueRowV2>(value.value()) {
+            Ok(old) => rows.push((client.to_owned(), seq, old)),
+            Err(e) => {
+                tracing::warn!(client, seq, error = %e, "queued record does not decode as schema 2; left as it is")
+            }
+        }
+    }
+    for (i, (client, seq, old)) in rows.iter().enumerate() {
+        let id = i as u64 + 1;
+        let body = postcard::to_allocvec(&old.msg).map_err(|e| e.to_string())?;
+        bodies
+            .insert(id, body.as_slice())
+            .map_err(|e| e.to_string())?;
+        let row = QueueRow {
+            body: id,
+            qos: old.qos,
+            retain: old.retain,
+            subscription_ids: old.subscription_ids.clone(),
+        };
+        let bytes = postcard::to_allocvec(&row).map_err(|e| e.to_string())?;
+        queue
+            .insert((client.as_str(), *seq), bytes.as_slice())
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(rows.len())
+}
+
 fn decode<T: for<'de> Deserialize<'de>>(
     table: &'static str,
     key: impl std::fmt::Debug,
@@ -342,9 +424,24 @@ fn decode<T: for<'de> Deserialize<'de>>(
     }
 }
 
-fn load(db: &Database) -> Result<Loaded, redb::Error> {
+/// Everything in the file, the number of queued rows that reference each body, and the
+/// largest body id.
+#[allow(clippy::type_complexity)]
+fn load(db: &Database) -> Result<(Loaded, std::collections::HashMap<u64, u32>, u64), redb::Error> {
     let txn = db.begin_read()?;
     let mut loaded = Loaded::default();
+    let mut bodies: std::collections::HashMap<u64, Arc<StoredMessage>> =
+        std::collections::HashMap::new();
+    let mut max_body = 0;
+    for entry in txn.open_table(BODIES)?.iter()? {
+        let (key, value) = entry?;
+        let id = key.value();
+        max_body = max_body.max(id);
+        if let Some(msg) = decode::<StoredMessage>("bodies", id, value.value()) {
+            bodies.insert(id, Arc::new(msg));
+        }
+    }
+    let mut refs: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
     for entry in txn.open_table(RETAINED)?.iter()? {
         let (key, value) = entry?;
         if let Some(record) = decode("retained", key.value(), value.value()) {
@@ -374,14 +471,36 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
         let (key, value) = entry?;
         let (client_id, seq) = key.value();
         let Some(session) = sessions.get_mut(client_id) else {
+            // Still a reference: the row stays on disk until the client comes back.
+            if let Some(row) = decode::<QueueRow>("queue", (client_id, seq), value.value()) {
+                *refs.entry(row.body).or_insert(0) += 1;
+            }
             orphans += 1;
             if !unloaded.contains(client_id) {
                 unloaded.insert(client_id.to_owned());
             }
             continue;
         };
-        if let Some(item) = decode("queue", (client_id, seq), value.value()) {
-            session.queue.push((seq, item));
+        if let Some(row) = decode::<QueueRow>("queue", (client_id, seq), value.value()) {
+            *refs.entry(row.body).or_insert(0) += 1;
+            match bodies.get(&row.body) {
+                Some(msg) => session.queue.push((
+                    seq,
+                    StoredQueued {
+                        body: row.body,
+                        msg: msg.clone(),
+                        qos: row.qos,
+                        retain: row.retain,
+                        subscription_ids: row.subscription_ids,
+                    },
+                )),
+                None => tracing::warn!(
+                    client_id,
+                    seq,
+                    body = row.body,
+                    "skipping a queued message whose body is missing"
+                ),
+            }
         }
     }
     if orphans > 0 {
@@ -399,7 +518,13 @@ fn load(db: &Database) -> Result<Loaded, redb::Error> {
             .records
             .push((kind.to_owned(), k.to_owned(), value.value().to_vec()));
     }
-    Ok(loaded)
+    // A body is written in the transaction of its first row and deleted in the one of
+    // its last, so none should be unreferenced; say so if some are.
+    let unreferenced = bodies.keys().filter(|id| !refs.contains_key(id)).count();
+    if unreferenced > 0 {
+        tracing::warn!(unreferenced, "message bodies without a queued delivery");
+    }
+    Ok((loaded, refs, max_body))
 }
 
 #[cfg(test)]

@@ -45,9 +45,11 @@ fn session(filter: &str) -> StoredSession {
     }
 }
 
+/// A queued delivery whose body id is `n` (the same `n` is the same message).
 fn queued(topic: &str, n: u8) -> StoredQueued {
     StoredQueued {
-        msg: msg(topic, &[n]),
+        body: u64::from(n),
+        msg: std::sync::Arc::new(msg(topic, &[n])),
         qos: 1,
         retain: false,
         subscription_ids: vec![7],
@@ -247,25 +249,25 @@ fn other_schema_version_is_refused() {
         let txn = db.begin_write().unwrap();
         txn.open_table(META)
             .unwrap()
-            .insert(SCHEMA_KEY, 3u64)
+            .insert(SCHEMA_KEY, 4u64)
             .unwrap();
         txn.commit().unwrap();
     }
     let err =
-        Store::open(&path, StoreOptions::default()).expect_err("a version 3 file must be refused");
+        Store::open(&path, StoreOptions::default()).expect_err("a version 4 file must be refused");
     assert!(
         matches!(
             err,
             StoreError::SchemaVersion {
-                found: 3,
-                expected: 2,
+                found: 4,
+                expected: 3,
                 ..
             }
         ),
         "{err:?}"
     );
     let text = err.to_string();
-    assert!(text.contains("schema version 3") && text.contains("reads version 2"));
+    assert!(text.contains("schema version 4") && text.contains("reads version 3"));
 }
 
 /// The message of [`V1_RETAINED`].
@@ -333,7 +335,10 @@ fn a_schema_1_file_is_migrated_once_keeping_sessions_queues_and_records() {
                 .unwrap();
             txn.open_table(QUEUE)
                 .unwrap()
-                .insert(("computer-a", 1u64), encoded(&queued("t", 1)).as_slice())
+                .insert(
+                    ("computer-a", 1u64),
+                    encoded(&v2_row(&queued("t", 1))).as_slice(),
+                )
                 .unwrap();
             txn.open_table(REGISTRY)
                 .unwrap()
@@ -372,7 +377,10 @@ fn a_schema_1_file_is_migrated_once_keeping_sessions_queues_and_records() {
         let db = Database::create(&path).unwrap();
         let txn = db.begin_read().unwrap();
         let meta = txn.open_table(META).unwrap();
-        assert_eq!(meta.get(SCHEMA_KEY).unwrap().unwrap().value(), 2);
+        assert_eq!(
+            meta.get(SCHEMA_KEY).unwrap().unwrap().value(),
+            SCHEMA_VERSION
+        );
         // The unreadable record was left alone, not deleted.
         let raw = txn.open_table(RETAINED).unwrap();
         assert_eq!(
@@ -703,4 +711,165 @@ fn a_new_store_file_is_owner_only() {
     let (store, _) = open(&path);
     assert_eq!(mode(&path), 0o600);
     drop(store);
+}
+
+/// A queue row as schemas 1 and 2 wrote it: the message inline.
+fn v2_row(q: &StoredQueued) -> crate::QueueRowV2 {
+    crate::QueueRowV2 {
+        msg: (*q.msg).clone(),
+        qos: q.qos,
+        retain: q.retain,
+        subscription_ids: q.subscription_ids.clone(),
+    }
+}
+
+fn body_ids(path: &std::path::Path) -> Vec<u64> {
+    let db = Database::create(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let t = txn.open_table(crate::BODIES).unwrap();
+    t.iter().unwrap().map(|e| e.unwrap().0.value()).collect()
+}
+
+#[tokio::test]
+async fn one_body_serves_every_queued_copy_and_goes_with_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let (store, _) = open(&path);
+        let big = StoredQueued {
+            body: store.next_body_id(),
+            msg: std::sync::Arc::new(msg("orders", &[7u8; 65536])),
+            qos: 1,
+            retain: false,
+            subscription_ids: vec![],
+        };
+        // One submit per session, as the broker does: separate transactions or not,
+        // the body is written once.
+        for c in ["a", "b", "c"] {
+            store
+                .submit(vec![
+                    Op::PutSession {
+                        client_id: c.into(),
+                        session: session("#"),
+                    },
+                    Op::PutQueued {
+                        client_id: c.into(),
+                        seq: 1,
+                        item: big.clone(),
+                    },
+                ])
+                .await
+                .unwrap();
+        }
+        store
+            .submit(vec![Op::DeleteQueued {
+                client_id: "a".into(),
+                seq: 1,
+            }])
+            .await
+            .unwrap();
+    }
+    assert_eq!(body_ids(&path).len(), 1, "one body for three copies");
+    {
+        let (store, loaded) = open(&path);
+        let queues: Vec<_> = loaded.sessions.iter().map(|s| s.queue.len()).collect();
+        assert_eq!(queues, vec![0, 1, 1]);
+        let b = &loaded.sessions[1].queue[0].1;
+        let c = &loaded.sessions[2].queue[0].1;
+        assert!(
+            std::sync::Arc::ptr_eq(&b.msg, &c.msg),
+            "loaded once, shared"
+        );
+        assert_eq!(b.msg.payload.len(), 65536);
+        // A new id is above every id on disk.
+        assert!(store.next_body_id() > b.body);
+        // The last references go: with a queued delete and with the whole session.
+        store
+            .submit(vec![Op::DeleteQueued {
+                client_id: "b".into(),
+                seq: 1,
+            }])
+            .await
+            .unwrap();
+        store
+            .submit(vec![Op::DeleteSession {
+                client_id: "c".into(),
+            }])
+            .await
+            .unwrap();
+    }
+    assert!(
+        body_ids(&path).is_empty(),
+        "the body went with its last copy"
+    );
+}
+
+#[tokio::test]
+async fn a_rewritten_row_moves_its_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let (store, _) = open(&path);
+        store
+            .submit(vec![
+                Op::PutSession {
+                    client_id: "a".into(),
+                    session: session("#"),
+                },
+                put_queued("a", 1),
+            ])
+            .await
+            .unwrap();
+        // The same key again with another message: the first body has no row left.
+        store
+            .submit(vec![Op::PutQueued {
+                client_id: "a".into(),
+                seq: 1,
+                item: queued("t", 2),
+            }])
+            .await
+            .unwrap();
+    }
+    assert_eq!(body_ids(&path), vec![2]);
+}
+
+#[test]
+fn a_schema_2_file_gets_a_body_per_queued_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            txn.open_table(META)
+                .unwrap()
+                .insert(SCHEMA_KEY, 2u64)
+                .unwrap();
+            txn.open_table(SESSIONS)
+                .unwrap()
+                .insert("computer-a", encoded(&session("#")).as_slice())
+                .unwrap();
+            let mut q = txn.open_table(QUEUE).unwrap();
+            q.insert(
+                ("computer-a", 1u64),
+                encoded(&v2_row(&queued("t", 9))).as_slice(),
+            )
+            .unwrap();
+            q.insert(
+                ("computer-a", 2u64),
+                encoded(&v2_row(&queued("u", 9))).as_slice(),
+            )
+            .unwrap();
+            txn.open_table(RETAINED).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let (_store, loaded) = open(&path);
+    let q = &loaded.sessions[0].queue;
+    assert_eq!(q.len(), 2);
+    assert_eq!(q[0].1.msg.topic, "t");
+    assert_eq!(q[1].1.msg.topic, "u");
+    assert_ne!(q[0].1.body, q[1].1.body);
+    drop(_store);
+    assert_eq!(body_ids(&path).len(), 2);
 }

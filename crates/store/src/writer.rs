@@ -4,11 +4,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
-use redb::{Database, Durability};
+use redb::{Database, Durability, ReadableTable};
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::{Opener, QUEUE, REGISTRY, RETAINED, SESSIONS};
+use std::collections::HashMap;
+
+use crate::{Opener, QueueRow, BODIES, QUEUE, REGISTRY, RETAINED, SESSIONS};
 use fleetcore_core::storage::{Op, StoreError};
 
 /// About this many bytes of records end a batch early, so one transaction stays bounded.
@@ -52,6 +54,8 @@ pub(crate) struct Writer {
     commits: Arc<AtomicU64>,
     /// Error of the latest failed batch not yet reported to a flush.
     unflushed_failure: Option<StoreError>,
+    /// Queue rows on disk that reference each message body.
+    refs: HashMap<u64, u32>,
 }
 
 impl Writer {
@@ -60,6 +64,7 @@ impl Writer {
         opener: Opener,
         max_ops: usize,
         commits: Arc<AtomicU64>,
+        refs: HashMap<u64, u32>,
     ) -> Writer {
         Writer {
             db: Some(db),
@@ -67,6 +72,7 @@ impl Writer {
             max_ops: max_ops.max(1),
             commits,
             unflushed_failure: None,
+            refs,
         }
     }
 
@@ -155,43 +161,143 @@ impl Writer {
         };
         let mut txn = db.begin_write().map_err(io_err)?;
         txn.set_durability(Durability::Immediate).map_err(io_err)?;
+        // Reference counts as this transaction leaves them; they replace `refs` only if
+        // it commits.
+        let mut counts = Counts {
+            base: &self.refs,
+            now: HashMap::new(),
+        };
         {
             let mut retained = txn.open_table(RETAINED).map_err(io_err)?;
             let mut sessions = txn.open_table(SESSIONS).map_err(io_err)?;
             let mut queue = txn.open_table(QUEUE).map_err(io_err)?;
+            let mut bodies = txn.open_table(BODIES).map_err(io_err)?;
             let mut registry = txn.open_table(REGISTRY).map_err(io_err)?;
             for op in batch.iter().flat_map(|r| &r.ops) {
                 match op {
                     Op::PutRetained { topic, retained: r } => {
-                        retained.insert(topic.as_str(), encode(r)?.as_slice())
+                        retained
+                            .insert(topic.as_str(), encode(r)?.as_slice())
+                            .map_err(io_err)?;
                     }
-                    Op::DeleteRetained { topic } => retained.remove(topic.as_str()),
+                    Op::DeleteRetained { topic } => {
+                        retained.remove(topic.as_str()).map_err(io_err)?;
+                    }
                     Op::PutSession { client_id, session } => {
-                        sessions.insert(client_id.as_str(), encode(session)?.as_slice())
+                        sessions
+                            .insert(client_id.as_str(), encode(session)?.as_slice())
+                            .map_err(io_err)?;
                     }
                     Op::DeleteSession { client_id } => {
                         let id = client_id.as_str();
+                        let mut gone = Vec::new();
+                        for entry in queue.range((id, 0u64)..=(id, u64::MAX)).map_err(io_err)? {
+                            let (_, v) = entry.map_err(io_err)?;
+                            if let Some(b) = body_of(v.value()) {
+                                gone.push(b);
+                            }
+                        }
                         queue
                             .retain_in((id, 0u64)..=(id, u64::MAX), |_, _| false)
                             .map_err(io_err)?;
-                        sessions.remove(id)
+                        for b in gone {
+                            unref(&mut counts, &mut bodies, b)?;
+                        }
+                        sessions.remove(id).map_err(io_err)?;
                     }
                     Op::PutQueued {
                         client_id,
                         seq,
                         item,
-                    } => queue.insert((client_id.as_str(), *seq), encode(item)?.as_slice()),
-                    Op::DeleteQueued { client_id, seq } => queue.remove((client_id.as_str(), *seq)),
-                    Op::PutRecord { kind, key, value } => {
-                        registry.insert((*kind, key.as_str()), value.as_slice())
+                    } => {
+                        let c = counts.of(item.body);
+                        if *c == 0 {
+                            bodies
+                                .insert(item.body, encode(&*item.msg)?.as_slice())
+                                .map_err(io_err)?;
+                        }
+                        *c += 1;
+                        let row = QueueRow {
+                            body: item.body,
+                            qos: item.qos,
+                            retain: item.retain,
+                            subscription_ids: item.subscription_ids.clone(),
+                        };
+                        let old = queue
+                            .insert((client_id.as_str(), *seq), encode(&row)?.as_slice())
+                            .map_err(io_err)?
+                            .and_then(|v| body_of(v.value()));
+                        if let Some(b) = old {
+                            unref(&mut counts, &mut bodies, b)?;
+                        }
                     }
-                    Op::DeleteRecord { kind, key } => registry.remove((*kind, key.as_str())),
+                    Op::DeleteQueued { client_id, seq } => {
+                        let old = queue
+                            .remove((client_id.as_str(), *seq))
+                            .map_err(io_err)?
+                            .and_then(|v| body_of(v.value()));
+                        if let Some(b) = old {
+                            unref(&mut counts, &mut bodies, b)?;
+                        }
+                    }
+                    Op::PutRecord { kind, key, value } => {
+                        registry
+                            .insert((*kind, key.as_str()), value.as_slice())
+                            .map_err(io_err)?;
+                    }
+                    Op::DeleteRecord { kind, key } => {
+                        registry.remove((*kind, key.as_str())).map_err(io_err)?;
+                    }
                 }
-                .map_err(io_err)?;
             }
         }
-        txn.commit().map_err(io_err)
+        let counts = counts.now;
+        txn.commit().map_err(io_err)?;
+        for (id, n) in counts {
+            if n == 0 {
+                self.refs.remove(&id);
+            } else {
+                self.refs.insert(id, n);
+            }
+        }
+        Ok(())
     }
+}
+
+/// The body id of a `queue` row.
+fn body_of(row: &[u8]) -> Option<u64> {
+    postcard::from_bytes::<QueueRow>(row).ok().map(|r| r.body)
+}
+
+/// Reference counts of message bodies as a transaction changes them.
+struct Counts<'a> {
+    /// As committed.
+    base: &'a HashMap<u64, u32>,
+    /// As this transaction leaves them, for the bodies it touched.
+    now: HashMap<u64, u32>,
+}
+
+impl Counts<'_> {
+    fn of(&mut self, id: u64) -> &mut u32 {
+        let base = self.base;
+        self.now
+            .entry(id)
+            .or_insert_with(|| base.get(&id).copied().unwrap_or(0))
+    }
+}
+
+/// One reference fewer to body `id`; the body is deleted with its last.
+fn unref(
+    counts: &mut Counts<'_>,
+    bodies: &mut redb::Table<u64, &[u8]>,
+    id: u64,
+) -> Result<(), StoreError> {
+    let c = counts.of(id);
+    *c = c.saturating_sub(1);
+    if *c == 0 {
+        bodies.remove(id).map_err(io_err)?;
+    }
+    Ok(())
 }
 
 fn approx_len(request: &Request) -> usize {

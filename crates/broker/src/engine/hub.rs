@@ -175,9 +175,12 @@ impl Hub {
                 }
             }
         }
+        // One `Message` per stored body, shared by the sessions it is queued for.
+        let mut bodies = std::collections::HashMap::new();
         for ls in loaded.sessions {
-            hub.restore_session(ls, now);
+            hub.restore_session(ls, now, &mut bodies);
         }
+        drop(bodies);
         hub.index.lock().unloaded = loaded.unloaded_sessions.into_iter().collect();
         m::gauge_retained(hub.retained.read().len());
         // Weak: the registry is the hub's, a strong pointer back would be a cycle.
@@ -197,7 +200,12 @@ impl Hub {
         hub
     }
 
-    fn restore_session(self: &Arc<Self>, ls: LoadedSession, now: u64) {
+    fn restore_session(
+        self: &Arc<Self>,
+        ls: LoadedSession,
+        now: u64,
+        bodies: &mut std::collections::HashMap<u64, Arc<Message>>,
+    ) {
         let version = match ls.session.protocol_version {
             5 => Version::V5,
             3 => Version::V31,
@@ -218,7 +226,7 @@ impl Hub {
             let mut max_seq = 0;
             for (seq, q) in &ls.queue {
                 max_seq = max_seq.max(*seq);
-                if let Some(d) = Delivery::from_stored(*seq, q) {
+                if let Some(d) = Delivery::from_stored(*seq, q, bodies) {
                     st.queue.push_back(d);
                 }
             }
@@ -744,7 +752,7 @@ impl Hub {
                 ops.push(Op::PutQueued {
                     client_id: client.clone(),
                     seq: next_seq,
-                    item: d.to_stored(),
+                    item: d.to_stored(|| self.store.next_body_id()),
                 });
                 next_seq += 1;
             }
@@ -1139,7 +1147,8 @@ mod tests {
                         client_id: "orphan".into(),
                         seq: 1,
                         item: fleetcore_store::StoredQueued {
-                            msg: fleetcore_store::StoredMessage {
+                            body: store.next_body_id(),
+                            msg: Arc::new(fleetcore_store::StoredMessage {
                                 topic: "t".into(),
                                 payload: b"x".to_vec(),
                                 qos: 1,
@@ -1150,7 +1159,7 @@ mod tests {
                                 response_topic: None,
                                 correlation_data: None,
                                 user_properties: Vec::new(),
-                            },
+                            }),
                             qos: 1,
                             retain: false,
                             subscription_ids: Vec::new(),

@@ -443,7 +443,7 @@ impl Session {
                 store.submit(vec![fleetcore_store::Op::PutQueued {
                     client_id: self.client_id.to_string(),
                     seq,
-                    item: d.to_stored(),
+                    item: d.to_stored(|| store.next_body_id()),
                 }]),
                 seq,
             )
