@@ -216,6 +216,8 @@ async fn create_job(
                 .and_then(|r| r.maximum_per_minute),
             abort,
             retry,
+            groups: Vec::new(),
+            continuous: false,
         })
         .await
         .map_err(err)

@@ -124,6 +124,9 @@ pub struct NewJob {
     pub max_per_minute: Option<u32>,
     pub abort: Vec<AbortCriteria>,
     pub retry: Vec<RetryCriteria>,
+    /// Thing groups targeted (their members are in `things` already).
+    pub groups: Vec<String>,
+    pub continuous: bool,
 }
 
 /// The Jobs service.
@@ -243,8 +246,10 @@ impl JobsService {
                 "the job document is {size} bytes; at most {MAX_DOCUMENT_BYTES}"
             )));
         }
-        if new.things.is_empty() {
-            return Err(JobsError::invalid("a job needs at least one target"));
+        if new.things.is_empty() && !(new.continuous && !new.groups.is_empty()) {
+            return Err(JobsError::invalid(
+                "a job needs at least one target thing (a continuous job: a target group)",
+            ));
         }
         if let Some(t) = new.in_progress_timeout_minutes {
             if !(1..=machine::MAX_TIMEOUT_MINUTES).contains(&t) {
@@ -291,6 +296,8 @@ impl JobsService {
             force_canceled: false,
             abort: new.abort,
             retry: new.retry,
+            groups: new.groups,
+            continuous: new.continuous,
         };
         {
             let mut jobs = self.inner.jobs.lock();
@@ -338,7 +345,7 @@ impl JobsService {
             .map(|e| {
                 json!({"jobId": e.job.id, "status": e.job.status.as_str(),
                        "createdAt": e.job.created_at, "lastUpdatedAt": e.job.last_updated_at,
-                       "completedAt": e.job.completed_at, "targetSelection": "SNAPSHOT"})
+                       "completedAt": e.job.completed_at, "targetSelection": selection(&e.job)})
             })
             .collect();
         json!({ "jobs": list })
@@ -402,6 +409,67 @@ impl JobsService {
         self.inner.jobs.lock().remove(id);
         self.inner.job_event(id, "deleted");
         Ok(())
+    }
+
+    /// A thing joined thing groups (`groups`: the group and every ancestor of it):
+    /// each continuous job in progress that targets one of them now targets the thing,
+    /// and its execution is queued.
+    pub async fn thing_joined(&self, thing: &str, groups: &[String]) {
+        let changed: Vec<Job> = {
+            let mut jobs = self.inner.jobs.lock();
+            jobs.values_mut()
+                .filter(|e| {
+                    e.job.continuous
+                        && e.job.status == JobStatus::InProgress
+                        && e.job.groups.iter().any(|g| groups.contains(g))
+                        && !e.job.targets.iter().any(|t| t == thing)
+                })
+                .map(|e| {
+                    e.job.targets.push(thing.to_string());
+                    e.job.last_updated_at = now_secs();
+                    e.job.clone()
+                })
+                .collect()
+        };
+        for job in changed {
+            if let Err(e) = self.inner.write(vec![store::put_job(&job)]).await {
+                tracing::error!(job = %job.id, thing, error = %e, "cannot record a new target of a continuous job");
+                continue;
+            }
+            self.inner.enqueue(
+                thing,
+                Op::Queue {
+                    job_id: job.id.clone(),
+                },
+            );
+        }
+    }
+
+    /// A thing left thing groups (`groups`: the group and its ancestors): a continuous
+    /// job that reached it only through them ends its open execution as REMOVED.
+    pub async fn thing_left(&self, thing: &str, groups: &[String], still_in: &[String]) {
+        let ids: Vec<String> = {
+            let jobs = self.inner.jobs.lock();
+            jobs.values()
+                .filter(|e| {
+                    e.job.continuous
+                        && e.job.groups.iter().any(|g| groups.contains(g))
+                        && !e.job.groups.iter().any(|g| still_in.contains(g))
+                })
+                .map(|e| e.job.id.clone())
+                .collect()
+        };
+        for id in ids {
+            self.inner.enqueue(
+                thing,
+                Op::End {
+                    job_id: id,
+                    status: Status::Removed,
+                    force: true,
+                    reply: None,
+                },
+            );
+        }
     }
 
     /// DescribeJobExecution (control plane: `jobDocument` left out, `forceCanceled` in).
@@ -474,6 +542,14 @@ impl JobsService {
     }
 }
 
+fn selection(job: &Job) -> &'static str {
+    if job.continuous {
+        "CONTINUOUS"
+    } else {
+        "SNAPSHOT"
+    }
+}
+
 fn exec_summary(e: &Execution) -> Value {
     json!({"status": e.status.as_str(), "queuedAt": e.queued_at, "startedAt": e.started_at,
            "lastUpdatedAt": e.last_updated_at, "executionNumber": e.execution_number,
@@ -483,8 +559,8 @@ fn exec_summary(e: &Execution) -> Value {
 fn job_json(e: &JobEntry) -> Value {
     let c = |s: Status| e.counts[s.index()];
     json!({
-        "jobId": e.job.id, "status": e.job.status.as_str(), "targetSelection": "SNAPSHOT",
-        "description": e.job.description, "targets": e.job.targets,
+        "jobId": e.job.id, "status": e.job.status.as_str(), "targetSelection": selection(&e.job),
+        "description": e.job.description, "targets": e.job.targets, "targetGroups": e.job.groups,
         "createdAt": e.job.created_at, "lastUpdatedAt": e.job.last_updated_at,
         "completedAt": e.job.completed_at, "forceCanceled": e.job.force_canceled,
         "comment": e.job.comment, "reasonCode": e.job.reason_code,
@@ -1000,6 +1076,7 @@ impl Inner {
             let total: u64 = e.counts.iter().sum();
             let open = e.counts[Status::Queued.index()] + e.counts[Status::InProgress.index()];
             if e.job.status == JobStatus::InProgress
+                && !e.job.continuous
                 && open == 0
                 && e.pending_retries == 0
                 && total as usize == e.job.targets.len()

@@ -38,8 +38,16 @@ pub struct Job {
     pub document: Value,
     #[serde(default)]
     pub description: Option<String>,
-    /// The things it targets, resolved at creation.
+    /// The things it targets: the named ones and the members of its groups at creation,
+    /// and (continuous jobs) things that joined a target group since.
     pub targets: Vec<String>,
+    /// The thing groups it targets, by name.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// `targetSelection: CONTINUOUS`: a thing added to a target group later gets the
+    /// job too, and the job never completes by itself.
+    #[serde(default)]
+    pub continuous: bool,
     pub status: JobStatus,
     pub created_at: u64,
     pub last_updated_at: u64,

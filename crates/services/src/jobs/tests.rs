@@ -64,6 +64,8 @@ fn new_job(id: &str, things: &[&str]) -> NewJob {
         max_per_minute: None,
         abort: Vec::new(),
         retry: Vec::new(),
+        groups: Vec::new(),
+        continuous: false,
     }
 }
 
@@ -496,5 +498,51 @@ async fn a_job_is_aborted_when_too_many_executions_fail() {
     assert_eq!(
         j["job"]["jobProcessDetails"]["numberOfCanceledThings"], 2,
         "{j}"
+    );
+}
+
+#[tokio::test]
+async fn a_continuous_job_reaches_things_that_join_its_group_and_leaves_those_that_go() {
+    let r = rig_at(tempfile::tempdir().unwrap());
+    let mut job = new_job("cont", &["t1"]);
+    job.groups = vec!["fleet".into()];
+    job.continuous = true;
+    r.jobs.create_job(job).await.unwrap();
+    r.wait_queued("t1", "cont").await;
+    // t2 joins a child group of "fleet": the ancestors include "fleet".
+    r.jobs
+        .thing_joined("t2", &["fleet/eu".into(), "fleet".into()])
+        .await;
+    r.wait_queued("t2", "cont").await;
+    // Unrelated groups do nothing.
+    r.jobs.thing_joined("t3", &["other".into()]).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(r.jobs.describe_execution("t3", "cont").is_err());
+    // Every execution ends, yet a continuous job stays in progress.
+    for t in ["t1", "t2"] {
+        r.device(t, "cont/update", json!({"status": "SUCCEEDED"}))
+            .await;
+    }
+    assert_eq!(
+        r.jobs.describe_job("cont").unwrap()["job"]["status"],
+        "IN_PROGRESS"
+    );
+    assert_eq!(
+        r.jobs.describe_job("cont").unwrap()["job"]["targetSelection"],
+        "CONTINUOUS"
+    );
+    // A thing that leaves the group before running it: REMOVED.
+    r.jobs.thing_joined("t4", &["fleet".into()]).await;
+    r.wait_queued("t4", "cont").await;
+    r.jobs.thing_left("t4", &["fleet".into()], &[]).await;
+    for _ in 0..100 {
+        if r.jobs.describe_execution("t4", "cont").unwrap()["execution"]["status"] == "REMOVED" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        r.jobs.describe_execution("t4", "cont").unwrap()["execution"]["status"],
+        "REMOVED"
     );
 }
