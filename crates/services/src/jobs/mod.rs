@@ -246,7 +246,8 @@ impl JobsService {
                 "the job document is {size} bytes; at most {MAX_DOCUMENT_BYTES}"
             )));
         }
-        if new.things.is_empty() && !(new.continuous && !new.groups.is_empty()) {
+        let continuous_with_groups = new.continuous && !new.groups.is_empty();
+        if new.things.is_empty() && !continuous_with_groups {
             return Err(JobsError::invalid(
                 "a job needs at least one target thing (a continuous job: a target group)",
             ));
