@@ -24,6 +24,8 @@
 #   BROKER_CGROUP a cgroup directory the broker is put in (e.g. one with a CPU quota,
 #               to overload a broker that the one-core generator cannot overload)
 #   MOSQUITTO   the mosquitto binary (default: mosquitto on PATH)
+#   FLEETCORE   the fleetcore binary (default: target/release/fleetcore), e.g. a build of
+#               an older commit for a before/after
 #   DEV_PORT, BACKEND_PORT  the brokers' ports (default 28883, 28884; below 32768,
 #               where Linux picks ephemeral ports)
 #   TLS_RESUME=1  devices keep the session tickets they are given and offer them when
@@ -55,7 +57,7 @@ STAMP=$(date +%Y%m%d-%H%M%S)
 WORK=$RESULTS/$SCENARIO-$TRANSPORT-$STAMP
 mkdir -p "$WORK"
 TOOL=$REPO/target/release/fleetcore-loadtest
-FLEETCORE=$REPO/target/release/fleetcore
+FLEETCORE=${FLEETCORE:-$REPO/target/release/fleetcore}
 
 if [[ -z ${NO_BUILD:-} ]]; then
     echo "building release binaries ..." >&2
