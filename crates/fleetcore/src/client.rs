@@ -23,6 +23,7 @@ use clap::{Args, Subcommand};
 use fleetcore_identity::ca::{Ca, CaFiles};
 use serde_json::{json, Map, Value};
 
+mod group;
 mod retained;
 mod shadow;
 
@@ -112,6 +113,8 @@ impl ClientOpts {
 pub enum ClientCommand {
     /// Manage things: the devices and agents of the fleet.
     Thing(ThingArgs),
+    /// Manage static thing groups (hierarchies of things) and their members.
+    Group(group::GroupArgs),
     /// Issue, register, inspect, revoke and delete device certificates.
     Cert(CertArgs),
     /// Manage IoT Core policies and attach them to certificates.
@@ -538,6 +541,7 @@ pub fn run(cmd: ClientCommand, opts: &ClientOpts) -> ExitCode {
 fn dispatch(cmd: ClientCommand, opts: &ClientOpts) -> Result<()> {
     match cmd {
         ClientCommand::Thing(a) => thing(a.cmd, opts),
+        ClientCommand::Group(a) => group::run(a, opts),
         ClientCommand::Cert(a) => cert(a.cmd, opts),
         ClientCommand::Policy(a) => policy(a.cmd, opts),
         ClientCommand::Ca(a) => ca(a.cmd, opts),
