@@ -181,6 +181,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathArg
 /// [`router`] mounts and the OpenAPI description is tested against.
 pub fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
     let mut routes = crate::shadow::routes();
+    routes.extend(crate::groups::routes());
     routes.extend(crate::jobs::routes());
     routes.extend([
         ("/things", post(create_thing).get(list_things)),

@@ -7,6 +7,8 @@
 //!   events the engine acts on) and its connection and session counts.
 //! - [`shadow`]: the Device Shadow HTTP data plane (`/things/{thing}/shadow`,
 //!   `ListNamedShadowsForThing`), answered by the shadow service.
+//! - [`groups`]: static thing groups (`/thing-groups`, `/things/{thing}/thing-groups`),
+//!   answered by the registry.
 //! - [`jobs`]: the Jobs control plane (`/jobs`, `/things/{thing}/jobs`), answered by
 //!   the jobs service.
 //! - [`retained`]: IoT Core's retained-message APIs (`GET /retainedMessage[/{topic}]`)
@@ -20,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod groups;
 pub mod jobs;
 pub mod openapi;
 pub mod retained;

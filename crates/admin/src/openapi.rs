@@ -313,6 +313,16 @@ pub fn spec() -> Value {
     {
         s.extend(more);
     }
+    // Thing groups.
+    if let (Some(p), Value::Object(more)) = (paths.as_object_mut(), crate::groups::openapi_paths())
+    {
+        p.extend(more);
+    }
+    if let (Some(s), Value::Object(more)) =
+        (schemas.as_object_mut(), crate::groups::openapi_schemas())
+    {
+        s.extend(more);
+    }
     json!({
         "openapi": "3.1.0",
         "info": {

@@ -23,6 +23,7 @@ use clap::{Args, Subcommand};
 use fleetcore_identity::ca::{Ca, CaFiles};
 use serde_json::{json, Map, Value};
 
+mod group;
 mod job;
 mod retained;
 mod shadow;
@@ -33,7 +34,7 @@ mod shadow;
 /// (`fleetcore thing list --admin-url URL`). `serve` takes only `--data-dir` of these.
 #[derive(Args, Debug, Clone)]
 #[command(
-    next_help_heading = "Admin API options (thing, cert, policy, ca, token, shadow, job, retained)"
+    next_help_heading = "Admin API options (thing, group, cert, policy, ca, token, shadow, job, retained)"
 )]
 pub struct ClientOpts {
     /// Base URL of the admin API of a running `fleetcore serve`.
@@ -113,6 +114,8 @@ impl ClientOpts {
 pub enum ClientCommand {
     /// Manage things: the devices and agents of the fleet.
     Thing(ThingArgs),
+    /// Manage static thing groups (hierarchies of things) and their members.
+    Group(group::GroupArgs),
     /// Issue, register, inspect, revoke and delete device certificates.
     Cert(CertArgs),
     /// Manage IoT Core policies and attach them to certificates.
@@ -541,6 +544,7 @@ pub fn run(cmd: ClientCommand, opts: &ClientOpts) -> ExitCode {
 fn dispatch(cmd: ClientCommand, opts: &ClientOpts) -> Result<()> {
     match cmd {
         ClientCommand::Thing(a) => thing(a.cmd, opts),
+        ClientCommand::Group(a) => group::run(a, opts),
         ClientCommand::Cert(a) => cert(a.cmd, opts),
         ClientCommand::Policy(a) => policy(a.cmd, opts),
         ClientCommand::Ca(a) => ca(a.cmd, opts),

@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`registry`]: things, certificates, policies (compiled once), CAs, attachments and
 //!   token signing keys, kept in memory and written through the core's `RecordStore`;
-//!   identity resolution at CONNECT (certificate or token); a generation counter.
+//!   identity resolution at CONNECT (certificate or token); a generation counter;
+//!   static thing groups ([`registry::groups`]).
 //! - [`authz`]: one connection's bound policies, IoT Core decisions without allocation.
 //! - [`token`]: signed device tokens (MQTT password), their keys and lifetimes.
 //! - [`ca`]: the certificate authority: the CA and server certificate, signing device

@@ -11,6 +11,9 @@
 //! It also keeps the signing keys of device tokens (records of kind `token-key`, with
 //! their private keys) and issues and checks tokens (see [`crate::token`]). Key changes
 //! do not move the generation: they change no authorization.
+//!
+//! Static thing groups (a hierarchy, memberships, IoT Core's limits) are in
+//! [`groups`]: the same state, the same `apply` path, records of their own kinds.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +32,7 @@ pub use crate::token::{IssuedToken, TokenClaims, TokenError, TokenKeyInfo};
 use crate::token::{Keyring, StoredKey, TokenKey};
 use fleetcore_core::principal::ClientCert;
 use fleetcore_core::time::now_ms;
+pub use groups::{GroupInfo, ThingGroup};
 
 const THING: &str = "thing";
 const CERT: &str = "certificate";
@@ -37,6 +41,8 @@ const CA: &str = "ca";
 const POLICY_ATTACHMENT: &str = "policy-attachment";
 const THING_ATTACHMENT: &str = "thing-attachment";
 const TOKEN_KEY: &str = "token-key";
+
+pub mod groups;
 
 /// A named device (or any principal) with a type and string attributes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +201,7 @@ struct State {
     cert_policies: BTreeMap<String, BTreeSet<String>>,
     /// certificate id -> attached thing names
     cert_things: BTreeMap<String, BTreeSet<String>>,
+    groups: groups::Groups,
 }
 
 pub struct Registry {
@@ -220,6 +227,13 @@ pub enum RegistryEvent {
     CertificateLeftActive { cert_id: String, state: CertState },
     /// The set of registered CAs changed: TLS listeners must trust the new set.
     CasChanged,
+    /// A thing joined (`added`) or left a static thing group: added or removed
+    /// directly, or removed with the group or the thing being deleted.
+    GroupMembershipChanged {
+        group: String,
+        thing: String,
+        added: bool,
+    },
 }
 
 type Listener = Arc<dyn Fn(&RegistryEvent) + Send + Sync>;
@@ -343,12 +357,15 @@ impl Registry {
                     }
                     None => false,
                 },
+                groups::GROUP | groups::MEMBERSHIP => st.groups.load(kind, key, value),
                 _ => false,
             };
             if !ok {
                 tracing::warn!(kind = %kind, key = %key, "skipping unreadable registry record");
             }
         }
+        let things = &st.things;
+        st.groups.settle(|t| things.contains_key(t));
         Registry {
             state: RwLock::new(st),
             write: tokio::sync::Mutex::new(()),
@@ -475,10 +492,27 @@ impl Registry {
                 )));
             }
         }
-        self.apply(vec![del(THING, name)], |st| {
+        let in_groups = self.thing_groups(name);
+        let mut ops = vec![del(THING, name)];
+        ops.extend(
+            in_groups
+                .iter()
+                .map(|g| groups::Groups::del_membership(g, name)),
+        );
+        self.apply(ops, |st| {
             st.things.remove(name);
+            for g in &in_groups {
+                st.groups.unlink(g, name);
+            }
         })
         .await?;
+        for group in in_groups {
+            self.tell(RegistryEvent::GroupMembershipChanged {
+                group,
+                thing: name.to_owned(),
+                added: false,
+            });
+        }
         Ok(())
     }
 

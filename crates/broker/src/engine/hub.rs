@@ -953,6 +953,8 @@ impl Hub {
                     tracing::error!(error = %e, "registered CAs changed but rebuilding TLS trust with them failed; the listeners keep the previous trust");
                 }
             }
+            // Group membership changes no connection's authorization.
+            RegistryEvent::GroupMembershipChanged { .. } => {}
         }
     }
 
