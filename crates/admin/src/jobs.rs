@@ -119,23 +119,28 @@ struct RolloutConfig {
     maximum_per_minute: Option<u32>,
 }
 
-/// A target as a thing name: `name` or `arn:aws:iot:<region>:<account>:thing/name`.
-fn target_thing(t: &str) -> Result<String, ApiError> {
+/// A job target: a thing or a thing group.
+enum Target {
+    Thing(String),
+    Group(String),
+}
+
+/// A target as given: a thing name, `arn:aws:iot:<region>:<account>:thing/NAME` or
+/// `arn:aws:iot:<region>:<account>:thinggroup/NAME`.
+fn target(t: &str) -> Result<Target, ApiError> {
     if let Some(rest) = t.strip_prefix("arn:") {
         let resource = rest.splitn(5, ':').nth(4).unwrap_or("");
         if let Some(name) = resource.strip_prefix("thing/") {
-            return Ok(name.to_string());
+            return Ok(Target::Thing(name.to_string()));
         }
-        if resource.starts_with("thinggroup/") {
-            return Err(ApiError::invalid(format!(
-                "target {t:?}: thing groups are not supported yet; target things"
-            )));
+        if let Some(name) = resource.strip_prefix("thinggroup/") {
+            return Ok(Target::Group(name.to_string()));
         }
         return Err(ApiError::invalid(format!(
-            "target {t:?} is not a thing ARN (arn:aws:iot:REGION:ACCOUNT:thing/NAME)"
+            "target {t:?} is neither a thing nor a thing group ARN (arn:aws:iot:REGION:ACCOUNT:thing/NAME or .../thinggroup/NAME)"
         )));
     }
-    Ok(t.to_string())
+    Ok(Target::Thing(t.to_string()))
 }
 
 async fn create_job(
@@ -145,13 +150,15 @@ async fn create_job(
 ) -> Response {
     let run = async {
         let jobs = service(&st)?;
-        if let Some(sel) = req.target_selection.as_deref() {
-            if sel != "SNAPSHOT" {
+        let continuous = match req.target_selection.as_deref() {
+            None | Some("SNAPSHOT") => false,
+            Some("CONTINUOUS") => true,
+            Some(sel) => {
                 return Err(ApiError::invalid(format!(
-                    "targetSelection {sel:?}: only SNAPSHOT is supported"
-                )));
+                    "targetSelection {sel:?}: SNAPSHOT or CONTINUOUS"
+                )))
             }
-        }
+        };
         let document = match req.document {
             Value::String(s) => serde_json::from_str::<Value>(&s)
                 .map_err(|e| ApiError::invalid(format!("document is not JSON: {e}")))?,
@@ -194,14 +201,31 @@ async fn create_job(
             })
             .collect();
         let mut things = Vec::new();
+        let mut groups = Vec::new();
         for t in &req.targets {
-            let name = target_thing(t)?;
-            if st.hub.registry.thing(&name).is_none() {
-                return Err(ApiError::not_found(format!(
-                    "target thing {name:?} not found"
-                )));
+            match target(t)? {
+                Target::Thing(name) => {
+                    if st.hub.registry.thing(&name).is_none() {
+                        return Err(ApiError::not_found(format!(
+                            "target thing {name:?} not found"
+                        )));
+                    }
+                    things.push(name);
+                }
+                Target::Group(name) => {
+                    // The group and every group below it, as IoT Core runs a group job.
+                    let members = st.hub.registry.group_things(&name, true).ok_or_else(|| {
+                        ApiError::not_found(format!("target thing group {name:?} not found"))
+                    })?;
+                    things.extend(members);
+                    groups.push(name);
+                }
             }
-            things.push(name);
+        }
+        if continuous && groups.is_empty() {
+            return Err(ApiError::invalid(
+                "a CONTINUOUS job needs a thing group among its targets",
+            ));
         }
         jobs.create_job(NewJob {
             id: job,
@@ -216,8 +240,8 @@ async fn create_job(
                 .and_then(|r| r.maximum_per_minute),
             abort,
             retry,
-            groups: Vec::new(),
-            continuous: false,
+            groups,
+            continuous,
         })
         .await
         .map_err(err)
@@ -360,7 +384,7 @@ pub fn openapi_paths() -> Value {
             "parameters": [{"name": "status", "in": "query", "required": false, "schema": {"type": "string"}}],
             "responses": {"200": ok("{jobs:[...]}"), "401": e("Unauthorized")}}},
         "/jobs/{job}": {
-            "put": {"summary": "CreateJob: {targets:[thing names or thing ARNs], document: object or JSON string (≤ 32 KB), description?, targetSelection?: SNAPSHOT, timeoutConfig?: {inProgressTimeoutInMinutes}, jobExecutionsRolloutConfig?: {maximumPerMinute}, abortConfig?: {criteriaList:[{action: CANCEL, failureType: FAILED|REJECTED|TIMED_OUT|ALL, minNumberOfExecutedThings, thresholdPercentage}]}, jobExecutionsRetryConfig?: {criteriaList:[{failureType: FAILED|TIMED_OUT|ALL, numberOfRetries: 0-10}]}}",
+            "put": {"summary": "CreateJob: {targets:[thing names, thing ARNs or thinggroup ARNs (the group and its descendants)], document: object or JSON string (≤ 32 KB), description?, targetSelection?: SNAPSHOT|CONTINUOUS (a thing added to a target group later gets the job), timeoutConfig?: {inProgressTimeoutInMinutes}, jobExecutionsRolloutConfig?: {maximumPerMinute}, abortConfig?: {criteriaList:[{action: CANCEL, failureType: FAILED|REJECTED|TIMED_OUT|ALL, minNumberOfExecutedThings, thresholdPercentage}]}, jobExecutionsRetryConfig?: {criteriaList:[{failureType: FAILED|TIMED_OUT|ALL, numberOfRetries: 0-10}]}}",
                 "parameters": [job.clone()],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object"}}}},
                 "responses": {"201": ok("{jobId, description}"), "400": e("invalid"), "401": e("Unauthorized"), "404": e("a target thing does not exist"), "409": e("ResourceAlreadyExists")}},

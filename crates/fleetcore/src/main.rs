@@ -230,6 +230,9 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
                 return Err(e.into());
             }
         };
+        if let Some(j) = &jobs {
+            follow_group_changes(server.hub(), j.clone());
+        }
         let admin_task = if admin.enabled {
             let hub = server.hub().clone();
             match start_admin(&admin, &token_path, &pki_files, hub, ca, metrics, DeviceServices { shadows, jobs }).await {
@@ -338,6 +341,46 @@ impl AdminTask {
             tracing::warn!("admin API still busy after 5 s; stopping anyway");
         }
     }
+}
+
+/// Continuous jobs follow thing-group membership: a thing that joins a group (or a
+/// group below it) gets the continuous jobs targeting it; one that leaves loses them.
+fn follow_group_changes(
+    hub: &Arc<fleetcore_broker::engine::hub::Hub>,
+    jobs: Arc<fleetcore_services::jobs::JobsService>,
+) {
+    let weak = Arc::downgrade(hub);
+    hub.registry.on_event(move |ev| {
+        let fleetcore_identity::registry::RegistryEvent::GroupMembershipChanged {
+            group,
+            thing,
+            added,
+        } = ev
+        else {
+            return;
+        };
+        let (Some(hub), Ok(rt)) = (weak.upgrade(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let (group, thing, added, jobs) = (group.clone(), thing.clone(), *added, jobs.clone());
+        rt.spawn(async move {
+            let reg = &hub.registry;
+            // The group and its ancestors: a job on a parent group covers its children.
+            let path = reg
+                .group_path(&group)
+                .unwrap_or_else(|| vec![group.clone()]);
+            if added {
+                jobs.thing_joined(&thing, &path).await;
+            } else {
+                let still: Vec<String> = reg
+                    .thing_groups(&thing)
+                    .iter()
+                    .flat_map(|g| reg.group_path(g).unwrap_or_default())
+                    .collect();
+                jobs.thing_left(&thing, &path, &still).await;
+            }
+        });
+    });
 }
 
 /// The device services whose HTTP side the admin API serves (`None`: disabled).

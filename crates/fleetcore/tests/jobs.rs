@@ -527,3 +527,104 @@ fn abort_and_retry_configs_act_on_device_failures() {
     );
     broker.assert_no_panic_logged();
 }
+
+#[test]
+fn group_jobs_reach_members_and_descendants_and_continuous_jobs_follow_membership() {
+    let broker = TestBroker::start(BrokerOpts::new().admin());
+    for t in ["a", "b", "c", "d"] {
+        thing(&broker, t);
+    }
+    ok(
+        broker.admin("POST", "/thing-groups", Some(&json!({"name": "fleet"}))),
+        201,
+    );
+    ok(
+        broker.admin(
+            "POST",
+            "/thing-groups",
+            Some(&json!({"name": "fleet-eu", "parent": "fleet"})),
+        ),
+        201,
+    );
+    for (g, t) in [("fleet", "a"), ("fleet", "b"), ("fleet-eu", "c")] {
+        let r = broker.admin("PUT", &format!("/thing-groups/{g}/things/{t}"), None);
+        assert!(r.status / 100 == 2, "{}", r.text());
+    }
+    let group_arn = "arn:aws:iot:eu-west-1:123456789012:thinggroup/fleet";
+    ok(
+        broker.admin(
+            "PUT",
+            "/jobs/grp",
+            Some(&json!({"targets": [group_arn], "document": {"op": "x"}})),
+        ),
+        201,
+    );
+    wait_for(&broker, "/jobs/grp", |j| {
+        j["job"]["jobProcessDetails"]["numberOfQueuedThings"] == 3
+    });
+    // a and b answer now; c was offline and answers when it comes back.
+    let finish = |t: &str, job: &str| {
+        let topic = format!("$aws/things/{t}/jobs/{job}/update");
+        mosquitto_pub(&with(
+            &broker.mosq_tcp(),
+            &[
+                "-i",
+                t,
+                "-t",
+                &topic,
+                "-m",
+                r#"{"status":"SUCCEEDED"}"#,
+                "-q",
+                "1",
+            ],
+        ));
+    };
+    finish("a", "grp");
+    finish("b", "grp");
+    let j = wait_for(&broker, "/jobs/grp", |j| {
+        j["job"]["jobProcessDetails"]["numberOfSucceededThings"] == 2
+    });
+    assert_eq!(j["job"]["status"], "IN_PROGRESS", "c has not run it yet");
+    finish("c", "grp");
+    wait_for(&broker, "/jobs/grp", |j| j["job"]["status"] == "COMPLETED");
+
+    // A continuous job on the parent group reaches d when d joins the child group.
+    ok(
+        broker.admin(
+            "PUT",
+            "/jobs/cont",
+            Some(&json!({"targets": [group_arn], "document": {"op": "y"}, "targetSelection": "CONTINUOUS"})),
+        ),
+        201,
+    );
+    wait_for(&broker, "/jobs/cont", |j| {
+        j["job"]["jobProcessDetails"]["numberOfQueuedThings"] == 3
+    });
+    let r = broker.admin("PUT", "/thing-groups/fleet-eu/things/d", None);
+    assert!(r.status / 100 == 2, "{}", r.text());
+    let j = wait_for(&broker, "/jobs/cont", |j| {
+        j["job"]["jobProcessDetails"]["numberOfQueuedThings"] == 4
+    });
+    assert_eq!(j["job"]["targetSelection"], "CONTINUOUS");
+    ok(broker.admin("GET", "/things/d/jobs/cont", None), 200);
+    // d leaves before running it: REMOVED.
+    let r = broker.admin("DELETE", "/thing-groups/fleet-eu/things/d", None);
+    assert!(r.status / 100 == 2, "{}", r.text());
+    wait_for(&broker, "/things/d/jobs/cont", |e| {
+        e["execution"]["status"] == "REMOVED"
+    });
+    // A continuous job needs a group; an unknown group is 404.
+    let bad = broker.admin(
+        "PUT",
+        "/jobs/c2",
+        Some(&json!({"targets": ["a"], "document": {}, "targetSelection": "CONTINUOUS"})),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    let missing = broker.admin(
+        "PUT",
+        "/jobs/c3",
+        Some(&json!({"targets": ["arn:aws:iot:r:1:thinggroup/nope"], "document": {}})),
+    );
+    assert_eq!(missing.status, 404, "{}", missing.text());
+    broker.assert_no_panic_logged();
+}
