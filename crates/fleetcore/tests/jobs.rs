@@ -628,3 +628,55 @@ fn group_jobs_reach_members_and_descendants_and_continuous_jobs_follow_membershi
     assert_eq!(missing.status, 404, "{}", missing.text());
     broker.assert_no_panic_logged();
 }
+
+#[test]
+fn a_step_timer_set_before_kill_9_times_the_execution_out_after_the_restart() {
+    let mut broker = TestBroker::start(BrokerOpts::new().admin());
+    thing(&broker, "a");
+    ok(
+        broker.admin(
+            "PUT",
+            "/jobs/slow",
+            Some(&json!({"targets": ["a"], "document": {}})),
+        ),
+        201,
+    );
+    wait_for(&broker, "/jobs/slow", |j| {
+        j["job"]["jobProcessDetails"]["numberOfQueuedThings"] == 1
+    });
+    mosquitto_pub(&with(
+        &broker.mosq_tcp(),
+        &[
+            "-i",
+            "a",
+            "-t",
+            "$aws/things/a/jobs/start-next",
+            "-m",
+            r#"{"stepTimeoutInMinutes":1}"#,
+            "-q",
+            "1",
+        ],
+    ));
+    let ex = wait_for(&broker, "/things/a/jobs/slow", |e| {
+        e["execution"]["status"] == "IN_PROGRESS"
+    });
+    assert_eq!(ex["execution"]["versionNumber"], 2);
+    broker.kill9();
+    broker.restart();
+    // The timer (one minute, IoT Core's shortest) is in the record and fires after the
+    // restart; the tick runs every second.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let e = ok(broker.admin("GET", "/things/a/jobs/slow", None), 200);
+        if e["execution"]["status"] == "TIMED_OUT" {
+            break;
+        }
+        assert_eq!(e["execution"]["status"], "IN_PROGRESS", "{e}");
+        assert!(Instant::now() < deadline, "never timed out: {e}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let j = ok(broker.admin("GET", "/jobs/slow", None), 200);
+    assert_eq!(j["job"]["status"], "COMPLETED");
+    assert_eq!(j["job"]["jobProcessDetails"]["numberOfTimedOutThings"], 1);
+    broker.assert_no_panic_logged();
+}
