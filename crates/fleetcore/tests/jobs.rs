@@ -157,10 +157,12 @@ fn the_control_plane_refuses_bad_jobs_and_cancels_and_deletes() {
     bad(json!({"targets": [], "document": {}}), 400);
     bad(json!({"targets": ["a"], "document": "not json"}), 400);
     bad(json!({"targets": ["a"], "document": [1]}), 400);
+    // An unknown group is 404; an ARN of anything but a thing or a group is 400.
     bad(
         json!({"targets": ["arn:aws:iot:r:1:thinggroup/g"], "document": {}}),
-        400,
+        404,
     );
+    bad(json!({"targets": ["arn:aws:iot:r:1:policy/p"], "document": {}}), 400);
     bad(
         json!({"targets": ["a"], "document": {"x": "y".repeat(33 * 1024)}}),
         400,
