@@ -584,11 +584,7 @@ pub async fn shadow(ctx: Arc<Ctx>, c: &Common, o: &ShadowOpts) -> anyhow::Result
     r.param("inflight_per_device", o.inflight);
     r.param("desired_every", o.desired_every);
     r.param("updates_cap", cap);
-    let desired_cap = if o.desired_every > 0 {
-        cap / o.desired_every + 2
-    } else {
-        0
-    };
+    let desired_cap = cap.checked_div(o.desired_every).map_or(0, |k| k + 2);
     let st = Arc::new(Stats::new(desired_cap as usize));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (go_tx, go_rx) = watch::channel(None);
