@@ -42,7 +42,7 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn source(&self, i: usize) -> Option<IpAddr> {
+    pub fn source(&self, i: usize) -> Option<IpAddr> {
         if self.sources.is_empty() {
             None
         } else {
@@ -380,6 +380,32 @@ pub async fn connect_fleet(
     stop: &watch::Receiver<bool>,
     what: &str,
 ) -> Vec<JoinHandle<()>> {
+    let c2 = conns.clone();
+    spawn_paced(ctx, ids, rate, max_pending, &c2, what, |i, permit| {
+        tokio::spawn(device(
+            ctx.clone(),
+            i,
+            plan.clone(),
+            conns.clone(),
+            permit,
+            stop.clone(),
+        ))
+    })
+    .await
+}
+
+/// The pacing of [`connect_fleet`] for any device task: `spawn(i, permit)` starts device
+/// `i`, which drops `permit` once it is ready (or has failed) and records its outcome in
+/// `conns`; waits until every started device is ready or failed (or the deadline).
+pub async fn spawn_paced(
+    ctx: &Arc<Ctx>,
+    ids: std::ops::Range<usize>,
+    rate: f64,
+    max_pending: usize,
+    conns: &Conns,
+    what: &str,
+    mut spawn: impl FnMut(usize, tokio::sync::OwnedSemaphorePermit) -> JoinHandle<()>,
+) -> Vec<JoinHandle<()>> {
     let n = ids.len() as u64;
     let bar = ctx.bar(n, what);
     let sem = Arc::new(Semaphore::new(max_pending.max(1)));
@@ -398,14 +424,7 @@ pub async fn connect_fleet(
         let Ok(permit) = sem.clone().acquire_owned().await else {
             break;
         };
-        handles.push(tokio::spawn(device(
-            ctx.clone(),
-            i,
-            plan.clone(),
-            conns.clone(),
-            permit,
-            stop.clone(),
-        )));
+        handles.push(spawn(i, permit));
         if k % 64 == 0 {
             bar.set_position(conns.ready.load(Relaxed));
         }

@@ -8,6 +8,7 @@ mod mqtt;
 mod net;
 mod payload;
 mod scenarios;
+mod shadow;
 mod stats;
 
 use std::path::PathBuf;
@@ -25,7 +26,7 @@ use crate::stats::{Probe, Report};
 #[command(
     name = "fleetcore-loadtest",
     version,
-    about = "Fleet simulator for MQTT brokers: idle fleet, targeted push, telemetry fan-in, reconnect storm, retained config",
+    about = "Fleet simulator for MQTT brokers: idle fleet, targeted push, telemetry fan-in, reconnect storm, retained config, device shadows",
     after_help = "Every run stops by itself: --devices and the message counts bound it in count, --duration/--drain/--timeout in time.\nProgress goes to stderr; the summary (or with --json one JSON document) to stdout."
 )]
 struct Cli {
@@ -117,6 +118,29 @@ enum Cmd {
         /// Leave the retained configs on the broker (default: cleared at the end).
         #[arg(long)]
         keep_retained: bool,
+    },
+    /// Device Shadow updates (fleetcore only: mosquitto has no shadow service): each
+    /// device dev<i> subscribes to $aws/things/dev<i>/shadow/update/{accepted,rejected,delta}
+    /// and sends reported-state updates (QoS 1, a clientToken each) for a fleet-wide
+    /// --msg-rate. Updates/s, publish -> accepted latency, rejected by code, lost,
+    /// version gaps, broker CPU per update.
+    Shadow {
+        #[command(flatten)]
+        common: Common,
+        /// Updates per second over the whole fleet.
+        #[arg(long, default_value_t = 1000.0)]
+        msg_rate: f64,
+        /// Requests a device leaves unanswered at most (fleetcore answers 429 above 10
+        /// per connection).
+        #[arg(long, default_value_t = 1)]
+        inflight: u32,
+        /// The backend sets a desired value on a random device every K device updates
+        /// (0 = never), so deltas flow; devices report it back.
+        #[arg(long, default_value_t = 0)]
+        desired_every: u64,
+        /// Upper bound on updates, whatever the rate and duration.
+        #[arg(long, default_value_t = 10_000_000)]
+        max_messages: u64,
     },
     /// rustls alone: mutual-TLS server handshakes per CPU-second (in-process, one thread).
     Handshake {
@@ -437,6 +461,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         | Cmd::Fanin { common, .. }
         | Cmd::Storm { common, .. }
         | Cmd::Retained { common, .. }
+        | Cmd::Shadow { common, .. }
         | Cmd::Mint { common } => common.clone(),
         Cmd::Handshake {
             handshakes,
@@ -572,6 +597,25 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                         payload,
                         msg_rate,
                         keep: keep_retained,
+                    },
+                )
+                .await?
+            }
+            Cmd::Shadow {
+                msg_rate,
+                inflight,
+                desired_every,
+                max_messages,
+                ..
+            } => {
+                shadow::shadow(
+                    ctx.clone(),
+                    &s,
+                    &shadow::ShadowOpts {
+                        msg_rate,
+                        inflight,
+                        desired_every,
+                        max_messages,
                     },
                 )
                 .await?

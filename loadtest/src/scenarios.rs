@@ -26,7 +26,7 @@ pub struct Common {
     pub drain: Duration,
 }
 
-fn kib(s: Option<ProcSample>) -> serde_json::Value {
+pub(crate) fn kib(s: Option<ProcSample>) -> serde_json::Value {
     s.map_or(serde_json::Value::Null, |s| json!(s.rss_kib))
 }
 
@@ -35,7 +35,7 @@ fn mib(kib: u64) -> String {
 }
 
 /// Broker RSS before/after and per connection, into the report.
-fn rss_figures(
+pub(crate) fn rss_figures(
     r: &mut Report,
     before: Option<ProcSample>,
     after: Option<ProcSample>,
@@ -67,7 +67,7 @@ fn rss_figures(
     }
 }
 
-fn conn_figures(r: &mut Report, key: &str, c: &Conns) {
+pub(crate) fn conn_figures(r: &mut Report, key: &str, c: &Conns) {
     r.set(key, c.json());
     r.line(format!(
         "{key:<17} {}/{} ready in {:.2} s = {:.0}/s; failed: tcp {} tls {} ws {} refused {} protocol {} timeout {}; dropped while held {}",
@@ -97,7 +97,7 @@ fn conn_figures(r: &mut Report, key: &str, c: &Conns) {
     }
 }
 
-fn cpu_figures(
+pub(crate) fn cpu_figures(
     r: &mut Report,
     what: &str,
     wall: f64,
