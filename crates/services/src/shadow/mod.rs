@@ -391,6 +391,11 @@ impl Inner {
             now,
             previous,
         } = step;
+        // The request leaves the in-flight count before its answer goes out, so a client
+        // that sends its next request on the answer never meets its own slot still taken.
+        if let Origin::Mqtt { client_id, .. } = &origin {
+            self.release(client_id);
+        }
         let base = prefix(key);
         let publisher = self.publisher.get();
         let publish = |suffix: &str, body: &Value| {
@@ -451,8 +456,7 @@ impl Inner {
         )
         .increment(1);
         match origin {
-            Origin::Mqtt { client_id, done } => {
-                self.release(&client_id);
+            Origin::Mqtt { done, .. } => {
                 let _ = done.send(stored);
             }
             Origin::Http(tx) => {
