@@ -162,7 +162,10 @@ fn the_control_plane_refuses_bad_jobs_and_cancels_and_deletes() {
         json!({"targets": ["arn:aws:iot:r:1:thinggroup/g"], "document": {}}),
         404,
     );
-    bad(json!({"targets": ["arn:aws:iot:r:1:policy/p"], "document": {}}), 400);
+    bad(
+        json!({"targets": ["arn:aws:iot:r:1:policy/p"], "document": {}}),
+        400,
+    );
     bad(
         json!({"targets": ["a"], "document": {"x": "y".repeat(33 * 1024)}}),
         400,
