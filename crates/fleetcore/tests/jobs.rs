@@ -685,3 +685,56 @@ fn a_step_timer_set_before_kill_9_times_the_execution_out_after_the_restart() {
     assert_eq!(j["job"]["jobProcessDetails"]["numberOfTimedOutThings"], 1);
     broker.assert_no_panic_logged();
 }
+
+#[test]
+fn cancel_without_force_spares_in_progress_executions_and_force_takes_them() {
+    let broker = TestBroker::start(BrokerOpts::new().admin());
+    for t in ["a", "b"] {
+        thing(&broker, t);
+    }
+    ok(
+        broker.admin(
+            "PUT",
+            "/jobs/k",
+            Some(&json!({"targets": ["a", "b"], "document": {}})),
+        ),
+        201,
+    );
+    wait_for(&broker, "/jobs/k", |j| {
+        j["job"]["jobProcessDetails"]["numberOfQueuedThings"] == 2
+    });
+    mosquitto_pub(&with(
+        &broker.mosq_tcp(),
+        &[
+            "-i",
+            "a",
+            "-t",
+            "$aws/things/a/jobs/k/update",
+            "-m",
+            r#"{"status":"IN_PROGRESS"}"#,
+            "-q",
+            "1",
+        ],
+    ));
+    wait_for(&broker, "/things/a/jobs/k", |e| {
+        e["execution"]["status"] == "IN_PROGRESS"
+    });
+    ok(broker.admin("PUT", "/jobs/k/cancel", Some(&json!({}))), 200);
+    wait_for(&broker, "/things/b/jobs/k", |e| {
+        e["execution"]["status"] == "CANCELED"
+    });
+    let a = ok(broker.admin("GET", "/things/a/jobs/k", None), 200);
+    assert_eq!(
+        a["execution"]["status"], "IN_PROGRESS",
+        "no force: in progress runs on"
+    );
+    ok(
+        broker.admin("PUT", "/jobs/k/cancel", Some(&json!({"force": true}))),
+        200,
+    );
+    let a = wait_for(&broker, "/things/a/jobs/k", |e| {
+        e["execution"]["status"] == "CANCELED"
+    });
+    assert_eq!(a["execution"]["forceCanceled"], true);
+    broker.assert_no_panic_logged();
+}
