@@ -39,35 +39,21 @@ fn thing(broker: &TestBroker, name: &str) {
 }
 
 fn run_sdk(broker: &TestBroker, client: &str) -> String {
-    let pki = broker.pki();
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(clients_dir().join("awsiot_jobs.py"))
-        .args([
-            "--host",
-            "localhost",
-            "--port",
-            &broker.tls_port().to_string(),
-        ])
-        .arg("--ca")
-        .arg(&pki.ca_cert)
-        .arg("--cert")
-        .arg(&pki.thing1.cert)
-        .arg("--key")
-        .arg(&pki.thing1.key)
-        .args([
-            "--thing",
-            "thing-1",
-            "--first-job",
-            "job-offline",
-            "--client",
-            client,
-        ])
-        .args([
-            "--admin-url",
-            &broker.admin_url(),
-            "--token",
-            &broker.admin_token(),
-        ]);
+    let mut cmd = tls_client_script(broker, "awsiot_jobs.py", &broker.pki().thing1);
+    cmd.args([
+        "--thing",
+        "thing-1",
+        "--first-job",
+        "job-offline",
+        "--client",
+        client,
+    ])
+    .args([
+        "--admin-url",
+        &broker.admin_url(),
+        "--token",
+        &broker.admin_token(),
+    ]);
     let out = run(cmd, Duration::from_secs(90));
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert_ne!(
@@ -335,49 +321,31 @@ fn a_rate_limited_rollout_of_2000_survives_kill_9_without_duplicates() {
     broker.assert_no_panic_logged();
 }
 
-/// Runs the `fleetcore` CLI against the broker's admin API.
-fn cli(broker: &TestBroker, args: &[&str]) -> (bool, String, String) {
-    let mut cmd = std::process::Command::new(broker_binary());
-    cmd.args(args)
-        .args(["--admin-url", &broker.admin_url()])
-        .arg("--data-dir")
-        .arg(broker.data_dir());
-    let out = run(cmd, Duration::from_secs(60));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
-}
-
 #[test]
 fn the_cli_creates_follows_cancels_and_deletes_jobs() {
     let broker = TestBroker::start(BrokerOpts::new().admin());
     for t in ["a", "b"] {
         thing(&broker, t);
     }
-    let (ok_, out, err) = cli(
-        &broker,
-        &[
-            "job",
-            "create",
-            "upd-1",
-            "--target",
-            "a",
-            "--target",
-            "b",
-            "--document",
-            r#"{"operation":"update","version":"4.12.0"}"#,
-            "--description",
-            "agent update",
-        ],
-    );
+    let (ok_, out, err) = broker.cli_text(&[
+        "job",
+        "create",
+        "upd-1",
+        "--target",
+        "a",
+        "--target",
+        "b",
+        "--document",
+        r#"{"operation":"update","version":"4.12.0"}"#,
+        "--description",
+        "agent update",
+    ]);
     assert!(ok_, "{out}{err}");
     assert!(out.contains("created job upd-1"), "{out}");
     wait_for(&broker, "/jobs/upd-1", |j| {
         j["job"]["jobProcessDetails"]["numberOfQueuedThings"] == 2
     });
-    let (ok_, out, err) = cli(&broker, &["job", "executions", "upd-1"]);
+    let (ok_, out, err) = broker.cli_text(&["job", "executions", "upd-1"]);
     assert!(
         ok_ && out.contains("THING")
             && out
@@ -387,46 +355,41 @@ fn the_cli_creates_follows_cancels_and_deletes_jobs() {
                 == 2,
         "{out}{err}"
     );
-    let (ok_, out, _) = cli(&broker, &["job", "executions", "--thing", "a"]);
+    let (ok_, out, _) = broker.cli_text(&["job", "executions", "--thing", "a"]);
     assert!(ok_ && out.contains("upd-1"), "{out}");
-    let (ok_, out, _) = cli(&broker, &["job", "document", "upd-1"]);
+    let (ok_, out, _) = broker.cli_text(&["job", "document", "upd-1"]);
     assert!(ok_ && out.contains("\"version\": \"4.12.0\""), "{out}");
-    let (ok_, out, err) = cli(&broker, &["job", "cancel", "upd-1", "--comment", "hold"]);
+    let (ok_, out, err) = broker.cli_text(&["job", "cancel", "upd-1", "--comment", "hold"]);
     assert!(ok_, "{out}{err}");
     // --follow ends once no execution is open: it prints the final table.
-    let (ok_, out, err) = cli(&broker, &["job", "describe", "upd-1", "--follow"]);
+    let (ok_, out, err) = broker.cli_text(&["job", "describe", "upd-1", "--follow"]);
     assert!(ok_, "{out}{err}");
     assert!(
         out.contains("CANCELED") && out.contains("2/2 executions ended"),
         "{out}{err}"
     );
-    let (ok_, out, _) = cli(&broker, &["--json", "job", "list"]);
+    let (ok_, out, _) = broker.cli_text(&["--json", "job", "list"]);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert!(ok_ && v["jobs"][0]["status"] == "CANCELED", "{out}");
-    let (ok_, _, err) = cli(
-        &broker,
-        &["job", "create", "x", "--target", "a", "--document", "[1]"],
-    );
+    let (ok_, _, err) =
+        broker.cli_text(&["job", "create", "x", "--target", "a", "--document", "[1]"]);
     assert!(!ok_ && err.contains("must be a JSON object"), "{err}");
-    let (ok_, _, err) = cli(
-        &broker,
-        &[
-            "job",
-            "create",
-            "x",
-            "--target",
-            "nobody",
-            "--document",
-            "{}",
-        ],
-    );
+    let (ok_, _, err) = broker.cli_text(&[
+        "job",
+        "create",
+        "x",
+        "--target",
+        "nobody",
+        "--document",
+        "{}",
+    ]);
     assert!(
         !ok_ && err.contains("target thing \"nobody\" not found (404)"),
         "{err}"
     );
-    let (ok_, out, err) = cli(&broker, &["job", "delete", "upd-1"]);
+    let (ok_, out, err) = broker.cli_text(&["job", "delete", "upd-1"]);
     assert!(ok_ && out.contains("deleted job upd-1"), "{out}{err}");
-    let (ok_, _, err) = cli(&broker, &["job", "describe", "upd-1"]);
+    let (ok_, _, err) = broker.cli_text(&["job", "describe", "upd-1"]);
     assert!(!ok_ && err.contains("(404)"), "{err}");
     broker.assert_no_panic_logged();
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::*;
@@ -113,21 +113,8 @@ fn times(topics: &[Value]) -> BTreeMap<String, u64> {
         .collect()
 }
 
-fn cli(broker: &TestBroker, args: &[&str]) -> Output {
-    let mut cmd = Command::new(broker_binary());
-    cmd.args(args)
-        .arg("--admin-url")
-        .arg(broker.admin_url())
-        .arg("--data-dir")
-        .arg(broker.data_dir())
-        .env_remove("FLEETCORE_ADMIN_URL")
-        .env_remove("FLEETCORE_ADMIN_TOKEN")
-        .env_remove("FLEETCORE_DATA_DIR");
-    run(cmd, STEP)
-}
-
 fn cli_ok(broker: &TestBroker, args: &[&str]) -> Output {
-    let out = cli(broker, args);
+    let out = broker.cli(args);
     assert!(
         out.status.success(),
         "fleetcore {args:?}\n{}",
@@ -281,7 +268,7 @@ fn cli_lists_shows_and_deletes_retained_messages_as_mqtt_does() {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(text.lines().count(), 4, "{text}");
     assert!(text.contains("--next-token"), "{text}");
-    let out = cli(&broker, &["retained", "list", "--max", "0"]);
+    let out = broker.cli(&["retained", "list", "--max", "0"]);
     assert!(!out.status.success(), "{}", describe(&out));
 
     let out = cli_ok(&broker, &["retained", "get", "acct/dev1/config"]);
@@ -322,14 +309,14 @@ fn cli_lists_shows_and_deletes_retained_messages_as_mqtt_does() {
     let topics: Vec<&str> = left.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(topics, ["acct/dev1/config", "acct/dev3/config"]);
     // Deleting what is not there, or a filter, is one clear error line.
-    let out = cli(&broker, &["retained", "delete", "acct/dev2/config"]);
+    let out = broker.cli(&["retained", "delete", "acct/dev2/config"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !out.status.success() && err.contains("(404)"),
         "{}",
         describe(&out)
     );
-    let out = cli(&broker, &["retained", "get", "acct/+/config"]);
+    let out = broker.cli(&["retained", "get", "acct/+/config"]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         !out.status.success() && err.contains("wildcard") && err.contains("(400)"),

@@ -42,22 +42,8 @@ const RAW_POLICY: &str = r#"{
 }"#;
 
 fn run_python(script: &str, broker: &TestBroker, cert: &ClientCert, args: &[&str]) -> String {
-    let pki = broker.pki();
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(clients_dir().join(script))
-        .args([
-            "--host",
-            "localhost",
-            "--port",
-            &broker.tls_port().to_string(),
-        ])
-        .arg("--ca")
-        .arg(&pki.ca_cert)
-        .arg("--cert")
-        .arg(&cert.cert)
-        .arg("--key")
-        .arg(&cert.key)
-        .args(args);
+    let mut cmd = tls_client_script(broker, script, cert);
+    cmd.args(args);
     let out = run(cmd, Duration::from_secs(90));
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert_ne!(
@@ -157,22 +143,8 @@ fn bad_shadow_requests_get_their_documented_errors_and_nothing_else_is_affected(
 fn every_update_answered_accepted_survives_kill_9() {
     let mut broker = TestBroker::start(BrokerOpts::new().tls().policy(SHADOW_POLICY));
     let pki = broker.pki();
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg("-u")
-        .arg(clients_dir().join("shadow_raw.py"))
-        .args([
-            "stream",
-            "--host",
-            "localhost",
-            "--port",
-            &broker.tls_port().to_string(),
-        ])
-        .arg("--ca")
-        .arg(&pki.ca_cert)
-        .arg("--cert")
-        .arg(&pki.thing1.cert)
-        .arg("--key")
-        .arg(&pki.thing1.key)
+    let mut cmd = tls_client_script(&broker, "shadow_raw.py", &pki.thing1);
+    cmd.arg("stream")
         .args(["--thing", "thing-1", "--count", "100000"]);
     let mut stream = LineChild::spawn("shadow_raw.py stream", cmd);
     // Let a good number of updates be answered, then kill the broker mid-stream.
@@ -196,22 +168,8 @@ fn every_update_answered_accepted_survives_kill_9() {
     stream.kill();
     broker.restart();
     let pki = broker.pki();
-    let mut cmd = std::process::Command::new("python3");
-    cmd.arg(clients_dir().join("shadow_raw.py"))
-        .args([
-            "get",
-            "--host",
-            "localhost",
-            "--port",
-            &broker.tls_port().to_string(),
-        ])
-        .arg("--ca")
-        .arg(&pki.ca_cert)
-        .arg("--cert")
-        .arg(&pki.thing1.cert)
-        .arg("--key")
-        .arg(&pki.thing1.key)
-        .args(["--thing", "thing-1"]);
+    let mut cmd = tls_client_script(&broker, "shadow_raw.py", &pki.thing1);
+    cmd.arg("get").args(["--thing", "thing-1"]);
     let out = run(cmd, Duration::from_secs(30));
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let state = stdout
@@ -243,22 +201,6 @@ fn parse_accepted(text: &str) -> (u64, u64) {
         }
     }
     (v, i)
-}
-
-/// Runs the `fleetcore` CLI against the broker's admin API; returns (success, stdout,
-/// stderr).
-fn cli(broker: &TestBroker, args: &[&str]) -> (bool, String, String) {
-    let mut cmd = std::process::Command::new(broker_binary());
-    cmd.args(args)
-        .args(["--admin-url", &broker.admin_url()])
-        .arg("--data-dir")
-        .arg(broker.data_dir());
-    let out = run(cmd, Duration::from_secs(30));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
 }
 
 #[test]
@@ -294,16 +236,13 @@ fn http_and_cli_updates_reach_the_device_over_mqtt_even_while_it_is_offline() {
     .expect_success(STEP);
 
     // The backend sets desired state through the CLI (the HTTP data plane).
-    let (ok, out, err) = cli(
-        &broker,
-        &[
-            "shadow",
-            "update",
-            "thing-1",
-            "--desired",
-            r#"{"agent":{"version":"4.12.0"}}"#,
-        ],
-    );
+    let (ok, out, err) = broker.cli_text(&[
+        "shadow",
+        "update",
+        "thing-1",
+        "--desired",
+        r#"{"agent":{"version":"4.12.0"}}"#,
+    ]);
     assert!(ok, "{out}{err}");
     assert!(out.contains("to version 1"), "{out}");
 
@@ -376,31 +315,28 @@ fn http_and_cli_updates_reach_the_device_over_mqtt_even_while_it_is_offline() {
         None,
     );
     assert_eq!(r.status, 400, "{}", r.text());
-    let (ok, out, err) = cli(&broker, &["shadow", "list", "thing-1", "--page-size", "1"]);
+    let (ok, out, err) = broker.cli_text(&["shadow", "list", "thing-1", "--page-size", "1"]);
     assert!(
         ok && out.contains("config") && out.contains("net"),
         "{out}{err}"
     );
-    let (ok, out, err) = cli(&broker, &["shadow", "get", "thing-1", "--name", "net"]);
+    let (ok, out, err) = broker.cli_text(&["shadow", "get", "thing-1", "--name", "net"]);
     assert!(
         ok && out.contains("interval") && out.contains("60"),
         "{out}{err}"
     );
-    let (ok, out, err) = cli(&broker, &["shadow", "delete", "thing-1", "--name", "net"]);
+    let (ok, out, err) = broker.cli_text(&["shadow", "delete", "thing-1", "--name", "net"]);
     assert!(ok && out.contains("at version 1"), "{out}{err}");
-    let (ok, _, err) = cli(&broker, &["shadow", "get", "thing-1", "--name", "net"]);
+    let (ok, _, err) = broker.cli_text(&["shadow", "get", "thing-1", "--name", "net"]);
     assert!(
         !ok && err.contains("No shadow exists with name: 'net' (404)"),
         "{err}"
     );
-    let (ok, out, err) = cli(&broker, &["--json", "shadow", "get", "thing-1"]);
+    let (ok, out, err) = broker.cli_text(&["--json", "shadow", "get", "thing-1"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["version"], 1);
-    let (ok, _, err) = cli(
-        &broker,
-        &["shadow", "update", "thing-1", "--desired", "[1]"],
-    );
+    let (ok, _, err) = broker.cli_text(&["shadow", "update", "thing-1", "--desired", "[1]"]);
     assert!(!ok && err.contains("must be a JSON object"), "{err}");
 
     // The service's metrics.

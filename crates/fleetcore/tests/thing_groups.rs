@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
 use common::*;
 use serde_json::{json, Value};
 
@@ -345,21 +343,8 @@ fn thing_groups_and_memberships_survive_sigkill() {
     broker.assert_healthy();
 }
 
-fn cli(broker: &TestBroker, args: &[&str]) -> Output {
-    let mut cmd = Command::new(broker_binary());
-    cmd.args(args)
-        .arg("--admin-url")
-        .arg(broker.admin_url())
-        .arg("--data-dir")
-        .arg(broker.data_dir())
-        .env_remove("FLEETCORE_ADMIN_URL")
-        .env_remove("FLEETCORE_ADMIN_TOKEN")
-        .env_remove("FLEETCORE_DATA_DIR");
-    run(cmd, STEP)
-}
-
 fn cli_ok(broker: &TestBroker, args: &[&str]) -> String {
-    let out = cli(broker, args);
+    let out = broker.cli(args);
     assert!(
         out.status.success(),
         "fleetcore {args:?}\n{}",
@@ -369,7 +354,7 @@ fn cli_ok(broker: &TestBroker, args: &[&str]) -> String {
 }
 
 fn cli_err(broker: &TestBroker, args: &[&str]) -> String {
-    let out = cli(broker, args);
+    let out = broker.cli(args);
     assert!(
         !out.status.success(),
         "fleetcore {args:?} succeeded\n{}",

@@ -608,6 +608,31 @@ impl TestBroker {
         format!("https://127.0.0.1:{}", self.admin_port())
     }
 
+    /// Runs the `fleetcore` CLI against this broker's admin API (its URL and data
+    /// directory given, the FLEETCORE_* environment cleared), bounded by [`STEP`].
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(broker_binary());
+        cmd.args(args)
+            .arg("--admin-url")
+            .arg(self.admin_url())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .env_remove("FLEETCORE_ADMIN_URL")
+            .env_remove("FLEETCORE_ADMIN_TOKEN")
+            .env_remove("FLEETCORE_DATA_DIR");
+        run(cmd, STEP)
+    }
+
+    /// As [`TestBroker::cli`]: (succeeded, stdout, stderr).
+    pub fn cli_text(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.cli(args);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// The admin token the server wrote to `data_dir/admin.token`.
     pub fn admin_token(&self) -> String {
         let path = self.data_dir().join("admin.token");
@@ -1303,6 +1328,28 @@ pub fn clients_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("clients")
+}
+
+/// A Python client of tests/clients (`script`) set to reach `broker`'s TLS listener as
+/// `cert` (`--host localhost --port P --ca F --cert F --key F`, unbuffered output); the
+/// caller adds the script's own arguments.
+pub fn tls_client_script(broker: &TestBroker, script: &str, cert: &ClientCert) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg("-u")
+        .arg(clients_dir().join(script))
+        .args([
+            "--host",
+            "localhost",
+            "--port",
+            &broker.tls_port().to_string(),
+        ])
+        .arg("--ca")
+        .arg(&broker.pki().ca_cert)
+        .arg("--cert")
+        .arg(&cert.cert)
+        .arg("--key")
+        .arg(&cert.key);
+    cmd
 }
 
 /// Fails the test, saying what to install, when python3 or paho-mqtt 2.x is missing.

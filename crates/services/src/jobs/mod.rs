@@ -793,7 +793,7 @@ impl Inner {
                 client_id,
                 done,
             } => {
-                let (change, answer) = self.device(thing, execs, &op, &payload, now);
+                let (change, answer) = self.device(execs, &op, &payload, now);
                 Decided {
                     change,
                     answer: Some(answer),
@@ -807,7 +807,6 @@ impl Inner {
     #[allow(clippy::type_complexity)]
     fn device(
         &self,
-        _thing: &str,
         execs: &BTreeMap<String, Execution>,
         op: &DeviceOp,
         payload: &[u8],

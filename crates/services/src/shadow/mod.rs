@@ -256,7 +256,10 @@ impl ShadowService {
         {
             return Err(ShadowError::new(
                 400,
-                "Invalid thing or shadow name (1 to 128 and 1 to 64 characters of a-z A-Z 0-9 : _ -)",
+                format!(
+                    "Invalid thing or shadow name (1 to {} and 1 to {} characters of a-z A-Z 0-9 : _ -)",
+                    limits.max_thing_name, limits.max_shadow_name
+                ),
             ));
         }
         let (tx, rx) = oneshot::channel();
