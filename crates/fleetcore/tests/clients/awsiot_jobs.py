@@ -32,14 +32,9 @@ except ImportError:
     print("fail import awsiotsdk is not installed: python3 -m pip install awsiotsdk")
     sys.exit(10)
 
+from checks import check, run
+
 TIMEOUT = 10.0
-failures = []
-
-
-def check(name, ok, detail=""):
-    print(("ok" if ok else "fail"), name, detail, flush=True)
-    if not ok:
-        failures.append(name)
 
 
 def create_job(a, job_id, doc):
@@ -207,11 +202,7 @@ def main():
     p.add_argument("--token", required=True)
     p.add_argument("--client", choices=["v1", "v2"], required=True)
     a = p.parse_args()
-    try:
-        (run_v2 if a.client == "v2" else run_v1)(a)
-    except Exception as e:
-        check("unexpected", False, "%s: %s" % (type(e).__name__, e))
-    sys.exit(1 if failures else 0)
+    run((run_v2 if a.client == "v2" else run_v1), a)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,9 @@ except ImportError:
     print("fail import paho-mqtt 2.x is not installed")
     sys.exit(10)
 
+from checks import check, run
+
 TIMEOUT = 10.0
-failures = []
-
-
-def check(name, ok, detail=""):
-    print(("ok" if ok else "fail"), name, detail, flush=True)
-    if not ok:
-        failures.append(name)
 
 
 class Device:
@@ -303,11 +298,7 @@ def main():
     p.add_argument("--other-key")
     p.add_argument("--count", type=int, default=1000)
     a = p.parse_args()
-    try:
-        {"checks": run_checks, "stream": run_stream, "get": run_get}[a.mode](a)
-    except Exception as e:
-        check("unexpected", False, "%s: %s" % (type(e).__name__, e))
-    sys.exit(1 if failures else 0)
+    run({"checks": run_checks, "stream": run_stream, "get": run_get}[a.mode], a)
 
 
 if __name__ == "__main__":
