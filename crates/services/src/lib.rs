@@ -10,6 +10,7 @@
 //!   `$aws/events/subscriptions/...`), made from the engine's events.
 //! - [`jobs`]: IoT Core's Jobs, device side (`$aws/things/{thing}/jobs/...`) and the
 //!   control plane the admin API serves.
+//! - [`provisioning`]: fleet provisioning by claim and just-in-time provisioning.
 //! - [`shadow`]: the Device Shadow service (`$aws/things/{thing}/shadow/...`, classic
 //!   and named), its documents in the record store.
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@ use serde_json::Value;
 
 pub mod events;
 pub mod jobs;
+pub mod provisioning;
 pub mod shadow;
 
 /// Publishes `body` as a QoS 1, non-retained JSON message from the broker.

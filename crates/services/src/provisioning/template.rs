@@ -1,0 +1,1 @@
+//! Provisioning templates: parsing, validation and evaluation (to be written).
