@@ -15,6 +15,9 @@ use fleetcore_identity::names::{is_valid_thing_name, THING_NAME_RULE};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+#[cfg(test)]
+mod tests;
+
 /// The most `AWS::IoT::Policy` resources one template may have.
 pub const MAX_POLICIES: usize = 10;
 
