@@ -115,10 +115,16 @@ type Mappings = BTreeMap<String, BTreeMap<String, BTreeMap<String, String>>>;
 enum StrExpr {
     Lit(String),
     Ref(String),
-    Join { sep: String, list: ListExpr },
+    Join {
+        sep: String,
+        list: ListExpr,
+    },
     /// `Fn::Sub`, its variables already substituted in.
     Concat(Vec<StrExpr>),
-    Select { index: Index, list: ListExpr },
+    Select {
+        index: Index,
+        list: ListExpr,
+    },
     FindInMap(Box<[StrExpr; 3]>),
 }
 
@@ -289,7 +295,10 @@ fn parse(text: &str) -> PResult<Template> {
     for (logical, resource) in resources {
         let at = format!("Resources.{logical}");
         let Value::Object(resource) = resource else {
-            return Err(format!("{at}: expected an object, found {}", kind(resource)));
+            return Err(format!(
+                "{at}: expected an object, found {}",
+                kind(resource)
+            ));
         };
         if let Some(key) = resource
             .keys()
@@ -815,7 +824,8 @@ impl Cx<'_> {
                         ));
                     }
                     for (attr, v) in attrs {
-                        attributes.push((attr.clone(), self.str(v, &format!("{at}.{attr}"), refs)?));
+                        attributes
+                            .push((attr.clone(), self.str(v, &format!("{at}.{attr}"), refs)?));
                     }
                 }
                 "ThingTypeName" => thing_type = Some(self.str(value, &at, refs)?),
@@ -872,12 +882,8 @@ impl Cx<'_> {
             }
         }
         let id = id.ok_or_else(|| format!("{at}.Properties.CertificateId: required"))?;
-        let overrides = parse_overrides(
-            overrides,
-            at,
-            "AWS::IoT::Certificate",
-            &[("Status", false)],
-        )?;
+        let overrides =
+            parse_overrides(overrides, at, "AWS::IoT::Certificate", &[("Status", false)])?;
         Ok(CertRes {
             logical: logical.to_owned(),
             id,
@@ -1183,7 +1189,9 @@ impl Eval<'_> {
                             kind(&other)
                         ))
                     }
-                    Err(e) => return Err(format!("{at}: the policy document is not valid JSON: {e}")),
+                    Err(e) => {
+                        return Err(format!("{at}: the policy document is not valid JSON: {e}"))
+                    }
                 }
                 text
             }

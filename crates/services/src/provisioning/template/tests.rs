@@ -151,7 +151,10 @@ fn fleet_provisioning_sample() {
         template.declared_parameters().get("ModelType"),
         Some(&Some("basic".to_string()))
     );
-    assert_eq!(template.declared_parameters().get("SerialNumber"), Some(&None));
+    assert_eq!(
+        template.declared_parameters().get("SerialNumber"),
+        Some(&None)
+    );
     assert_eq!(template.source(), fleet_sample().to_string());
 }
 
@@ -253,7 +256,10 @@ fn system_parameters_need_no_declaration_but_must_be_given() {
 fn ref_defaults_and_supplied_values() {
     let template = parse(thing_named(json!({"Ref": "B"})));
     assert_eq!(thing_name(&template, &params(&[])).unwrap(), "b");
-    assert_eq!(thing_name(&template, &params(&[("B", "given")])).unwrap(), "given");
+    assert_eq!(
+        thing_name(&template, &params(&[("B", "given")])).unwrap(),
+        "given"
+    );
 }
 
 #[test]
@@ -267,7 +273,10 @@ fn missing_parameter_is_named_with_where_it_is_needed() {
         "parameter \"A\" is required by Resources.thing.Properties.ThingName but was not given"
     );
     assert_eq!(err.to_string(), err.0);
-    assert_eq!(thing_name(&template, &params(&[("A", "a")])).unwrap(), "a-b");
+    assert_eq!(
+        thing_name(&template, &params(&[("A", "a")])).unwrap(),
+        "a-b"
+    );
 }
 
 #[test]
@@ -275,13 +284,19 @@ fn join() {
     let template = parse(thing_named(
         json!({"Fn::Join": [":", ["x", {"Ref": "A"}, {"Fn::Join": ["", ["y", "z"]]}]]}),
     ));
-    assert_eq!(thing_name(&template, &params(&[("A", "1")])).unwrap(), "x:1:yz");
+    assert_eq!(
+        thing_name(&template, &params(&[("A", "1")])).unwrap(),
+        "x:1:yz"
+    );
 }
 
 #[test]
 fn sub_plain_form() {
     let template = parse(thing_named(json!({"Fn::Sub": "dev-${A}_${B}"})));
-    assert_eq!(thing_name(&template, &params(&[("A", "1")])).unwrap(), "dev-1_b");
+    assert_eq!(
+        thing_name(&template, &params(&[("A", "1")])).unwrap(),
+        "dev-1_b"
+    );
     assert_eq!(
         template.referenced_parameters(),
         BTreeSet::from(["A".to_string(), "B".to_string()])
@@ -312,9 +327,15 @@ fn split_and_select() {
     let template = parse(thing_named(
         json!({"Fn::Select": [1, {"Fn::Split": ["/", {"Ref": "A"}]}]}),
     ));
-    assert_eq!(thing_name(&template, &params(&[("A", "x/y/z")])).unwrap(), "y");
+    assert_eq!(
+        thing_name(&template, &params(&[("A", "x/y/z")])).unwrap(),
+        "y"
+    );
     let err = thing_name(&template, &params(&[("A", "x")])).unwrap_err();
-    assert!(err.0.starts_with("Resources.thing.Properties.ThingName: "), "{err}");
+    assert!(
+        err.0.starts_with("Resources.thing.Properties.ThingName: "),
+        "{err}"
+    );
     assert!(err.0.contains("out of range"), "{err}");
 
     // A numeric-string index, and one from a parameter.
@@ -343,8 +364,9 @@ fn split_gives_thing_groups() {
         .evaluate(&params(&[("Groups", "a,,b")]))
         .unwrap_err();
     assert!(
-        err.0
-            .starts_with("Resources.thing.Properties.ThingGroups: \"\" is not a valid thing group name"),
+        err.0.starts_with(
+            "Resources.thing.Properties.ThingGroups: \"\" is not a valid thing group name"
+        ),
         "{err}"
     );
 }
@@ -354,8 +376,14 @@ fn find_in_map() {
     let template = parse(thing_named(
         json!({"Fn::FindInMap": ["Regions", {"Ref": "A"}, "group"]}),
     ));
-    assert_eq!(thing_name(&template, &params(&[("A", "eu")])).unwrap(), "europe");
-    assert_eq!(thing_name(&template, &params(&[("A", "us")])).unwrap(), "americas");
+    assert_eq!(
+        thing_name(&template, &params(&[("A", "eu")])).unwrap(),
+        "europe"
+    );
+    assert_eq!(
+        thing_name(&template, &params(&[("A", "us")])).unwrap(),
+        "americas"
+    );
     let err = thing_name(&template, &params(&[("A", "asia")])).unwrap_err();
     assert_eq!(
         err.0,
@@ -368,8 +396,9 @@ fn invalid_thing_name_from_parameters_is_named() {
     let template = parse(thing_named(json!({"Ref": "A"})));
     let err = thing_name(&template, &params(&[("A", "bad/name")])).unwrap_err();
     assert!(
-        err.0
-            .starts_with("Resources.thing.Properties.ThingName: \"bad/name\" is not a valid thing name"),
+        err.0.starts_with(
+            "Resources.thing.Properties.ThingName: \"bad/name\" is not a valid thing name"
+        ),
         "{err}"
     );
     let long = "x".repeat(129);
@@ -406,8 +435,10 @@ fn certificate_status_and_override() {
         "ACTIVE or INACTIVE",
     );
     // Default: active, DO_NOTHING.
-    let cert = parse(json!({"Resources": {"cert": {"Type": "AWS::IoT::Certificate",
-        "Properties": {"CertificateId": "c2"}}}}))
+    let cert = parse(
+        json!({"Resources": {"cert": {"Type": "AWS::IoT::Certificate",
+        "Properties": {"CertificateId": "c2"}}}}),
+    )
     .evaluate(&p)
     .unwrap()
     .certificate
@@ -451,17 +482,22 @@ fn existing_policy_by_name() {
             ("AWS::IoT::Certificate::CommonName", "cn1"),
         ]))
         .unwrap_err();
-    assert!(err.0.starts_with("Resources.p1.Properties.PolicyName: "), "{err}");
+    assert!(
+        err.0.starts_with("Resources.p1.Properties.PolicyName: "),
+        "{err}"
+    );
 }
 
 #[test]
 fn policy_document_object_with_intrinsics() {
-    let template = parse(json!({"Resources": {"p": {"Type": "AWS::IoT::Policy", "Properties": {
-        "PolicyDocument": {"Version": "2012-10-17", "Statement": [{
-            "Effect": "Allow", "Action": "iot:Publish",
-            "Resource": {"Fn::Join": ["", ["topic/", {"Ref": "AWS::IoT::Certificate::CommonName"}]]}
-        }]}
-    }}}}));
+    let template = parse(
+        json!({"Resources": {"p": {"Type": "AWS::IoT::Policy", "Properties": {
+            "PolicyDocument": {"Version": "2012-10-17", "Statement": [{
+                "Effect": "Allow", "Action": "iot:Publish",
+                "Resource": {"Fn::Join": ["", ["topic/", {"Ref": "AWS::IoT::Certificate::CommonName"}]]}
+            }]}
+        }}}}),
+    );
     let plan = template
         .evaluate(&params(&[("AWS::IoT::Certificate::CommonName", "cn9")]))
         .unwrap();
@@ -482,8 +518,9 @@ fn policy_document_from_parameter_checked_at_evaluation() {
         .evaluate(&params(&[("Doc", "not json")]))
         .unwrap_err();
     assert!(
-        err.0
-            .starts_with("Resources.p.Properties.PolicyDocument: the policy document is not valid JSON"),
+        err.0.starts_with(
+            "Resources.p.Properties.PolicyDocument: the policy document is not valid JSON"
+        ),
         "{err}"
     );
     assert!(template.evaluate(&params(&[("Doc", "{}")])).is_ok());
@@ -511,7 +548,11 @@ fn device_configuration_flat_vs_nested() {
         "DeviceConfiguration.a",
         "arrays are not allowed",
     );
-    refused(base(json!({"a": 1})), "DeviceConfiguration.a", "expected a string");
+    refused(
+        base(json!({"a": 1})),
+        "DeviceConfiguration.a",
+        "expected a string",
+    );
     refused(base(json!("x")), "DeviceConfiguration", "flat object");
 }
 
@@ -549,7 +590,10 @@ fn refuses_bad_json_and_wrong_top_level() {
     let err = Template::parse("{\"Resources\": ").unwrap_err();
     assert!(err.0.starts_with("template: not valid JSON"), "{err}");
     let err = Template::parse("[]").unwrap_err();
-    assert!(err.0.starts_with("template: expected a JSON object"), "{err}");
+    assert!(
+        err.0.starts_with("template: expected a JSON object"),
+        "{err}"
+    );
     let mut v = fleet_sample();
     v["Outputs"] = json!({});
     refused(v, "Outputs", "unknown top-level key");
@@ -690,7 +734,11 @@ fn at_most_one_thing_and_certificate_and_ten_policies() {
 
 #[test]
 fn certificate_refusals() {
-    for prop in ["CertificateSigningRequest", "CertificatePem", "CACertificatePem"] {
+    for prop in [
+        "CertificateSigningRequest",
+        "CertificatePem",
+        "CACertificatePem",
+    ] {
         refused(
             json!({"Resources": {"c": {"Type": "AWS::IoT::Certificate", "Properties": {prop: "x"}}}}),
             &format!("Resources.c.Properties.{prop}"),
@@ -762,7 +810,11 @@ fn policy_refusals() {
         "Resources.p.Properties",
         "PolicyName and PolicyDocument together",
     );
-    refused(policy(json!({})), "Resources.p.Properties", "needs PolicyName");
+    refused(
+        policy(json!({})),
+        "Resources.p.Properties",
+        "needs PolicyName",
+    );
     refused(
         policy(json!({"PolicyDocument": "{not json"})),
         "Resources.p.Properties.PolicyDocument",
@@ -779,7 +831,9 @@ fn policy_refusals() {
         "expected a JSON string or a JSON object",
     );
     refused(
-        policy(json!({"PolicyDocument": {"Statement": [{"Resource": {"Fn::GetAtt": ["a", "b"]}}]}})),
+        policy(
+            json!({"PolicyDocument": {"Statement": [{"Resource": {"Fn::GetAtt": ["a", "b"]}}]}}),
+        ),
         "Resources.p.Properties.PolicyDocument.Statement[0].Resource",
         "unknown intrinsic function \"Fn::GetAtt\"",
     );
@@ -822,16 +876,8 @@ fn intrinsic_shape_errors_name_the_path() {
         at,
         "Fn::Join needs [separator, [values]]",
     );
-    refused(
-        thing_named(json!({"Fn::Sub": 1})),
-        at,
-        "Fn::Sub needs",
-    );
-    refused(
-        thing_named(json!({"Fn::Sub": "a${A"})),
-        at,
-        "without its",
-    );
+    refused(thing_named(json!({"Fn::Sub": 1})), at, "Fn::Sub needs");
+    refused(thing_named(json!({"Fn::Sub": "a${A"})), at, "without its");
     refused(thing_named(json!({"Fn::Sub": "a${}"})), at, "empty");
     refused(
         thing_named(json!({"Fn::Split": [",", "a,b"]})),
@@ -917,7 +963,10 @@ fn parameter_and_mapping_shapes() {
         "expected a string",
     );
     refused(
-        with(json!({"N": {"Type": "String", "AllowedValues": ["a"]}}), json!({})),
+        with(
+            json!({"N": {"Type": "String", "AllowedValues": ["a"]}}),
+            json!({}),
+        ),
         "Parameters.N.AllowedValues",
         "unknown key",
     );
@@ -931,7 +980,11 @@ fn parameter_and_mapping_shapes() {
         "Mappings.M.k",
         "expected an object",
     );
-    refused(with(json!({}), json!({"M": 1})), "Mappings.M", "expected an object");
+    refused(
+        with(json!({}), json!({"M": 1})),
+        "Mappings.M",
+        "expected an object",
+    );
     // Described parameters are fine.
     parse(with(
         json!({"N": {"Type": "String", "Description": "a name"}}),
