@@ -58,6 +58,8 @@ pub struct AdminState {
     pub shadows: Option<Arc<fleetcore_services::shadow::ShadowService>>,
     /// The Jobs service behind `/jobs` and `/things/{thing}/jobs`; `None` when disabled.
     pub jobs: Option<Arc<fleetcore_services::jobs::JobsService>>,
+    /// Fleet provisioning behind `/provisioning-templates`; `None` when disabled.
+    pub provisioning: Option<fleetcore_services::provisioning::ProvisioningService>,
 }
 
 pub(crate) type Shared = Arc<AdminState>;
@@ -183,6 +185,7 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
     let mut routes = crate::shadow::routes();
     routes.extend(crate::groups::routes());
     routes.extend(crate::jobs::routes());
+    routes.extend(crate::provisioning::routes());
     routes.extend([
         ("/things", post(create_thing).get(list_things)),
         (
@@ -359,11 +362,11 @@ fn to_json<T: Serialize>(v: &T) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
-fn created(v: Value) -> Response {
+pub(crate) fn created(v: Value) -> Response {
     (StatusCode::CREATED, Json(v)).into_response()
 }
 
-fn no_content() -> Response {
+pub(crate) fn no_content() -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
@@ -501,7 +504,7 @@ fn new_cert(info: &CertInfo, pem: &str) -> NewCert {
 
 /// Registers a certificate, then (with `thing`) creates the thing if missing and
 /// attaches it, then attaches `policies`.
-async fn register_and_attach(
+pub(crate) async fn register_and_attach(
     st: &AdminState,
     info: &CertInfo,
     pem: &str,
@@ -563,7 +566,7 @@ fn csr_common_name(csr_pem: &str) -> ApiResult<Option<String>> {
 /// A device certificate may never carry the CN that opens the admin API over
 /// TLS (`[admin] client_cert_cn`, by default "fleetcore-admin"), or one could be
 /// issued that is an admin credential.
-fn refuse_admin_cn(st: &AdminState, cn: &str) -> ApiResult<()> {
+pub(crate) fn refuse_admin_cn(st: &AdminState, cn: &str) -> ApiResult<()> {
     let reserved = st.client_cert_cn.as_deref().unwrap_or("fleetcore-admin");
     if cn == reserved || cn == "fleetcore-admin" {
         return Err(ApiError::invalid(format!(
@@ -1173,6 +1176,7 @@ mod tests {
         AdminState {
             shadows: None,
             jobs: None,
+            provisioning: None,
             hub,
             ca: Arc::new(ca),
             token: "secret".into(),

@@ -25,6 +25,7 @@ pub mod api;
 pub mod groups;
 pub mod jobs;
 pub mod openapi;
+pub mod provisioning;
 pub mod retained;
 pub mod shadow;
 pub mod tls;

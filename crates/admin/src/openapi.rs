@@ -303,7 +303,11 @@ pub fn spec() -> Value {
     });
 
     let (mut paths, mut schemas) = (paths, schemas);
-    for more in [crate::shadow::openapi_paths(), crate::jobs::openapi_paths()] {
+    for more in [
+        crate::shadow::openapi_paths(),
+        crate::jobs::openapi_paths(),
+        crate::provisioning::openapi_paths(),
+    ] {
         if let (Some(p), Value::Object(more)) = (paths.as_object_mut(), more) {
             p.extend(more);
         }

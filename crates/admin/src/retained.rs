@@ -201,6 +201,7 @@ mod tests {
             metrics: None,
             shadows: None,
             jobs: None,
+            provisioning: None,
         };
         (crate::api::router(state), hub)
     }

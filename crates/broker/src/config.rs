@@ -27,6 +27,36 @@ pub struct Config {
     pub events: EventsConfig,
     pub shadow: ShadowConfig,
     pub jobs: JobsConfig,
+    pub provisioning: ProvisioningConfig,
+}
+
+/// Fleet provisioning (`$aws/certificates/...`, `$aws/provisioning-templates/...`) and
+/// just-in-time provisioning for registered CAs with a JITP template.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisioningConfig {
+    /// Serve provisioning (on by default; without templates nothing can be registered).
+    pub enabled: bool,
+    /// Validity of the certificates it issues, in days.
+    pub certificate_days: u32,
+    /// Requests worked on at once; more are answered 429.
+    pub max_in_flight: usize,
+    /// Lifetime of an ownership token; an unregistered certificate is deleted after it.
+    pub token_ttl_secs: u64,
+    /// How long a pre-provisioning hook may take; no answer in time denies.
+    pub hook_timeout_ms: u64,
+}
+
+impl Default for ProvisioningConfig {
+    fn default() -> Self {
+        ProvisioningConfig {
+            enabled: true,
+            certificate_days: 365,
+            max_in_flight: 256,
+            token_ttl_secs: 3600,
+            hook_timeout_ms: 5000,
+        }
+    }
 }
 
 /// The Jobs service (`$aws/things/{thing}/jobs/...` and the admin API's `/jobs`).
@@ -103,6 +133,7 @@ impl Default for Config {
             events: EventsConfig::default(),
             shadow: ShadowConfig::default(),
             jobs: JobsConfig::default(),
+            provisioning: ProvisioningConfig::default(),
         }
     }
 }
@@ -135,6 +166,19 @@ impl Config {
             return Err(
                 "shadow.max_thing_name and shadow.max_shadow_name must be between 1 and 256".into(),
             );
+        }
+        let pv = &self.provisioning;
+        if !(1..=3650).contains(&pv.certificate_days) {
+            return Err("provisioning.certificate_days must be between 1 and 3650".into());
+        }
+        if pv.max_in_flight == 0 {
+            return Err("provisioning.max_in_flight must be at least 1".into());
+        }
+        if !(1..=86400).contains(&pv.token_ttl_secs) {
+            return Err("provisioning.token_ttl_secs must be between 1 and 86400".into());
+        }
+        if !(100..=30000).contains(&pv.hook_timeout_ms) {
+            return Err("provisioning.hook_timeout_ms must be between 100 and 30000".into());
         }
         let l = &self.limits;
         if l.max_packet_size < 64 {

@@ -86,6 +86,17 @@ impl Server {
         config: Config,
         services: Vec<Arc<dyn fleetcore_core::service::TopicService>>,
     ) -> Result<Server, StartError> {
+        Server::start_with_setup(config, services, |_| {}).await
+    }
+
+    /// As [`Server::start_with_services`], calling `setup` with the hub once it is
+    /// built and before any listener accepts (to hand services the registry, or
+    /// install a just-in-time provisioner).
+    pub async fn start_with_setup(
+        config: Config,
+        services: Vec<Arc<dyn fleetcore_core::service::TopicService>>,
+        setup: impl FnOnce(&Arc<Hub>) + Send,
+    ) -> Result<Server, StartError> {
         let topic_limits = fleetcore_core::topic::TopicLimits {
             max_len: config.limits.max_topic_len,
             max_levels: config.limits.max_topic_levels,
@@ -186,6 +197,7 @@ impl Server {
             tracing::info!(services = ?services.names(), "device services installed");
         }
         let hub = Hub::new(config, store, loaded, services);
+        setup(&hub);
         for l in &bound {
             if let (Some(src), true) = (&l.tls, l.config.uses_registry()) {
                 hub.tls_sources.lock().push(src.clone());

@@ -14,6 +14,7 @@ use fleetcore_admin::api::AdminState;
 use fleetcore_broker::config::{AdminConfig, Config, ListenerKind, LogFormat};
 use fleetcore_broker::Server;
 use fleetcore_identity::ca::{Ca, CaFiles};
+use fleetcore_services::provisioning::{Config as ProvisioningConfig, ProvisioningService};
 use fleetcore_services::shadow::document::Limits as ShadowLimits;
 use fleetcore_services::shadow::ShadowService;
 
@@ -221,7 +222,34 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
         if let Some(j) = &jobs {
             services.push(j.clone());
         }
-        let server = match Server::start_with_services(config, services).await {
+        let provisioning = config.provisioning.enabled.then(|| {
+            let c = &config.provisioning;
+            let mut reserved_cns = vec!["fleetcore-admin".to_owned()];
+            if !reserved_cns.contains(&config.admin.client_cert_cn) {
+                reserved_cns.push(config.admin.client_cert_cn.clone());
+            }
+            ProvisioningService::new(
+                ProvisioningConfig {
+                    certificate_days: c.certificate_days,
+                    max_in_flight: c.max_in_flight,
+                    token_ttl: Duration::from_secs(c.token_ttl_secs),
+                    hook_timeout: Duration::from_millis(c.hook_timeout_ms),
+                    reserved_cns,
+                },
+                ca.clone(),
+            )
+        });
+        if let Some(p) = &provisioning {
+            services.push(Arc::new(p.clone()));
+        }
+        let setup_provisioning = provisioning.clone();
+        let setup = move |hub: &Arc<fleetcore_broker::engine::hub::Hub>| {
+            if let Some(p) = setup_provisioning {
+                p.bind_registry(hub.registry.clone());
+                let _ = hub.jit.set(Arc::new(p));
+            }
+        };
+        let server = match Server::start_with_setup(config, services, setup).await {
             Ok(server) => server,
             Err(e) => {
                 if pki_created {
@@ -235,7 +263,7 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
         }
         let admin_task = if admin.enabled {
             let hub = server.hub().clone();
-            match start_admin(&admin, &token_path, &pki_files, hub, ca, metrics, DeviceServices { shadows, jobs }).await {
+            match start_admin(&admin, &token_path, &pki_files, hub, ca, metrics, DeviceServices { shadows, jobs, provisioning }).await {
                 Ok(task) => Some(task),
                 Err(e) => {
                     let _ = server.shutdown(Duration::from_secs(2)).await;
@@ -387,6 +415,7 @@ fn follow_group_changes(
 struct DeviceServices {
     shadows: Option<Arc<ShadowService>>,
     jobs: Option<Arc<fleetcore_services::jobs::JobsService>>,
+    provisioning: Option<ProvisioningService>,
 }
 
 async fn start_admin(
@@ -432,6 +461,7 @@ async fn start_admin(
         metrics: Some(metrics),
         shadows: services.shadows,
         jobs: services.jobs,
+        provisioning: services.provisioning,
     };
     let url = match tls {
         Some(_) => format!("https://{addr}"),

@@ -148,6 +148,9 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_else(|| path.display().to_string())
 }
 
+/// The CN of certificates made by fleet provisioning before their thing is known.
+pub const PROVISIONED_CN: &str = "fleetcore provisioned device";
+
 /// The CA that signs device certificates, loaded from its PEM files.
 pub struct Ca {
     cert_pem: String,
@@ -361,6 +364,23 @@ impl Ca {
         days: u32,
     ) -> Result<IssuedCert, CaError> {
         check_thing_name(thing_name)?;
+        self.sign_csr_named(csr_pem, Some(thing_name), days)
+    }
+
+    /// Signs a device CSR as fleet provisioning does (CreateCertificateFromCsr): the
+    /// thing is not known yet, so the subject keeps the CSR's CN, which must follow the
+    /// thing-name rules (a CSR without a CN gets [`PROVISIONED_CN`]), and its O and OU.
+    /// Otherwise as [`Ca::sign_csr`].
+    pub fn sign_csr_as_requested(&self, csr_pem: &str, days: u32) -> Result<IssuedCert, CaError> {
+        self.sign_csr_named(csr_pem, None, days)
+    }
+
+    fn sign_csr_named(
+        &self,
+        csr_pem: &str,
+        thing_name: Option<&str>,
+        days: u32,
+    ) -> Result<IssuedCert, CaError> {
         let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
             .map_err(|e| CaError::BadCsr(format!("no PEM certificate request: {e}")))?;
         let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
@@ -413,7 +433,17 @@ impl Ca {
         if let Some(ou) = single_attribute(info.subject.iter_organizational_unit(), "OU")? {
             subject.push(DnType::OrganizationalUnitName, ou);
         }
-        subject.push(DnType::CommonName, thing_name);
+        let cn = match thing_name {
+            Some(name) => name.to_owned(),
+            None => match single_attribute(info.subject.iter_common_name(), "CN")? {
+                Some(cn) => {
+                    check_thing_name(&cn)?;
+                    cn
+                }
+                None => PROVISIONED_CN.to_owned(),
+            },
+        };
+        subject.push(DnType::CommonName, cn);
         let params = self.leaf_params(subject, days, ExtendedKeyUsagePurpose::ClientAuth)?;
         let cert = params
             .signed_by(&public_key, &self.issuer)
@@ -430,6 +460,22 @@ impl Ca {
         days: u32,
     ) -> Result<(IssuedCert, String), CaError> {
         check_thing_name(thing_name)?;
+        self.create_keys_with_cn(thing_name, days)
+    }
+
+    /// As [`Ca::create_keys_and_certificate`] for fleet provisioning
+    /// (CreateKeysAndCertificate), where the thing is not known yet: the CN is
+    /// [`PROVISIONED_CN`] (IoT Core writes "AWS IoT Certificate"), and the thing is
+    /// bound through the client id and the attachment made at RegisterThing.
+    pub fn create_provisioning_keys(&self, days: u32) -> Result<(IssuedCert, String), CaError> {
+        self.create_keys_with_cn(PROVISIONED_CN, days)
+    }
+
+    fn create_keys_with_cn(
+        &self,
+        thing_name: &str,
+        days: u32,
+    ) -> Result<(IssuedCert, String), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
         let mut subject = DistinguishedName::new();
         subject.push(DnType::CommonName, thing_name);
@@ -593,6 +639,18 @@ impl Ca {
     }
 }
 
+/// A DER certificate as PEM (64-column base64 lines).
+pub fn certificate_pem(der: &[u8]) -> String {
+    let b64 = fleetcore_core::encoding::b64_encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line).unwrap_or_default());
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
 /// Reads the facts of a certificate given as PEM; exactly one certificate is expected.
 pub fn inspect_pem(pem: &str) -> Result<CertInfo, CaError> {
     inspect_der(single_certificate(pem)?)
@@ -634,7 +692,8 @@ fn issued(pem: String, der: Vec<u8>) -> Result<IssuedCert, CaError> {
     })
 }
 
-fn inspect_der(der: Vec<u8>) -> Result<CertInfo, CaError> {
+/// Reads the facts of a certificate given as DER.
+pub fn inspect_der(der: Vec<u8>) -> Result<CertInfo, CaError> {
     let cert = parse_certificate(&der)?;
     let validity = cert.validity();
     let not_before = to_system(validity.not_before.to_datetime())?;

@@ -9,11 +9,13 @@
 //! - [`token`]: signed device tokens (MQTT password), their keys and lifetimes.
 //! - [`ca`]: the certificate authority: the CA and server certificate, signing device
 //!   CSRs, creating keys and certificates, CRLs, reading certificates made elsewhere.
+//! - [`jit`]: the seam just-in-time provisioning plugs into at CONNECT.
 //! - [`names`]: the thing-name rule shared by the registry and the CA.
 #![forbid(unsafe_code)]
 
 pub mod authz;
 pub mod ca;
+pub mod jit;
 pub mod names;
 pub mod registry;
 pub mod token;

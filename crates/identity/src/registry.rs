@@ -43,6 +43,8 @@ const THING_ATTACHMENT: &str = "thing-attachment";
 const TOKEN_KEY: &str = "token-key";
 
 pub mod groups;
+pub mod provision;
+pub use provision::{OnExisting, Provision, ProvisionPolicy, ProvisionThing, Provisioned};
 
 /// A named device (or any principal) with a type and string attributes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,7 +140,7 @@ pub struct CaRecord {
 }
 
 /// Facts about a certificate to register (read from its PEM by the caller).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewCert {
     pub id: String,
     pub pem: String,
@@ -537,32 +539,7 @@ impl Registry {
     // ----- certificates ------------------------------------------------
 
     pub async fn register_certificate(&self, c: NewCert, state: CertState) -> Result<CertRecord> {
-        let _w = self.write.lock().await;
-        if self.state.read().certs.contains_key(&c.id) {
-            return Err(RegistryError::Conflict(format!(
-                "certificate {} is already registered",
-                c.id
-            )));
-        }
-        let now = now_ms();
-        let rec = CertRecord {
-            id: c.id.clone(),
-            pem: c.pem,
-            subject: c.subject,
-            subject_cn: c.subject_cn,
-            issuer: c.issuer,
-            serial: c.serial,
-            not_after_ms: c.not_after_ms,
-            state,
-            created_ms: now,
-            updated_ms: now,
-            revoked_ms: (state == CertState::Revoked).then_some(now),
-        };
-        self.apply(vec![put(CERT, &rec.id, &rec)], |st| {
-            st.certs.insert(rec.id.clone(), rec.clone());
-        })
-        .await?;
-        Ok(rec)
+        self.register_certificate_with(c, state, Vec::new()).await
     }
 
     /// Changes a certificate's state. Leaving ACTIVE is told as
@@ -1130,10 +1107,18 @@ fn resolve_in(
         cert_serial: Some(cert.serial.clone()),
         ..Vars::default()
     };
-    if let Some(thing_name) = cert.subject_cn.as_deref() {
-        let attached = attached_things.is_some_and(|s| s.contains(thing_name));
-        vars.thing_attached = Some(attached);
-        if attached && client_id == thing_name {
+    // IoT Core binds the thing variables to the thing named by the client id when it
+    // is attached to the certificate. The CN still sets `IsAttached` when it names an
+    // attached thing (certificates this CA issued carry the thing name as CN; those
+    // made by fleet provisioning do not).
+    let attached = |name: &str| attached_things.is_some_and(|s| s.contains(name));
+    let cn_attached = cert.subject_cn.as_deref().map(attached);
+    if cn_attached.is_some() || attached(client_id) {
+        vars.thing_attached = Some(cn_attached.unwrap_or(false) || attached(client_id));
+    }
+    {
+        let thing_name = client_id;
+        if attached(thing_name) {
             if let Some(thing) = st.things.get(thing_name) {
                 vars.thing_name = Some(thing.name.clone());
                 vars.thing_type = thing.thing_type.clone();

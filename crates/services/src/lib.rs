@@ -29,11 +29,11 @@ pub mod jobs;
 pub mod provisioning;
 pub mod shadow;
 
-/// Publishes `body` as a QoS 1, non-retained JSON message from the broker.
-pub(crate) fn publish_json(out: &dyn Publisher, topic: &str, body: &Value) -> usize {
+/// `body` as a QoS 1, non-retained JSON message from the broker to `topic`.
+pub(crate) fn json_message(topic: &str, body: &Value) -> Option<Message> {
     let Ok(topic) = TopicName::try_from(topic) else {
         tracing::warn!(topic, "answer topic is not a valid topic name");
-        return 0;
+        return None;
     };
     let properties = PublishProperties {
         payload_is_utf8: Some(true),
@@ -41,7 +41,7 @@ pub(crate) fn publish_json(out: &dyn Publisher, topic: &str, body: &Value) -> us
         ..PublishProperties::default()
     };
     let payload = Bytes::from(body.to_string());
-    out.publish(Message::from_publish(
+    Some(Message::from_publish(
         topic,
         payload,
         QoS::Level1,
@@ -49,4 +49,15 @@ pub(crate) fn publish_json(out: &dyn Publisher, topic: &str, body: &Value) -> us
         properties,
         0,
     ))
+}
+
+/// Publishes `body` as a QoS 1, non-retained JSON message from the broker.
+pub(crate) fn publish_json(out: &dyn Publisher, topic: &str, body: &Value) -> usize {
+    json_message(topic, body).map_or(0, |m| out.publish(m))
+}
+
+/// Sends `body` as a QoS 1 JSON message to client `client_id` only
+/// ([`Publisher::send_to`]); whether it was queued for it.
+pub(crate) fn send_json(out: &dyn Publisher, client_id: &str, topic: &str, body: &Value) -> bool {
+    json_message(topic, body).is_some_and(|m| out.send_to(client_id, m))
 }

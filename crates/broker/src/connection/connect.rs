@@ -279,7 +279,25 @@ pub(super) async fn negotiate<S: AsyncWrite + Unpin>(
 ) -> Option<Setup> {
     let limits = &hub.config.limits;
     let refuse = |code: ConnectReasonCode, why: String| (code, why);
+    // Just-in-time provisioning: an unknown certificate of a registered CA with a
+    // template is provisioned before it is resolved, and this connection proceeds.
+    let mut jit_refusal = None;
+    if let (Some(der), Some(jit), Some(cert)) =
+        (&peer.unregistered_cert_der, hub.jit.get(), &peer.cert)
+    {
+        if hub.registry.certificate_state(&cert.fingerprint).is_none() {
+            if let Err(why) = jit.provision(der, &c.client_id).await {
+                jit_refusal = Some(refuse(
+                    ConnectReasonCode::NotAuthorized,
+                    format!("just-in-time provisioning failed: {why}"),
+                ));
+            }
+        }
+    }
     let result: Result<Setup, (ConnectReasonCode, String)> = (|| {
+        if let Some(r) = jit_refusal {
+            return Err(r);
+        }
         // A device token as the password, where the listener takes tokens and the
         // client came without a certificate (a certificate, when presented, decides).
         let token = match (&peer.cert, &c.password) {

@@ -313,13 +313,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
 
     /// Who this connection is, for the services: the client id, the certificate id
     /// (the registered one a token stands for, with tokens), and the thing: the token's,
-    /// or the certificate's CN when the client id is that name (IoT Core's
-    /// `iot:Connection.Thing.ThingName`, which the registry checked at CONNECT).
+    /// or the client id when the certificate's CN is that name or that thing is
+    /// attached to the certificate (IoT Core's `iot:Connection.Thing.ThingName`).
     pub(super) fn requester(&self) -> Requester {
         let client_id = self.session.client_id.clone();
         let thing = match (&self.token, &self.cert) {
             (Some(t), _) => Some(Arc::from(t.thing.as_str())),
-            (None, Some(c)) if c.subject_cn.as_deref() == Some(&*client_id) => {
+            (None, Some(c))
+                if c.subject_cn.as_deref() == Some(&*client_id)
+                    || self.hub.registry.is_attached(&c.fingerprint, &client_id) =>
+            {
                 Some(client_id.clone())
             }
             _ => None,

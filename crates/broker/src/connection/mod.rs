@@ -82,6 +82,10 @@ pub struct PeerInfo {
     /// verified no certificate this time; `cert` is the one the session was
     /// authenticated with, re-checked at CONNECT.
     pub tls_resumed: Option<crate::transport::tls::tickets::Resumed>,
+    /// The client certificate's DER, kept only when the registry did not know it at
+    /// the handshake and a just-in-time provisioner is installed (see
+    /// [`fleetcore_identity::jit`]).
+    pub unregistered_cert_der: Option<Box<[u8]>>,
 }
 
 /// Why a connection ended.
@@ -539,6 +543,7 @@ mod tests {
             uses_registry: false,
             tokens: false,
             tls_resumed: None,
+            unregistered_cert_der: None,
         });
         let start = Instant::now();
         let served = tokio::spawn(serve(hub, server, peer, start + Duration::from_secs(10)));

@@ -90,7 +90,9 @@ pub struct Hub {
     index: Mutex<SessionIndex>,
     pub store: Store,
     /// Things, certificates, policies and their attachments.
-    pub registry: fleetcore_identity::registry::Registry,
+    pub registry: Arc<fleetcore_identity::registry::Registry>,
+    /// Who provisions unknown certificates of registered CAs at their first CONNECT.
+    pub jit: std::sync::OnceLock<Arc<dyn fleetcore_identity::jit::JustInTime>>,
     next_id: AtomicU64,
     shared_rr: AtomicUsize,
     /// Connections currently open (all listeners).
@@ -134,15 +136,16 @@ impl Hub {
             max_levels: config.limits.max_topic_levels,
         };
         let (shutdown_tx, _) = watch::channel(false);
-        let registry = fleetcore_identity::registry::Registry::new(
+        let registry = Arc::new(fleetcore_identity::registry::Registry::new(
             Arc::new(store.clone()),
             &loaded.records,
             config.tokens.clone(),
-        );
+        ));
         let hub = Arc::new(Hub {
             services,
             certs: CertIndex::default(),
             registry,
+            jit: std::sync::OnceLock::new(),
             config,
             topic_limits,
             router: {

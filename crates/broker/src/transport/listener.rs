@@ -138,6 +138,7 @@ pub async fn run(hub: Arc<Hub>, listener: Listener) {
             uses_registry: listener.config.uses_registry(),
             tokens: listener.config.tokens_enabled(),
             tls_resumed: None,
+            unregistered_cert_der: None,
         });
         let hub = hub.clone();
         let tls = listener.tls.clone();
@@ -343,10 +344,16 @@ async fn serve_tls(
     // this (connection-long) future even after it is moved out.
     let (stream, alpn) = {
         let s = stream;
-        peer.cert = s
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .and_then(|der| ClientCert::from_der(der));
+        let leaf = s.peer_certificates().and_then(|chain| chain.first());
+        peer.cert = leaf.and_then(|der| ClientCert::from_der(der));
+        if let (Some(der), Some(cert)) = (leaf, &peer.cert) {
+            if peer.uses_registry
+                && hub.jit.get().is_some()
+                && hub.registry.certificate_state(&cert.fingerprint).is_none()
+            {
+                peer.unregistered_cert_der = Some(der.as_ref().into());
+            }
+        }
         peer.tls_resumed = crate::transport::tls::tickets::resumed(s.connection());
         let alpn = s.alpn_protocol().map(|p| p.to_vec());
         (s, alpn)

@@ -1344,7 +1344,7 @@ pub fn tls_client_script(broker: &TestBroker, script: &str, cert: &ClientCert) -
             &broker.tls_port().to_string(),
         ])
         .arg("--ca")
-        .arg(&broker.pki().ca_cert)
+        .arg(broker.ca_file())
         .arg("--cert")
         .arg(&cert.cert)
         .arg("--key")

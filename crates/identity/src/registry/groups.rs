@@ -66,7 +66,7 @@ pub struct GroupInfo {
 }
 
 /// The groups, their hierarchy and memberships (part of the registry's state).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(super) struct Groups {
     groups: BTreeMap<String, ThingGroup>,
     /// group -> its direct child groups (derived from the parents).

@@ -33,19 +33,16 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fleetcore_core::message::Message;
 use fleetcore_core::service::{
     Handled, Publisher, RefuseCode, ServiceContext, ServiceRequest, TopicService,
 };
 use fleetcore_core::storage::{Commit, RecordOp, RecordStore, StoreError};
 use fleetcore_core::time::now_secs;
-use mqtt_proto::v5::PublishProperties;
-use mqtt_proto::{QoS, TopicName};
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
-use crate::publish_json;
+use crate::{publish_json, send_json};
 use machine::{Execution, JobsError, Status};
 use store::{AbortCriteria, FailureType, Job, JobStatus, RetryCriteria};
 
@@ -1149,23 +1146,9 @@ impl Inner {
     }
 
     fn send_to(&self, client_id: &str, topic: &str, body: &Value) {
-        let (Some(p), Ok(name)) = (self.publisher.get(), TopicName::try_from(topic)) else {
-            return;
-        };
-        let properties = PublishProperties {
-            payload_is_utf8: Some(true),
-            content_type: Some(Arc::from("application/json")),
-            ..PublishProperties::default()
-        };
-        let msg = Message::from_publish(
-            name,
-            Bytes::from(body.to_string()),
-            QoS::Level1,
-            false,
-            properties,
-            0,
-        );
-        p.send_to(client_id, msg);
+        if let Some(p) = self.publisher.get() {
+            send_json(p.as_ref(), client_id, topic, body);
+        }
     }
 
     /// `$aws/events/job/{jobId}/{completed,canceled,deleted}` for backends.

@@ -1,8 +1,11 @@
 //! The service with the real store and a publisher that keeps what was sent.
 
 use super::*;
+use fleetcore_core::message::Message;
 use fleetcore_core::service::Requester;
 use fleetcore_store::{Store, StoreOptions};
+use mqtt_proto::v5::PublishProperties;
+use mqtt_proto::{QoS, TopicName};
 
 #[derive(Default)]
 struct Sent(Mutex<Vec<(Option<String>, String, Value)>>);

@@ -1,0 +1,421 @@
+//! Provisioning's registry side: a certificate registered together with the records
+//! of whoever issued it, and one atomic step that gives a PENDING_ACTIVATION
+//! certificate its thing, groups and policies and activates it (IoT Core's
+//! RegisterThing). What a template asks for is decided by the caller; this module
+//! checks it against the registry and applies all of it in one commit, or nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use fleetcore_core::storage::RecordOp;
+use fleetcore_core::time::now_ms;
+
+use super::groups::Groups;
+use super::{
+    compile, del, not_found, put, valid_attributes, valid_policy_name, valid_thing_name,
+    CertRecord, CertState, NewCert, PolicyRecord, PolicyVersion, Registry, RegistryError,
+    RegistryEvent, Result, Thing, CERT, POLICY, POLICY_ATTACHMENT, THING, THING_ATTACHMENT,
+};
+
+/// What to do with a property of a thing that exists already (IoT Core's
+/// `OverrideSettings`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExisting {
+    /// Keep the existing value (`DO_NOTHING`).
+    Keep,
+    /// Replace it (`REPLACE`).
+    Replace,
+    /// Add to it: attributes merged, groups joined (`MERGE`).
+    Merge,
+    /// Refuse the whole provisioning if it differs (`FAIL`).
+    Fail,
+}
+
+/// The thing a provisioning names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisionThing {
+    pub name: String,
+    pub thing_type: Option<String>,
+    pub attributes: BTreeMap<String, String>,
+    /// Static groups to be a member of; each must exist.
+    pub groups: Vec<String>,
+    pub on_existing_attributes: OnExisting,
+    pub on_existing_type: OnExisting,
+    pub on_existing_groups: OnExisting,
+}
+
+/// A policy to attach to the certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProvisionPolicy {
+    /// An existing policy, by name.
+    Existing(String),
+    /// A policy made from `document` unless one of that name exists (the name is the
+    /// document's hash, so an existing one holds the same document).
+    Document { name: String, document: String },
+}
+
+/// One RegisterThing: the certificate (which must be PENDING_ACTIVATION) becomes
+/// ACTIVE (or INACTIVE), attached to the thing and the policies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provision {
+    pub cert_id: String,
+    /// Registers this certificate (id `cert_id`, which must be unknown) in the same
+    /// commit, as just-in-time provisioning does; `None`: it is registered already.
+    pub register: Option<NewCert>,
+    pub activate: bool,
+    pub thing: Option<ProvisionThing>,
+    pub policies: Vec<ProvisionPolicy>,
+    /// The caller's own records, written in the same commit (e.g. the ownership
+    /// token's pending record, deleted).
+    pub extra: Vec<RecordOp>,
+}
+
+/// What a provisioning did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provisioned {
+    pub thing: Option<String>,
+    pub thing_created: bool,
+    pub policies_created: Vec<String>,
+    pub state: CertState,
+}
+
+impl Registry {
+    /// As [`Registry::register_certificate`], writing `extra` records in the same
+    /// commit (a provisioning service's record of the certificate's deadline).
+    pub async fn register_certificate_with(
+        &self,
+        c: NewCert,
+        state: CertState,
+        extra: Vec<RecordOp>,
+    ) -> Result<CertRecord> {
+        let _w = self.write.lock().await;
+        if self.state.read().certs.contains_key(&c.id) {
+            return Err(RegistryError::Conflict(format!(
+                "certificate {} is already registered",
+                c.id
+            )));
+        }
+        let rec = cert_record(c, state, now_ms());
+        let mut ops = vec![put(CERT, &rec.id, &rec)];
+        ops.extend(extra);
+        self.apply(ops, |st| {
+            st.certs.insert(rec.id.clone(), rec.clone());
+        })
+        .await?;
+        Ok(rec)
+    }
+
+    /// Deletes certificate `id` if it is still PENDING_ACTIVATION with nothing
+    /// attached, writing `extra` in the same commit; `extra` alone is written when the
+    /// certificate is gone or was provisioned meanwhile. Returns whether it was deleted.
+    pub async fn delete_unclaimed_certificate(
+        &self,
+        id: &str,
+        extra: Vec<RecordOp>,
+    ) -> Result<bool> {
+        let _w = self.write.lock().await;
+        let unclaimed = {
+            let st = self.state.read();
+            st.certs
+                .get(id)
+                .is_some_and(|c| c.state == CertState::PendingActivation)
+                && st.cert_policies.get(id).is_none_or(|s| s.is_empty())
+                && st.cert_things.get(id).is_none_or(|s| s.is_empty())
+        };
+        let mut ops = extra;
+        if unclaimed {
+            ops.push(del(CERT, id));
+        }
+        if ops.is_empty() {
+            return Ok(false);
+        }
+        self.apply(ops, |st| {
+            if unclaimed {
+                st.certs.remove(id);
+            }
+        })
+        .await?;
+        Ok(unclaimed)
+    }
+
+    /// Whether `thing` is attached to certificate `cert_id`.
+    pub fn is_attached(&self, cert_id: &str, thing: &str) -> bool {
+        self.state
+            .read()
+            .cert_things
+            .get(cert_id)
+            .is_some_and(|t| t.contains(thing))
+    }
+
+    /// Applies one provisioning in a single commit: creates or updates the thing, its
+    /// group memberships and the policies, attaches thing and policies to the
+    /// certificate and moves it out of PENDING_ACTIVATION. Refused as a whole, with
+    /// nothing written, when the certificate is not PENDING_ACTIVATION, a named
+    /// policy or group does not exist, a limit would be broken, or an `OnExisting::Fail`
+    /// property differs ([`RegistryError::Conflict`]).
+    pub async fn provision(&self, p: Provision) -> Result<Provisioned> {
+        let _w = self.write.lock().await;
+        let now = now_ms();
+        let mut ops = Vec::new();
+        let mut new_policies: Vec<(PolicyRecord, std::sync::Arc<fleetcore_policy::Policy>)> =
+            Vec::new();
+        let mut policy_names = BTreeSet::new();
+        let mut thing_out: Option<Thing> = None;
+        let mut thing_created = false;
+        let mut joined: Vec<String> = Vec::new();
+        let mut left: Vec<String> = Vec::new();
+        let mut groups_after: Option<Groups> = None;
+        let mut cert = {
+            let st = self.state.read();
+            let cert = match &p.register {
+                Some(c) => {
+                    if c.id != p.cert_id || st.certs.contains_key(&c.id) {
+                        return Err(RegistryError::Conflict(format!(
+                            "certificate {} is already registered",
+                            c.id
+                        )));
+                    }
+                    cert_record(c.clone(), CertState::PendingActivation, now)
+                }
+                None => st
+                    .certs
+                    .get(&p.cert_id)
+                    .cloned()
+                    .ok_or_else(|| not_found("certificate", &p.cert_id))?,
+            };
+            if cert.state != CertState::PendingActivation {
+                return Err(RegistryError::Conflict(format!(
+                    "certificate {} is {}; only a PENDING_ACTIVATION certificate can be provisioned",
+                    cert.id, cert.state
+                )));
+            }
+            for pol in &p.policies {
+                match pol {
+                    ProvisionPolicy::Existing(name) => {
+                        if !st.policies.contains_key(name) {
+                            return Err(not_found("policy", name));
+                        }
+                        policy_names.insert(name.clone());
+                    }
+                    ProvisionPolicy::Document { name, document } => {
+                        valid_policy_name(name)?;
+                        if !st.policies.contains_key(name)
+                            && !new_policies.iter().any(|(r, _)| &r.name == name)
+                        {
+                            let compiled = compile(name, document)?;
+                            let rec = PolicyRecord {
+                                name: name.clone(),
+                                versions: BTreeMap::from([(
+                                    1,
+                                    PolicyVersion {
+                                        document: document.clone(),
+                                        created_ms: now,
+                                    },
+                                )]),
+                                default_version: 1,
+                                created_ms: now,
+                            };
+                            ops.push(put(POLICY, name, &rec));
+                            new_policies.push((rec, compiled));
+                        }
+                        policy_names.insert(name.clone());
+                    }
+                }
+            }
+            if let Some(t) = &p.thing {
+                valid_thing_name(&t.name)?;
+                let existing = st.things.get(&t.name);
+                let thing = match existing {
+                    None => {
+                        thing_created = true;
+                        Thing {
+                            name: t.name.clone(),
+                            thing_type: t.thing_type.clone(),
+                            attributes: t.attributes.clone(),
+                            version: 1,
+                            created_ms: now,
+                        }
+                    }
+                    Some(old) => {
+                        let mut thing = old.clone();
+                        thing.attributes = resolve_map(
+                            &old.attributes,
+                            &t.attributes,
+                            t.on_existing_attributes,
+                            &t.name,
+                        )?;
+                        if t.thing_type != old.thing_type && t.thing_type.is_some() {
+                            match t.on_existing_type {
+                                OnExisting::Keep => {}
+                                OnExisting::Replace | OnExisting::Merge => {
+                                    thing.thing_type = t.thing_type.clone()
+                                }
+                                OnExisting::Fail => {
+                                    return Err(conflict(&t.name, "ThingTypeName"));
+                                }
+                            }
+                        }
+                        if thing != *old {
+                            thing.version += 1;
+                        }
+                        thing
+                    }
+                };
+                valid_attributes(&thing.attributes)?;
+                if existing != Some(&thing) {
+                    ops.push(put(THING, &thing.name, &thing));
+                }
+                // Memberships: worked out on a copy, so every limit is checked
+                // against the state as it will be.
+                let mut groups = st.groups.clone();
+                let current: BTreeSet<String> = groups.of_thing(&t.name).into_iter().collect();
+                let wanted: BTreeSet<String> = t.groups.iter().cloned().collect();
+                for g in &wanted {
+                    if groups.get(g).is_none() {
+                        return Err(not_found("thing group", g));
+                    }
+                }
+                let mode = if thing_created {
+                    OnExisting::Merge
+                } else {
+                    t.on_existing_groups
+                };
+                let (add, remove): (Vec<String>, Vec<String>) = match mode {
+                    OnExisting::Keep => (Vec::new(), Vec::new()),
+                    OnExisting::Merge => {
+                        (wanted.difference(&current).cloned().collect(), Vec::new())
+                    }
+                    OnExisting::Replace => (
+                        wanted.difference(&current).cloned().collect(),
+                        current.difference(&wanted).cloned().collect(),
+                    ),
+                    OnExisting::Fail => {
+                        if !wanted.is_empty() && wanted != current {
+                            return Err(conflict(&t.name, "ThingGroups"));
+                        }
+                        (Vec::new(), Vec::new())
+                    }
+                };
+                for g in &remove {
+                    groups.unlink(g, &t.name);
+                    ops.push(Groups::del_membership(g, &t.name));
+                }
+                for g in &add {
+                    groups.check_add(g, &t.name)?;
+                    groups.link(g, &t.name);
+                    ops.push(Groups::put_membership(g, &t.name));
+                }
+                joined = add;
+                left = remove;
+                groups_after = Some(groups);
+                let key = format!("{}/{}", p.cert_id, t.name);
+                ops.push(put(THING_ATTACHMENT, &key, &true));
+                thing_out = Some(thing);
+            }
+            cert
+        };
+        for name in &policy_names {
+            ops.push(put(
+                POLICY_ATTACHMENT,
+                &format!("{}/{name}", p.cert_id),
+                &true,
+            ));
+        }
+        cert.state = if p.activate {
+            CertState::Active
+        } else {
+            CertState::Inactive
+        };
+        cert.updated_ms = now;
+        ops.push(put(CERT, &cert.id, &cert));
+        ops.extend(p.extra);
+        let thing_name = thing_out.as_ref().map(|t| t.name.clone());
+        let state = cert.state;
+        let policies_created: Vec<String> =
+            new_policies.iter().map(|(r, _)| r.name.clone()).collect();
+        self.apply(ops, |st| {
+            for (rec, compiled) in new_policies {
+                st.policies.insert(rec.name.clone(), (rec, compiled));
+            }
+            if let Some(t) = thing_out {
+                st.cert_things
+                    .entry(cert.id.clone())
+                    .or_default()
+                    .insert(t.name.clone());
+                st.things.insert(t.name.clone(), t);
+            }
+            if let Some(g) = groups_after {
+                st.groups = g;
+            }
+            st.cert_policies
+                .entry(cert.id.clone())
+                .or_default()
+                .extend(policy_names);
+            st.certs.insert(cert.id.clone(), cert);
+        })
+        .await?;
+        if let Some(thing) = &thing_name {
+            for (group, added) in joined
+                .into_iter()
+                .map(|g| (g, true))
+                .chain(left.into_iter().map(|g| (g, false)))
+            {
+                self.tell(RegistryEvent::GroupMembershipChanged {
+                    group,
+                    thing: thing.clone(),
+                    added,
+                });
+            }
+        }
+        Ok(Provisioned {
+            thing: thing_name,
+            thing_created,
+            policies_created,
+            state,
+        })
+    }
+}
+
+fn cert_record(c: NewCert, state: CertState, now: u64) -> CertRecord {
+    CertRecord {
+        id: c.id,
+        pem: c.pem,
+        subject: c.subject,
+        subject_cn: c.subject_cn,
+        issuer: c.issuer,
+        serial: c.serial,
+        not_after_ms: c.not_after_ms,
+        state,
+        created_ms: now,
+        updated_ms: now,
+        revoked_ms: (state == CertState::Revoked).then_some(now),
+    }
+}
+
+fn conflict(thing: &str, property: &str) -> RegistryError {
+    RegistryError::Conflict(format!(
+        "thing {thing:?} exists with a different {property} and the template says FAIL for it"
+    ))
+}
+
+fn resolve_map(
+    old: &BTreeMap<String, String>,
+    new: &BTreeMap<String, String>,
+    mode: OnExisting,
+    thing: &str,
+) -> Result<BTreeMap<String, String>> {
+    Ok(match mode {
+        OnExisting::Keep => old.clone(),
+        OnExisting::Replace => new.clone(),
+        OnExisting::Merge => {
+            let mut m = old.clone();
+            m.extend(new.iter().map(|(k, v)| (k.clone(), v.clone())));
+            m
+        }
+        OnExisting::Fail => {
+            if !new.is_empty() && new != old {
+                return Err(conflict(thing, "AttributePayload"));
+            }
+            old.clone()
+        }
+    })
+}
