@@ -576,3 +576,196 @@ fn an_unregistered_certificate_is_deleted_when_its_token_expires() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A JITP template: the thing is named by the certificate's CN, its account by the O.
+fn jitp_template() -> Value {
+    json!({
+        "Parameters": {
+            "AWS::IoT::Certificate::CommonName": {"Type": "String"},
+            "AWS::IoT::Certificate::Organization": {"Type": "String"},
+            "AWS::IoT::Certificate::Id": {"Type": "String"}
+        },
+        "Resources": {
+            "thing": {"Type": "AWS::IoT::Thing", "Properties": {
+                "ThingName": {"Ref": "AWS::IoT::Certificate::CommonName"},
+                "AttributePayload": {"account": {"Ref": "AWS::IoT::Certificate::Organization"}}}},
+            "certificate": {"Type": "AWS::IoT::Certificate", "Properties": {
+                "CertificateId": {"Ref": "AWS::IoT::Certificate::Id"}, "Status": "ACTIVE"}},
+            "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "agent"}}
+        }
+    })
+}
+
+/// A device certificate of the customer's own CA, files in `dir`.
+fn customer_device(
+    ca: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    dir: &Path,
+    cn: &str,
+    org: Option<&str>,
+) -> (String, ClientCert) {
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    if let Some(o) = org {
+        params.distinguished_name.push(DnType::OrganizationName, o);
+    }
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = params.signed_by(&key, ca).unwrap();
+    let id = ClientCert {
+        cert: dir.join(format!("{cn}.pem")),
+        key: dir.join(format!("{cn}.key")),
+    };
+    std::fs::write(&id.cert, cert.pem()).unwrap();
+    std::fs::write(&id.key, key.serialize_pem()).unwrap();
+    let der_id = {
+        let digest = ring::digest::digest(&ring::digest::SHA256, cert.der());
+        digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    };
+    (der_id, id)
+}
+
+#[test]
+fn jitp_provisions_a_device_of_a_registered_ca_at_its_first_connection() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa,
+        KeyPair, PKCS_ECDSA_P256_SHA256,
+    };
+    let broker = TestBroker::start(BrokerOpts::new().server_pki().registry().admin());
+    ok(
+        broker.admin(
+            "POST",
+            "/policies",
+            Some(&json!({"name": "agent", "document": AGENT_POLICY})),
+        ),
+        201,
+    );
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "customer PKI");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(
+        params,
+        KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap(),
+    )
+    .unwrap();
+    let ca_id = ok(
+        broker.admin("POST", "/cas", Some(&json!({"certificate_pem": ca.pem()}))),
+        201,
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ok(
+        broker.admin(
+            "POST",
+            "/provisioning-templates",
+            Some(&json!({"templateName": "customer-jitp", "type": "JITP", "templateBody": jitp_template()})),
+        ),
+        201,
+    );
+    // A fleet template cannot be a CA's; a JITP one cannot serve RegisterThing.
+    ok(
+        broker.admin(
+            "POST",
+            "/provisioning-templates",
+            Some(&json!({"templateName": "fleet", "templateBody": fleet_template()})),
+        ),
+        201,
+    );
+    let r = broker.admin(
+        "PUT",
+        &format!("/cas/{ca_id}/provisioning-template"),
+        Some(&json!({"templateName": "fleet"})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    ok(
+        broker.admin(
+            "PUT",
+            &format!("/cas/{ca_id}/provisioning-template"),
+            Some(&json!({"templateName": "customer-jitp"})),
+        ),
+        200,
+    );
+    // A backend listens for the registration event (plain TCP listener, no policy).
+    let mut events = mosquitto_sub(&with(
+        &broker.mosq_tcp(),
+        &[
+            "-t",
+            &format!("$aws/events/certificates/registered/{ca_id}"),
+        ],
+    ));
+    mosquitto_pub(&with(
+        &broker.mosq_tcp(),
+        &[
+            "-t",
+            "customer-a/legacy-7/orders",
+            "-m",
+            "first-order",
+            "-r",
+            "-q",
+            "1",
+        ],
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_id, device) = customer_device(&ca, dir.path(), "legacy-7", Some("customer-a"));
+    // The first connection provisions it and proceeds: the order arrives on it.
+    let mut sub = mosquitto_sub(&with(
+        &broker.mosq_tls(&device),
+        &["-i", "legacy-7", "-t", "customer-a/legacy-7/#", "-q", "1"],
+    ));
+    let (_, _, topic, payload) = expect_mosq_msg(&mut sub, Duration::from_secs(10));
+    assert_eq!(
+        (topic.as_str(), payload.as_str()),
+        ("customer-a/legacy-7/orders", "first-order")
+    );
+    sub.kill();
+    let (_, _, _, event) = expect_mosq_msg(&mut events, Duration::from_secs(10));
+    let event: Value = serde_json::from_str(&event).unwrap();
+    assert_eq!(event["certificateId"], cert_id.as_str(), "{event}");
+    assert_eq!(event["caCertificateId"], ca_id.as_str(), "{event}");
+    assert_eq!(event["certificateStatus"], "ACTIVE", "{event}");
+    events.kill();
+    let thing = ok(broker.admin("GET", "/things/legacy-7", None), 200);
+    assert_eq!(thing["attributes"]["account"], "customer-a", "{thing}");
+    let c = ok(
+        broker.admin("GET", &format!("/certificates/{cert_id}"), None),
+        200,
+    );
+    assert_eq!(c["state"], "ACTIVE", "{c}");
+    // A device whose certificate lacks a field the template needs is refused with why,
+    // and nothing is registered.
+    let (bare_id, bare) = customer_device(&ca, dir.path(), "legacy-8", None);
+    let out = mosquitto_pub_output(&with(
+        &broker.mosq_tls(&bare),
+        &[
+            "-V",
+            "mqttv5",
+            "-i",
+            "legacy-8",
+            "-t",
+            "customer-a/legacy-8/x",
+            "-m",
+            "x",
+            "-q",
+            "1",
+        ],
+    ));
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        broker.log().contains("just-in-time provisioning failed")
+            && broker.log().contains("AWS::IoT::Certificate::Organization"),
+        "{}",
+        broker.log_tail()
+    );
+    assert_eq!(
+        broker
+            .admin("GET", &format!("/certificates/{bare_id}"), None)
+            .status,
+        404
+    );
+    assert_eq!(broker.admin("GET", "/things/legacy-8", None).status, 404);
+    broker.assert_no_panic_logged();
+}

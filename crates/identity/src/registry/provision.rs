@@ -419,3 +419,267 @@ fn resolve_map(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use fleetcore_core::principal::ClientCert;
+    use fleetcore_policy::Action;
+    use fleetcore_store::Store;
+    use parking_lot::Mutex;
+
+    use super::*;
+    use crate::token::TokenConfig;
+
+    const DOC: &str = r#"{"Version":"2012-10-17","Statement":[
+        {"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}"},
+        {"Effect":"Allow","Action":"iot:Publish","Resource":"arn:aws:iot:*:*:topic/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*"}]}"#;
+
+    fn open(dir: &std::path::Path) -> Registry {
+        let (store, loaded) = Store::open(&dir.join("s.redb"), Default::default()).unwrap();
+        Registry::new(Arc::new(store), &loaded.records, TokenConfig::default())
+    }
+
+    fn new_cert(id: &str) -> NewCert {
+        NewCert {
+            id: id.into(),
+            pem: String::new(),
+            subject: "CN=fleetcore provisioned device".into(),
+            subject_cn: Some("fleetcore provisioned device".into()),
+            issuer: "CN=test".into(),
+            serial: "01".into(),
+            not_after_ms: u64::MAX,
+        }
+    }
+
+    fn thing(name: &str, attrs: &[(&str, &str)], groups: &[&str]) -> ProvisionThing {
+        ProvisionThing {
+            name: name.into(),
+            thing_type: None,
+            attributes: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            on_existing_attributes: OnExisting::Keep,
+            on_existing_type: OnExisting::Keep,
+            on_existing_groups: OnExisting::Keep,
+        }
+    }
+
+    fn provision(
+        cert: &str,
+        t: Option<ProvisionThing>,
+        policies: Vec<ProvisionPolicy>,
+    ) -> Provision {
+        Provision {
+            cert_id: cert.into(),
+            register: None,
+            activate: true,
+            thing: t,
+            policies,
+            extra: Vec::new(),
+        }
+    }
+
+    async fn pending(reg: &Registry, id: &str) {
+        reg.register_certificate_with(new_cert(id), CertState::PendingActivation, Vec::new())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pending_certificate_gets_thing_groups_and_policy_in_one_step_that_survives_a_restart(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(dir.path());
+        reg.create_group("site-1", None, None, BTreeMap::new())
+            .await
+            .unwrap();
+        pending(&reg, "c1").await;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        reg.on_event(move |e| s.lock().push(e.clone()));
+        let doc = ProvisionPolicy::Document {
+            name: "p-hash".into(),
+            document: DOC.into(),
+        };
+        let done = reg
+            .provision(provision(
+                "c1",
+                Some(thing("agent-1", &[("account", "customer-a")], &["site-1"])),
+                vec![doc],
+            ))
+            .await
+            .unwrap();
+        assert!(done.thing_created);
+        assert_eq!(done.state, CertState::Active);
+        assert_eq!(done.policies_created, vec!["p-hash".to_string()]);
+        assert_eq!(
+            *seen.lock(),
+            vec![RegistryEvent::GroupMembershipChanged {
+                group: "site-1".into(),
+                thing: "agent-1".into(),
+                added: true
+            }]
+        );
+        drop(reg);
+        let reg = open(dir.path());
+        assert_eq!(reg.certificate_state("c1"), Some(CertState::Active));
+        assert_eq!(reg.certificate_things("c1"), vec!["agent-1".to_string()]);
+        assert_eq!(reg.certificate_policies("c1"), vec!["p-hash".to_string()]);
+        assert_eq!(reg.thing_groups("agent-1"), vec!["site-1".to_string()]);
+        // The thing variables bind through the client id: the CN names no thing.
+        let cert = ClientCert {
+            subject_cn: Some("fleetcore provisioned device".into()),
+            fingerprint: "c1".into(),
+            ..ClientCert::default()
+        };
+        let authz = reg.resolve(&cert, "agent-1").unwrap();
+        assert!(authz.allows(Action::Connect, "agent-1"));
+        assert!(authz.allows(Action::Publish, "customer-a/agent-1/status"));
+        assert!(!authz.allows(Action::Publish, "customer-b/agent-1/status"));
+        let other = reg.resolve(&cert, "agent-2").unwrap();
+        assert!(!other.allows(Action::Connect, "agent-2"));
+    }
+
+    #[tokio::test]
+    async fn nothing_is_written_when_any_part_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(dir.path());
+        pending(&reg, "c1").await;
+        let missing_policy = reg
+            .provision(provision(
+                "c1",
+                Some(thing("agent-1", &[], &[])),
+                vec![ProvisionPolicy::Existing("nope".into())],
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(missing_policy, RegistryError::NotFound(_)),
+            "{missing_policy}"
+        );
+        let missing_group = reg
+            .provision(provision(
+                "c1",
+                Some(thing("agent-1", &[], &["no-group"])),
+                vec![],
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            missing_group.to_string().contains("no-group"),
+            "{missing_group}"
+        );
+        let bad_doc = reg
+            .provision(provision(
+                "c1",
+                Some(thing("agent-1", &[], &[])),
+                vec![ProvisionPolicy::Document {
+                    name: "x".into(),
+                    document: "{}".into(),
+                }],
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(bad_doc, RegistryError::Invalid(_)), "{bad_doc}");
+        assert!(reg.thing("agent-1").is_none());
+        assert_eq!(
+            reg.certificate_state("c1"),
+            Some(CertState::PendingActivation)
+        );
+        assert!(reg.policy("x").is_none());
+        // Only a PENDING_ACTIVATION certificate: the second use of one is refused.
+        reg.provision(provision("c1", Some(thing("agent-1", &[], &[])), vec![]))
+            .await
+            .unwrap();
+        let again = reg
+            .provision(provision("c1", Some(thing("agent-1", &[], &[])), vec![]))
+            .await
+            .unwrap_err();
+        assert!(matches!(again, RegistryError::Conflict(_)), "{again}");
+    }
+
+    #[tokio::test]
+    async fn override_settings_decide_what_happens_to_an_existing_thing() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(dir.path());
+        let attrs = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        reg.create_thing(
+            "agent-1",
+            Some("agent".into()),
+            attrs(&[("a", "1"), ("b", "2")]),
+        )
+        .await
+        .unwrap();
+        for (i, (mode, expect)) in [
+            (OnExisting::Keep, attrs(&[("a", "1"), ("b", "2")])),
+            (
+                OnExisting::Merge,
+                attrs(&[("a", "9"), ("b", "2"), ("c", "3")]),
+            ),
+            (OnExisting::Replace, attrs(&[("a", "9"), ("c", "3")])),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let id = format!("c{i}");
+            pending(&reg, &id).await;
+            let mut t = thing("agent-1", &[("a", "9"), ("c", "3")], &[]);
+            t.on_existing_attributes = mode;
+            let done = reg
+                .provision(provision(&id, Some(t), vec![]))
+                .await
+                .unwrap();
+            assert!(!done.thing_created);
+            assert_eq!(reg.thing("agent-1").unwrap().attributes, expect, "{mode:?}");
+        }
+        pending(&reg, "cf").await;
+        let mut t = thing("agent-1", &[("a", "other")], &[]);
+        t.on_existing_attributes = OnExisting::Fail;
+        let e = reg
+            .provision(provision("cf", Some(t), vec![]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, RegistryError::Conflict(_)) && e.to_string().contains("AttributePayload"),
+            "{e}"
+        );
+        assert_eq!(
+            reg.certificate_state("cf"),
+            Some(CertState::PendingActivation)
+        );
+    }
+
+    #[tokio::test]
+    async fn registering_with_the_provisioning_and_deleting_unclaimed_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(dir.path());
+        // JITP: registered and provisioned in one commit.
+        let mut p = provision("j1", Some(thing("legacy-1", &[], &[])), vec![]);
+        p.register = Some(new_cert("j1"));
+        reg.provision(p.clone()).await.unwrap();
+        assert_eq!(reg.certificate_state("j1"), Some(CertState::Active));
+        let twice = reg.provision(p).await.unwrap_err();
+        assert!(matches!(twice, RegistryError::Conflict(_)), "{twice}");
+        // An unclaimed pending certificate goes; a provisioned one stays.
+        pending(&reg, "u1").await;
+        assert!(reg
+            .delete_unclaimed_certificate("u1", Vec::new())
+            .await
+            .unwrap());
+        assert!(reg.certificate("u1").is_none());
+        assert!(!reg
+            .delete_unclaimed_certificate("j1", Vec::new())
+            .await
+            .unwrap());
+        assert!(reg.certificate("j1").is_some());
+    }
+}
