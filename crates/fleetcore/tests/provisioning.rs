@@ -37,7 +37,12 @@ fn fleet_template() -> Value {
 
 /// The agent policy and the `fleet` template.
 fn broker_with_template() -> TestBroker {
-    let broker = TestBroker::start(BrokerOpts::new().server_pki().registry().admin());
+    broker_with_template_and("")
+}
+
+/// As [`broker_with_template`], with `toml` added to the configuration.
+fn broker_with_template_and(toml: &str) -> TestBroker {
+    let broker = TestBroker::start(BrokerOpts::new().server_pki().registry().admin().raw(toml));
     ok(
         broker.admin(
             "POST",
@@ -283,29 +288,7 @@ fn agents_sharing_a_claim_certificate_each_hear_only_their_own_answer() {
 
 #[test]
 fn bad_input_and_the_pre_provisioning_hook() {
-    let broker = TestBroker::start(
-        BrokerOpts::new()
-            .server_pki()
-            .registry()
-            .admin()
-            .raw("[provisioning]\nhook_timeout_ms = 1000\n"),
-    );
-    ok(
-        broker.admin(
-            "POST",
-            "/policies",
-            Some(&json!({"name": "agent", "document": AGENT_POLICY})),
-        ),
-        201,
-    );
-    ok(
-        broker.admin(
-            "POST",
-            "/provisioning-templates",
-            Some(&json!({"templateName": "fleet", "templateBody": fleet_template()})),
-        ),
-        201,
-    );
+    let broker = broker_with_template_and("[provisioning]\nhook_timeout_ms = 1000\n");
     // A template that does not validate is refused, naming the resource and field.
     let mut bad = fleet_template();
     bad["Resources"]["widget"] = json!({"Type": "AWS::IoT::Widget", "Properties": {}});
@@ -521,29 +504,7 @@ fn kill9_keeps_an_issued_certificate_its_token_and_a_registered_thing() {
 
 #[test]
 fn an_unregistered_certificate_is_deleted_when_its_token_expires() {
-    let broker = TestBroker::start(
-        BrokerOpts::new()
-            .server_pki()
-            .registry()
-            .admin()
-            .raw("[provisioning]\ntoken_ttl_secs = 2\n"),
-    );
-    ok(
-        broker.admin(
-            "POST",
-            "/policies",
-            Some(&json!({"name": "agent", "document": AGENT_POLICY})),
-        ),
-        201,
-    );
-    ok(
-        broker.admin(
-            "POST",
-            "/provisioning-templates",
-            Some(&json!({"templateName": "fleet", "templateBody": fleet_template()})),
-        ),
-        201,
-    );
+    let broker = broker_with_template_and("[provisioning]\ntoken_ttl_secs = 2\n");
     let dir = tempfile::tempdir().unwrap();
     let (_, claim) = claim_cert(&broker, dir.path(), "claim");
     let out = raw(&broker, &claim, dir.path(), &["create"]);

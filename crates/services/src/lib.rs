@@ -28,6 +28,8 @@ pub mod events;
 pub mod jobs;
 pub mod provisioning;
 pub mod shadow;
+#[cfg(test)]
+pub(crate) mod testing;
 
 /// `body` as a QoS 1, non-retained JSON message from the broker to `topic`.
 pub(crate) fn json_message(topic: &str, body: &Value) -> Option<Message> {

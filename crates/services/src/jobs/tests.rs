@@ -7,37 +7,7 @@ use fleetcore_store::{Store, StoreOptions};
 use mqtt_proto::v5::PublishProperties;
 use mqtt_proto::{QoS, TopicName};
 
-#[derive(Default)]
-struct Sent(Mutex<Vec<(Option<String>, String, Value)>>);
-
-impl Publisher for Sent {
-    fn publish(&self, msg: Message) -> usize {
-        let body = serde_json::from_slice(&msg.payload).unwrap();
-        self.0.lock().push((None, msg.topic.to_string(), body));
-        1
-    }
-    fn send_to(&self, client_id: &str, msg: Message) -> bool {
-        let body = serde_json::from_slice(&msg.payload).unwrap();
-        self.0
-            .lock()
-            .push((Some(client_id.to_string()), msg.topic.to_string(), body));
-        true
-    }
-}
-
-impl Sent {
-    fn take(&self) -> Vec<(Option<String>, String, Value)> {
-        std::mem::take(&mut *self.0.lock())
-    }
-    fn last_on(&self, suffix: &str) -> Option<(Option<String>, Value)> {
-        self.0
-            .lock()
-            .iter()
-            .rev()
-            .find(|(_, t, _)| t.ends_with(suffix))
-            .map(|(c, _, b)| (c.clone(), b.clone()))
-    }
-}
+use crate::testing::Sent;
 
 struct Rig {
     jobs: JobsService,

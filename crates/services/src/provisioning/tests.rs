@@ -10,23 +10,7 @@ use fleetcore_store::{Store, StoreOptions};
 use mqtt_proto::v5::PublishProperties;
 use mqtt_proto::{QoS, TopicName};
 
-#[derive(Default)]
-struct Sent(Mutex<Vec<(Option<String>, String, Value)>>);
-
-impl Publisher for Sent {
-    fn publish(&self, msg: Message) -> usize {
-        let body = serde_json::from_slice(&msg.payload).unwrap();
-        self.0.lock().push((None, msg.topic.to_string(), body));
-        1
-    }
-    fn send_to(&self, client_id: &str, msg: Message) -> bool {
-        let body = serde_json::from_slice(&msg.payload).unwrap();
-        self.0
-            .lock()
-            .push((Some(client_id.to_string()), msg.topic.to_string(), body));
-        true
-    }
-}
+use crate::testing::Sent;
 
 struct Rig {
     svc: ProvisioningService,
@@ -124,7 +108,7 @@ impl Rig {
     }
 
     fn answers(&self) -> Vec<(Option<String>, String, Value)> {
-        std::mem::take(&mut *self.sent.0.lock())
+        self.sent.take()
     }
 
     async fn create(&self, from: &Requester) -> Value {
