@@ -1264,6 +1264,10 @@ fn provisioning_templates_are_created_listed_described_updated_and_deleted() {
         "{}",
         out.stdout
     );
+    // In the order the file has it (SerialNumber first), not sorted.
+    let serial = out.stdout.find("\"SerialNumber\": {").expect("SerialNumber");
+    let cert_id = out.stdout.find("\"AWS::IoT::Certificate::Id\": {").expect("Id");
+    assert!(serial < cert_id, "{}", out.stdout);
 
     // Disable, then enable again.
     let out = server

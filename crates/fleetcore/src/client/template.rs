@@ -317,17 +317,73 @@ fn summary(v: &Value) -> String {
     ])
 }
 
-/// The template body, pretty-printed when it is JSON (it is stored as given).
+/// The template body, pretty-printed in the order it was written when it is JSON (it
+/// is stored as given).
 fn body_pretty(v: &Value) -> String {
     let text = match v.get("templateBody") {
-        Some(Value::String(s)) => serde_json::from_str::<Value>(s)
-            .ok()
-            .and_then(|b| serde_json::to_string_pretty(&b).ok())
-            .unwrap_or_else(|| s.clone()),
+        Some(Value::String(s)) if serde_json::from_str::<Value>(s).is_ok() => reindent(s),
+        Some(Value::String(s)) => s.clone(),
         Some(b) => serde_json::to_string_pretty(b).unwrap_or_default(),
         None => "-".to_string(),
     };
     indent(&text, "  ")
+}
+
+/// Lays out valid JSON text two spaces per level, one member or element a line, keeping
+/// its order (a parsed `Value` would sort object keys). Strings are copied untouched.
+fn reindent(json: &str) -> String {
+    let mut out = String::with_capacity(json.len() * 2);
+    let mut depth = 0usize;
+    let (mut in_string, mut escaped) = (false, false);
+    let mut chars = json.chars().peekable();
+    let newline = |out: &mut String, depth: usize| {
+        out.push('\n');
+        out.push_str(&"  ".repeat(depth));
+    };
+    while let Some(c) = chars.next() {
+        if in_string {
+            out.push(c);
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => {
+                in_string = true;
+                out.push(c);
+            }
+            '{' | '[' => {
+                out.push(c);
+                while chars.peek().is_some_and(|n| n.is_whitespace()) {
+                    chars.next();
+                }
+                // An empty object or array stays on one line.
+                if chars.peek().is_some_and(|&n| n == '}' || n == ']') {
+                    out.push(chars.next().unwrap_or_default());
+                } else {
+                    depth += 1;
+                    newline(&mut out, depth);
+                }
+            }
+            '}' | ']' => {
+                depth = depth.saturating_sub(1);
+                newline(&mut out, depth);
+                out.push(c);
+            }
+            ',' => {
+                out.push(c);
+                newline(&mut out, depth);
+            }
+            ':' => out.push_str(": "),
+            c if c.is_whitespace() => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn templates_table(v: &Value) -> String {
@@ -366,5 +422,17 @@ mod tests {
         std::fs::write(&path, "[1]").expect("write");
         let e = read_template(&path).unwrap_err().to_string();
         assert!(e.contains("found an array"), "{e}");
+    }
+
+    #[test]
+    fn bodies_are_laid_out_in_their_own_order() {
+        let text = r#"{"b": {"z":1, "a" :[ ], "s":"x, {y}: \\\" ]"},"a":[1,{}]}"#;
+        let pretty = reindent(text);
+        assert_eq!(
+            pretty,
+            "{\n  \"b\": {\n    \"z\": 1,\n    \"a\": [],\n    \"s\": \"x, {y}: \\\\\\\" ]\"\n  },\n  \"a\": [\n    1,\n    {}\n  ]\n}"
+        );
+        let reparsed: Value = serde_json::from_str(&pretty).expect("still JSON");
+        assert_eq!(reparsed, serde_json::from_str::<Value>(text).expect("JSON"));
     }
 }
