@@ -989,13 +989,18 @@ fn claim_create(opts: &ClientOpts, template: &str, out: PathBuf, days: Option<u3
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
     if !name_ok {
-        bail!("invalid template name {template:?}: 1 to 36 characters from a-z, A-Z, 0-9, '_', '-'");
+        bail!(
+            "invalid template name {template:?}: 1 to 36 characters from a-z, A-Z, 0-9, '_', '-'"
+        );
     }
     let files = CertFiles::in_dir(&out, &format!("claim-{template}"));
     files.prepare(&out)?;
     let api = Api::new(opts)?;
 
-    let path = format!("/provisioning-templates/{}/claim-certificates", enc(template));
+    let path = format!(
+        "/provisioning-templates/{}/claim-certificates",
+        enc(template)
+    );
     let body = days.map(|d| json!({ "days": d }));
     let reply = api.call(Method::Post, &path, body)?;
     let v = reply.json()?;
@@ -1014,7 +1019,10 @@ fn claim_create(opts: &ClientOpts, template: &str, out: PathBuf, days: Option<u3
         out["template_name"] = json!(template);
         return print_out(&format!("{out}\n"));
     }
-    let mut rows = vec![("policy", format!("{policy} (only the template's provisioning topics)"))];
+    let mut rows = vec![(
+        "policy",
+        format!("{policy} (only the template's provisioning topics)"),
+    )];
     rows.extend(files.rows(written));
     print_out(&format!(
         "issued claim certificate {id} for provisioning template {template}\n{}\n\
@@ -1341,7 +1349,11 @@ fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
                     template,
                 ]);
             }
-            let text = table(&["ID", "SUBJECT", "CREATED", "JITP TEMPLATE"], rows, "no CAs");
+            let text = table(
+                &["ID", "SUBJECT", "CREATED", "JITP TEMPLATE"],
+                rows,
+                "no CAs",
+            );
             print_out(&format!("{text}\n"))
         }
         CaCmd::SetTemplate { ca_id, template } => {
@@ -1350,9 +1362,7 @@ fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
             let body = json!({ "templateName": template });
             let reply = api.call(Method::Put, &path, Some(body))?;
             show(opts, &reply, |_| {
-                format!(
-                    "CA {ca_id} now provisions its new devices with JITP template {template}"
-                )
+                format!("CA {ca_id} now provisions its new devices with JITP template {template}")
             })
         }
         CaCmd::ClearTemplate { ca_id } => {

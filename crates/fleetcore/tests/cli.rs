@@ -212,7 +212,14 @@ fn every_command_has_help() {
     }
     let out = fleetcore(dir.path(), &["cert", "create", "--help"]).ok("cert create --help");
     for flag in [
-        "--thing", "--out", "--policy", "--days", "--state", "--json", "--claim", "--template",
+        "--thing",
+        "--out",
+        "--policy",
+        "--days",
+        "--state",
+        "--json",
+        "--claim",
+        "--template",
     ] {
         assert!(out.stdout.contains(flag), "cert create --help: {flag}");
     }
@@ -1144,21 +1151,57 @@ fn claim_and_template_arguments_are_checked_by_the_cli() {
     };
     clap_error(&["cert", "create", "--claim", "--out", "d"], "--template");
     clap_error(
-        &["cert", "create", "--claim", "--template", "fleet", "--thing", "a", "--out", "d"],
+        &[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "fleet",
+            "--thing",
+            "a",
+            "--out",
+            "d",
+        ],
         "cannot be used with",
     );
     clap_error(
-        &["cert", "create", "--claim", "--template", "fleet", "--policy", "p", "--out", "d"],
+        &[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "fleet",
+            "--policy",
+            "p",
+            "--out",
+            "d",
+        ],
         "cannot be used with",
     );
-    clap_error(&["cert", "create", "--template", "fleet", "--out", "d"], "--claim");
+    clap_error(
+        &["cert", "create", "--template", "fleet", "--out", "d"],
+        "--claim",
+    );
     clap_error(&["cert", "create", "--out", "d"], "--thing");
-    clap_error(&["template", "update", "t", "--enable", "--disable"], "cannot be used with");
     clap_error(
-        &["template", "update", "t", "--hook-url", "http://h/", "--no-hook"],
+        &["template", "update", "t", "--enable", "--disable"],
         "cannot be used with",
     );
-    clap_error(&["template", "create", "t", "--file", "f", "--type", "x"], "jitp");
+    clap_error(
+        &[
+            "template",
+            "update",
+            "t",
+            "--hook-url",
+            "http://h/",
+            "--no-hook",
+        ],
+        "cannot be used with",
+    );
+    clap_error(
+        &["template", "create", "t", "--file", "f", "--type", "x"],
+        "jitp",
+    );
     assert!(!dir.path().join("d").exists(), "nothing written");
 }
 
@@ -1187,7 +1230,17 @@ fn a_template_file_that_is_not_json_is_refused_before_anything_is_sent() {
     fs::write(dir.path().join("list.json"), "[1, 2]").expect("write");
     let line = fleetcore(
         dir.path(),
-        &["template", "create", "t", "--file", "list.json", "--admin-url", &url, "--token", "x"],
+        &[
+            "template",
+            "create",
+            "t",
+            "--file",
+            "list.json",
+            "--admin-url",
+            &url,
+            "--token",
+            "x",
+        ],
     )
     .fails("template from an array");
     assert!(
@@ -1196,7 +1249,17 @@ fn a_template_file_that_is_not_json_is_refused_before_anything_is_sent() {
     );
     let line = fleetcore(
         dir.path(),
-        &["template", "create", "t", "--file", "missing.json", "--admin-url", &url, "--token", "x"],
+        &[
+            "template",
+            "create",
+            "t",
+            "--file",
+            "missing.json",
+            "--admin-url",
+            &url,
+            "--token",
+            "x",
+        ],
     )
     .fails("template from a missing file");
     assert!(line.contains("missing.json"), "{line}");
@@ -1230,16 +1293,30 @@ fn provisioning_templates_are_created_listed_described_updated_and_deleted() {
         out.stdout
     );
     let line = server
-        .cli(&["template", "create", "fleet", "--file", "fleet-template.json"])
+        .cli(&[
+            "template",
+            "create",
+            "fleet",
+            "--file",
+            "fleet-template.json",
+        ])
         .fails("template create twice");
     assert!(line.ends_with("(409)"), "{line}");
 
     let table = server.cli(&["template", "list"]).ok("template list");
     let mut lines = table.stdout.lines();
     let head = lines.next().unwrap_or_default();
-    assert!(head.starts_with("NAME") && head.contains("ENABLED"), "{head}");
+    assert!(
+        head.starts_with("NAME") && head.contains("ENABLED"),
+        "{head}"
+    );
     let row = lines.next().unwrap_or_default();
-    for cell in ["fleet", "FLEET_PROVISIONING", "true", "agents of customer B"] {
+    for cell in [
+        "fleet",
+        "FLEET_PROVISIONING",
+        "true",
+        "agents of customer B",
+    ] {
         assert!(row.contains(cell), "{cell}: {row}");
     }
     let v = server
@@ -1265,8 +1342,14 @@ fn provisioning_templates_are_created_listed_described_updated_and_deleted() {
         out.stdout
     );
     // In the order the file has it (SerialNumber first), not sorted.
-    let serial = out.stdout.find("\"SerialNumber\": {").expect("SerialNumber");
-    let cert_id = out.stdout.find("\"AWS::IoT::Certificate::Id\": {").expect("Id");
+    let serial = out
+        .stdout
+        .find("\"SerialNumber\": {")
+        .expect("SerialNumber");
+    let cert_id = out
+        .stdout
+        .find("\"AWS::IoT::Certificate::Id\": {")
+        .expect("Id");
     assert!(serial < cert_id, "{}", out.stdout);
 
     // Disable, then enable again.
@@ -1299,9 +1382,19 @@ fn provisioning_templates_are_created_listed_described_updated_and_deleted() {
         ])
         .ok("template update --hook-url")
         .json();
-    assert_eq!(v["preProvisioningHook"]["url"], "http://127.0.0.1:9/hook", "{v}");
+    assert_eq!(
+        v["preProvisioningHook"]["url"], "http://127.0.0.1:9/hook",
+        "{v}"
+    );
     let out = server
-        .cli(&["template", "update", "fleet", "--no-hook", "--file", "fleet-template.json"])
+        .cli(&[
+            "template",
+            "update",
+            "fleet",
+            "--no-hook",
+            "--file",
+            "fleet-template.json",
+        ])
         .ok("template update --no-hook --file");
     assert!(out.stdout.contains("version:"), "{}", out.stdout);
     let v = server
@@ -1356,11 +1449,25 @@ fn cert_create_claim_writes_a_claim_certificate_for_a_template() {
     fs::write(dir.join("fleet-template.json"), FLEET_TEMPLATE).expect("write");
     // The policy the template names need not exist yet: it is looked up at RegisterThing.
     server
-        .cli(&["template", "create", "fleet", "--file", "fleet-template.json"])
+        .cli(&[
+            "template",
+            "create",
+            "fleet",
+            "--file",
+            "fleet-template.json",
+        ])
         .ok("template create");
 
     let out = server
-        .cli(&["cert", "create", "--claim", "--template", "fleet", "--out", "claim"])
+        .cli(&[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "fleet",
+            "--out",
+            "claim",
+        ])
         .ok("cert create --claim");
     let id = out
         .stdout
@@ -1394,14 +1501,30 @@ fn cert_create_claim_writes_a_claim_certificate_for_a_template() {
         .json();
     assert_eq!(v["state"], "ACTIVE", "{v}");
     assert_eq!(v["subject_cn"], "claim-fleet", "{v}");
-    assert_eq!(v["policies"], serde_json::json!(["fleetcore-claim-fleet"]), "{v}");
+    assert_eq!(
+        v["policies"],
+        serde_json::json!(["fleetcore-claim-fleet"]),
+        "{v}"
+    );
     let out = server.cli(&["cert", "describe", &id]).ok("cert describe");
     assert!(out.stdout.contains("ACTIVE"), "{}", out.stdout);
-    assert!(out.stdout.contains("fleetcore-claim-fleet"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("fleetcore-claim-fleet"),
+        "{}",
+        out.stdout
+    );
 
     // Same template, same directory: nothing is replaced, nothing is issued.
     let line = server
-        .cli(&["cert", "create", "--claim", "--template", "fleet", "--out", "claim"])
+        .cli(&[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "fleet",
+            "--out",
+            "claim",
+        ])
         .fails("cert create --claim again");
     assert!(
         line.contains("claim-fleet") && line.contains("refusing to overwrite"),
@@ -1411,13 +1534,28 @@ fn cert_create_claim_writes_a_claim_certificate_for_a_template() {
         fs::read_to_string(claim.join("claim-fleet.private.key")).expect("key"),
         key
     );
-    let certs = server.cli(&["cert", "list", "--json"]).ok("cert list").json();
-    assert_eq!(certs["certificates"].as_array().map(Vec::len), Some(1), "{certs}");
+    let certs = server
+        .cli(&["cert", "list", "--json"])
+        .ok("cert list")
+        .json();
+    assert_eq!(
+        certs["certificates"].as_array().map(Vec::len),
+        Some(1),
+        "{certs}"
+    );
 
     // A second claim certificate elsewhere, as JSON.
     let v = server
         .cli(&[
-            "cert", "create", "--claim", "--template", "fleet", "--out", "claim2", "--days", "30",
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "fleet",
+            "--out",
+            "claim2",
+            "--days",
+            "30",
             "--json",
         ])
         .ok("cert create --claim --json")
@@ -1428,7 +1566,15 @@ fn cert_create_claim_writes_a_claim_certificate_for_a_template() {
     assert_eq!(mode(&dir.join("claim2/claim-fleet.private.key")), 0o600);
 
     let line = server
-        .cli(&["cert", "create", "--claim", "--template", "nobody", "--out", "claim3"])
+        .cli(&[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "nobody",
+            "--out",
+            "claim3",
+        ])
         .fails("cert create --claim for an unknown template");
     assert!(line.contains("nobody") && line.ends_with("(404)"), "{line}");
     assert!(!dir.join("claim3/claim-nobody.private.key").exists());
@@ -1461,11 +1607,25 @@ fn a_jitp_template_is_set_on_a_registered_ca_and_cleared() {
     fs::write(dir.join("jitp.json"), JITP_TEMPLATE).expect("write");
     fs::write(dir.join("fleet-template.json"), FLEET_TEMPLATE).expect("write");
     let out = server
-        .cli(&["template", "create", "factory", "--file", "jitp.json", "--type", "jitp"])
+        .cli(&[
+            "template",
+            "create",
+            "factory",
+            "--file",
+            "jitp.json",
+            "--type",
+            "jitp",
+        ])
         .ok("template create --type jitp");
     assert!(out.stdout.contains("ca set-template"), "{}", out.stdout);
     server
-        .cli(&["template", "create", "fleet", "--file", "fleet-template.json"])
+        .cli(&[
+            "template",
+            "create",
+            "fleet",
+            "--file",
+            "fleet-template.json",
+        ])
         .ok("template create");
 
     let line = server
@@ -1473,7 +1633,15 @@ fn a_jitp_template_is_set_on_a_registered_ca_and_cleared() {
         .fails("ca set-template with a fleet template");
     assert!(line.contains("fleet") && line.ends_with("(400)"), "{line}");
     let line = server
-        .cli(&["cert", "create", "--claim", "--template", "factory", "--out", "c"])
+        .cli(&[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "factory",
+            "--out",
+            "c",
+        ])
         .fails("a claim certificate for a JITP template");
     assert!(line.ends_with("(400)"), "{line}");
 

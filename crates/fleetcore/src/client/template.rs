@@ -234,7 +234,9 @@ pub(super) fn run(args: TemplateArgs, opts: &ClientOpts) -> Result<()> {
         TemplateCmd::Delete { name } => {
             let api = Api::new(opts)?;
             let reply = api.call(Method::Delete, &template_path(&name), None)?;
-            show(opts, &reply, |_| format!("deleted provisioning template {name}"))
+            show(opts, &reply, |_| {
+                format!("deleted provisioning template {name}")
+            })
         }
     }
 }
@@ -417,7 +419,10 @@ mod tests {
         let path = dir.path().join("t.json");
         std::fs::write(&path, "{\n  \"Resources\": {,\n}").expect("write");
         let e = read_template(&path).unwrap_err().to_string();
-        assert!(e.contains("t.json is not valid JSON: line 2, column"), "{e}");
+        assert!(
+            e.contains("t.json is not valid JSON: line 2, column"),
+            "{e}"
+        );
         assert!(!e.contains(" at line "), "{e}");
         std::fs::write(&path, "[1]").expect("write");
         let e = read_template(&path).unwrap_err().to_string();
