@@ -1,5 +1,5 @@
-//! The operator commands: `fleetcore thing|cert|policy|ca|token|shadow|job|retained ...`
-//! (`shadow`, `job` and `retained` in their own modules).
+//! The operator commands: `fleetcore thing|group|cert|policy|ca|token|template|shadow|job|retained ...`
+//! (`group`, `template`, `shadow`, `job` and `retained` in their own modules).
 //!
 //! Every command except `ca init` is one or two calls to the admin API of a running
 //! `fleetcore serve` (see `docs/admin-api.md`): it finds the API and its token from the
@@ -27,6 +27,7 @@ mod group;
 mod job;
 mod retained;
 mod shadow;
+mod template;
 
 /// Where the admin API is and how to authenticate. Flattened into `fleetcore` itself
 /// with `global = true`, so each option can go before the subcommand
@@ -34,7 +35,7 @@ mod shadow;
 /// (`fleetcore thing list --admin-url URL`). `serve` takes only `--data-dir` of these.
 #[derive(Args, Debug, Clone)]
 #[command(
-    next_help_heading = "Admin API options (thing, group, cert, policy, ca, token, shadow, job, retained)"
+    next_help_heading = "Admin API options (thing, group, cert, policy, ca, token, template, shadow, job, retained)"
 )]
 pub struct ClientOpts {
     /// Base URL of the admin API of a running `fleetcore serve`.
@@ -124,6 +125,8 @@ pub enum ClientCommand {
     Ca(CaArgs),
     /// Issue short-lived device tokens (an MQTT password) and manage their signing keys.
     Token(TokenArgs),
+    /// Manage fleet provisioning templates (devices register themselves with them).
+    Template(template::TemplateArgs),
     /// Read, update and delete Device Shadows (classic and named).
     Shadow(shadow::ShadowArgs),
     /// Send jobs to things and follow their executions.
@@ -293,16 +296,38 @@ struct IssueOpts {
 
 #[derive(Subcommand, Debug)]
 enum CertCmd {
-    /// Issue a certificate with a new private key for a thing, written to a directory.
+    /// Issue a certificate with a new private key for a thing (or a claim certificate
+    /// for a provisioning template), written to a directory.
     ///
     /// Writes DIR/NAME.cert.pem, DIR/NAME.private.key (mode 0600) and DIR/ca.pem, and
     /// prints the certificate id. The server never keeps the key. Existing files are
     /// never replaced (an identical ca.pem is left as it is).
+    ///
+    /// With --claim --template T it writes DIR/claim-T.cert.pem and
+    /// DIR/claim-T.private.key instead: a claim certificate (CN claim-T, ACTIVE, no
+    /// thing) with the policy fleetcore-claim-T, which allows only T's fleet
+    /// provisioning topics. Devices connect with it to get their own certificate and
+    /// thing (CreateKeysAndCertificate or CreateCertificateFromCsr, then RegisterThing).
+    #[command(after_help = "\
+Examples:
+  fleetcore cert create --thing computer-a --policy agent --out ./certs
+  fleetcore cert create --claim --template fleet --out ./claim --days 30")]
     Create {
         /// The thing the certificate is for (its CN); created if missing, and the
-        /// certificate is attached to it.
-        #[arg(long, value_name = "NAME")]
-        thing: String,
+        /// certificate is attached to it. Required unless --claim.
+        #[arg(long, value_name = "NAME", required_unless_present = "claim")]
+        thing: Option<String>,
+        /// Issue a claim certificate for the fleet provisioning template --template
+        /// (instead of a certificate for --thing).
+        #[arg(
+            long,
+            requires = "template",
+            conflicts_with_all = ["thing", "policies", "state"]
+        )]
+        claim: bool,
+        /// With --claim: the FLEET_PROVISIONING template the claim certificate is for.
+        #[arg(long, value_name = "TEMPLATE", requires = "claim")]
+        template: Option<String>,
         /// Directory to write the files into (created if missing).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
@@ -503,8 +528,29 @@ Example:
         #[arg(long, value_name = "FILE")]
         pem: PathBuf,
     },
-    /// List the CAs: the fleetcore CA first, then registered ones.
+    /// List the CAs: the fleetcore CA first, then registered ones, with JITP templates.
     List,
+    /// Attach a JITP provisioning template to a registered CA.
+    ///
+    /// A device whose certificate that CA signed, and which is not registered yet, is
+    /// then registered at its first connection as the template says (thing, policy,
+    /// certificate state); see `fleetcore template --help`.
+    #[command(after_help = "\
+Example:
+  fleetcore template create agents-jitp --file jitp.json --type jitp
+  fleetcore ca set-template 5d2a...c1 agents-jitp")]
+    SetTemplate {
+        /// The registered CA's id (`fleetcore ca list`).
+        ca_id: String,
+        /// A JITP template (`fleetcore template create NAME --type jitp`).
+        template: String,
+    },
+    /// Detach the JITP template of a registered CA: certificates it signed that are not
+    /// registered are then refused at CONNECT.
+    ClearTemplate {
+        /// The registered CA's id.
+        ca_id: String,
+    },
     /// Fetch the certificate revocation list.
     Crl {
         /// Write the CRL to FILE (replaced atomically), DER unless --pem. Without it the
@@ -549,6 +595,7 @@ fn dispatch(cmd: ClientCommand, opts: &ClientOpts) -> Result<()> {
         ClientCommand::Policy(a) => policy(a.cmd, opts),
         ClientCommand::Ca(a) => ca(a.cmd, opts),
         ClientCommand::Token(a) => token_cmd(a.cmd, opts),
+        ClientCommand::Template(a) => template::run(a, opts),
         ClientCommand::Shadow(a) => shadow::run(a, opts),
         ClientCommand::Job(a) => job::run(a, opts),
         ClientCommand::Retained(a) => retained::retained(a, opts),
@@ -681,12 +728,23 @@ fn thing_details(v: &Value) -> String {
 
 fn cert(cmd: CertCmd, opts: &ClientOpts) -> Result<()> {
     match cmd {
+        // clap holds --template to --claim, and --claim away from --thing and --policy.
+        CertCmd::Create {
+            template: Some(template),
+            out,
+            days,
+            ..
+        } => claim_create(opts, &template, out, days),
         CertCmd::Create {
             thing,
             out,
             issue,
             days,
-        } => cert_create(opts, thing, out, issue, days),
+            ..
+        } => {
+            let thing = thing.ok_or_else(|| anyhow!("--thing NAME is required (or --claim)"))?;
+            cert_create(opts, thing, out, issue, days)
+        }
         CertCmd::Sign {
             csr,
             thing,
@@ -797,6 +855,88 @@ struct CertFiles {
     ca: PathBuf,
 }
 
+impl CertFiles {
+    /// DIR/STEM.cert.pem, DIR/STEM.private.key and DIR/ca.pem.
+    fn in_dir(out: &Path, stem: &str) -> CertFiles {
+        CertFiles {
+            cert: out.join(format!("{stem}.cert.pem")),
+            key: out.join(format!("{stem}.private.key")),
+            ca: out.join("ca.pem"),
+        }
+    }
+
+    /// Refuses when the certificate or key file exists, then makes DIR (mode 0700).
+    /// Called before asking for a certificate, so a refusal leaves nothing behind.
+    fn prepare(&self, out: &Path) -> Result<()> {
+        for path in [&self.cert, &self.key] {
+            if path.symlink_metadata().is_ok() {
+                bail!(
+                    "{} already exists; refusing to overwrite it (remove it or choose another --out)",
+                    path.display()
+                );
+            }
+        }
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(out)
+            .with_context(|| format!("cannot create {}", out.display()))
+    }
+
+    /// Writes the key (0600), the certificate and ca.pem of an answer with
+    /// `private_key_pem`, `certificate_pem` and `ca_pem`, none over an existing file.
+    /// Says whether ca.pem was written (false: an identical one was there already).
+    fn write(&self, v: &Value) -> Result<bool> {
+        let get = |key: &str| {
+            v.get(key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| anyhow!("the admin API's answer has no {key:?}"))
+        };
+        write_new(&self.key, get("private_key_pem")?.as_bytes(), 0o600)?;
+        write_new(&self.cert, get("certificate_pem")?.as_bytes(), 0o644)?;
+        let ca_pem = get("ca_pem")?;
+        // Several devices' files may share one directory and its ca.pem.
+        match fs::read(&self.ca) {
+            Ok(existing) if existing == ca_pem.as_bytes() => Ok(false),
+            Ok(_) => bail!(
+                "{} exists and holds a different CA certificate; it was not replaced",
+                self.ca.display()
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                write_new(&self.ca, ca_pem.as_bytes(), 0o644)?;
+                Ok(true)
+            }
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", self.ca.display())),
+        }
+    }
+
+    /// The `--json` output: the certificate id and the files.
+    fn json(&self, id: &str) -> Value {
+        json!({
+            "certificate_id": id,
+            "certificate_file": self.cert,
+            "private_key_file": self.key,
+            "ca_file": self.ca,
+        })
+    }
+
+    /// The `label: file` rows of the human output.
+    fn rows(&self, ca_written: bool) -> Vec<(&'static str, String)> {
+        let ca_note = if ca_written { "" } else { " (unchanged)" };
+        vec![
+            ("certificate", self.cert.display().to_string()),
+            (
+                "private key",
+                format!(
+                    "{} (mode 0600; the only copy, the server does not keep it)",
+                    self.key.display()
+                ),
+            ),
+            ("CA", format!("{}{ca_note}", self.ca.display())),
+        ]
+    }
+}
+
 fn cert_create(
     opts: &ClientOpts,
     thing: String,
@@ -815,25 +955,8 @@ fn cert_create(
             "invalid thing name {thing:?}: 1 to 128 characters from a-z, A-Z, 0-9, ':', '_', '-'"
         );
     }
-    let files = CertFiles {
-        cert: out.join(format!("{thing}.cert.pem")),
-        key: out.join(format!("{thing}.private.key")),
-        ca: out.join("ca.pem"),
-    };
-    // Checked before asking for a certificate, so a refusal leaves nothing behind.
-    for path in [&files.cert, &files.key] {
-        if path.symlink_metadata().is_ok() {
-            bail!(
-                "{} already exists; refusing to overwrite it (remove it or choose another --out)",
-                path.display()
-            );
-        }
-    }
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&out)
-        .with_context(|| format!("cannot create {}", out.display()))?;
+    let files = CertFiles::in_dir(&out, &thing);
+    files.prepare(&out)?;
     let api = Api::new(opts)?;
 
     let mut body = json!({});
@@ -841,30 +964,7 @@ fn cert_create(
     let reply = api.call(Method::Post, "/certificates/create", Some(body))?;
     let v = reply.json()?;
     let id = field(&v, "certificate_id");
-    let get = |key: &str| {
-        v.get(key)
-            .and_then(Value::as_str)
-            .ok_or_else(|| anyhow!("the admin API's answer has no {key:?}"))
-    };
-    let written = (|| -> Result<bool> {
-        write_new(&files.key, get("private_key_pem")?.as_bytes(), 0o600)?;
-        write_new(&files.cert, get("certificate_pem")?.as_bytes(), 0o644)?;
-        let ca_pem = get("ca_pem")?;
-        // Several devices' files may share one directory and its ca.pem.
-        match fs::read(&files.ca) {
-            Ok(existing) if existing == ca_pem.as_bytes() => Ok(false),
-            Ok(_) => bail!(
-                "{} exists and holds a different CA certificate; it was not replaced",
-                files.ca.display()
-            ),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                write_new(&files.ca, ca_pem.as_bytes(), 0o644)?;
-                Ok(true)
-            }
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", files.ca.display())),
-        }
-    })()
-    .with_context(|| {
+    let written = files.write(&v).with_context(|| {
         format!(
             "certificate {id} was issued for thing {thing} but its files were not all written \
              (revoke it with `fleetcore cert revoke {id}` if it is not needed)"
@@ -872,29 +972,63 @@ fn cert_create(
     })?;
 
     if opts.json {
-        let out = json!({
-            "certificate_id": id,
-            "certificate_file": files.cert,
-            "private_key_file": files.key,
-            "ca_file": files.ca,
-        });
+        return print_out(&format!("{}\n", files.json(&id)));
+    }
+    print_out(&format!(
+        "issued certificate {id} for thing {thing}\n{}\n",
+        details(&files.rows(written))
+    ))
+}
+
+/// `cert create --claim --template T`: a claim certificate for a fleet provisioning
+/// template, written as DIR/claim-T.cert.pem, DIR/claim-T.private.key and DIR/ca.pem.
+fn claim_create(opts: &ClientOpts, template: &str, out: PathBuf, days: Option<u32>) -> Result<()> {
+    // The template name becomes part of a file name: IoT Core's rule keeps it in DIR.
+    let name_ok = (1..=36).contains(&template.len())
+        && template
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+    if !name_ok {
+        bail!(
+            "invalid template name {template:?}: 1 to 36 characters from a-z, A-Z, 0-9, '_', '-'"
+        );
+    }
+    let files = CertFiles::in_dir(&out, &format!("claim-{template}"));
+    files.prepare(&out)?;
+    let api = Api::new(opts)?;
+
+    let path = format!(
+        "/provisioning-templates/{}/claim-certificates",
+        enc(template)
+    );
+    let body = days.map(|d| json!({ "days": d }));
+    let reply = api.call(Method::Post, &path, body)?;
+    let v = reply.json()?;
+    let id = field(&v, "certificate_id");
+    let policy = field(&v, "policy_name");
+    let written = files.write(&v).with_context(|| {
+        format!(
+            "claim certificate {id} was issued for template {template} but its files were not \
+             all written (revoke it with `fleetcore cert revoke {id}` if it is not needed)"
+        )
+    })?;
+
+    if opts.json {
+        let mut out = files.json(&id);
+        out["policy_name"] = json!(policy);
+        out["template_name"] = json!(template);
         return print_out(&format!("{out}\n"));
     }
-    let ca_note = if written { "" } else { " (unchanged)" };
+    let mut rows = vec![(
+        "policy",
+        format!("{policy} (only the template's provisioning topics)"),
+    )];
+    rows.extend(files.rows(written));
     print_out(&format!(
-        "issued certificate {id} for thing {thing}\n\
-         {}\n",
-        details(&[
-            ("certificate", files.cert.display().to_string()),
-            (
-                "private key",
-                format!(
-                    "{} (mode 0600; the only copy, the server does not keep it)",
-                    files.key.display()
-                ),
-            ),
-            ("CA", format!("{}{ca_note}", files.ca.display())),
-        ])
+        "issued claim certificate {id} for provisioning template {template}\n{}\n\
+         Devices connect with it, then call CreateKeysAndCertificate (or \
+         CreateCertificateFromCsr) and RegisterThing to get their own certificate and thing.\n",
+        details(&rows)
     ))
 }
 
@@ -1195,18 +1329,48 @@ fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
         CaCmd::List => {
             let api = Api::new(opts)?;
             let reply = api.call(Method::Get, "/cas", None)?;
-            show(opts, &reply, |v| {
-                let rows = list(v, "cas")
-                    .iter()
-                    .map(|c| {
-                        vec![
-                            field(c, "id"),
-                            field(c, "subject"),
-                            time_field(c, "created_ms"),
-                        ]
-                    })
-                    .collect();
-                table(&["ID", "SUBJECT", "CREATED"], rows, "no CAs")
+            if opts.json {
+                return reply.print_raw();
+            }
+            let v = reply.json()?;
+            let mut rows = Vec::new();
+            for c in list(&v, "cas") {
+                let id = field(c, "id");
+                // The JITP template of each CA (a handful of CAs at most).
+                let path = format!("/cas/{}/provisioning-template", enc(&id));
+                let template = match api.get_if_found(&path)? {
+                    Some(r) => field(&r.json()?, "templateName"),
+                    None => "-".to_string(),
+                };
+                rows.push(vec![
+                    id,
+                    field(c, "subject"),
+                    time_field(c, "created_ms"),
+                    template,
+                ]);
+            }
+            let text = table(
+                &["ID", "SUBJECT", "CREATED", "JITP TEMPLATE"],
+                rows,
+                "no CAs",
+            );
+            print_out(&format!("{text}\n"))
+        }
+        CaCmd::SetTemplate { ca_id, template } => {
+            let api = Api::new(opts)?;
+            let path = format!("/cas/{}/provisioning-template", enc(&ca_id));
+            let body = json!({ "templateName": template });
+            let reply = api.call(Method::Put, &path, Some(body))?;
+            show(opts, &reply, |_| {
+                format!("CA {ca_id} now provisions its new devices with JITP template {template}")
+            })
+        }
+        CaCmd::ClearTemplate { ca_id } => {
+            let api = Api::new(opts)?;
+            let path = format!("/cas/{}/provisioning-template", enc(&ca_id));
+            let reply = api.call(Method::Delete, &path, None)?;
+            show(opts, &reply, |_| {
+                format!("CA {ca_id} has no JITP template now")
             })
         }
         CaCmd::Crl { out, pem } => {
@@ -1464,6 +1628,25 @@ impl Api {
 
     /// Sends one request; any answer but 2xx becomes an error naming the API's message.
     fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<Reply> {
+        let (status, body) = self.send(method, path, body)?;
+        if (200..300).contains(&status) {
+            Ok(Reply { body })
+        } else {
+            Err(anyhow!(api_error_message(status, &body)))
+        }
+    }
+
+    /// A GET where 404 means "none" rather than a failure.
+    fn get_if_found(&self, path: &str) -> Result<Option<Reply>> {
+        match self.send(Method::Get, path, None)? {
+            (404, _) => Ok(None),
+            (status, body) if (200..300).contains(&status) => Ok(Some(Reply { body })),
+            (status, body) => Err(anyhow!(api_error_message(status, &body))),
+        }
+    }
+
+    /// Sends one request; the status and body of whatever answer came.
+    fn send(&self, method: Method, path: &str, body: Option<Value>) -> Result<(u16, Vec<u8>)> {
         let url = format!("{}{path}", self.base);
         let auth = self.authorization.as_deref();
         let sent = match method {
@@ -1490,11 +1673,7 @@ impl Api {
             .limit(MAX_BODY)
             .read_to_vec()
             .map_err(|e| self.transport_error(e))?;
-        if (200..300).contains(&status) {
-            Ok(Reply { body })
-        } else {
-            Err(anyhow!(api_error_message(status, &body)))
-        }
+        Ok((status, body))
     }
 
     fn transport_error(&self, e: ureq::Error) -> anyhow::Error {

@@ -65,7 +65,7 @@ fn parse_cli() -> Cli {
             cmd.error(
                 clap::error::ErrorKind::ArgumentConflict,
                 format!(
-                    "{flag} is an option of the admin commands (thing, group, cert, policy, ca, token, shadow, job, retained), not of `{name}`"
+                    "{flag} is an option of the admin commands (thing, group, cert, policy, ca, token, template, shadow, job, retained), not of `{name}`"
                 ),
             )
             .exit();

@@ -144,7 +144,7 @@ fn temp() -> tempfile::TempDir {
 fn every_command_has_help() {
     let dir = temp();
     let top = fleetcore(dir.path(), &["--help"]).ok("--help");
-    for cmd in ["thing", "cert", "policy", "ca", "retained"] {
+    for cmd in ["thing", "cert", "policy", "ca", "template", "retained"] {
         assert!(
             top.stdout.contains(&format!("\n  {cmd} ")),
             "--help lists {cmd}: {}",
@@ -185,6 +185,14 @@ fn every_command_has_help() {
         &["ca", "register"],
         &["ca", "list"],
         &["ca", "crl"],
+        &["ca", "set-template"],
+        &["ca", "clear-template"],
+        &["template"],
+        &["template", "create"],
+        &["template", "list"],
+        &["template", "describe"],
+        &["template", "update"],
+        &["template", "delete"],
         &["retained"],
         &["retained", "list"],
         &["retained", "get"],
@@ -204,7 +212,14 @@ fn every_command_has_help() {
     }
     let out = fleetcore(dir.path(), &["cert", "create", "--help"]).ok("cert create --help");
     for flag in [
-        "--thing", "--out", "--policy", "--days", "--state", "--json",
+        "--thing",
+        "--out",
+        "--policy",
+        "--days",
+        "--state",
+        "--json",
+        "--claim",
+        "--template",
     ] {
         assert!(out.stdout.contains(flag), "cert create --help: {flag}");
     }
@@ -1082,4 +1097,575 @@ fn certificates_from_a_registered_ca_can_be_registered() {
         .json();
     assert_eq!(v["state"], "INACTIVE", "{v}");
     assert_eq!(v["subject_cn"], "computer-d", "{v}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Fleet provisioning: templates, claim certificates, JITP
+// ---------------------------------------------------------------------------------------
+
+/// A FLEET_PROVISIONING template (as tests/provisioning.rs's), laid out as a person
+/// would write it.
+const FLEET_TEMPLATE: &str = r#"{
+  "Parameters": {
+    "SerialNumber": { "Type": "String" },
+    "AWS::IoT::Certificate::Id": { "Type": "String" }
+  },
+  "Resources": {
+    "thing": {
+      "Type": "AWS::IoT::Thing",
+      "Properties": {
+        "ThingName": { "Fn::Join": ["", ["agent-", { "Ref": "SerialNumber" }]] },
+        "AttributePayload": { "serial": { "Ref": "SerialNumber" } }
+      }
+    },
+    "certificate": {
+      "Type": "AWS::IoT::Certificate",
+      "Properties": { "CertificateId": { "Ref": "AWS::IoT::Certificate::Id" }, "Status": "Active" }
+    },
+    "policy": { "Type": "AWS::IoT::Policy", "Properties": { "PolicyName": "agent" } }
+  }
+}
+"#;
+
+/// A JITP template: the thing is named after the certificate's CN.
+const JITP_TEMPLATE: &str = r#"{
+  "Parameters": {
+    "AWS::IoT::Certificate::CommonName": { "Type": "String" },
+    "AWS::IoT::Certificate::Id": { "Type": "String" }
+  },
+  "Resources": {
+    "thing": { "Type": "AWS::IoT::Thing", "Properties": { "ThingName": { "Ref": "AWS::IoT::Certificate::CommonName" } } },
+    "certificate": { "Type": "AWS::IoT::Certificate", "Properties": { "CertificateId": { "Ref": "AWS::IoT::Certificate::Id" }, "Status": "ACTIVE" } },
+    "policy": { "Type": "AWS::IoT::Policy", "Properties": { "PolicyName": "agent" } }
+  }
+}
+"#;
+
+#[test]
+fn claim_and_template_arguments_are_checked_by_the_cli() {
+    let dir = temp();
+    let clap_error = |args: &[&str], needle: &str| {
+        let out = fleetcore(dir.path(), args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains(needle), "{args:?}: {}", out.stderr);
+    };
+    clap_error(&["cert", "create", "--claim", "--out", "d"], "--template");
+    clap_error(
+        &[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "fleet",
+            "--thing",
+            "a",
+            "--out",
+            "d",
+        ],
+        "cannot be used with",
+    );
+    clap_error(
+        &[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "fleet",
+            "--policy",
+            "p",
+            "--out",
+            "d",
+        ],
+        "cannot be used with",
+    );
+    clap_error(
+        &["cert", "create", "--template", "fleet", "--out", "d"],
+        "--claim",
+    );
+    clap_error(&["cert", "create", "--out", "d"], "--thing");
+    clap_error(
+        &["template", "update", "t", "--enable", "--disable"],
+        "cannot be used with",
+    );
+    clap_error(
+        &[
+            "template",
+            "update",
+            "t",
+            "--hook-url",
+            "http://h/",
+            "--no-hook",
+        ],
+        "cannot be used with",
+    );
+    clap_error(
+        &["template", "create", "t", "--file", "f", "--type", "x"],
+        "jitp",
+    );
+    assert!(!dir.path().join("d").exists(), "nothing written");
+}
+
+#[test]
+fn a_template_file_that_is_not_json_is_refused_before_anything_is_sent() {
+    let dir = temp();
+    // Nothing listens there: an attempt to call the API would say so instead.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    fs::write(
+        dir.path().join("broken-template.json"),
+        "{\n  \"Resources\": {\n    \"thing\": { \"Type\": \"AWS::IoT::Thing\" },\n  }\n}\n",
+    )
+    .expect("write");
+    for args in [
+        &["template", "create", "t", "--file", "broken-template.json"][..],
+        &["template", "update", "t", "--file", "broken-template.json"][..],
+    ] {
+        let mut args = args.to_vec();
+        args.extend(["--admin-url", &url, "--token", "x"]);
+        let line = fleetcore(dir.path(), &args).fails("template with a broken file");
+        assert!(
+            line.contains("broken-template.json is not valid JSON: line 4, column"),
+            "{line}"
+        );
+    }
+    fs::write(dir.path().join("list.json"), "[1, 2]").expect("write");
+    let line = fleetcore(
+        dir.path(),
+        &[
+            "template",
+            "create",
+            "t",
+            "--file",
+            "list.json",
+            "--admin-url",
+            &url,
+            "--token",
+            "x",
+        ],
+    )
+    .fails("template from an array");
+    assert!(
+        line.contains("list.json is not a provisioning template") && line.contains("an array"),
+        "{line}"
+    );
+    let line = fleetcore(
+        dir.path(),
+        &[
+            "template",
+            "create",
+            "t",
+            "--file",
+            "missing.json",
+            "--admin-url",
+            &url,
+            "--token",
+            "x",
+        ],
+    )
+    .fails("template from a missing file");
+    assert!(line.contains("missing.json"), "{line}");
+}
+
+#[test]
+fn provisioning_templates_are_created_listed_described_updated_and_deleted() {
+    let server = Server::start();
+    let dir = server.path();
+    fs::write(dir.join("fleet-template.json"), FLEET_TEMPLATE).expect("write");
+
+    let out = server
+        .cli(&[
+            "template",
+            "create",
+            "fleet",
+            "--file",
+            "fleet-template.json",
+            "--description",
+            "agents of customer B",
+        ])
+        .ok("template create");
+    assert!(
+        out.stdout.contains("created provisioning template fleet"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("cert create --claim --template fleet"),
+        "{}",
+        out.stdout
+    );
+    let line = server
+        .cli(&[
+            "template",
+            "create",
+            "fleet",
+            "--file",
+            "fleet-template.json",
+        ])
+        .fails("template create twice");
+    assert!(line.ends_with("(409)"), "{line}");
+
+    let table = server.cli(&["template", "list"]).ok("template list");
+    let mut lines = table.stdout.lines();
+    let head = lines.next().unwrap_or_default();
+    assert!(
+        head.starts_with("NAME") && head.contains("ENABLED"),
+        "{head}"
+    );
+    let row = lines.next().unwrap_or_default();
+    for cell in [
+        "fleet",
+        "FLEET_PROVISIONING",
+        "true",
+        "agents of customer B",
+    ] {
+        assert!(row.contains(cell), "{cell}: {row}");
+    }
+    let v = server
+        .cli(&["template", "list", "--json"])
+        .ok("template list --json")
+        .json();
+    assert_eq!(v["templates"][0]["templateName"], "fleet", "{v}");
+
+    let out = server
+        .cli(&["template", "describe", "fleet"])
+        .ok("template describe");
+    assert!(out.stdout.contains("template body:"), "{}", out.stdout);
+    assert!(out.stdout.contains("FLEET_PROVISIONING"), "{}", out.stdout);
+    // The body pretty-printed, indented under its heading.
+    assert!(
+        out.stdout.contains("\n    \"Resources\": {\n"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("\"Type\": \"AWS::IoT::Thing\""),
+        "{}",
+        out.stdout
+    );
+    // In the order the file has it (SerialNumber first), not sorted.
+    let serial = out
+        .stdout
+        .find("\"SerialNumber\": {")
+        .expect("SerialNumber");
+    let cert_id = out
+        .stdout
+        .find("\"AWS::IoT::Certificate::Id\": {")
+        .expect("Id");
+    assert!(serial < cert_id, "{}", out.stdout);
+
+    // Disable, then enable again.
+    let out = server
+        .cli(&["template", "update", "fleet", "--disable"])
+        .ok("template update --disable");
+    assert!(out.stdout.contains("updated provisioning template fleet"));
+    let enabled = |server: &Server| {
+        server
+            .cli(&["template", "describe", "fleet", "--json"])
+            .ok("template describe --json")
+            .json()["enabled"]
+            .clone()
+    };
+    assert_eq!(enabled(&server), Value::Bool(false));
+    server
+        .cli(&["template", "update", "fleet", "--enable"])
+        .ok("template update --enable");
+    assert_eq!(enabled(&server), Value::Bool(true));
+
+    // A hook, then none; a new body is a new version.
+    let v = server
+        .cli(&[
+            "template",
+            "update",
+            "fleet",
+            "--hook-url",
+            "http://127.0.0.1:9/hook",
+            "--json",
+        ])
+        .ok("template update --hook-url")
+        .json();
+    assert_eq!(
+        v["preProvisioningHook"]["url"], "http://127.0.0.1:9/hook",
+        "{v}"
+    );
+    let out = server
+        .cli(&[
+            "template",
+            "update",
+            "fleet",
+            "--no-hook",
+            "--file",
+            "fleet-template.json",
+        ])
+        .ok("template update --no-hook --file");
+    assert!(out.stdout.contains("version:"), "{}", out.stdout);
+    let v = server
+        .cli(&["template", "describe", "fleet", "--json"])
+        .ok("template describe --json")
+        .json();
+    assert!(v.get("preProvisioningHook").is_none(), "{v}");
+    assert_eq!(v["defaultVersionId"], 2, "{v}");
+    let line = server
+        .cli(&["template", "update", "fleet"])
+        .fails("template update without a change");
+    assert!(line.contains("nothing to update"), "{line}");
+
+    // The server refuses what it cannot run, naming the resource at fault.
+    fs::write(
+        dir.join("widget.json"),
+        r#"{"Resources": {"gadget": {"Type": "AWS::IoT::Widget", "Properties": {}}}}"#,
+    )
+    .expect("write");
+    let line = server
+        .cli(&["template", "create", "widgets", "--file", "widget.json"])
+        .fails("template create with an unknown resource type");
+    assert!(
+        line.contains("gadget") && line.contains("AWS::IoT::Widget") && line.ends_with("(400)"),
+        "{line}"
+    );
+    let line = server
+        .cli(&["template", "update", "fleet", "--file", "widget.json"])
+        .fails("template update with an unknown resource type");
+    assert!(line.contains("gadget") && line.ends_with("(400)"), "{line}");
+
+    let out = server
+        .cli(&["template", "delete", "fleet"])
+        .ok("template delete");
+    assert!(
+        out.stdout.contains("deleted provisioning template fleet"),
+        "{}",
+        out.stdout
+    );
+    let line = server
+        .cli(&["template", "describe", "fleet"])
+        .fails("template describe after delete");
+    assert!(line.contains("fleet") && line.ends_with("(404)"), "{line}");
+    let out = server.cli(&["template", "list"]).ok("template list");
+    assert_eq!(out.stdout.trim(), "no provisioning templates");
+}
+
+#[test]
+fn cert_create_claim_writes_a_claim_certificate_for_a_template() {
+    let server = Server::start();
+    let dir = server.path();
+    fs::write(dir.join("fleet-template.json"), FLEET_TEMPLATE).expect("write");
+    // The policy the template names need not exist yet: it is looked up at RegisterThing.
+    server
+        .cli(&[
+            "template",
+            "create",
+            "fleet",
+            "--file",
+            "fleet-template.json",
+        ])
+        .ok("template create");
+
+    let out = server
+        .cli(&[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "fleet",
+            "--out",
+            "claim",
+        ])
+        .ok("cert create --claim");
+    let id = out
+        .stdout
+        .split_whitespace()
+        .find(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no certificate id in: {}", out.stdout))
+        .to_string();
+    assert!(
+        out.stdout.contains("fleetcore-claim-fleet"),
+        "{}",
+        out.stdout
+    );
+    let claim = dir.join("claim");
+    for file in ["claim-fleet.cert.pem", "claim-fleet.private.key", "ca.pem"] {
+        assert!(out.stdout.contains(file), "{file}: {}", out.stdout);
+    }
+    assert_eq!(mode(&claim.join("claim-fleet.private.key")), 0o600);
+    let key = fs::read_to_string(claim.join("claim-fleet.private.key")).expect("key");
+    assert!(key.contains("PRIVATE KEY-----"), "{key}");
+    let cert = fs::read_to_string(claim.join("claim-fleet.cert.pem")).expect("cert");
+    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_eq!(
+        fs::read_to_string(claim.join("ca.pem")).expect("ca.pem"),
+        fs::read_to_string(dir.join("data/pki/ca.pem")).expect("server's ca.pem"),
+        "ca.pem is the server's CA"
+    );
+
+    let v = server
+        .cli(&["cert", "describe", &id, "--json"])
+        .ok("cert describe --json")
+        .json();
+    assert_eq!(v["state"], "ACTIVE", "{v}");
+    assert_eq!(v["subject_cn"], "claim-fleet", "{v}");
+    assert_eq!(
+        v["policies"],
+        serde_json::json!(["fleetcore-claim-fleet"]),
+        "{v}"
+    );
+    let out = server.cli(&["cert", "describe", &id]).ok("cert describe");
+    assert!(out.stdout.contains("ACTIVE"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("fleetcore-claim-fleet"),
+        "{}",
+        out.stdout
+    );
+
+    // Same template, same directory: nothing is replaced, nothing is issued.
+    let line = server
+        .cli(&[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "fleet",
+            "--out",
+            "claim",
+        ])
+        .fails("cert create --claim again");
+    assert!(
+        line.contains("claim-fleet") && line.contains("refusing to overwrite"),
+        "{line}"
+    );
+    assert_eq!(
+        fs::read_to_string(claim.join("claim-fleet.private.key")).expect("key"),
+        key
+    );
+    let certs = server
+        .cli(&["cert", "list", "--json"])
+        .ok("cert list")
+        .json();
+    assert_eq!(
+        certs["certificates"].as_array().map(Vec::len),
+        Some(1),
+        "{certs}"
+    );
+
+    // A second claim certificate elsewhere, as JSON.
+    let v = server
+        .cli(&[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "fleet",
+            "--out",
+            "claim2",
+            "--days",
+            "30",
+            "--json",
+        ])
+        .ok("cert create --claim --json")
+        .json();
+    assert_eq!(v["policy_name"], "fleetcore-claim-fleet", "{v}");
+    assert_eq!(v["template_name"], "fleet", "{v}");
+    assert_ne!(v["certificate_id"], Value::String(id.clone()), "{v}");
+    assert_eq!(mode(&dir.join("claim2/claim-fleet.private.key")), 0o600);
+
+    let line = server
+        .cli(&[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "nobody",
+            "--out",
+            "claim3",
+        ])
+        .fails("cert create --claim for an unknown template");
+    assert!(line.contains("nobody") && line.ends_with("(404)"), "{line}");
+    assert!(!dir.join("claim3/claim-nobody.private.key").exists());
+}
+
+#[test]
+fn a_jitp_template_is_set_on_a_registered_ca_and_cleared() {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa,
+        KeyPair, KeyUsagePurpose,
+    };
+    let server = Server::start();
+    let dir = server.path();
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "factory CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let own_ca =
+        CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("ca");
+    fs::write(dir.join("factory-ca.pem"), own_ca.pem()).expect("write");
+    let ca = server
+        .cli(&["ca", "register", "--pem", "factory-ca.pem", "--json"])
+        .ok("ca register")
+        .json();
+    let ca_id = ca["id"].as_str().expect("CA id").to_string();
+
+    fs::write(dir.join("jitp.json"), JITP_TEMPLATE).expect("write");
+    fs::write(dir.join("fleet-template.json"), FLEET_TEMPLATE).expect("write");
+    let out = server
+        .cli(&[
+            "template",
+            "create",
+            "factory",
+            "--file",
+            "jitp.json",
+            "--type",
+            "jitp",
+        ])
+        .ok("template create --type jitp");
+    assert!(out.stdout.contains("ca set-template"), "{}", out.stdout);
+    server
+        .cli(&[
+            "template",
+            "create",
+            "fleet",
+            "--file",
+            "fleet-template.json",
+        ])
+        .ok("template create");
+
+    let line = server
+        .cli(&["ca", "set-template", &ca_id, "fleet"])
+        .fails("ca set-template with a fleet template");
+    assert!(line.contains("fleet") && line.ends_with("(400)"), "{line}");
+    let line = server
+        .cli(&[
+            "cert",
+            "create",
+            "--claim",
+            "--template",
+            "factory",
+            "--out",
+            "c",
+        ])
+        .fails("a claim certificate for a JITP template");
+    assert!(line.ends_with("(400)"), "{line}");
+
+    let out = server
+        .cli(&["ca", "set-template", &ca_id, "factory"])
+        .ok("ca set-template");
+    assert!(out.stdout.contains("factory"), "{}", out.stdout);
+    let cas = server.cli(&["ca", "list"]).ok("ca list");
+    assert!(cas.stdout.contains("JITP TEMPLATE"), "{}", cas.stdout);
+    let row = cas
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&ca_id))
+        .unwrap_or_else(|| panic!("no row for {ca_id}: {}", cas.stdout));
+    assert!(row.trim_end().ends_with("factory"), "{row}");
+
+    server
+        .cli(&["ca", "clear-template", &ca_id])
+        .ok("ca clear-template");
+    let cas = server.cli(&["ca", "list"]).ok("ca list");
+    let row = cas
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&ca_id))
+        .expect("row");
+    assert!(row.trim_end().ends_with('-'), "{row}");
 }
