@@ -62,24 +62,29 @@ fn broker_with_template_and(toml: &str) -> TestBroker {
     broker
 }
 
-/// A claim certificate for template `fleet`, written to `dir/NAME.{pem,key}`.
+/// A claim certificate for template `fleet`, made as an operator does
+/// (`fleetcore cert create --claim --template fleet --out DIR/NAME`).
 fn claim_cert(broker: &TestBroker, dir: &Path, name: &str) -> (String, ClientCert) {
-    let c = ok(
-        broker.admin(
-            "POST",
-            "/provisioning-templates/fleet/claim-certificates",
-            None,
-        ),
-        201,
-    );
-    assert_eq!(c["policy_name"], "fleetcore-claim-fleet", "{c}");
-    let cert = dir.join(format!("{name}.pem"));
-    let key = dir.join(format!("{name}.key"));
-    std::fs::write(&cert, c["certificate_pem"].as_str().unwrap()).unwrap();
-    std::fs::write(&key, c["private_key_pem"].as_str().unwrap()).unwrap();
+    let out = dir.join(name);
+    let (ok, stdout, stderr) = broker.cli_text(&[
+        "cert",
+        "create",
+        "--claim",
+        "--template",
+        "fleet",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{stdout}{stderr}");
+    let v: Value = serde_json::from_str(&stdout).expect("cert create --json");
+    assert_eq!(v["policy_name"], "fleetcore-claim-fleet", "{v}");
     (
-        c["certificate_id"].as_str().unwrap().to_owned(),
-        ClientCert { cert, key },
+        v["certificate_id"].as_str().unwrap().to_owned(),
+        ClientCert {
+            cert: out.join("claim-fleet.cert.pem"),
+            key: out.join("claim-fleet.private.key"),
+        },
     )
 }
 
