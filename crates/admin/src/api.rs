@@ -1167,7 +1167,7 @@ mod tests {
             fleetcore_store::Store::open(&dir.join("s.redb"), Default::default()).unwrap();
         let hub = Hub::new(
             fleetcore_broker::Config::default(),
-            store,
+            store.storage(),
             loaded,
             Default::default(),
         );

@@ -187,7 +187,7 @@ mod tests {
             fleetcore_store::Store::open(&dir.join("s.redb"), Default::default()).unwrap();
         let hub = Hub::new(
             fleetcore_broker::Config::default(),
-            store,
+            store.storage(),
             loaded,
             Default::default(),
         );
@@ -425,9 +425,9 @@ mod tests {
         let (status, _) = call(&app, "DELETE", "/retainedMessage/acct/dev1/config").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         // On disk before the answer: what a restart would load.
-        let store = hub.store.clone();
+        let storage = hub.storage.clone();
         drop((app, hub));
-        drop(store);
+        drop(storage);
         let (_, loaded) =
             fleetcore_store::Store::open(&dir.path().join("s.redb"), Default::default()).unwrap();
         let left: Vec<&str> = loaded

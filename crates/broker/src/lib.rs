@@ -56,7 +56,7 @@ pub enum StartError {
     #[error("cannot create data directory {path}: {reason}")]
     DataDir { path: String, reason: String },
     #[error(transparent)]
-    Store(#[from] fleetcore_store::StoreError),
+    Store(#[from] fleetcore_core::storage::StoreError),
     #[error("listener {bind} ({kind}): {reason}")]
     Listener {
         bind: SocketAddr,
@@ -196,7 +196,7 @@ impl Server {
         if !services.is_empty() {
             tracing::info!(services = ?services.names(), "device services installed");
         }
-        let hub = Hub::new(config, store, loaded, services);
+        let hub = Hub::new(config, store.storage(), loaded, services);
         setup(&hub);
         for l in &bound {
             if let (Some(src), true) = (&l.tls, l.config.uses_registry()) {
@@ -251,7 +251,10 @@ impl Server {
     /// Stops accepting, tells every client the server is shutting down
     /// (MQTT 5: DISCONNECT 0x8B), waits up to `grace` for connections to end
     /// and flushes the store.
-    pub async fn shutdown(self, grace: Duration) -> Result<(), fleetcore_store::StoreError> {
+    pub async fn shutdown(
+        self,
+        grace: Duration,
+    ) -> Result<(), fleetcore_core::storage::StoreError> {
         let open = self.hub.connections.load(Ordering::Acquire);
         tracing::info!(connections = open, "shutting down");
         self.hub.begin_shutdown();
@@ -272,7 +275,7 @@ impl Server {
         for t in self.tasks {
             t.abort();
         }
-        self.hub.store.flush().await?;
+        self.hub.storage.flush().await?;
         tracing::info!("store flushed; stopped");
         Ok(())
     }

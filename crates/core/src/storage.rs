@@ -2,8 +2,12 @@
 //!
 //! These are the records of the single-node store (`fleetcore-store`, one redb file):
 //! retained messages, persistent sessions with their queues, and opaque registry records.
-//! [`RecordStore`] is the seam the identity registry (and the device services after it)
-//! write through, so they know no database.
+//! The broker, the registry and the services write through one trait per aggregate —
+//! [`SessionStore`] (persistent sessions and their queues), [`RetainedStore`] (retained
+//! messages), [`RecordStore`] (registry and service records) — handed to them together
+//! as a [`Storage`], so none of them knows a database. Each op names one key (a client
+//! id, a client id and sequence number, a topic, a record kind and key), so a store
+//! without multi-key transactions (a cluster's) can implement the same traits.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -302,4 +306,106 @@ impl From<RecordOp> for Op {
 /// ([`Loaded::records`]) and kept in memory by their owner.
 pub trait RecordStore: Send + Sync + 'static {
     fn submit_records(&self, ops: Vec<RecordOp>) -> Commit;
+}
+
+/// A change to one persistent session or its queue.
+#[derive(Debug, Clone)]
+pub enum SessionOp {
+    /// Writes (creates or replaces) the session record.
+    Put {
+        client_id: String,
+        session: StoredSession,
+    },
+    /// Deletes the session AND every queued message of it.
+    Delete { client_id: String },
+    /// Appends a delivery to the session's queue under `seq` (idempotent: the same
+    /// `seq` twice is one delivery).
+    PutQueued {
+        client_id: String,
+        seq: u64,
+        item: StoredQueued,
+    },
+    /// Removes one delivery from the queue (acknowledged, expired or dropped).
+    DeleteQueued { client_id: String, seq: u64 },
+}
+
+impl From<SessionOp> for Op {
+    fn from(op: SessionOp) -> Op {
+        match op {
+            SessionOp::Put { client_id, session } => Op::PutSession { client_id, session },
+            SessionOp::Delete { client_id } => Op::DeleteSession { client_id },
+            SessionOp::PutQueued {
+                client_id,
+                seq,
+                item,
+            } => Op::PutQueued {
+                client_id,
+                seq,
+                item,
+            },
+            SessionOp::DeleteQueued { client_id, seq } => Op::DeleteQueued { client_id, seq },
+        }
+    }
+}
+
+/// A change to one retained message.
+#[derive(Debug, Clone)]
+pub enum RetainedOp {
+    Put {
+        topic: String,
+        retained: StoredRetained,
+    },
+    Delete {
+        topic: String,
+    },
+}
+
+impl From<RetainedOp> for Op {
+    fn from(op: RetainedOp) -> Op {
+        match op {
+            RetainedOp::Put { topic, retained } => Op::PutRetained { topic, retained },
+            RetainedOp::Delete { topic } => Op::DeleteRetained { topic },
+        }
+    }
+}
+
+/// Where persistent sessions and their queues live. The ops of one submit may be
+/// applied together (redb: one transaction) but each names one session, and the broker
+/// never relies on two sessions' ops landing together.
+pub trait SessionStore: Send + Sync + 'static {
+    /// Writes `ops`; the [`Commit`] resolves once they are durable.
+    fn submit_sessions(&self, ops: Vec<SessionOp>) -> Commit;
+    /// Writes `ops` without waiting (deletes after acknowledgement, updates nobody
+    /// waits for); a failure is logged and counted by the store.
+    fn submit_sessions_nowait(&self, ops: Vec<SessionOp>);
+    /// A new message body id: every queued copy of one message carries the same id
+    /// ([`StoredQueued::body`]), and the body is written once.
+    fn next_body_id(&self) -> u64;
+    /// Resolves once everything submitted so far is durable (at shutdown).
+    fn flush(&self) -> Commit;
+}
+
+/// Where retained messages live, by topic.
+pub trait RetainedStore: Send + Sync + 'static {
+    /// Writes `ops`; the [`Commit`] resolves once they are durable.
+    fn submit_retained(&self, ops: Vec<RetainedOp>) -> Commit;
+}
+
+/// The stores the broker, the registry and the services write through, handed to the
+/// hub at start (see [`SessionStore`], [`RetainedStore`], [`RecordStore`]).
+#[derive(Clone)]
+pub struct Storage {
+    pub sessions: std::sync::Arc<dyn SessionStore>,
+    pub retained: std::sync::Arc<dyn RetainedStore>,
+    pub records: std::sync::Arc<dyn RecordStore>,
+}
+
+impl Storage {
+    /// Resolves once everything submitted to the stores so far is durable (shutdown).
+    /// The session store's barrier covers all three where they share one writer, as on
+    /// a single node; a store with writers of its own acknowledges each write durably,
+    /// so it has nothing left to flush.
+    pub fn flush(&self) -> Commit {
+        self.sessions.flush()
+    }
 }

@@ -258,6 +258,46 @@ impl fleetcore_core::storage::RecordStore for Store {
     }
 }
 
+impl fleetcore_core::storage::SessionStore for Store {
+    fn submit_sessions(&self, ops: Vec<fleetcore_core::storage::SessionOp>) -> Commit {
+        self.submit(ops.into_iter().map(Op::from).collect())
+    }
+
+    fn submit_sessions_nowait(&self, ops: Vec<fleetcore_core::storage::SessionOp>) {
+        self.submit_nowait(ops.into_iter().map(Op::from).collect())
+    }
+
+    fn next_body_id(&self) -> u64 {
+        Store::next_body_id(self)
+    }
+
+    fn flush(&self) -> Commit {
+        let (tx, rx) = oneshot::channel();
+        match self.send(Vec::new(), Reply::Async(tx), true) {
+            Ok(()) => Commit::waiting(rx),
+            Err(e) => Commit::failed(e),
+        }
+    }
+}
+
+impl fleetcore_core::storage::RetainedStore for Store {
+    fn submit_retained(&self, ops: Vec<fleetcore_core::storage::RetainedOp>) -> Commit {
+        self.submit(ops.into_iter().map(Op::from).collect())
+    }
+}
+
+impl Store {
+    /// This store as the broker's [`fleetcore_core::storage::Storage`]: one redb file for
+    /// sessions, retained messages and records alike.
+    pub fn storage(&self) -> fleetcore_core::storage::Storage {
+        fleetcore_core::storage::Storage {
+            sessions: Arc::new(self.clone()),
+            retained: Arc::new(self.clone()),
+            records: Arc::new(self.clone()),
+        }
+    }
+}
+
 /// Creates `path` empty with mode 0600 unless it exists; redb then takes an empty file
 /// as a new database.
 fn create_private(path: &Path) -> std::io::Result<()> {

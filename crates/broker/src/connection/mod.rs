@@ -527,7 +527,7 @@ mod tests {
             Store::open(&dir.path().join("fleetcore.redb"), StoreOptions::default()).unwrap();
         let hub = Hub::new(
             crate::config::Config::default(),
-            store,
+            store.storage(),
             loaded,
             Default::default(),
         );

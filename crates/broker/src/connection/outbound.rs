@@ -4,8 +4,9 @@
 
 use super::*;
 
-pub(super) type PendingAck =
-    Pin<Box<dyn Future<Output = (AfterCommit, Result<(), fleetcore_store::StoreError>)> + Send>>;
+pub(super) type PendingAck = Pin<
+    Box<dyn Future<Output = (AfterCommit, Result<(), fleetcore_core::storage::StoreError>)> + Send>,
+>;
 
 /// Acknowledgements waiting for store commits, in arrival order. Made on first
 /// use (and boxed: 64 bytes inline): an empty `FuturesOrdered` already holds
@@ -28,7 +29,7 @@ impl PendingAcks {
     /// The next acknowledgement whose commit completed (`None` when none wait).
     pub(super) async fn next(
         &mut self,
-    ) -> Option<(AfterCommit, Result<(), fleetcore_store::StoreError>)> {
+    ) -> Option<(AfterCommit, Result<(), fleetcore_core::storage::StoreError>)> {
         match &mut self.0 {
             Some(f) => f.next().await,
             None => None,
@@ -255,19 +256,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Deletes the durable copy of a delivery that is done with.
     pub(super) fn forget_stored(&self, d: &Delivery) {
         if let Some(seq) = d.seq {
-            self.hub
-                .store
-                .submit_nowait(vec![fleetcore_store::Op::DeleteQueued {
+            self.hub.storage.sessions.submit_sessions_nowait(vec![
+                fleetcore_core::storage::SessionOp::DeleteQueued {
                     client_id: self.session.client_id.to_string(),
                     seq,
-                }]);
+                },
+            ]);
         }
     }
 
     pub(super) fn after_commit(
         &mut self,
         after: AfterCommit,
-        res: Result<(), fleetcore_store::StoreError>,
+        res: Result<(), fleetcore_core::storage::StoreError>,
     ) -> Result<(), Exit> {
         if let Err(e) = &res {
             tracing::error!(client_id = %self.session.client_id, error = %e, "store commit failed");
@@ -331,7 +332,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         let max = self.hub.config.limits.max_queued_messages;
         for d in retained {
             if let crate::session::Enqueued::Dropped(r) =
-                self.session.enqueue(d, max, &self.hub.store)
+                self.session.enqueue(d, max, &*self.hub.storage.sessions)
             {
                 m::dropped(r);
             }

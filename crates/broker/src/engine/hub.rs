@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetcore_store::{LoadedSession, Op, Store, StoredSession, StoredSubscription};
+use fleetcore_core::storage::{LoadedSession, StoredSession, StoredSubscription};
+use fleetcore_core::storage::{RetainedOp, SessionOp, Storage};
 use mqtt_proto::v5::RetainHandling;
 use mqtt_proto::QoS;
 use parking_lot::{Mutex, RwLock};
@@ -51,7 +52,7 @@ pub struct SubEntry {
 /// What a publish did.
 /// A store commit (or two) a publish waits for before it is acknowledged.
 pub type PendingCommit = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(), fleetcore_store::StoreError>> + Send>,
+    Box<dyn std::future::Future<Output = Result<(), fleetcore_core::storage::StoreError>> + Send>,
 >;
 
 pub struct Routed {
@@ -88,7 +89,9 @@ pub struct Hub {
     pub router: Router<SubEntry>,
     pub retained: Arc<RwLock<RetainedTree<Retained>>>,
     index: Mutex<SessionIndex>,
-    pub store: Store,
+    /// Where sessions, retained messages and records are written (one redb file on a
+    /// single node).
+    pub storage: Storage,
     /// Things, certificates, policies and their attachments.
     pub registry: Arc<fleetcore_identity::registry::Registry>,
     /// Who provisions unknown certificates of registered CAs at their first CONNECT.
@@ -115,19 +118,19 @@ impl Hub {
     /// from what the store loaded.
     pub fn new(
         config: Config,
-        store: Store,
-        loaded: fleetcore_store::Loaded,
+        storage: Storage,
+        loaded: fleetcore_core::storage::Loaded,
         services: ServiceHost,
     ) -> Arc<Hub> {
-        Hub::with_fabric(config, store, loaded, services, Arc::new(Standalone))
+        Hub::with_fabric(config, storage, loaded, services, Arc::new(Standalone))
     }
 
     /// As [`Hub::new`], telling `fabric` about interest, publishes and control events
     /// (a cluster's; [`Standalone`] for one node).
     pub fn with_fabric(
         config: Config,
-        store: Store,
-        loaded: fleetcore_store::Loaded,
+        storage: Storage,
+        loaded: fleetcore_core::storage::Loaded,
         services: ServiceHost,
         fabric: Arc<dyn Fabric>,
     ) -> Arc<Hub> {
@@ -137,7 +140,7 @@ impl Hub {
         };
         let (shutdown_tx, _) = watch::channel(false);
         let registry = Arc::new(fleetcore_identity::registry::Registry::new(
-            Arc::new(store.clone()),
+            storage.records.clone(),
             &loaded.records,
             config.tokens.clone(),
         ));
@@ -157,7 +160,7 @@ impl Hub {
             fabric,
             retained: Arc::new(RwLock::new(RetainedTree::new())),
             index: Mutex::new(SessionIndex::default()),
-            store,
+            storage,
             next_id: AtomicU64::new(1),
             shared_rr: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
@@ -189,7 +192,7 @@ impl Hub {
         // Weak: the registry is the hub's, a strong pointer back would be a cycle.
         if !hub.services.is_empty() {
             hub.services.start(ServiceContext {
-                store: Arc::new(hub.store.clone()),
+                store: hub.storage.records.clone(),
                 records: &loaded.records,
                 publisher: Arc::new(WeakPublisher(Arc::downgrade(&hub))),
             });
@@ -367,7 +370,7 @@ impl Hub {
             let mut tree = self.retained.write();
             let (op, ours, previous) = if msg.payload.is_empty() {
                 let previous = tree.remove(&topic);
-                let op = previous.as_ref().map(|_| Op::DeleteRetained {
+                let op = previous.as_ref().map(|_| RetainedOp::Delete {
                     topic: topic.clone(),
                 });
                 (op, None, previous)
@@ -378,9 +381,9 @@ impl Hub {
                     stored_at_ms,
                 };
                 let previous = tree.insert(&topic, retained);
-                let op = Op::PutRetained {
+                let op = RetainedOp::Put {
                     topic: topic.clone(),
-                    retained: fleetcore_store::StoredRetained {
+                    retained: fleetcore_core::storage::StoredRetained {
                         stored_at_ms,
                         msg: msg.to_stored(),
                     },
@@ -391,7 +394,7 @@ impl Hub {
                 // If the commit fails the tree is put back, so new subscribers are
                 // never served a retained message the disk does not have.
                 let guarded = Guarded::new(
-                    self.store.submit(vec![op]),
+                    self.storage.retained.submit_retained(vec![op]),
                     undo_retained(self.retained.clone(), topic, ours, previous),
                 );
                 if msg.qos == QoS::Level0 {
@@ -495,10 +498,11 @@ impl Hub {
             seq: None,
         };
         let entry = &subs[0];
-        match entry
-            .session
-            .enqueue(d, self.config.limits.max_queued_messages, &self.store)
-        {
+        match entry.session.enqueue(
+            d,
+            self.config.limits.max_queued_messages,
+            &*self.storage.sessions,
+        ) {
             Enqueued::Queued => true,
             Enqueued::Stored(commit, seq) => {
                 commits.push(undo_queued(&entry.session, commit, seq));
@@ -614,10 +618,14 @@ impl Hub {
                         self.index.lock().expiring.remove(&k);
                     }
                     match record {
-                        Some(rec) => self.store.submit_nowait(vec![Op::PutSession {
-                            client_id: client_id.to_string(),
-                            session: rec,
-                        }]),
+                        Some(rec) => {
+                            self.storage
+                                .sessions
+                                .submit_sessions_nowait(vec![SessionOp::Put {
+                                    client_id: client_id.to_string(),
+                                    session: rec,
+                                }])
+                        }
                         None => self.forget_stored_session(&client_id),
                     }
                     // After the link is set (and the session indexed): a
@@ -670,10 +678,12 @@ impl Hub {
                             st.stored = true;
                             stored_session(&st)
                         };
-                        self.store.submit_nowait(vec![Op::PutSession {
-                            client_id: client_id.to_string(),
-                            session: rec,
-                        }]);
+                        self.storage
+                            .sessions
+                            .submit_sessions_nowait(vec![SessionOp::Put {
+                                client_id: client_id.to_string(),
+                                session: rec,
+                            }]);
                     }
                     // After the link is set (and the session indexed): a
                     // shutdown sweep that began before this check missed it.
@@ -693,9 +703,11 @@ impl Hub {
     }
 
     fn forget_stored_session(&self, client_id: &str) {
-        self.store.submit_nowait(vec![Op::DeleteSession {
-            client_id: client_id.to_string(),
-        }]);
+        self.storage
+            .sessions
+            .submit_sessions_nowait(vec![SessionOp::Delete {
+                client_id: client_id.to_string(),
+            }]);
     }
 
     /// Called by a connection as it ends. Saves what was in flight, then
@@ -752,10 +764,10 @@ impl Hub {
         {
             if d.seq.is_none() && d.qos != QoS::Level0 {
                 d.seq = Some(next_seq);
-                ops.push(Op::PutQueued {
+                ops.push(SessionOp::PutQueued {
                     client_id: client.clone(),
                     seq: next_seq,
-                    item: d.to_stored(|| self.store.next_body_id()),
+                    item: d.to_stored(|| self.storage.sessions.next_body_id()),
                 });
                 next_seq += 1;
             }
@@ -763,7 +775,7 @@ impl Hub {
         st.queue.retain(|d| d.qos != QoS::Level0);
         st.next_seq = next_seq;
         st.stored = true;
-        ops.push(Op::PutSession {
+        ops.push(SessionOp::Put {
             client_id: client,
             session: stored_session(&st),
         });
@@ -790,7 +802,7 @@ impl Hub {
         }
         // Submitted before the lock is released, so a reconnecting client's
         // acknowledgements (deletes) can only come after these writes.
-        self.store.submit_nowait(ops);
+        self.storage.sessions.submit_sessions_nowait(ops);
         drop(st);
         self.index.lock().expiring.insert((
             now + expiry as u64 * 1000,
@@ -915,7 +927,7 @@ impl Hub {
     }
 
     /// Records the subscription set of a persistent session in the store.
-    pub fn persist_session(&self, session: &Session) -> Option<fleetcore_store::Commit> {
+    pub fn persist_session(&self, session: &Session) -> Option<fleetcore_core::storage::Commit> {
         let mut st = session.state.lock();
         if st.expiry_secs == 0 || st.ended {
             return None;
@@ -924,12 +936,12 @@ impl Hub {
             // Every record written since the store's copy was loaded holds
             // these same subscriptions, and that copy is durable: nothing to
             // write, nothing to wait for (a reconnect storm resubscribes).
-            return Some(fleetcore_store::Commit::ready());
+            return Some(fleetcore_core::storage::Commit::ready());
         }
         st.stored = true;
         let rec = stored_session(&st);
         drop(st);
-        Some(self.store.submit(vec![Op::PutSession {
+        Some(self.storage.sessions.submit_sessions(vec![SessionOp::Put {
             client_id: session.client_id.to_string(),
             session: rec,
         }]))
@@ -1009,7 +1021,11 @@ impl Publisher for Hub {
             subscription_ids: Vec::new(),
             seq: None,
         };
-        match session.enqueue(d, self.config.limits.max_queued_messages, &self.store) {
+        match session.enqueue(
+            d,
+            self.config.limits.max_queued_messages,
+            &*self.storage.sessions,
+        ) {
             Enqueued::Queued => true,
             Enqueued::Stored(commit, seq) => {
                 drop(undo_queued(&session, commit, seq));
@@ -1072,7 +1088,11 @@ fn undo_retained(
 
 /// Takes a queued copy out of an offline session's queue if its commit fails, so the
 /// session does not get a message its publisher was told was refused.
-fn undo_queued(session: &Arc<Session>, commit: fleetcore_store::Commit, seq: u64) -> Guarded {
+fn undo_queued(
+    session: &Arc<Session>,
+    commit: fleetcore_core::storage::Commit,
+    seq: u64,
+) -> Guarded {
     let session = session.clone();
     Guarded::new(commit, Box::new(move || session.unqueue(seq)))
 }
@@ -1108,7 +1128,7 @@ fn shutdown_kick() -> Kick {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetcore_store::StoreOptions;
+    use fleetcore_store::{Op, Store, StoreOptions};
 
     fn sub_opts() -> SubOptions {
         SubOptions {
@@ -1176,28 +1196,41 @@ mod tests {
         }
         let (store, loaded) = Store::open(&path, StoreOptions::default()).unwrap();
         assert_eq!(loaded.unloaded_sessions, ["orphan"]);
-        let hub = Hub::new(Config::default(), store, loaded, ServiceHost::default());
-        let commits = |hub: &Arc<Hub>| hub.store.commit_count();
+        let hub = Hub::new(
+            Config::default(),
+            store.storage(),
+            loaded,
+            ServiceHost::default(),
+        );
+        let commits = |_: &Arc<Hub>| store.commit_count();
+        let commits = &commits;
 
         // A clean session of a client with nothing on disk: no write at all.
         let clean = hub
             .attach("fresh".into(), true, 0, Version::V311, 1, None)
             .await;
         assert!(!clean.session_present);
-        hub.store.flush().await.unwrap();
+        hub.storage.flush().await.unwrap();
         assert_eq!(commits(&hub), 0);
 
         // A client whose data the store could not load: deleted when it connects.
         hub.attach("orphan".into(), true, 0, Version::V311, 2, None)
             .await;
-        hub.store.flush().await.unwrap();
+        hub.storage.flush().await.unwrap();
         assert_eq!(commits(&hub), 1);
         let (store2, loaded2) = {
             drop(hub);
+            drop(store);
             Store::open(&path, StoreOptions::default()).unwrap()
         };
         assert!(loaded2.unloaded_sessions.is_empty());
-        let hub = Hub::new(Config::default(), store2, loaded2, ServiceHost::default());
+        let hub = Hub::new(
+            Config::default(),
+            store2.storage(),
+            loaded2,
+            ServiceHost::default(),
+        );
+        let commits = |_: &Arc<Hub>| store2.commit_count();
 
         // A restored session: the reconnect is recorded, resubscribing the same
         // filter with the same options writes nothing and is acknowledged at once.
@@ -1205,7 +1238,7 @@ mod tests {
             .attach("dev1".into(), false, 3600, Version::V311, 3, None)
             .await;
         assert!(back.session_present);
-        hub.store.flush().await.unwrap();
+        hub.storage.flush().await.unwrap();
         let after_attach = commits(&hub);
         assert_eq!(after_attach, 1);
         assert!(back
@@ -1214,7 +1247,7 @@ mod tests {
             .lock()
             .subscribe("acct1/dev1/#".into(), sub_opts()));
         hub.persist_session(&back.session).unwrap().await.unwrap();
-        hub.store.flush().await.unwrap();
+        hub.storage.flush().await.unwrap();
         assert_eq!(commits(&hub), after_attach);
 
         // Any change is written (and waited for) as before.
@@ -1245,7 +1278,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, loaded) =
             Store::open(&dir.path().join("fleetcore.redb"), StoreOptions::default()).unwrap();
-        let hub = Hub::new(Config::default(), store, loaded, ServiceHost::default());
+        let hub = Hub::new(
+            Config::default(),
+            store.storage(),
+            loaded,
+            ServiceHost::default(),
+        );
         let first = hub
             .attach("twin".into(), false, 0, Version::V5, 1, None)
             .await;

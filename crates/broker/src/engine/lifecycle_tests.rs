@@ -18,7 +18,12 @@ use crate::session::{PidSet, Session, SubOptions};
 fn open(dir: &std::path::Path) -> Arc<Hub> {
     let (store, loaded) =
         Store::open(&dir.join("fleetcore.redb"), StoreOptions::default()).unwrap();
-    Hub::new(Config::default(), store, loaded, ServiceHost::default())
+    Hub::new(
+        Config::default(),
+        store.storage(),
+        loaded,
+        ServiceHost::default(),
+    )
 }
 
 async fn subscribe(hub: &Arc<Hub>, session: &Arc<Session>, filter: &str) {
@@ -90,7 +95,7 @@ async fn a_persistent_session_keeps_its_queue_across_reattach_and_restart() {
     assert!(Arc::ptr_eq(&a.session, &b.session));
     assert_eq!(queued_payloads(&b.session), ["reboot"]);
     hub.detach(&b.session, 2, Vec::new(), PidSet::default(), None);
-    hub.store.flush().await.unwrap();
+    hub.storage.flush().await.unwrap();
     drop((a, b));
     drop(hub);
 
@@ -136,7 +141,7 @@ async fn clean_start_and_expiry_0_leave_no_session_behind() {
         .await;
     assert!(!c.session_present);
     hub.detach(&c.session, 3, Vec::new(), PidSet::default(), None);
-    hub.store.flush().await.unwrap();
+    hub.storage.flush().await.unwrap();
     drop((a, b, c));
     drop(hub);
     let hub = open(dir.path());
@@ -178,7 +183,7 @@ async fn the_fabric_hears_interest_publishes_and_revocations() {
     let fabric = Arc::new(Recording::default());
     let hub = Hub::with_fabric(
         Config::default(),
-        store,
+        store.storage(),
         loaded,
         ServiceHost::default(),
         fabric.clone(),

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use fleetcore_core::message::Message;
+use fleetcore_core::storage::StoreError;
 use fleetcore_core::time::now_ms;
 use fleetcore_core::topic::{validate_topic_name, TopicError, TopicLimits};
-use fleetcore_store::StoreError;
 use mqtt_proto::v5::PublishProperties;
 use mqtt_proto::{QoS, TopicName};
 

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use fleetcore_store::{Commit, StoreError};
+use fleetcore_core::storage::{Commit, StoreError};
 
 /// What to do if the commit fails.
 pub type Undo = Box<dyn FnOnce() + Send>;

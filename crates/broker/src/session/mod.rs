@@ -316,7 +316,7 @@ pub enum Enqueued {
     /// Queued, and its durable copy was submitted to the store (under the
     /// session's lock, so it is ordered before any later delete of it); the
     /// publisher is acknowledged once this commit completes. The number is the copy's store key.
-    Stored(fleetcore_store::Commit, u64),
+    Stored(fleetcore_core::storage::Commit, u64),
     /// Not queued (the reason is a metrics label).
     Dropped(&'static str),
 }
@@ -422,7 +422,7 @@ impl Session {
         &self,
         mut d: Delivery,
         max_queued: usize,
-        store: &fleetcore_store::Store,
+        store: &dyn fleetcore_core::storage::SessionStore,
     ) -> Enqueued {
         let mut st = self.state.lock();
         if st.ended {
@@ -440,7 +440,7 @@ impl Session {
             st.next_seq += 1;
             d.seq = Some(seq);
             Enqueued::Stored(
-                store.submit(vec![fleetcore_store::Op::PutQueued {
+                store.submit_sessions(vec![fleetcore_core::storage::SessionOp::PutQueued {
                     client_id: self.client_id.to_string(),
                     seq,
                     item: d.to_stored(|| store.next_body_id()),
