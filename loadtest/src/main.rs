@@ -161,8 +161,9 @@ enum Cmd {
         /// Agent i's thing (and CSR CN) is <prefix><i>.
         #[arg(long, default_value = "prov-")]
         thing_prefix: String,
-        /// Times an agent sends a request again after a 429 ThrottlingException.
-        #[arg(long, default_value_t = 50)]
+        /// Times an agent sends a request again after a 429 ThrottlingException
+        /// (exponential backoff with jitter: 100 ms doubling to 2 s).
+        #[arg(long, default_value_t = 20)]
         max_retries: u32,
     },
     /// rustls alone: mutual-TLS server handshakes per CPU-second (in-process, one thread).

@@ -21,8 +21,8 @@
 //!    and holds the connection until every agent is done.
 //!
 //! A request answered 429 ThrottlingException (more than the broker's
-//! `[provisioning] max_in_flight` at once) is sent again after a short random pause,
-//! at most `--max-retries` times; those are counted apart. Any other rejection or
+//! `[provisioning] max_in_flight` at once) is sent again after an exponential backoff
+//! with jitter (100 ms doubling to 2 s, a random 50-100% of it), at most `--max-retries` times; those are counted apart. Any other rejection or
 //! failure ends the agent and is counted, and every distinct error is printed.
 
 use std::collections::BTreeMap;
@@ -284,9 +284,11 @@ async fn ask(
         if status == 429 && tries < sh.max_retries {
             tries += 1;
             sh.st.throttled.fetch_add(1, Relaxed);
-            // 50-300 ms, spread so the retries do not come back together.
-            let jitter = (payload::now_ns() ^ u64::from(*pkid).wrapping_mul(0x9E37_79B9)) % 250;
-            tokio::time::sleep(Duration::from_millis(50 + jitter)).await;
+            // Exponential backoff with jitter, as the AWS SDKs retry throttling:
+            // 100 ms doubling up to 2 s, a random 50-100% of it.
+            let cap = (50u64 << tries.min(6)).min(2000);
+            let r = (payload::now_ns() ^ u64::from(*pkid).wrapping_mul(0x9E37_79B9)) % 1000;
+            tokio::time::sleep(Duration::from_millis(cap / 2 + cap * r / 2000)).await;
             continue;
         }
         *sh.st.rejected.lock().entry(code.clone()).or_insert(0) += 1;
