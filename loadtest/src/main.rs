@@ -657,9 +657,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 max_retries,
                 ..
             } => {
-                let admin_token = std::fs::read_to_string(&c.admin_token_file).with_context(|| {
-                    format!("reading the admin token {}", c.admin_token_file.display())
-                })?;
+                let admin_token =
+                    std::fs::read_to_string(&c.admin_token_file).with_context(|| {
+                        format!("reading the admin token {}", c.admin_token_file.display())
+                    })?;
                 provision::provision(
                     ctx.clone(),
                     &s,

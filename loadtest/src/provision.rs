@@ -239,7 +239,10 @@ async fn answer(m: &mut Mqtt, prefix: &str) -> Result<(bool, Value), Fail> {
                     _ => continue,
                 };
                 let body: Value = serde_json::from_slice(&p.payload).map_err(|e| {
-                    Fail::new(FailKind::Protocol, format!("answer on {topic} not JSON: {e}"))
+                    Fail::new(
+                        FailKind::Protocol,
+                        format!("answer on {topic} not JSON: {e}"),
+                    )
                 })?;
                 if !m.wbuf.is_empty() {
                     m.flush()
@@ -271,7 +274,15 @@ async fn ask(
     let mut tries = 0u32;
     loop {
         *pkid = pkid.checked_add(1).unwrap_or(1);
-        mqtt::publish(&mut m.wbuf, m.version, topic, 1, *pkid, false, body.as_bytes());
+        mqtt::publish(
+            &mut m.wbuf,
+            m.version,
+            topic,
+            1,
+            *pkid,
+            false,
+            body.as_bytes(),
+        );
         m.flush()
             .await
             .map_err(|e| Fail::new(FailKind::Protocol, e))?;
@@ -348,7 +359,9 @@ async fn subscribe(m: &mut Mqtt, filters: &[&str]) -> Result<(), Fail> {
         match m.recv().await {
             Ok(Packet::SubAck { code, .. }) if mqtt::suback_ok(code) => granted += 1,
             Ok(Packet::SubAck { code, pkid }) => {
-                let f = filters.get(usize::from(pkid).wrapping_sub(1)).unwrap_or(&"?");
+                let f = filters
+                    .get(usize::from(pkid).wrapping_sub(1))
+                    .unwrap_or(&"?");
                 return Err(Fail::new(
                     FailKind::Refused,
                     format!("SUBACK 0x{code:02x} for {f}"),
@@ -407,7 +420,10 @@ async fn agent(
             )
             .await?;
             let mut m = connect(&ctx, s, &claim_id).await?;
-            let reg = format!("$aws/provisioning-templates/{}/provision/json/+", sh.template);
+            let reg = format!(
+                "$aws/provisioning-templates/{}/provision/json/+",
+                sh.template
+            );
             subscribe(&mut m, &[&format!("{CSR_TOPIC}/+"), &reg]).await?;
             Ok(m)
         })
@@ -525,7 +541,10 @@ pub async fn provision(ctx: Arc<Ctx>, c: &Common, o: &ProvisionOpts) -> anyhow::
     r.param("template", o.template.clone());
     r.param("thing_prefix", o.thing_prefix.clone());
     r.param("max_retries_on_429", o.max_retries);
-    r.param("flow", "CreateCertificateFromCsr + RegisterThing, then reconnect as the thing");
+    r.param(
+        "flow",
+        "CreateCertificateFromCsr + RegisterThing, then reconnect as the thing",
+    );
 
     let prep = std::time::Instant::now();
     let opts = o.clone();
@@ -621,7 +640,11 @@ pub async fn provision(ctx: Arc<Ctx>, c: &Common, o: &ProvisionOpts) -> anyhow::
     r.set("rejected_by_code", json!(rejected));
     r.set("errors", json!(st.errors.lock().clone()));
     r.set("wall_s_until_all_connected", round3(all_s));
-    let per_s = if all_s > 0.0 { done as f64 / all_s } else { 0.0 };
+    let per_s = if all_s > 0.0 {
+        done as f64 / all_s
+    } else {
+        0.0
+    };
     r.set("provisions_per_s", round1(per_s));
     let mut lat = serde_json::Map::new();
     for (k, name) in STEPS.iter().enumerate() {
@@ -651,7 +674,10 @@ pub async fn provision(ctx: Arc<Ctx>, c: &Common, o: &ProvisionOpts) -> anyhow::
         Some((done, "provisioning")),
     );
     if let (Some(b), true) = (bcpu, done > 0) {
-        r.set("broker_cpu_ms_per_provisioning", round3(b * 1e3 / done as f64));
+        r.set(
+            "broker_cpu_ms_per_provisioning",
+            round3(b * 1e3 / done as f64),
+        );
         if b > 0.0 {
             r.set("provisions_per_broker_cpu_s", round1(done as f64 / b));
             r.line(format!(
@@ -692,7 +718,9 @@ mod tests {
         let a = make_agents(3, "prov-", 2).unwrap();
         assert_eq!(a[2].thing, "prov-2");
         assert_eq!(a[1].account, "acct1");
-        assert!(a[0].csr_pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
+        assert!(a[0]
+            .csr_pem
+            .starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
         assert!(PrivateKeyDer::try_from(a[0].key_der.clone()).is_ok());
     }
 
@@ -703,7 +731,10 @@ mod tests {
             t["Resources"]["thing"]["Properties"]["ThingName"]["Fn::Join"][1][0],
             "prov-"
         );
-        assert_eq!(t["Resources"]["policy"]["Properties"]["PolicyName"], "agent");
+        assert_eq!(
+            t["Resources"]["policy"]["Properties"]["PolicyName"],
+            "agent"
+        );
         assert_eq!(
             t["DeviceConfiguration"]["ordersTopic"]["Fn::Sub"],
             "${Account}/prov-${SerialNumber}/orders"
