@@ -28,7 +28,7 @@ use crate::stats::{Probe, Report};
 #[command(
     name = "fleetcore-loadtest",
     version,
-    about = "Fleet simulator for MQTT brokers: idle fleet, targeted push, telemetry fan-in, reconnect storm, retained config, device shadows",
+    about = "Fleet simulator for MQTT brokers: idle fleet, targeted push, telemetry fan-in, reconnect storm, retained config, device shadows, fleet provisioning",
     after_help = "Every run stops by itself: --devices and the message counts bound it in count, --duration/--drain/--timeout in time.\nProgress goes to stderr; the summary (or with --json one JSON document) to stdout."
 )]
 struct Cli {
