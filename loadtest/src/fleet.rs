@@ -192,17 +192,7 @@ impl Fleet {
         accounts: usize,
     ) -> anyhow::Result<()> {
         let mut http = Http::connect(url, token)?;
-        let doc = serde_json::json!({
-            "Version": "2012-10-17",
-            "Statement": [
-                {"Effect": "Allow", "Action": "iot:Connect",
-                 "Resource": "arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}"},
-                {"Effect": "Allow", "Action": "iot:Subscribe",
-                 "Resource": "arn:aws:iot:*:*:topicfilter/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*"},
-                {"Effect": "Allow", "Action": ["iot:Receive", "iot:Publish"],
-                 "Resource": "arn:aws:iot:*:*:topic/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*"}
-            ]
-        });
+        let doc = agent_policy();
         let backend_policy = format!("{policy}-loadtest-backend");
         let backend_doc = serde_json::json!({
             "Version": "2012-10-17",
@@ -255,15 +245,31 @@ impl Fleet {
     }
 }
 
+/// The seed's agent policy for registry listeners: a device connects as its thing and
+/// reaches `<account attribute>/<thing>/...` only.
+pub fn agent_policy() -> serde_json::Value {
+    serde_json::json!({
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": "iot:Connect",
+             "Resource": "arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}"},
+            {"Effect": "Allow", "Action": "iot:Subscribe",
+             "Resource": "arn:aws:iot:*:*:topicfilter/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*"},
+            {"Effect": "Allow", "Action": ["iot:Receive", "iot:Publish"],
+             "Resource": "arn:aws:iot:*:*:topic/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*"}
+        ]
+    })
+}
+
 /// Just enough HTTP/1.1 for the admin API: JSON requests on one kept-alive connection.
-struct Http {
+pub(crate) struct Http {
     host: String,
     token: String,
     reader: BufReader<TcpStream>,
 }
 
 impl Http {
-    fn connect(url: &str, token: &str) -> anyhow::Result<Http> {
+    pub(crate) fn connect(url: &str, token: &str) -> anyhow::Result<Http> {
         let hostport = url
             .strip_prefix("http://")
             .ok_or_else(|| anyhow!("admin URL must be http://host:port (got {url})"))?
@@ -279,7 +285,7 @@ impl Http {
         })
     }
 
-    fn request(
+    pub(crate) fn request(
         &mut self,
         method: &str,
         path: &str,

@@ -7,6 +7,7 @@ mod handshake;
 mod mqtt;
 mod net;
 mod payload;
+mod provision;
 mod scenarios;
 mod shadow;
 mod stats;
@@ -16,7 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::fleetsim::Ctx;
 use crate::net::{BrokerUrl, TlsBase};
@@ -26,7 +28,7 @@ use crate::stats::{Probe, Report};
 #[command(
     name = "fleetcore-loadtest",
     version,
-    about = "Fleet simulator for MQTT brokers: idle fleet, targeted push, telemetry fan-in, reconnect storm, retained config, device shadows",
+    about = "Fleet simulator for MQTT brokers: idle fleet, targeted push, telemetry fan-in, reconnect storm, retained config, device shadows, fleet provisioning",
     after_help = "Every run stops by itself: --devices and the message counts bound it in count, --duration/--drain/--timeout in time.\nProgress goes to stderr; the summary (or with --json one JSON document) to stdout."
 )]
 struct Cli {
@@ -141,6 +143,28 @@ enum Cmd {
         /// Upper bound on updates, whatever the rate and duration.
         #[arg(long, default_value_t = 10_000_000)]
         max_messages: u64,
+    },
+    /// Fleet provisioning by CSR (fleetcore only; issue #14): sets up a template (thing
+    /// <--thing-prefix><serial>, the --admin-policy attached) and one claim certificate on
+    /// the admin API, makes a key and CSR per agent (not timed), then every agent connects
+    /// with the claim certificate, gets its certificate (CreateCertificateFromCsr),
+    /// registers its thing (RegisterThing) and reconnects with its own certificate as the
+    /// thing. Time until all are connected, provisions/s, latency per step, broker CPU
+    /// per provisioning. Defaults here: -n 2000, --rate 0 and --max-pending = -n (all at
+    /// once); needs --url mqtts://..., --ca and --admin-url.
+    Provision {
+        #[command(flatten)]
+        common: Common,
+        /// Template to create (used as it is when it exists).
+        #[arg(long, default_value = "loadtest-fleet")]
+        template: String,
+        /// Agent i's thing (and CSR CN) is <prefix><i>.
+        #[arg(long, default_value = "prov-")]
+        thing_prefix: String,
+        /// Times an agent sends a request again after a 429 ThrottlingException
+        /// (exponential backoff with jitter: 100 ms doubling to 2 s).
+        #[arg(long, default_value_t = 20)]
+        max_retries: u32,
     },
     /// rustls alone: mutual-TLS server handshakes per CPU-second (in-process, one thread).
     Handshake {
@@ -300,7 +324,9 @@ fn ephemeral_ports() -> u64 {
         .unwrap_or(28_232)
 }
 
-async fn build_ctx(c: &Common, mint_only: bool) -> anyhow::Result<Arc<Ctx>> {
+/// `mint_only`: certificates only, no connections; `no_fleet`: no device certificates
+/// (the provisioning agents get theirs during the run).
+async fn build_ctx(c: &Common, mint_only: bool, no_fleet: bool) -> anyhow::Result<Arc<Ctx>> {
     let (soft, hard) = raise_nofile();
     let need = c.devices as u64 + 64;
     if need > soft {
@@ -335,7 +361,7 @@ async fn build_ctx(c: &Common, mint_only: bool) -> anyhow::Result<Arc<Ctx>> {
     if mint_only && c.client_ca_cert.is_none() && c.admin_url.is_none() {
         bail!("mint needs --client-ca-cert and --client-ca-key, or --admin-url");
     }
-    let fleet = if !any_tls && !mint_only {
+    let fleet = if no_fleet || (!any_tls && !mint_only) {
         None
     } else {
         let source = if let (Some(cert), Some(key)) = (&c.client_ca_cert, &c.client_ca_key) {
@@ -373,7 +399,7 @@ async fn build_ctx(c: &Common, mint_only: bool) -> anyhow::Result<Arc<Ctx>> {
     let tls = tls_base(&c.url)?;
     // Key parsing and configuration building stay out of the measured phases.
     let mut device_tls = Vec::new();
-    if let (Some(base), false) = (&tls, mint_only) {
+    if let (Some(base), false) = (&tls, mint_only || no_fleet) {
         let started = std::time::Instant::now();
         let alpn = c.alpn.as_ref().map(|a| a.as_bytes());
         for i in 0..c.devices {
@@ -462,6 +488,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         | Cmd::Storm { common, .. }
         | Cmd::Retained { common, .. }
         | Cmd::Shadow { common, .. }
+        | Cmd::Provision { common, .. }
         | Cmd::Mint { common } => common.clone(),
         Cmd::Handshake {
             handshakes,
@@ -511,7 +538,11 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             c.devices
         );
     }
-    let ctx = build_ctx(&c, matches!(cmd, Cmd::Mint { .. })).await?;
+    let provisioning = matches!(cmd, Cmd::Provision { .. });
+    if provisioning && (!c.url.uses_tls() || c.admin_url.is_none()) {
+        bail!("provision needs --url mqtts://... (a registry TLS listener), --ca and --admin-url");
+    }
+    let ctx = build_ctx(&c, matches!(cmd, Cmd::Mint { .. }), provisioning).await?;
     if let Cmd::Mint { .. } = cmd {
         eprintln!("fleet ready in {}", c.fleet_dir.display());
         return Ok(());
@@ -620,6 +651,30 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 )
                 .await?
             }
+            Cmd::Provision {
+                template,
+                thing_prefix,
+                max_retries,
+                ..
+            } => {
+                let admin_token =
+                    std::fs::read_to_string(&c.admin_token_file).with_context(|| {
+                        format!("reading the admin token {}", c.admin_token_file.display())
+                    })?;
+                provision::provision(
+                    ctx.clone(),
+                    &s,
+                    &provision::ProvisionOpts {
+                        admin_url: c.admin_url.clone().unwrap_or_default(),
+                        admin_token: admin_token.trim().to_owned(),
+                        policy: c.admin_policy.clone(),
+                        template,
+                        thing_prefix,
+                        max_retries,
+                    },
+                )
+                .await?
+            }
             Cmd::Mint { .. } | Cmd::Handshake { .. } | Cmd::Pki { .. } | Cmd::NullBroker { .. } => {
                 unreachable!()
             }
@@ -635,8 +690,30 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Parses the command line; `provision` has its own defaults for -n (2000), --rate (0)
+/// and --max-pending (= -n): every agent at once.
+fn parse() -> Cli {
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Some(("provision", sub)), Cmd::Provision { common, .. }) =
+        (matches.subcommand(), &mut cli.cmd)
+    {
+        let default = |id: &str| sub.value_source(id) == Some(ValueSource::DefaultValue);
+        if default("devices") {
+            common.devices = 2000;
+        }
+        if default("rate") {
+            common.rate = 0.0;
+        }
+        if default("max_pending") {
+            common.max_pending = common.devices;
+        }
+    }
+    cli
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
