@@ -210,6 +210,13 @@ pub struct Registry {
     state: RwLock<State>,
     /// Serializes changes, so validate-write-apply happens as one step.
     write: tokio::sync::Mutex<()>,
+    /// Keys of pipelined changes (provisioning) submitted to the store and not yet
+    /// applied: a pipelined change touching none of them validates and submits while
+    /// earlier ones are still being written (so the store's group commit can batch
+    /// them); every other change waits until the set is empty ([`Registry::exclusive`]).
+    in_flight: parking_lot::Mutex<BTreeSet<String>>,
+    /// Told whenever `in_flight` loses keys.
+    settled: tokio::sync::Notify,
     generation: AtomicU64,
     store: Arc<dyn RecordStore>,
     /// Device token keys; read on every token CONNECT, changed under `write`.
@@ -371,6 +378,8 @@ impl Registry {
         Registry {
             state: RwLock::new(st),
             write: tokio::sync::Mutex::new(()),
+            in_flight: parking_lot::Mutex::new(BTreeSet::new()),
+            settled: tokio::sync::Notify::new(),
             generation: AtomicU64::new(1),
             store,
             tokens: RwLock::new(keyring),
@@ -395,6 +404,70 @@ impl Registry {
     /// Changes whenever anything in the registry changes.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// The write lock for a change that must see every earlier change applied: taken
+    /// once no pipelined change is in flight.
+    async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        loop {
+            let guard = self.write.lock().await;
+            // Made before the check, so a notification between the two is not lost.
+            let settled = self.settled.notified();
+            if self.in_flight.lock().is_empty() {
+                return guard;
+            }
+            drop(guard);
+            settled.await;
+        }
+    }
+
+    /// The write lock for a pipelined change touching `keys` (plus those `more` names
+    /// given the state): taken once none of them is in flight. Returns the guard and
+    /// every key of the change.
+    async fn reserve(
+        &self,
+        keys: Vec<String>,
+        more: impl Fn(&State) -> Vec<String>,
+    ) -> (tokio::sync::MutexGuard<'_, ()>, Vec<String>) {
+        loop {
+            let guard = self.write.lock().await;
+            let settled = self.settled.notified();
+            let mut all = keys.clone();
+            all.extend(more(&self.state.read()));
+            if !all.iter().any(|k| self.in_flight.lock().contains(k)) {
+                return (guard, all);
+            }
+            drop(guard);
+            settled.await;
+        }
+    }
+
+    /// Submits `ops` while `guard` is held (so the store sees changes in the order they
+    /// were validated), lets the next change in, waits for the commit, then applies
+    /// `change` to memory and moves the generation. The keys stay reserved until then.
+    async fn apply_pipelined(
+        &self,
+        guard: tokio::sync::MutexGuard<'_, ()>,
+        keys: Vec<String>,
+        ops: Vec<RecordOp>,
+        change: impl FnOnce(&mut State),
+    ) -> Result<()> {
+        let commit = self.store.submit_records(ops);
+        self.in_flight.lock().extend(keys.iter().cloned());
+        drop(guard);
+        let done = commit.await;
+        if done.is_ok() {
+            change(&mut self.state.write());
+            self.bump();
+        }
+        {
+            let mut in_flight = self.in_flight.lock();
+            for k in &keys {
+                in_flight.remove(k);
+            }
+        }
+        self.settled.notify_waiters();
+        done.map_err(RegistryError::from)
     }
 
     async fn commit(&self, ops: Vec<RecordOp>) -> Result<()> {
@@ -425,7 +498,7 @@ impl Registry {
     ) -> Result<Thing> {
         valid_thing_name(name)?;
         valid_attributes(&attributes)?;
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         if self.state.read().things.contains_key(name) {
             return Err(RegistryError::Conflict(format!(
                 "thing {name:?} already exists"
@@ -454,7 +527,7 @@ impl Registry {
         attributes: Option<BTreeMap<String, String>>,
         merge: bool,
     ) -> Result<Thing> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         let mut thing = self.thing(name).ok_or_else(|| not_found("thing", name))?;
         if let Some(t) = thing_type {
             thing.thing_type = (!t.is_empty()).then_some(t);
@@ -482,7 +555,7 @@ impl Registry {
     }
 
     pub async fn delete_thing(&self, name: &str) -> Result<()> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         {
             let st = self.state.read();
             if !st.things.contains_key(name) {
@@ -546,7 +619,7 @@ impl Registry {
     /// [`RegistryEvent::CertificateLeftActive`], so the engine cuts off its live
     /// connections whoever made the change.
     pub async fn set_certificate_state(&self, id: &str, state: CertState) -> Result<CertRecord> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         let mut rec = self
             .certificate(id)
             .ok_or_else(|| not_found("certificate", id))?;
@@ -576,7 +649,7 @@ impl Registry {
     }
 
     pub async fn delete_certificate(&self, id: &str) -> Result<()> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         {
             let st = self.state.read();
             let rec = st
@@ -632,7 +705,7 @@ impl Registry {
     pub async fn create_policy(&self, name: &str, document: &str) -> Result<PolicyRecord> {
         valid_policy_name(name)?;
         let compiled = compile(name, document)?;
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         if self.state.read().policies.contains_key(name) {
             return Err(RegistryError::Conflict(format!(
                 "policy {name:?} already exists"
@@ -666,7 +739,7 @@ impl Registry {
         set_default: bool,
     ) -> Result<PolicyRecord> {
         let compiled = compile(name, document)?;
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         let (mut rec, old) = self
             .state
             .read()
@@ -710,7 +783,7 @@ impl Registry {
         name: &str,
         version: u32,
     ) -> Result<PolicyRecord> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         let (mut rec, _) = self
             .state
             .read()
@@ -734,7 +807,7 @@ impl Registry {
     }
 
     pub async fn delete_policy(&self, name: &str) -> Result<()> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         {
             let st = self.state.read();
             if !st.policies.contains_key(name) {
@@ -791,7 +864,7 @@ impl Registry {
         cert_id: &str,
         on: bool,
     ) -> Result<()> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         {
             let st = self.state.read();
             if !st.certs.contains_key(cert_id) {
@@ -852,7 +925,7 @@ impl Registry {
     // ----- CAs ---------------------------------------------------------
 
     pub async fn register_ca(&self, rec: CaRecord) -> Result<CaRecord> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         if self.state.read().cas.contains_key(&rec.id) {
             return Err(RegistryError::Conflict(format!(
                 "CA {} is already registered",
@@ -983,7 +1056,7 @@ impl Registry {
                 "token lifetime of {ttl_secs} s is more than the maximum of {max} s ([tokens] max_ttl_secs)"
             )));
         }
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         let cert_id = self.token_certificate(thing, cert)?;
         let rotate = match self.tokens.read().signing_key() {
             None => true,
@@ -1046,7 +1119,7 @@ impl Registry {
     /// Makes a new signing key now: the current one retires and verifies for
     /// `[tokens] max_ttl_secs` more.
     pub async fn rotate_token_key(&self) -> Result<TokenKeyInfo> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         self.new_token_key(now_ms()).await
     }
 

@@ -411,7 +411,7 @@ impl Registry {
             valid_description(d)?;
         }
         valid_attributes(&attributes)?;
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         self.state.read().groups.check_create(name, parent)?;
         let group = ThingGroup {
             name: name.to_owned(),
@@ -438,7 +438,7 @@ impl Registry {
         attributes: Option<BTreeMap<String, String>>,
         merge: bool,
     ) -> Result<ThingGroup> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         let mut group = self
             .group(name)
             .ok_or_else(|| not_found("thing group", name))?;
@@ -471,7 +471,7 @@ impl Registry {
     /// Deletes a group that has no child groups, with its memberships (each told as
     /// [`RegistryEvent::GroupMembershipChanged`] with `added: false`).
     pub async fn delete_group(&self, name: &str) -> Result<()> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         let things = {
             let st = self.state.read();
             if st.groups.get(name).is_none() {
@@ -500,7 +500,7 @@ impl Registry {
     /// written or told). Refused past [`MAX_GROUPS_PER_THING`] groups or for a second
     /// group of the same hierarchy.
     pub async fn add_thing_to_group(&self, group: &str, thing: &str) -> Result<bool> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         {
             let st = self.state.read();
             if st.groups.get(group).is_none() {
@@ -528,7 +528,7 @@ impl Registry {
 
     /// Takes a thing out of a group it is a direct member of.
     pub async fn remove_thing_from_group(&self, group: &str, thing: &str) -> Result<()> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         {
             let st = self.state.read();
             if st.groups.get(group).is_none() {

@@ -87,7 +87,7 @@ impl Registry {
         state: CertState,
         extra: Vec<RecordOp>,
     ) -> Result<CertRecord> {
-        let _w = self.write.lock().await;
+        let (guard, keys) = self.reserve(vec![cert_key(&c.id)], |_| Vec::new()).await;
         if self.state.read().certs.contains_key(&c.id) {
             return Err(RegistryError::Conflict(format!(
                 "certificate {} is already registered",
@@ -97,7 +97,7 @@ impl Registry {
         let rec = cert_record(c, state, now_ms());
         let mut ops = vec![put(CERT, &rec.id, &rec)];
         ops.extend(extra);
-        self.apply(ops, |st| {
+        self.apply_pipelined(guard, keys, ops, |st| {
             st.certs.insert(rec.id.clone(), rec.clone());
         })
         .await?;
@@ -112,7 +112,7 @@ impl Registry {
         id: &str,
         extra: Vec<RecordOp>,
     ) -> Result<bool> {
-        let _w = self.write.lock().await;
+        let _w = self.exclusive().await;
         let unclaimed = {
             let st = self.state.read();
             st.certs
@@ -153,7 +153,28 @@ impl Registry {
     /// policy or group does not exist, a limit would be broken, or an `OnExisting::Fail`
     /// property differs ([`RegistryError::Conflict`]).
     pub async fn provision(&self, p: Provision) -> Result<Provisioned> {
-        let _w = self.write.lock().await;
+        // Pipelined: provisionings of other certificates and things validate and
+        // submit while this one is written. A policy made from a document is reserved
+        // only while it does not exist yet (the first of a storm makes it).
+        let mut keys = vec![cert_key(&p.cert_id)];
+        if let Some(t) = &p.thing {
+            keys.push(format!("thing:{}", t.name));
+        }
+        let (guard, keys) = self
+            .reserve(keys, |st| {
+                p.policies
+                    .iter()
+                    .filter_map(|pol| match pol {
+                        ProvisionPolicy::Document { name, .. }
+                            if !st.policies.contains_key(name) =>
+                        {
+                            Some(format!("policy:{name}"))
+                        }
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .await;
         let now = now_ms();
         let mut ops = Vec::new();
         let mut new_policies: Vec<(PolicyRecord, std::sync::Arc<fleetcore_policy::Policy>)> =
@@ -163,7 +184,6 @@ impl Registry {
         let mut thing_created = false;
         let mut joined: Vec<String> = Vec::new();
         let mut left: Vec<String> = Vec::new();
-        let mut groups_after: Option<Groups> = None;
         let mut cert = {
             let st = self.state.read();
             let cert = match &p.register {
@@ -264,13 +284,10 @@ impl Registry {
                 if existing != Some(&thing) {
                     ops.push(put(THING, &thing.name, &thing));
                 }
-                // Memberships: worked out on a copy, so every limit is checked
-                // against the state as it will be.
-                let mut groups = st.groups.clone();
-                let current: BTreeSet<String> = groups.of_thing(&t.name).into_iter().collect();
+                let current: BTreeSet<String> = st.groups.of_thing(&t.name).into_iter().collect();
                 let wanted: BTreeSet<String> = t.groups.iter().cloned().collect();
                 for g in &wanted {
-                    if groups.get(g).is_none() {
+                    if st.groups.get(g).is_none() {
                         return Err(not_found("thing group", g));
                     }
                 }
@@ -295,18 +312,23 @@ impl Registry {
                         (Vec::new(), Vec::new())
                     }
                 };
-                for g in &remove {
-                    groups.unlink(g, &t.name);
-                    ops.push(Groups::del_membership(g, &t.name));
-                }
-                for g in &add {
-                    groups.check_add(g, &t.name)?;
-                    groups.link(g, &t.name);
-                    ops.push(Groups::put_membership(g, &t.name));
+                if !add.is_empty() || !remove.is_empty() {
+                    // Worked out on a copy (only when there is something to change:
+                    // the copy holds every group), so every limit is checked against
+                    // the memberships as they will be.
+                    let mut groups = st.groups.clone();
+                    for g in &remove {
+                        groups.unlink(g, &t.name);
+                        ops.push(Groups::del_membership(g, &t.name));
+                    }
+                    for g in &add {
+                        groups.check_add(g, &t.name)?;
+                        groups.link(g, &t.name);
+                        ops.push(Groups::put_membership(g, &t.name));
+                    }
                 }
                 joined = add;
                 left = remove;
-                groups_after = Some(groups);
                 let key = format!("{}/{}", p.cert_id, t.name);
                 ops.push(put(THING_ATTACHMENT, &key, &true));
                 thing_out = Some(thing);
@@ -332,19 +354,25 @@ impl Registry {
         let state = cert.state;
         let policies_created: Vec<String> =
             new_policies.iter().map(|(r, _)| r.name.clone()).collect();
-        self.apply(ops, |st| {
+        self.apply_pipelined(guard, keys, ops, |st| {
             for (rec, compiled) in new_policies {
                 st.policies.insert(rec.name.clone(), (rec, compiled));
             }
             if let Some(t) = thing_out {
+                // The memberships as validated on a copy, applied to the groups as
+                // they are now (other pipelined provisionings may have changed other
+                // things' memberships meanwhile).
+                for g in &left {
+                    st.groups.unlink(g, &t.name);
+                }
+                for g in &joined {
+                    st.groups.link(g, &t.name);
+                }
                 st.cert_things
                     .entry(cert.id.clone())
                     .or_default()
                     .insert(t.name.clone());
                 st.things.insert(t.name.clone(), t);
-            }
-            if let Some(g) = groups_after {
-                st.groups = g;
             }
             st.cert_policies
                 .entry(cert.id.clone())
@@ -373,6 +401,10 @@ impl Registry {
             state,
         })
     }
+}
+
+fn cert_key(id: &str) -> String {
+    format!("cert:{id}")
 }
 
 fn cert_record(c: NewCert, state: CertState, now: u64) -> CertRecord {
@@ -681,5 +713,214 @@ mod tests {
             .await
             .unwrap());
         assert!(reg.certificate("j1").is_some());
+    }
+}
+
+#[cfg(test)]
+mod pipelining {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use fleetcore_core::storage::{Commit, RecordStore};
+    use parking_lot::Mutex;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::token::TokenConfig;
+
+    type Reply = oneshot::Sender<std::result::Result<(), fleetcore_core::storage::StoreError>>;
+
+    /// A store whose commits resolve only when the test says so.
+    #[derive(Default)]
+    struct Gated {
+        held: Mutex<Vec<(Vec<RecordOp>, Reply)>>,
+    }
+
+    impl RecordStore for Gated {
+        fn submit_records(&self, ops: Vec<RecordOp>) -> Commit {
+            let (tx, rx) = oneshot::channel();
+            self.held.lock().push((ops, tx));
+            Commit::waiting(rx)
+        }
+    }
+
+    impl Gated {
+        fn submitted(&self) -> usize {
+            self.held.lock().len()
+        }
+        fn release_all(&self) {
+            for (_, tx) in self.held.lock().drain(..) {
+                let _ = tx.send(Ok(()));
+            }
+        }
+    }
+
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("{what}");
+    }
+
+    fn new_cert(id: &str) -> NewCert {
+        NewCert {
+            id: id.into(),
+            pem: String::new(),
+            subject: "CN=x".into(),
+            subject_cn: None,
+            issuer: "CN=test".into(),
+            serial: "01".into(),
+            not_after_ms: u64::MAX,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn provisionings_of_other_things_are_submitted_while_one_is_written_and_others_wait() {
+        let store = Arc::new(Gated::default());
+        let reg = Arc::new(Registry::new(store.clone(), &[], TokenConfig::default()));
+        // Two certificates registered at once: both submitted before either is on disk.
+        let (a, b) = (reg.clone(), reg.clone());
+        let ta = tokio::spawn(async move {
+            a.register_certificate_with(new_cert("c1"), CertState::PendingActivation, vec![])
+                .await
+        });
+        let tb = tokio::spawn(async move {
+            b.register_certificate_with(new_cert("c2"), CertState::PendingActivation, vec![])
+                .await
+        });
+        until("both submitted", || store.submitted() == 2).await;
+        // Not applied before it is on disk.
+        assert!(reg.certificate("c1").is_none() && reg.certificate("c2").is_none());
+        // An ordinary change waits for them: nothing more is submitted.
+        let c = reg.clone();
+        let tc = tokio::spawn(async move { c.create_thing("other", None, BTreeMap::new()).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(store.submitted(), 2);
+        store.release_all();
+        ta.await.unwrap().unwrap();
+        tb.await.unwrap().unwrap();
+        until("the ordinary change submitted", || store.submitted() == 1).await;
+        store.release_all();
+        tc.await.unwrap().unwrap();
+        assert_eq!(
+            reg.certificate_state("c1"),
+            Some(CertState::PendingActivation)
+        );
+
+        // The same certificate twice at once: the second waits for the first and is
+        // then refused (the key is reserved until the first is applied).
+        let prov = |cert: &str, thing: &str| Provision {
+            cert_id: cert.into(),
+            register: None,
+            activate: true,
+            thing: Some(ProvisionThing {
+                name: thing.into(),
+                thing_type: None,
+                attributes: BTreeMap::new(),
+                groups: vec![],
+                on_existing_attributes: OnExisting::Keep,
+                on_existing_type: OnExisting::Keep,
+                on_existing_groups: OnExisting::Keep,
+            }),
+            policies: vec![],
+            extra: vec![],
+        };
+        let (a, b) = (reg.clone(), reg.clone());
+        let (pa, pb) = (prov("c1", "t1"), prov("c1", "t1"));
+        let ta = tokio::spawn(async move { a.provision(pa).await });
+        until("first submitted", || store.submitted() == 1).await;
+        let tb = tokio::spawn(async move { b.provision(pb).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(store.submitted(), 1, "the second waits for the first");
+        store.release_all();
+        ta.await.unwrap().unwrap();
+        let second = tb.await.unwrap().unwrap_err();
+        assert!(matches!(second, RegistryError::Conflict(_)), "{second}");
+        // Another certificate and thing meanwhile: submitted at once.
+        let a = reg.clone();
+        let ta = tokio::spawn(async move { a.provision(prov("c2", "t2")).await });
+        until("submitted", || store.submitted() == 1).await;
+        store.release_all();
+        ta.await.unwrap().unwrap();
+        assert!(reg.is_attached("c1", "t1") && reg.is_attached("c2", "t2"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_at_once_each_get_their_thing_group_and_the_one_shared_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = || {
+            let (store, loaded) =
+                fleetcore_store::Store::open(&dir.path().join("s.redb"), Default::default())
+                    .unwrap();
+            (
+                Arc::new(Registry::new(
+                    Arc::new(store.clone()),
+                    &loaded.records,
+                    TokenConfig::default(),
+                )),
+                store,
+            )
+        };
+        let (reg, store) = open();
+        reg.create_group("site-1", None, None, BTreeMap::new())
+            .await
+            .unwrap();
+        let doc = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#;
+        let n = 40;
+        let mut tasks = Vec::new();
+        for i in 0..n {
+            let reg = reg.clone();
+            tasks.push(tokio::spawn(async move {
+                let cert = format!("c{i}");
+                reg.register_certificate_with(
+                    new_cert(&cert),
+                    CertState::PendingActivation,
+                    vec![],
+                )
+                .await?;
+                reg.provision(Provision {
+                    cert_id: cert,
+                    register: None,
+                    activate: true,
+                    thing: Some(ProvisionThing {
+                        name: format!("agent-{i}"),
+                        thing_type: None,
+                        attributes: BTreeMap::new(),
+                        groups: vec!["site-1".into()],
+                        on_existing_attributes: OnExisting::Keep,
+                        on_existing_type: OnExisting::Keep,
+                        on_existing_groups: OnExisting::Keep,
+                    }),
+                    policies: vec![ProvisionPolicy::Document {
+                        name: "shared".into(),
+                        document: doc.into(),
+                    }],
+                    extra: vec![],
+                })
+                .await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let check = |reg: &Registry| {
+            assert_eq!(reg.group_things("site-1", false).unwrap().len(), n);
+            assert_eq!(reg.policies().len(), 1);
+            for i in 0..n {
+                let cert = format!("c{i}");
+                assert_eq!(reg.certificate_state(&cert), Some(CertState::Active));
+                assert!(reg.is_attached(&cert, &format!("agent-{i}")));
+                assert_eq!(reg.certificate_policies(&cert), vec!["shared".to_string()]);
+            }
+        };
+        check(&reg);
+        let commits = store.commit_count();
+        println!("{} commits for {} changes", commits, 2 * n + 1);
+        drop((reg, store));
+        let (reg, _store) = open();
+        check(&reg);
     }
 }
