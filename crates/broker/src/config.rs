@@ -52,7 +52,7 @@ impl Default for ProvisioningConfig {
         ProvisioningConfig {
             enabled: true,
             certificate_days: 365,
-            max_in_flight: 256,
+            max_in_flight: 4096,
             token_ttl_secs: 3600,
             hook_timeout_ms: 5000,
         }

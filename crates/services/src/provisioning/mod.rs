@@ -74,7 +74,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             certificate_days: 365,
-            max_in_flight: 256,
+            max_in_flight: 4096,
             token_ttl: Duration::from_secs(3600),
             hook_timeout: Duration::from_secs(5),
             reserved_cns: vec!["fleetcore-admin".into()],
