@@ -357,11 +357,73 @@ fn check_connect_layout(version: Version, frame: &[u8]) -> Result<(), DecodeErro
     }
 }
 
+/// What the codec lets through in the short packets and the PUBLISH flags: DUP on a
+/// QoS 0 PUBLISH (3.3.1.1, MQTT-3.3.1-2; invalid fixed-header flags are malformed,
+/// 2.1.3), a PINGREQ/PINGRESP with a body (3.12.1/3.13.1: Remaining Length 0), a
+/// 3.1/3.1.1 PUBACK/PUBREC/PUBREL/PUBCOMP whose Remaining Length is not 2 or a
+/// DISCONNECT whose is not 0 (3.4.1-3.7.1, 3.14.1), and MQTT 5 acknowledgements and
+/// DISCONNECT with bytes after their properties (3.4.2.2, 3.14.2.2). All malformed.
+fn check_fixed_layout(version: Version, frame: &[u8]) -> Result<(), DecodeError> {
+    let Some(&hd) = frame.first() else {
+        return Ok(());
+    };
+    let typ = hd >> 4;
+    let bad = |why: &str| Err(DecodeError::Malformed(why.to_string()));
+    if typ == 3 {
+        if hd & 0x08 != 0 && (hd >> 1) & 0x03 == 0 {
+            return bad("PUBLISH with DUP set and QoS 0");
+        }
+        return Ok(());
+    }
+    if !matches!(typ, 4..=7 | 12..=14) {
+        return Ok(());
+    }
+    // The remaining length; `frame_len` has checked it and the frame is whole.
+    let mut i = 1;
+    while frame.get(i).is_some_and(|b| b & 0x80 != 0) {
+        i += 1;
+    }
+    let body = frame.get(i + 1..).unwrap_or_default();
+    // A variable byte integer at the start of `b`: (value, its length).
+    let varint = |b: &[u8]| -> Option<(usize, usize)> {
+        let mut n = 0usize;
+        for (k, byte) in b.iter().take(4).enumerate() {
+            n |= usize::from(byte & 0x7f) << (7 * k);
+            if byte & 0x80 == 0 {
+                return Some((n, k + 1));
+            }
+        }
+        None
+    };
+    // MQTT 5: after `fixed` bytes (and a reason code) come properties that must end
+    // where the packet does.
+    let props_end_the_packet = |fixed: usize| -> bool {
+        if body.len() <= fixed + 1 {
+            return true;
+        }
+        match varint(&body[fixed + 1..]) {
+            Some((len, n)) => body.len() == fixed + 1 + n + len,
+            None => true, // the codec reports the bad integer
+        }
+    };
+    match (typ, version.is_v5()) {
+        (12 | 13, _) if !body.is_empty() => bad("PINGREQ/PINGRESP with a body"),
+        (4..=7, false) if body.len() != 2 => bad("acknowledgement whose length is not 2"),
+        (14, false) if !body.is_empty() => bad("DISCONNECT with a body"),
+        (4..=7, true) if !props_end_the_packet(2) => {
+            bad("acknowledgement with bytes after its properties")
+        }
+        (14, true) if !props_end_the_packet(0) => bad("DISCONNECT with bytes after its properties"),
+        _ => Ok(()),
+    }
+}
+
 /// Decodes one whole frame into the common (MQTT 5 shaped) packet model.
 pub fn decode(version: Version, frame: &[u8]) -> Result<Packet, DecodeError> {
     if frame.first().is_some_and(|b| b >> 4 == 1) {
         check_connect_layout(version, frame)?;
     }
+    check_fixed_layout(version, frame)?;
     let p = decode_unchecked(version, frame)?;
     // PUBLISH without properties is most of the traffic; its topic was checked.
     if !matches!(&p, Packet::Publish(p) if p.properties.user_properties.is_empty() && p.properties.content_type.is_none())
@@ -1009,6 +1071,44 @@ mod tests {
             decode(Version::V5, &publish),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn short_packets_with_extra_bytes_and_dup_on_qos0_are_malformed() {
+        let malformed =
+            |v: Version, f: &[u8]| matches!(decode(v, f), Err(DecodeError::Malformed(_)));
+        for v in [Version::V31, Version::V311, Version::V5] {
+            // DUP on QoS 0 (topic "t", payload "p"); DUP on QoS 1 is fine.
+            let qos0_dup = [0x38, 4, 0, 1, b't', b'p'];
+            assert!(malformed(v, &qos0_dup), "{v:?} QoS 0 DUP");
+            assert!(decode(v, &[0xC0, 0]).is_ok());
+            assert!(malformed(v, &[0xC0, 1, 0]), "{v:?} PINGREQ with a body");
+            assert!(malformed(v, &[0xD0, 1, 0]), "{v:?} PINGRESP with a body");
+        }
+        let mut qos1_dup = vec![0x3A, 6, 0, 1, b't', 0, 1, b'p'];
+        assert!(decode(Version::V311, &qos1_dup).is_ok());
+        qos1_dup.insert(7, 0);
+        qos1_dup[1] += 1;
+        assert!(decode(Version::V5, &qos1_dup).is_ok());
+        for v in [Version::V31, Version::V311] {
+            assert!(decode(v, &[0x40, 2, 0, 1]).is_ok());
+            assert!(malformed(v, &[0x40, 3, 0, 1, 0]), "{v:?} PUBACK of 3");
+            assert!(malformed(v, &[0x50, 3, 0, 1, 0]), "{v:?} PUBREC of 3");
+            assert!(malformed(v, &[0xE0, 1, 0]), "{v:?} DISCONNECT with a body");
+        }
+        // MQTT 5: reason code and properties are optional, nothing may follow them.
+        for ok in [
+            &[0x40, 2, 0, 1][..],
+            &[0x40, 3, 0, 1, 0x10],
+            &[0x40, 4, 0, 1, 0, 0],
+        ] {
+            assert!(decode(Version::V5, ok).is_ok(), "{ok:?}");
+        }
+        assert!(malformed(Version::V5, &[0x40, 5, 0, 1, 0, 0, 0]));
+        assert!(malformed(Version::V5, &[0x50, 5, 0, 1, 0, 0, 0]));
+        assert!(decode(Version::V5, &[0xE0, 1, 0]).is_ok());
+        assert!(decode(Version::V5, &[0xE0, 2, 0, 0]).is_ok());
+        assert!(malformed(Version::V5, &[0xE0, 3, 0, 0, 0]));
     }
 
     #[test]

@@ -617,3 +617,30 @@ fn property_not_allowed_in_a_packet_is_malformed() {
     }
     arena.finish();
 }
+
+/// What mosquitto's msg_sequence_test found the codec letting through: DUP on a QoS 0
+/// PUBLISH (MQTT-3.3.1-2, invalid flags: malformed, 2.1.3), a PINGREQ with a body
+/// (3.12.1), an acknowledgement or DISCONNECT with bytes beyond its fields (3.1.1
+/// 3.4.1/3.14.1; MQTT 5 3.4.2.2/3.14.2.2). Each is malformed: 0x81, 3.1.1 closed.
+#[test]
+fn short_packets_with_extra_bytes_and_dup_on_qos0_are_malformed() {
+    let mut arena = Arena::new();
+    // Topic "t", (v5: no properties,) payload: the same bytes are a 3.1.1 QoS 0 PUBLISH.
+    let mut body = string("t");
+    body.extend([0x00, b'p']);
+    for (bytes, what) in [
+        (packet(0x38, &body), "QoS 0 PUBLISH with DUP"),
+        (vec![0xC0, 1, 0], "PINGREQ with a body"),
+        (
+            vec![0x40, 5, 0, 1, 0, 0, 0],
+            "PUBACK with a byte after its properties",
+        ),
+        (
+            vec![0xE0, 3, 0, 0, 0],
+            "DISCONNECT with a byte after its properties",
+        ),
+    ] {
+        answered(&mut arena, &bytes, MALFORMED_PACKET, what);
+    }
+    arena.finish();
+}
