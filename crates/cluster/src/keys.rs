@@ -3,35 +3,20 @@
 //! A KV key may hold only `[-/_=.a-zA-Z0-9]`, with `.` separating tokens that must not be
 //! empty, while a client id, a topic or a record key may be any UTF-8 (`.`, `*`, `>`,
 //! spaces, `/`, empty levels). Each part is encoded on its own as base64url without padding
-//! (alphabet `[A-Za-z0-9_-]`, so never a `.`), and the empty string as `=` (not in that
+//! (`fleetcore_core::encoding`; alphabet `[A-Za-z0-9_-]`, so never a `.`), and the empty string as `=` (not in that
 //! alphabet), so every part is one non-empty token and decoding is exact.
 
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+use fleetcore_core::encoding::{b64url_decode_vec, b64url_encode};
 
 /// The token for the empty string.
 const EMPTY: &str = "=";
 
 /// Encodes one key part as a single KV key token.
 pub fn encode_part(part: &str) -> String {
-    let bytes = part.as_bytes();
-    if bytes.is_empty() {
+    if part.is_empty() {
         return EMPTY.to_string();
     }
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let chars = chunk.len() + 1;
-        for i in 0..chars {
-            let index = (n >> (18 - 6 * i)) & 0x3f;
-            out.push(char::from(ALPHABET[index as usize]));
-        }
-    }
-    out
+    b64url_encode(part.as_bytes())
 }
 
 /// Decodes a token made by [`encode_part`]; `None` for anything it cannot have made.
@@ -39,25 +24,10 @@ pub fn decode_part(token: &str) -> Option<String> {
     if token == EMPTY {
         return Some(String::new());
     }
-    if token.is_empty() || token.len() % 4 == 1 {
+    if token.is_empty() {
         return None;
     }
-    let mut out = Vec::with_capacity(token.len() / 4 * 3 + 2);
-    for chunk in token.as_bytes().chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            let v = ALPHABET.iter().position(|a| a == c)? as u32;
-            n |= v << (18 - 6 * i);
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        let len = chunk.len() - 1;
-        // Bits past the last byte must be zero, else two tokens would decode alike.
-        if len < 3 && n & (0xff_ffff >> (8 * len)) != 0 {
-            return None;
-        }
-        out.extend_from_slice(&bytes[..len]);
-    }
-    String::from_utf8(out).ok()
+    String::from_utf8(b64url_decode_vec(token.as_bytes())?).ok()
 }
 
 /// The sequence number part of a queue key: fixed-width hex, so key order is seq order.
