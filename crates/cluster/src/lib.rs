@@ -1,0 +1,783 @@
+//! fleetcore's storage on NATS JetStream: the second implementation of the storage traits of
+//! `fleetcore_core::storage` ([`SessionStore`], [`RetainedStore`], [`RecordStore`]), for
+//! cluster mode (issue #15). This is the first step: nothing in the broker uses it yet.
+//!
+//! # Buckets and keys
+//! Four JetStream KV buckets, created at [`NatsStorage::connect`] if missing, with
+//! [`NatsOptions::replicas`] replicas and history 1, named `<prefix>_sessions`,
+//! `<prefix>_queue`, `<prefix>_retained`, `<prefix>_records`, plus `<prefix>_meta` for the
+//! body-id epoch. Every key part is encoded by [`keys::encode_part`] (base64url, `=` for
+//! the empty string), since client ids, topics and record keys may hold any UTF-8:
+//!
+//! | bucket | key | value |
+//! |---|---|---|
+//! | sessions | `E(client id)` | postcard [`StoredSession`] |
+//! | queue | `E(client id).<seq as 16 hex digits>` | postcard `QueueEntry`: the delivery with its message inline |
+//! | retained | `E(topic)` | postcard [`StoredRetained`] |
+//! | records | `E(kind).E(key)` | the record's bytes |
+//! | meta | `body_epoch` | decimal, the last epoch handed out |
+//!
+//! Each op is one KV put or delete of one key; `DeleteSession` deletes the session key and
+//! then every key the queue bucket lists under `E(client id).>`. A queued message is
+//! inlined in each queue entry (redb writes a body once for many copies); the body id is
+//! kept with it.
+//!
+//! # Commits
+//! One writer task publishes the ops of every submit in submission order on one
+//! connection (so a later submit never overtakes an earlier one on the same key), and an
+//! acknowledgement task awaits JetStream's acks in that order. A submit's [`Commit`]
+//! resolves once JetStream acknowledged (stored) every op of it, or with the first
+//! error. With `sync_interval: always` on the servers an acknowledged op is on disk.
+//!
+//! # Body ids
+//! `next_body_id` is `epoch << 40 | counter`: the epoch is taken at connect by a
+//! compare-and-set increment of `body_epoch` in the meta bucket, so every connection (every
+//! node, every restart) gets ids of its own; the counter starts at 1.
+#![forbid(unsafe_code)]
+
+pub mod keys;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, Context};
+use async_nats::{HeaderMap, HeaderValue};
+use bytes::Bytes;
+use fleetcore_core::storage::{
+    Commit, Loaded, LoadedSession, RecordOp, RecordStore, RetainedOp, RetainedStore, SessionOp,
+    SessionStore, Storage, StoreError, StoredMessage, StoredQueued, StoredRetained, StoredSession,
+};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+/// Bits of a body id below the epoch.
+const EPOCH_SHIFT: u32 = 40;
+const BODY_EPOCH_KEY: &str = "body_epoch";
+
+/// How to reach and lay out the JetStream buckets.
+#[derive(Debug, Clone)]
+pub struct NatsOptions {
+    /// Bucket names start with this and `_` (letters, digits, `_`, `-`), so several
+    /// fleetcore installations (or test runs) can share one NATS account.
+    pub prefix: String,
+    /// Replicas of each bucket when it is created (1 for a single server, 3 in production).
+    /// An existing bucket keeps its own.
+    pub replicas: usize,
+    /// Name of the connection as NATS shows it.
+    pub connection_name: String,
+    /// How long a JetStream request or acknowledgement may take before it fails.
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsOptions {
+    fn default() -> Self {
+        NatsOptions {
+            prefix: "fleetcore".into(),
+            replicas: 1,
+            connection_name: "fleetcore".into(),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A queue entry: the delivery, its message inline.
+#[derive(Serialize, Deserialize)]
+struct QueueEntry {
+    body: u64,
+    msg: StoredMessage,
+    qos: u8,
+    retain: bool,
+    subscription_ids: Vec<u32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bucket {
+    Sessions,
+    Queue,
+    Retained,
+    Records,
+}
+
+impl Bucket {
+    fn suffix(self) -> &'static str {
+        match self {
+            Bucket::Sessions => "sessions",
+            Bucket::Queue => "queue",
+            Bucket::Retained => "retained",
+            Bucket::Records => "records",
+        }
+    }
+}
+
+/// The four buckets and where they are, for error messages.
+struct Buckets {
+    client: async_nats::Client,
+    js: Context,
+    sessions: kv::Store,
+    queue: kv::Store,
+    retained: kv::Store,
+    records: kv::Store,
+    servers: String,
+}
+
+impl Buckets {
+    fn get(&self, b: Bucket) -> &kv::Store {
+        match b {
+            Bucket::Sessions => &self.sessions,
+            Bucket::Queue => &self.queue,
+            Bucket::Retained => &self.retained,
+            Bucket::Records => &self.records,
+        }
+    }
+
+    fn err(&self, b: Bucket, what: &str, e: impl std::fmt::Display) -> StoreError {
+        StoreError::Io(format!(
+            "NATS JetStream at {}, bucket {}: {what}: {e}",
+            self.servers,
+            self.get(b).name
+        ))
+    }
+}
+
+/// One write, ready to publish.
+enum Write {
+    Put {
+        bucket: Bucket,
+        key: String,
+        value: Bytes,
+    },
+    Delete {
+        bucket: Bucket,
+        key: String,
+    },
+    /// The session key and every queue key of the client (encoded client id).
+    DeleteSession {
+        client: String,
+    },
+}
+
+enum Request {
+    Writes {
+        writes: Vec<Write>,
+        reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+    },
+    Flush(oneshot::Sender<Result<(), StoreError>>),
+}
+
+type Ack = (Bucket, String, jetstream::context::PublishAckFuture);
+
+/// Acknowledgements to await, in order, then the reply.
+struct AckBatch {
+    acks: Vec<Ack>,
+    error: Option<StoreError>,
+    reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+    /// A flush: also reports a failure of an earlier submit nobody waited for.
+    flush: bool,
+}
+
+/// Storage on NATS JetStream; cheap to clone. See the crate docs.
+#[derive(Clone)]
+pub struct NatsStorage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tx: mpsc::UnboundedSender<Request>,
+    next_body: AtomicU64,
+    client: async_nats::Client,
+}
+
+impl std::fmt::Debug for NatsStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsStorage").finish_non_exhaustive()
+    }
+}
+
+fn open_err(servers: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Open {
+        path: PathBuf::from(format!("nats://{servers}")),
+        reason: format!("{what}: {e}"),
+    }
+}
+
+impl NatsStorage {
+    /// Connects to `urls`, creates the buckets that are missing and reads everything
+    /// into a [`Loaded`] (same rules as the redb store: retained in topic order, sessions
+    /// in client id order, queues in seq order, records in (kind, key) order; queued
+    /// items without a readable session put the client id in `unloaded_sessions`).
+    /// Must be called within a tokio runtime.
+    pub async fn connect(
+        urls: &[String],
+        opts: NatsOptions,
+    ) -> Result<(NatsStorage, Loaded), StoreError> {
+        let servers = urls.join(",");
+        if opts.prefix.is_empty()
+            || !opts
+                .prefix
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+        {
+            return Err(open_err(
+                &servers,
+                "bucket prefix",
+                format!("{:?} must be letters, digits, _ or -", opts.prefix),
+            ));
+        }
+        let client = async_nats::ConnectOptions::new()
+            .name(&opts.connection_name)
+            .request_timeout(Some(opts.request_timeout))
+            .connect(urls)
+            .await
+            .map_err(|e| open_err(&servers, "connect", e))?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(opts.request_timeout);
+
+        let open = |b: Bucket| open_bucket(&js, &servers, &opts, b.suffix());
+        let buckets = Buckets {
+            sessions: open(Bucket::Sessions).await?,
+            queue: open(Bucket::Queue).await?,
+            retained: open(Bucket::Retained).await?,
+            records: open(Bucket::Records).await?,
+            client: client.clone(),
+            js: js.clone(),
+            servers: servers.clone(),
+        };
+        let meta = open_bucket(&js, &servers, &opts, "meta").await?;
+        let epoch = take_epoch(&meta)
+            .await
+            .map_err(|e| open_err(&servers, "body id epoch", e))?;
+        let loaded = load(&buckets).await?;
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let buckets = Arc::new(buckets);
+        tokio::spawn(acker(ack_rx));
+        tokio::spawn(writer(buckets, rx, ack_tx));
+        let storage = NatsStorage {
+            inner: Arc::new(Inner {
+                tx,
+                next_body: AtomicU64::new((epoch << EPOCH_SHIFT) | 1),
+                client,
+            }),
+        };
+        Ok((storage, loaded))
+    }
+
+    /// This store as the broker's [`Storage`].
+    pub fn storage(&self) -> Storage {
+        Storage {
+            sessions: Arc::new(self.clone()),
+            retained: Arc::new(self.clone()),
+            records: Arc::new(self.clone()),
+        }
+    }
+
+    /// The NATS connection, e.g. for its state.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+
+    fn submit(&self, writes: Result<Vec<Write>, StoreError>) -> Commit {
+        let writes = match writes {
+            Ok(w) if w.is_empty() => return Commit::ready(),
+            Ok(w) => w,
+            Err(e) => return Commit::failed(e),
+        };
+        let (tx, rx) = oneshot::channel();
+        match self.inner.tx.send(Request::Writes {
+            writes,
+            reply: Some(tx),
+        }) {
+            Ok(()) => Commit::waiting(rx),
+            Err(_) => Commit::failed(StoreError::Closed),
+        }
+    }
+}
+
+async fn open_bucket(
+    js: &Context,
+    servers: &str,
+    opts: &NatsOptions,
+    suffix: &str,
+) -> Result<kv::Store, StoreError> {
+    let name = format!("{}_{suffix}", opts.prefix);
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: name.clone(),
+        description: format!("fleetcore {suffix}"),
+        history: 1,
+        num_replicas: opts.replicas.max(1),
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| open_err(servers, &format!("create bucket {name}"), e))
+}
+
+/// Takes the next body-id epoch by compare-and-set on the meta bucket.
+async fn take_epoch(meta: &kv::Store) -> Result<u64, String> {
+    let mut last = String::new();
+    for _ in 0..50 {
+        let attempt = match meta.entry(BODY_EPOCH_KEY).await {
+            Err(e) => Err(e.to_string()),
+            Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                let current: u64 = std::str::from_utf8(&entry.value)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| format!("{BODY_EPOCH_KEY} is not a number"))?;
+                let next = current + 1;
+                meta.update(BODY_EPOCH_KEY, next.to_string().into(), entry.revision)
+                    .await
+                    .map(|_| next)
+                    .map_err(|e| e.to_string())
+            }
+            Ok(_) => meta
+                .create(BODY_EPOCH_KEY, "1".into())
+                .await
+                .map(|_| 1)
+                .map_err(|e| e.to_string()),
+        };
+        match attempt {
+            Ok(epoch) if epoch >= 1 << (64 - EPOCH_SHIFT) => {
+                return Err(format!("epoch {epoch} is past the last one"))
+            }
+            Ok(epoch) => return Ok(epoch),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// The live keys under `filter` (a subject below the bucket's prefix, e.g. `>`), with
+/// their values unless `headers_only`, in stream order of their last write.
+async fn scan(
+    client: &async_nats::Client,
+    store: &kv::Store,
+    filter: &str,
+    headers_only: bool,
+) -> Result<Vec<(String, Bytes)>, String> {
+    let consumer = store
+        .stream
+        .create_consumer(jetstream::consumer::push::OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: format!("{}{filter}", store.prefix),
+            headers_only,
+            replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+            deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| e.to_string())?;
+        let pending = message.info().map_err(|e| e.to_string())?.pending;
+        let deleted = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+        if !deleted {
+            if let Some(key) = message.subject.strip_prefix(store.prefix.as_str()) {
+                out.push((key.to_string(), message.payload.clone()));
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn corrupt(bucket: &kv::Store, key: &str, reason: impl std::fmt::Display) {
+    tracing::warn!(bucket = %bucket.name, key, %reason, "skipping a record that does not decode");
+}
+
+async fn load(b: &Buckets) -> Result<Loaded, StoreError> {
+    let scan_all = |bucket: Bucket| async move {
+        scan(&b.client, b.get(bucket), ">", false)
+            .await
+            .map_err(|e| {
+                open_err(
+                    &b.servers,
+                    &format!("read bucket {}", b.get(bucket).name),
+                    e,
+                )
+            })
+    };
+    let mut loaded = Loaded::default();
+
+    let mut sessions = std::collections::BTreeMap::new();
+    let mut unloaded = std::collections::BTreeSet::new();
+    for (key, value) in scan_all(Bucket::Sessions).await? {
+        let Some(client_id) = keys::decode_part(&key) else {
+            corrupt(&b.sessions, &key, "key is not an encoded client id");
+            continue;
+        };
+        match postcard::from_bytes::<StoredSession>(&value) {
+            Ok(session) => {
+                sessions.insert(client_id, (session, Vec::new()));
+            }
+            Err(e) => {
+                corrupt(&b.sessions, &key, e);
+                unloaded.insert(client_id);
+            }
+        }
+    }
+    for (key, value) in scan_all(Bucket::Queue).await? {
+        let Some((client_id, seq)) = keys::split2(&key)
+            .and_then(|(c, s)| Some((keys::decode_part(c)?, keys::decode_seq(s)?)))
+        else {
+            corrupt(&b.queue, &key, "key is not an encoded client id and seq");
+            continue;
+        };
+        let entry = match postcard::from_bytes::<QueueEntry>(&value) {
+            Ok(entry) => entry,
+            Err(e) => {
+                corrupt(&b.queue, &key, e);
+                continue;
+            }
+        };
+        match sessions.get_mut(&client_id) {
+            Some((_, queue)) => queue.push((
+                seq,
+                StoredQueued {
+                    body: entry.body,
+                    msg: Arc::new(entry.msg),
+                    qos: entry.qos,
+                    retain: entry.retain,
+                    subscription_ids: entry.subscription_ids,
+                },
+            )),
+            None => {
+                unloaded.insert(client_id);
+            }
+        }
+    }
+    for (client_id, (session, mut queue)) in sessions {
+        queue.sort_by_key(|(seq, _)| *seq);
+        loaded.sessions.push(LoadedSession {
+            client_id,
+            session,
+            queue,
+        });
+    }
+    loaded.unloaded_sessions = unloaded.into_iter().collect();
+
+    let mut retained = Vec::new();
+    for (key, value) in scan_all(Bucket::Retained).await? {
+        if keys::decode_part(&key).is_none() {
+            corrupt(&b.retained, &key, "key is not an encoded topic");
+            continue;
+        }
+        match postcard::from_bytes::<StoredRetained>(&value) {
+            Ok(r) => retained.push(r),
+            Err(e) => corrupt(&b.retained, &key, e),
+        }
+    }
+    retained.sort_by(|a, b| a.msg.topic.cmp(&b.msg.topic));
+    loaded.retained = retained;
+
+    for (key, value) in scan_all(Bucket::Records).await? {
+        let Some((kind, k)) = keys::split2(&key)
+            .and_then(|(a, k)| Some((keys::decode_part(a)?, keys::decode_part(k)?)))
+        else {
+            corrupt(&b.records, &key, "key is not an encoded kind and key");
+            continue;
+        };
+        loaded.records.push((kind, k, value.to_vec()));
+    }
+    loaded
+        .records
+        .sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    Ok(loaded)
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Bytes, StoreError> {
+    postcard::to_allocvec(value)
+        .map(Bytes::from)
+        .map_err(|e| StoreError::Encode(e.to_string()))
+}
+
+fn queue_key(client_id: &str, seq: u64) -> String {
+    format!("{}.{}", keys::encode_part(client_id), keys::encode_seq(seq))
+}
+
+fn record_key(kind: &str, key: &str) -> String {
+    format!("{}.{}", keys::encode_part(kind), keys::encode_part(key))
+}
+
+fn session_writes(ops: Vec<SessionOp>) -> Result<Vec<Write>, StoreError> {
+    ops.into_iter()
+        .map(|op| {
+            Ok(match op {
+                SessionOp::Put { client_id, session } => Write::Put {
+                    bucket: Bucket::Sessions,
+                    key: keys::encode_part(&client_id),
+                    value: encode(&session)?,
+                },
+                SessionOp::Delete { client_id } => Write::DeleteSession {
+                    client: keys::encode_part(&client_id),
+                },
+                SessionOp::PutQueued {
+                    client_id,
+                    seq,
+                    item,
+                } => Write::Put {
+                    bucket: Bucket::Queue,
+                    key: queue_key(&client_id, seq),
+                    value: encode(&QueueEntry {
+                        body: item.body,
+                        msg: Arc::unwrap_or_clone(item.msg),
+                        qos: item.qos,
+                        retain: item.retain,
+                        subscription_ids: item.subscription_ids,
+                    })?,
+                },
+                SessionOp::DeleteQueued { client_id, seq } => Write::Delete {
+                    bucket: Bucket::Queue,
+                    key: queue_key(&client_id, seq),
+                },
+            })
+        })
+        .collect()
+}
+
+fn retained_writes(ops: Vec<RetainedOp>) -> Result<Vec<Write>, StoreError> {
+    ops.into_iter()
+        .map(|op| {
+            Ok(match op {
+                RetainedOp::Put { topic, retained } => Write::Put {
+                    bucket: Bucket::Retained,
+                    key: keys::encode_part(&topic),
+                    value: encode(&retained)?,
+                },
+                RetainedOp::Delete { topic } => Write::Delete {
+                    bucket: Bucket::Retained,
+                    key: keys::encode_part(&topic),
+                },
+            })
+        })
+        .collect()
+}
+
+fn record_writes(ops: Vec<RecordOp>) -> Vec<Write> {
+    ops.into_iter()
+        .map(|op| match op {
+            RecordOp::Put { kind, key, value } => Write::Put {
+                bucket: Bucket::Records,
+                key: record_key(kind, &key),
+                value: value.into(),
+            },
+            RecordOp::Delete { kind, key } => Write::Delete {
+                bucket: Bucket::Records,
+                key: record_key(kind, &key),
+            },
+        })
+        .collect()
+}
+
+fn delete_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert("KV-Operation", HeaderValue::from("DEL"));
+    headers
+}
+
+/// Publishes one put or delete; the ack goes to `acks`, a failure to send into `error`.
+async fn publish(
+    b: &Buckets,
+    bucket: Bucket,
+    key: String,
+    value: Option<Bytes>,
+    acks: &mut Vec<Ack>,
+    error: &mut Option<StoreError>,
+) {
+    let subject = format!("{}{key}", b.get(bucket).prefix);
+    let sent = match value {
+        Some(v) => b.js.publish(subject, v).await,
+        None => {
+            b.js.publish_with_headers(subject, delete_headers(), Bytes::new())
+                .await
+        }
+    };
+    match sent {
+        Ok(ack) => acks.push((bucket, key, ack)),
+        Err(e) => {
+            let what = format!("write key {key}");
+            error.get_or_insert_with(|| b.err(bucket, &what, e));
+        }
+    }
+}
+
+/// Publishes every submit's writes in order and hands their acks to the [`acker`].
+async fn writer(
+    b: Arc<Buckets>,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    ack_tx: mpsc::UnboundedSender<AckBatch>,
+) {
+    while let Some(request) = rx.recv().await {
+        let (writes, reply) = match request {
+            Request::Flush(reply) => {
+                let _ = ack_tx.send(AckBatch {
+                    acks: Vec::new(),
+                    error: None,
+                    reply: Some(reply),
+                    flush: true,
+                });
+                continue;
+            }
+            Request::Writes { writes, reply } => (writes, reply),
+        };
+        let mut acks = Vec::new();
+        let mut error = None;
+        for write in writes {
+            match write {
+                Write::Put { bucket, key, value } => {
+                    publish(&b, bucket, key, Some(value), &mut acks, &mut error).await
+                }
+                Write::Delete { bucket, key } => {
+                    publish(&b, bucket, key, None, &mut acks, &mut error).await
+                }
+                Write::DeleteSession { client } => {
+                    // Everything published so far must be stored before the queue is
+                    // listed, so a queued item just written is deleted too.
+                    let (tx, rx) = oneshot::channel();
+                    let _ = ack_tx.send(AckBatch {
+                        acks: std::mem::take(&mut acks),
+                        error: None,
+                        reply: Some(tx),
+                        flush: false,
+                    });
+                    if let Err(e) = rx.await.unwrap_or(Err(StoreError::Closed)) {
+                        error.get_or_insert(e);
+                    }
+                    publish(
+                        &b,
+                        Bucket::Sessions,
+                        client.clone(),
+                        None,
+                        &mut acks,
+                        &mut error,
+                    )
+                    .await;
+                    match scan(&b.client, &b.queue, &format!("{client}.>"), true).await {
+                        Ok(keys) => {
+                            for (key, _) in keys {
+                                publish(&b, Bucket::Queue, key, None, &mut acks, &mut error).await;
+                            }
+                        }
+                        Err(e) => {
+                            let what = "list the queue of a deleted session";
+                            error.get_or_insert_with(|| b.err(Bucket::Queue, what, e));
+                        }
+                    }
+                }
+            }
+        }
+        let _ = ack_tx.send(AckBatch {
+            acks,
+            error,
+            reply,
+            flush: false,
+        });
+    }
+}
+
+/// Awaits acknowledgements batch by batch, in order, and completes each batch's reply.
+async fn acker(mut rx: mpsc::UnboundedReceiver<AckBatch>) {
+    let mut unwaited_failure: Option<StoreError> = None;
+    while let Some(batch) = rx.recv().await {
+        let mut result = batch.error.map_or(Ok(()), Err);
+        for (bucket, key, ack) in batch.acks {
+            if let Err(e) = ack.await {
+                if result.is_ok() {
+                    result = Err(StoreError::Io(format!(
+                        "NATS JetStream did not acknowledge the write of key {key} \
+                         in the {} bucket: {e}",
+                        bucket.suffix()
+                    )));
+                }
+            }
+        }
+        if batch.flush {
+            if let Some(e) = unwaited_failure.take() {
+                result = Err(e);
+            }
+        }
+        match batch.reply {
+            Some(reply) => {
+                if let Err(Err(e)) = reply.send(result) {
+                    note_failure(&e);
+                    unwaited_failure.get_or_insert(e);
+                }
+            }
+            None => {
+                if let Err(e) = result {
+                    note_failure(&e);
+                    unwaited_failure.get_or_insert(e);
+                }
+            }
+        }
+    }
+}
+
+fn note_failure(e: &StoreError) {
+    metrics::counter!("fleetcore_store_errors_total").increment(1);
+    tracing::error!(error = %e, "store ops lost");
+}
+
+impl SessionStore for NatsStorage {
+    fn submit_sessions(&self, ops: Vec<SessionOp>) -> Commit {
+        self.submit(session_writes(ops))
+    }
+
+    fn submit_sessions_nowait(&self, ops: Vec<SessionOp>) {
+        let n = ops.len();
+        let sent = session_writes(ops).and_then(|writes| {
+            self.inner
+                .tx
+                .send(Request::Writes {
+                    writes,
+                    reply: None,
+                })
+                .map_err(|_| StoreError::Closed)
+        });
+        if let Err(e) = sent {
+            metrics::counter!("fleetcore_store_errors_total").increment(1);
+            tracing::error!(error = %e, ops = n, "store ops dropped");
+        }
+    }
+
+    fn next_body_id(&self) -> u64 {
+        self.inner.next_body.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn flush(&self) -> Commit {
+        let (tx, rx) = oneshot::channel();
+        match self.inner.tx.send(Request::Flush(tx)) {
+            Ok(()) => Commit::waiting(rx),
+            Err(_) => Commit::failed(StoreError::Closed),
+        }
+    }
+}
+
+impl RetainedStore for NatsStorage {
+    fn submit_retained(&self, ops: Vec<RetainedOp>) -> Commit {
+        self.submit(retained_writes(ops))
+    }
+}
+
+impl RecordStore for NatsStorage {
+    fn submit_records(&self, ops: Vec<RecordOp>) -> Commit {
+        self.submit(Ok(record_writes(ops)))
+    }
+}

