@@ -480,7 +480,10 @@ impl Mqtt {
                 let _ = io.shutdown().await;
             }
             Stream::Ws(ws) => {
-                let _ = ws.close(None).await;
+                // On the stream, not the Box: with futures' `alloc` feature on (as the
+                // NATS client turns it on) `Box<S>` is a Sink too, and its `close` would
+                // be picked.
+                let _ = (**ws).close(None).await;
             }
         }
     }
