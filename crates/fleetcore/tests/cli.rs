@@ -129,6 +129,33 @@ fn mode(path: &Path) -> u32 {
         & 0o777
 }
 
+/// Checks what `cert create` wrote to `out` for `stem` (certificate, 0600 key, the
+/// server's ca.pem, each named in its output); returns the certificate id it printed
+/// and the key written.
+fn issued_files(stdout: &str, dir: &Path, out: &str, stem: &str) -> (String, String) {
+    let id = stdout
+        .split_whitespace()
+        .find(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no certificate id in: {stdout}"))
+        .to_string();
+    let out = dir.join(out);
+    let (cert_file, key_file) = (format!("{stem}.cert.pem"), format!("{stem}.private.key"));
+    for file in [cert_file.as_str(), key_file.as_str(), "ca.pem"] {
+        assert!(stdout.contains(file), "{file}: {stdout}");
+    }
+    assert_eq!(mode(&out.join(&key_file)), 0o600);
+    let key = fs::read_to_string(out.join(&key_file)).expect("key");
+    assert!(key.contains("PRIVATE KEY-----"), "{key}");
+    let cert = fs::read_to_string(out.join(&cert_file)).expect("cert");
+    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+    assert_eq!(
+        fs::read_to_string(out.join("ca.pem")).expect("ca.pem"),
+        fs::read_to_string(dir.join("data/pki/ca.pem")).expect("server's ca.pem"),
+        "ca.pem is the server's CA"
+    );
+    (id, key)
+}
+
 fn temp() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("fleetcore-cli-")
@@ -822,26 +849,8 @@ fn operator_issues_a_certificate_for_a_thing_and_revokes_it() {
             "certs",
         ])
         .ok("cert create");
-    let id = out
-        .stdout
-        .split_whitespace()
-        .find(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()))
-        .unwrap_or_else(|| panic!("no certificate id in: {}", out.stdout))
-        .to_string();
+    let (id, key) = issued_files(&out.stdout, &dir, "certs", "computer-a");
     let certs = dir.join("certs");
-    for file in ["computer-a.cert.pem", "computer-a.private.key", "ca.pem"] {
-        assert!(out.stdout.contains(file), "{}", out.stdout);
-    }
-    assert_eq!(mode(&certs.join("computer-a.private.key")), 0o600);
-    let key = fs::read_to_string(certs.join("computer-a.private.key")).expect("key");
-    assert!(key.contains("PRIVATE KEY-----"), "{key}");
-    let cert = fs::read_to_string(certs.join("computer-a.cert.pem")).expect("cert");
-    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
-    assert_eq!(
-        fs::read_to_string(certs.join("ca.pem")).expect("ca.pem"),
-        fs::read_to_string(dir.join("data/pki/ca.pem")).expect("server's ca.pem"),
-        "ca.pem is the server's CA"
-    );
 
     let v = server
         .cli(&["cert", "describe", &id, "--json"])
@@ -1469,30 +1478,12 @@ fn cert_create_claim_writes_a_claim_certificate_for_a_template() {
             "claim",
         ])
         .ok("cert create --claim");
-    let id = out
-        .stdout
-        .split_whitespace()
-        .find(|w| w.len() == 64 && w.bytes().all(|b| b.is_ascii_hexdigit()))
-        .unwrap_or_else(|| panic!("no certificate id in: {}", out.stdout))
-        .to_string();
+    let (id, key) = issued_files(&out.stdout, &dir, "claim", "claim-fleet");
+    let claim = dir.join("claim");
     assert!(
         out.stdout.contains("fleetcore-claim-fleet"),
         "{}",
         out.stdout
-    );
-    let claim = dir.join("claim");
-    for file in ["claim-fleet.cert.pem", "claim-fleet.private.key", "ca.pem"] {
-        assert!(out.stdout.contains(file), "{file}: {}", out.stdout);
-    }
-    assert_eq!(mode(&claim.join("claim-fleet.private.key")), 0o600);
-    let key = fs::read_to_string(claim.join("claim-fleet.private.key")).expect("key");
-    assert!(key.contains("PRIVATE KEY-----"), "{key}");
-    let cert = fs::read_to_string(claim.join("claim-fleet.cert.pem")).expect("cert");
-    assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
-    assert_eq!(
-        fs::read_to_string(claim.join("ca.pem")).expect("ca.pem"),
-        fs::read_to_string(dir.join("data/pki/ca.pem")).expect("server's ca.pem"),
-        "ca.pem is the server's CA"
     );
 
     let v = server
