@@ -849,7 +849,7 @@ fn operator_issues_a_certificate_for_a_thing_and_revokes_it() {
             "certs",
         ])
         .ok("cert create");
-    let (id, key) = issued_files(&out.stdout, &dir, "certs", "computer-a");
+    let (id, key) = issued_files(&out.stdout, dir, "certs", "computer-a");
     let certs = dir.join("certs");
 
     let v = server
@@ -1478,7 +1478,7 @@ fn cert_create_claim_writes_a_claim_certificate_for_a_template() {
             "claim",
         ])
         .ok("cert create --claim");
-    let (id, key) = issued_files(&out.stdout, &dir, "claim", "claim-fleet");
+    let (id, key) = issued_files(&out.stdout, dir, "claim", "claim-fleet");
     let claim = dir.join("claim");
     assert!(
         out.stdout.contains("fleetcore-claim-fleet"),
