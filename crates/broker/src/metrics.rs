@@ -33,6 +33,9 @@ pub const ACCEPT_ERRORS: &str = "fleetcore_accept_errors_total";
 pub const CLIENTS_CONNECTED: &str = "fleetcore_clients_connected_total";
 pub const TLS_ALPN: &str = "fleetcore_tls_alpn_total";
 pub const WEBSOCKET_UPGRADES: &str = "fleetcore_websocket_upgrades_total";
+/// Takeovers whose old connection still had input in its socket that the runtime had
+/// not reported yet (read before the new connection attached).
+pub const TAKEOVER_DRAIN_WAITS: &str = "fleetcore_takeover_drain_waits_total";
 
 pub fn connection_opened(listener: &'static str) {
     counter!(CONNECTIONS_TOTAL, "listener" => listener).increment(1);
@@ -62,6 +65,10 @@ pub fn websocket_upgraded(listener: &'static str, subprotocol: &'static str) {
 
 pub fn connection_closed() {
     gauge!(CONNECTIONS_OPEN).decrement(1.0);
+}
+
+pub fn takeover_drain_waited() {
+    counter!(TAKEOVER_DRAIN_WAITS).increment(1);
 }
 
 pub fn connection_refused(reason: &'static str) {

@@ -20,7 +20,7 @@ pub(super) async fn open<S>(
     connect_deadline: Instant,
 ) -> Option<Opened<S>>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Wire,
 {
     let max_packet = hub.config.limits.max_packet_size as usize;
     let mut inbuf = BytesMut::with_capacity(512);

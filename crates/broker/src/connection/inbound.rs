@@ -25,7 +25,7 @@ pub(super) struct Aliases {
     pub(super) outgoing: HashMap<TopicName, u16>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
+impl<S: Wire> Conn<S> {
     pub(super) fn handle(&mut self, packet: Packet, will: &mut Will) -> Result<(), Exit> {
         match packet {
             Packet::Publish(p) => self.on_publish(p),

@@ -31,6 +31,7 @@ use crate::engine::hub::{Hub, SubEntry};
 use crate::message::Delivery;
 use crate::metrics as m;
 use crate::session::{Inflight, InflightState, KickReceiver, Session, SubOptions};
+use crate::transport::Wire;
 use fleetcore_core::message::Message;
 use fleetcore_core::principal::ClientCert;
 use fleetcore_core::protocol::{self, DecodeError, Packet, Version};
@@ -58,6 +59,10 @@ pub const WRITE_STALL: Duration = Duration::from_secs(30);
 const OUT_HIGH_WATER: usize = 64 * 1024;
 /// At most this much input is read and handled from a connection being taken over.
 const DRAIN_BUDGET: usize = 256 * 1024;
+/// How long a connection being taken over waits for input its socket says is there
+/// (the runtime had not yet been told of it), or for the rest of a packet or TLS
+/// record it started.
+const DRAIN_WAIT: Duration = Duration::from_millis(500);
 
 /// Who is on the other end, as the listener saw it.
 #[derive(Debug, Clone)]
@@ -138,7 +143,7 @@ pub fn serve<S>(
     connect_deadline: Instant,
 ) -> impl Future<Output = ()> + Send
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Wire,
 {
     // An async fn keeps its arguments in its state for as long as it runs,
     // even once they are moved out: the stream (1.2 KB with TLS) goes in
@@ -152,7 +157,7 @@ async fn serve_boxed<S>(
     peer: Box<PeerInfo>,
     connect_deadline: Instant,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: Wire,
 {
     // The box is freed here, not when this future ends.
     let stream: S = {
@@ -270,7 +275,7 @@ struct Conn<S> {
     token: Option<Box<TokenClaims>>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
+impl<S: Wire> Conn<S> {
     async fn run(&mut self, mut kick_rx: KickReceiver, keep_alive: u16, will: &mut Will) -> Exit {
         // Keep-alive 0: no deadline (the timer is armed a year out, never
         // polled). Computed where needed rather than kept: every byte of this
@@ -321,7 +326,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 let flushed = tokio::select! {
                     r = self.flush() => r,
                     k = std::future::poll_fn(|cx| kick_rx.poll_recv(cx)) => {
-                        if let Some(exit) = self.drain_before_takeover(&k, will, max_packet) {
+                        if let Some(exit) = self.drain_before_takeover(&k, will, max_packet).await {
                             // The output stopped mid-packet: nothing more can be said.
                             return match exit {
                                 Exit::Refuse(_, why) => Exit::Abort(why),
@@ -344,7 +349,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 // server shutting down) that came while this turn ran wins
                 // over whatever else is ready.
                 k = std::future::poll_fn(|cx| kick_rx.poll_recv(cx)) => {
-                    if let Some(exit) = self.drain_before_takeover(&k, will, max_packet) {
+                    if let Some(exit) = self.drain_before_takeover(&k, will, max_packet).await {
                         return exit;
                     }
                     return Exit::Refuse(k.reason, k.message);
@@ -414,15 +419,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     }
 
     /// On a takeover, handles what the client sent on this connection before it
-    /// reconnected: the packets already in the socket, read without waiting (a bounded
-    /// amount). A client that sends DISCONNECT and reconnects at once has its DISCONNECT
-    /// (its session expiry, the end of its will) taken before the new connection
-    /// attaches, which waits for this one to detach. Returns how the connection ended if
-    /// those packets ended it (DISCONNECT, a protocol error, end of stream).
+    /// reconnected: the packets already in the socket (a bounded amount). A client that
+    /// sends DISCONNECT and reconnects at once has its DISCONNECT (its session expiry,
+    /// the end of its will) taken before the new connection attaches, which waits for
+    /// this one to detach. Returns how the connection ended if those packets ended it
+    /// (DISCONNECT, a protocol error, end of stream).
+    ///
+    /// A read that would wait is not the end of the input: the runtime may not have
+    /// been told yet of bytes the kernel already holds (its readiness is cached), so the
+    /// socket itself is asked ([`Wire::input_waiting`]), and while it says there is
+    /// input, the read waits for it, at most [`DRAIN_WAIT`] in all. A connection that
+    /// sent nothing more is let go at once.
     ///
     /// Only for a takeover: a connection kicked for authorization or at shutdown is not
     /// served further.
-    fn drain_before_takeover(
+    async fn drain_before_takeover(
         &mut self,
         kick: &crate::session::Kick,
         will: &mut Will,
@@ -433,13 +444,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             return None;
         }
         let mut budget = DRAIN_BUDGET;
+        let give_up = Instant::now() + DRAIN_WAIT;
         while budget > 0 {
-            match ReadInto::new(&mut self.stream, &mut self.inbuf).now_or_never() {
-                // Nothing more to read now: what the client sent before is in.
+            let read = match ReadInto::new(&mut self.stream, &mut self.inbuf).now_or_never() {
+                Some(read) => read,
+                None if self.stream.input_waiting() => {
+                    m::takeover_drain_waited();
+                    match tokio::time::timeout_at(
+                        give_up,
+                        ReadInto::new(&mut self.stream, &mut self.inbuf),
+                    )
+                    .await
+                    {
+                        Ok(read) => read,
+                        Err(_) => return None,
+                    }
+                }
+                // Nothing more is in the socket: what the client sent before is in.
                 None => return None,
-                Some(Ok(0)) => return Some(Exit::Lost("closed by peer during takeover".into())),
-                Some(Err(e)) => return Some(Exit::Lost(e.to_string())),
-                Some(Ok(n)) => {
+            };
+            match read {
+                Ok(0) => return Some(Exit::Lost("closed by peer during takeover".into())),
+                Err(e) => return Some(Exit::Lost(e.to_string())),
+                Ok(n) => {
                     budget = budget.saturating_sub(n);
                     if let Err(exit) = self.handle_buffered(will, max_packet) {
                         return Some(exit);

@@ -47,7 +47,7 @@ pub(super) enum AfterCommit {
     Ready(Box<Packet>, &'static str),
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
+impl<S: Wire> Conn<S> {
     /// Sends an acknowledgement, after any still waiting for a commit.
     pub(super) fn send_ack(&mut self, packet: Packet, name: &'static str) {
         if self.pending.is_empty() {

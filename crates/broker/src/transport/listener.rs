@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
@@ -26,6 +26,7 @@ use crate::metrics as m;
 use crate::transport::proxy_protocol::{self, Proxied};
 use crate::transport::tls::ALPN_MQTT;
 use crate::transport::websocket::{self, HttpOutcome, Prefixed};
+use crate::transport::Wire;
 use fleetcore_core::principal::ClientCert;
 
 /// A bound listener socket and how to serve what it accepts.
@@ -228,8 +229,14 @@ async fn prepare_socket(
 }
 
 /// A stream the WebSocket layer runs on, whatever is under it.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+trait Io: Wire {}
+impl<T: Wire> Io for T {}
+
+impl Wire for Box<dyn Io> {
+    fn input_waiting(&self) -> bool {
+        (**self).input_waiting()
+    }
+}
 
 /// On a WebSocket listener without ALPN to go by: MQTT starts with a CONNECT
 /// packet (first byte 0x10); anything else is read as HTTP.
@@ -240,7 +247,7 @@ async fn sniff_and_serve<S>(
     dispatch: &Dispatch,
     deadline: Instant,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Wire + 'static,
 {
     let mut first = BytesMut::with_capacity(1024);
     match tokio::time::timeout_at(deadline, stream.read_buf(&mut first)).await {

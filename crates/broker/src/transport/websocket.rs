@@ -76,6 +76,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
+impl<S: super::Wire> super::Wire for Prefixed<S> {
+    fn input_waiting(&self) -> bool {
+        !self.prefix.is_empty() || self.inner.input_waiting()
+    }
+}
+
 /// The MQTT byte stream inside a WebSocket: reads concatenate the payloads of
 /// binary messages; each write goes out as one binary message.
 pub struct WsIo<S> {
@@ -120,6 +126,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
                 Some(Err(e)) => return Poll::Ready(Err(ws_error(e))),
             }
         }
+    }
+}
+
+impl<S: super::Wire> super::Wire for WsIo<S> {
+    fn input_waiting(&self) -> bool {
+        !self.unread.is_empty() || self.ws.get_ref().input_waiting()
     }
 }
 

@@ -122,6 +122,18 @@ impl<S> TlsStream<S> {
     }
 }
 
+impl<S: crate::transport::Wire> crate::transport::Wire for TlsStream<S> {
+    fn input_waiting(&self) -> bool {
+        // Plaintext or records already taken from the socket are returned by the next
+        // read without waiting; otherwise, what the socket holds.
+        self.plain_pos < self.plain.len()
+            || self.records_waiting
+            || self.peer_closed
+            || self.eof
+            || self.io.input_waiting()
+    }
+}
+
 /// What a call into rustls is for.
 enum Job<'a, 'b> {
     /// Drive the handshake; leave application data where it is.
