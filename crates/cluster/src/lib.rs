@@ -11,7 +11,7 @@
 //!
 //! | bucket | key | value |
 //! |---|---|---|
-//! | sessions | `E(client id)` | postcard [`StoredSession`] |
+//! | sessions | `E(client id)` | postcard `SessionEntry`: the fence of the last claim, its owner and the [`StoredSession`] (none after a fenced delete) |
 //! | queue | `E(client id).<seq as 16 hex digits>` | postcard `QueueEntry`: the delivery with its message inline |
 //! | retained | `E(topic)` | postcard [`StoredRetained`] |
 //! | records | `E(kind).E(key)` | the record's bytes |
@@ -46,8 +46,9 @@ use async_nats::jetstream::{self, kv, Context};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use fleetcore_core::storage::{
-    Commit, Loaded, LoadedSession, RecordOp, RecordStore, RetainedOp, RetainedStore, SessionOp,
-    SessionStore, Storage, StoreError, StoredMessage, StoredQueued, StoredRetained, StoredSession,
+    ClaimFuture, Claimed, Commit, Fence, Loaded, LoadedSession, RecordOp, RecordStore, RetainedOp,
+    RetainedStore, SessionOp, SessionStore, Storage, StoreError, StoredMessage, StoredQueued,
+    StoredRetained, StoredSession,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -81,6 +82,15 @@ impl Default for NatsOptions {
             request_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// A sessions-bucket value: the session (`None` once a fenced delete removed it) and the
+/// fence of its last claim, in one key so that a compare-and-set on the key checks both.
+#[derive(Serialize, Deserialize)]
+struct SessionEntry {
+    fence: u64,
+    owner: String,
+    session: Option<StoredSession>,
 }
 
 /// A queue entry: the delivery, its message inline.
@@ -157,6 +167,14 @@ enum Write {
     DeleteSession {
         client: String,
     },
+    /// A session write that holds only while `fence` is the session's: `None` deletes
+    /// the session (keeping the fence) and its queue.
+    Fenced {
+        client: String,
+        client_id: String,
+        fence: Fence,
+        session: Option<StoredSession>,
+    },
 }
 
 enum Request {
@@ -165,6 +183,11 @@ enum Request {
         reply: Option<oneshot::Sender<Result<(), StoreError>>>,
     },
     Flush(oneshot::Sender<Result<(), StoreError>>),
+    Claim {
+        client_id: String,
+        owner: String,
+        reply: oneshot::Sender<Result<Claimed, StoreError>>,
+    },
 }
 
 type Ack = (Bucket, String, jetstream::context::PublishAckFuture);
@@ -423,10 +446,15 @@ async fn load(b: &Buckets) -> Result<Loaded, StoreError> {
             corrupt(&b.sessions, &key, "key is not an encoded client id");
             continue;
         };
-        match postcard::from_bytes::<StoredSession>(&value) {
-            Ok(session) => {
+        match postcard::from_bytes::<SessionEntry>(&value) {
+            Ok(SessionEntry {
+                session: Some(session),
+                ..
+            }) => {
                 sessions.insert(client_id, (session, Vec::new()));
             }
+            // Deleted by a fenced delete: only its fence is left.
+            Ok(SessionEntry { session: None, .. }) => {}
             Err(e) => {
                 corrupt(&b.sessions, &key, e);
                 unloaded.insert(client_id);
@@ -520,12 +548,43 @@ fn session_writes(ops: Vec<SessionOp>) -> Result<Vec<Write>, StoreError> {
     ops.into_iter()
         .map(|op| {
             Ok(match op {
-                SessionOp::Put { client_id, session } => Write::Put {
+                SessionOp::Put {
+                    client_id,
+                    session,
+                    fence: Some(fence),
+                } => Write::Fenced {
+                    client: keys::encode_part(&client_id),
+                    client_id,
+                    fence,
+                    session: Some(session),
+                },
+                SessionOp::Delete {
+                    client_id,
+                    fence: Some(fence),
+                } => Write::Fenced {
+                    client: keys::encode_part(&client_id),
+                    client_id,
+                    fence,
+                    session: None,
+                },
+                // Unfenced: a single writer (see `SessionOp`); the entry has no fence.
+                SessionOp::Put {
+                    client_id,
+                    session,
+                    fence: None,
+                } => Write::Put {
                     bucket: Bucket::Sessions,
                     key: keys::encode_part(&client_id),
-                    value: encode(&session)?,
+                    value: encode(&SessionEntry {
+                        fence: 0,
+                        owner: String::new(),
+                        session: Some(session),
+                    })?,
                 },
-                SessionOp::Delete { client_id } => Write::DeleteSession {
+                SessionOp::Delete {
+                    client_id,
+                    fence: None,
+                } => Write::DeleteSession {
                     client: keys::encode_part(&client_id),
                 },
                 SessionOp::PutQueued {
@@ -618,12 +677,238 @@ async fn publish(
     }
 }
 
+/// Sessions this node claimed: the fence it holds, the owner name it wrote and the
+/// revision of its last write of the key (by encoded client id).
+type Owned = std::collections::HashMap<String, (Fence, String, u64)>;
+
+/// Waits until JetStream acknowledged every write published so far (`acks` and what the
+/// acker already holds), for a write that must see them stored (a compare-and-set, a
+/// listing).
+async fn settle(
+    ack_tx: &mpsc::UnboundedSender<AckBatch>,
+    acks: &mut Vec<Ack>,
+) -> Result<(), StoreError> {
+    let (tx, rx) = oneshot::channel();
+    let _ = ack_tx.send(AckBatch {
+        acks: std::mem::take(acks),
+        error: None,
+        reply: Some(tx),
+        flush: false,
+    });
+    rx.await.unwrap_or(Err(StoreError::Closed))
+}
+
+/// The session entry of `client` as stored: (revision, entry), `None` for a key never
+/// written; a delete marker reads as an entry without a session whose fence is the
+/// marker's revision (every fence handed out before it is smaller, see [`claim`]).
+async fn read_entry(b: &Buckets, client: &str) -> Result<Option<(u64, SessionEntry)>, StoreError> {
+    let entry = b
+        .sessions
+        .entry(client)
+        .await
+        .map_err(|e| b.err(Bucket::Sessions, &format!("read key {client}"), e))?;
+    Ok(entry.map(|e| {
+        let value = match e.operation {
+            kv::Operation::Put => {
+                postcard::from_bytes::<SessionEntry>(&e.value).unwrap_or_else(|err| {
+                    corrupt(&b.sessions, client, err);
+                    SessionEntry {
+                        fence: e.revision,
+                        owner: String::new(),
+                        session: None,
+                    }
+                })
+            }
+            kv::Operation::Delete | kv::Operation::Purge => SessionEntry {
+                fence: e.revision,
+                owner: String::new(),
+                session: None,
+            },
+        };
+        (e.revision, value)
+    }))
+}
+
+/// Takes the next fence of `client_id` by compare-and-set on its session key and reads
+/// the session and its queue back. The new fence is one more than the key's fence, or
+/// than a delete marker's revision; as a fence is never larger than the revision of the
+/// write that carries it, it is larger than every fence before it.
+async fn claim(
+    b: &Buckets,
+    owned: &mut Owned,
+    client_id: &str,
+    owner: &str,
+) -> Result<Claimed, StoreError> {
+    let client = keys::encode_part(client_id);
+    let mut last_err = None;
+    for _ in 0..20 {
+        let current = read_entry(b, &client).await?;
+        let (fence, session, written) = match current {
+            Some((rev, entry)) => {
+                let fence = Fence(entry.fence + 1);
+                let value = encode(&SessionEntry {
+                    fence: fence.0,
+                    owner: owner.to_owned(),
+                    session: entry.session.clone(),
+                })?;
+                (
+                    fence,
+                    entry.session,
+                    b.sessions
+                        .update(&client, value, rev)
+                        .await
+                        .map_err(|e| e.to_string()),
+                )
+            }
+            None => {
+                let fence = Fence(1);
+                let value = encode(&SessionEntry {
+                    fence: fence.0,
+                    owner: owner.to_owned(),
+                    session: None,
+                })?;
+                (
+                    fence,
+                    None,
+                    b.sessions
+                        .create(&client, value)
+                        .await
+                        .map_err(|e| e.to_string()),
+                )
+            }
+        };
+        match written {
+            Ok(rev) => {
+                owned.insert(client.clone(), (fence, owner.to_owned(), rev));
+                let session = match session {
+                    None => None,
+                    Some(session) => Some(LoadedSession {
+                        client_id: client_id.to_owned(),
+                        session,
+                        queue: read_queue(b, &client).await?,
+                    }),
+                };
+                metrics::counter!("fleetcore_session_claims_total").increment(1);
+                return Ok(Claimed { fence, session });
+            }
+            // Someone else wrote the key in between: read it again.
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(b.err(
+        Bucket::Sessions,
+        &format!("claim key {client} (20 tries)"),
+        last_err.unwrap_or_default(),
+    ))
+}
+
+/// The queue of `client` (encoded client id), in seq order.
+async fn read_queue(b: &Buckets, client: &str) -> Result<Vec<(u64, StoredQueued)>, StoreError> {
+    let listed = scan(&b.client, &b.queue, &format!("{client}.>"), false)
+        .await
+        .map_err(|e| b.err(Bucket::Queue, "read the queue of a claimed session", e))?;
+    let mut queue = Vec::new();
+    for (key, value) in listed {
+        let Some(seq) = keys::split2(&key).and_then(|(_, s)| keys::decode_seq(s)) else {
+            corrupt(&b.queue, &key, "key is not an encoded client id and seq");
+            continue;
+        };
+        match postcard::from_bytes::<QueueEntry>(&value) {
+            Ok(entry) => queue.push((
+                seq,
+                StoredQueued {
+                    body: entry.body,
+                    msg: Arc::new(entry.msg),
+                    qos: entry.qos,
+                    retain: entry.retain,
+                    subscription_ids: entry.subscription_ids,
+                },
+            )),
+            Err(e) => corrupt(&b.queue, &key, e),
+        }
+    }
+    queue.sort_by_key(|(seq, _)| *seq);
+    Ok(queue)
+}
+
+/// A session write that holds only while this node's `fence` is the session's: a
+/// compare-and-set on the revision of this node's last write of the key (read again when
+/// not known). Refused with [`StoreError::Fenced`] when someone claimed it since.
+async fn fenced_write(
+    b: &Buckets,
+    owned: &mut Owned,
+    client: &str,
+    client_id: &str,
+    fence: Fence,
+    session: Option<StoredSession>,
+) -> Result<(), StoreError> {
+    let refused = |current: u64| StoreError::Fenced {
+        client_id: client_id.to_owned(),
+        held: fence.0,
+        current,
+    };
+    let (owner, rev) = match owned.get(client) {
+        Some((f, owner, rev)) if *f == fence => (owner.clone(), *rev),
+        _ => match read_entry(b, client).await? {
+            Some((rev, entry)) if entry.fence == fence.0 => (entry.owner, rev),
+            Some((_, entry)) => return Err(refused(entry.fence)),
+            None => return Err(refused(0)),
+        },
+    };
+    let deleting = session.is_none();
+    let value = encode(&SessionEntry {
+        fence: fence.0,
+        owner: owner.clone(),
+        session,
+    })?;
+    match b.sessions.update(client, value, rev).await {
+        Ok(rev) => {
+            owned.insert(client.to_owned(), (fence, owner, rev));
+        }
+        Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+            owned.remove(client);
+            let current = read_entry(b, client).await?.map_or(0, |(_, e)| e.fence);
+            metrics::counter!("fleetcore_store_fenced_writes_total").increment(1);
+            return Err(refused(current));
+        }
+        Err(e) => {
+            owned.remove(client);
+            return Err(b.err(Bucket::Sessions, &format!("write key {client}"), e));
+        }
+    }
+    if deleting {
+        owned.remove(client);
+    }
+    Ok(())
+}
+
+/// Deletes every queue key of `client`, publishing into `acks`.
+async fn delete_queue(
+    b: &Buckets,
+    client: &str,
+    acks: &mut Vec<Ack>,
+    error: &mut Option<StoreError>,
+) {
+    match scan(&b.client, &b.queue, &format!("{client}.>"), true).await {
+        Ok(keys) => {
+            for (key, _) in keys {
+                publish(b, Bucket::Queue, key, None, acks, error).await;
+            }
+        }
+        Err(e) => {
+            let what = "list the queue of a deleted session";
+            error.get_or_insert_with(|| b.err(Bucket::Queue, what, e));
+        }
+    }
+}
+
 /// Publishes every submit's writes in order and hands their acks to the [`acker`].
 async fn writer(
     b: Arc<Buckets>,
     mut rx: mpsc::UnboundedReceiver<Request>,
     ack_tx: mpsc::UnboundedSender<AckBatch>,
 ) {
+    let mut owned = Owned::new();
     while let Some(request) = rx.recv().await {
         let (writes, reply) = match request {
             Request::Flush(reply) => {
@@ -635,6 +920,19 @@ async fn writer(
                 });
                 continue;
             }
+            Request::Claim {
+                client_id,
+                owner,
+                reply,
+            } => {
+                // Writes submitted before the claim are stored before it.
+                let result = match settle(&ack_tx, &mut Vec::new()).await {
+                    Ok(()) => claim(&b, &mut owned, &client_id, &owner).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+                continue;
+            }
             Request::Writes { writes, reply } => (writes, reply),
         };
         let mut acks = Vec::new();
@@ -642,6 +940,10 @@ async fn writer(
         for write in writes {
             match write {
                 Write::Put { bucket, key, value } => {
+                    if bucket == Bucket::Sessions {
+                        // Not fenced: the revision this node knew is stale now.
+                        owned.remove(&key);
+                    }
                     publish(&b, bucket, key, Some(value), &mut acks, &mut error).await
                 }
                 Write::Delete { bucket, key } => {
@@ -650,16 +952,10 @@ async fn writer(
                 Write::DeleteSession { client } => {
                     // Everything published so far must be stored before the queue is
                     // listed, so a queued item just written is deleted too.
-                    let (tx, rx) = oneshot::channel();
-                    let _ = ack_tx.send(AckBatch {
-                        acks: std::mem::take(&mut acks),
-                        error: None,
-                        reply: Some(tx),
-                        flush: false,
-                    });
-                    if let Err(e) = rx.await.unwrap_or(Err(StoreError::Closed)) {
+                    if let Err(e) = settle(&ack_tx, &mut acks).await {
                         error.get_or_insert(e);
                     }
+                    owned.remove(&client);
                     publish(
                         &b,
                         Bucket::Sessions,
@@ -669,15 +965,27 @@ async fn writer(
                         &mut error,
                     )
                     .await;
-                    match scan(&b.client, &b.queue, &format!("{client}.>"), true).await {
-                        Ok(keys) => {
-                            for (key, _) in keys {
-                                publish(&b, Bucket::Queue, key, None, &mut acks, &mut error).await;
-                            }
+                    delete_queue(&b, &client, &mut acks, &mut error).await;
+                }
+                Write::Fenced {
+                    client,
+                    client_id,
+                    fence,
+                    session,
+                } => {
+                    if let Err(e) = settle(&ack_tx, &mut acks).await {
+                        error.get_or_insert(e);
+                    }
+                    let deleting = session.is_none();
+                    match fenced_write(&b, &mut owned, &client, &client_id, fence, session).await {
+                        Ok(()) if deleting => {
+                            delete_queue(&b, &client, &mut acks, &mut error).await
                         }
+                        Ok(()) => {}
                         Err(e) => {
-                            let what = "list the queue of a deleted session";
-                            error.get_or_insert_with(|| b.err(Bucket::Queue, what, e));
+                            // Nothing after a refused write of this submit is written.
+                            error.get_or_insert(e);
+                            break;
                         }
                     }
                 }
@@ -767,6 +1075,21 @@ impl SessionStore for NatsStorage {
             Ok(()) => Commit::waiting(rx),
             Err(_) => Commit::failed(StoreError::Closed),
         }
+    }
+
+    fn claim(&self, client_id: &str, owner: &str) -> ClaimFuture {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.inner.tx.send(Request::Claim {
+            client_id: client_id.to_owned(),
+            owner: owner.to_owned(),
+            reply: tx,
+        });
+        Box::pin(async move {
+            if sent.is_err() {
+                return Err(StoreError::Closed);
+            }
+            rx.await.unwrap_or(Err(StoreError::Closed))
+        })
     }
 }
 

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use fleetcore_cluster::{NatsOptions, NatsStorage};
 use fleetcore_core::storage::{
-    Loaded, LoadedSession, RecordOp, RetainedOp, SessionOp, Storage, StoredMessage, StoredQueued,
-    StoredRetained, StoredSession, StoredSubscription,
+    Claimed, Fence, Loaded, LoadedSession, RecordOp, RetainedOp, SessionOp, Storage, StoreError,
+    StoredMessage, StoredQueued, StoredRetained, StoredSession, StoredSubscription,
 };
 
 /// A store implementation under test: where its data lives across opens.
@@ -29,6 +29,9 @@ trait Backend: Sized {
     /// Ends the store's process abruptly (redb: nothing beyond dropping the handle;
     /// NATS: kill -9 of nats-server and a restart on the same store dir).
     async fn crash(&mut self);
+    /// A second handle on the same data while the first is open, as another node has
+    /// (NATS: a second connection); `None` where one process owns the data (redb).
+    async fn second(&mut self) -> Option<Storage>;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -54,6 +57,10 @@ impl Backend for Redb {
     }
 
     async fn crash(&mut self) {}
+
+    async fn second(&mut self) -> Option<Storage> {
+        None
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -245,6 +252,10 @@ impl Backend for Nats {
         self.kill();
         self.spawn();
     }
+
+    async fn second(&mut self) -> Option<Storage> {
+        Some(self.open().await.0)
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -302,6 +313,7 @@ fn put_session(client_id: &str, filter: &str) -> SessionOp {
     SessionOp::Put {
         client_id: client_id.into(),
         session: session(filter),
+        fence: None,
     }
 }
 
@@ -357,6 +369,37 @@ async fn sessions(s: &Storage, ops: Vec<SessionOp>) {
         .expect("session commit");
 }
 
+fn fenced_put(client_id: &str, filter: &str, fence: Fence) -> SessionOp {
+    SessionOp::Put {
+        client_id: client_id.into(),
+        session: session(filter),
+        fence: Some(fence),
+    }
+}
+
+fn fenced_delete(client_id: &str, fence: Fence) -> SessionOp {
+    SessionOp::Delete {
+        client_id: client_id.into(),
+        fence: Some(fence),
+    }
+}
+
+async fn claim(s: &Storage, client_id: &str, owner: &str) -> Claimed {
+    s.sessions.claim(client_id, owner).await.expect("claim")
+}
+
+/// Checks that `ops` are refused because `client_id` was claimed with `current` since.
+async fn refused(s: &Storage, ops: Vec<SessionOp>, client_id: &str, held: Fence, current: Fence) {
+    match s.sessions.submit_sessions(ops).await {
+        Err(StoreError::Fenced {
+            client_id: c,
+            held: h,
+            current: now,
+        }) => assert_eq!((c.as_str(), h, now), (client_id, held.0, current.0)),
+        other => panic!("a write with fence {held:?} after claim {current:?}: {other:?}"),
+    }
+}
+
 async fn reopen<B: Backend>(b: &mut B, s: Storage) -> (Storage, Loaded) {
     drop(s);
     b.open().await
@@ -390,6 +433,7 @@ async fn session_put_replace_delete<B: Backend>(b: &mut B) {
         &s,
         vec![SessionOp::Delete {
             client_id: "a".into(),
+            fence: None,
         }],
     )
     .await;
@@ -424,6 +468,7 @@ async fn queue_append_delete_one_and_delete_session_takes_its_queue<B: Backend>(
         &s,
         vec![SessionOp::Delete {
             client_id: "a".into(),
+            fence: None,
         }],
     )
     .await;
@@ -452,6 +497,7 @@ async fn queued_items_without_a_session_are_unloaded<B: Backend>(b: &mut B) {
         &s,
         vec![SessionOp::Delete {
             client_id: "gone".into(),
+            fence: None,
         }],
     )
     .await;
@@ -466,9 +512,11 @@ async fn queued_items_without_a_session_are_unloaded<B: Backend>(b: &mut B) {
         vec![
             SessionOp::Delete {
                 client_id: "orphan".into(),
+                fence: None,
             },
             SessionOp::Delete {
                 client_id: "gone".into(),
+                fence: None,
             },
         ],
     )
@@ -726,6 +774,7 @@ async fn nasty_keys_round_trip<B: Backend>(b: &mut B) {
         &s,
         vec![SessionOp::Delete {
             client_id: "a.b".into(),
+            fence: None,
         }],
     )
     .await;
@@ -733,6 +782,7 @@ async fn nasty_keys_round_trip<B: Backend>(b: &mut B) {
         &s,
         vec![SessionOp::Delete {
             client_id: ">".into(),
+            fence: None,
         }],
     )
     .await;
@@ -744,6 +794,164 @@ async fn nasty_keys_round_trip<B: Backend>(b: &mut B) {
         "{:?}",
         loaded.unloaded_sessions
     );
+}
+
+async fn a_claim_reads_the_session_back_with_its_queue<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    sessions(&s, vec![put_session("dev", "orders/#")]).await;
+    sessions(&s, vec![put_queued("dev", 2), put_queued("dev", 1)]).await;
+    sessions(&s, vec![put_session("other", "x")]).await;
+    let c = claim(&s, "dev", "node-a").await;
+    let got = c.session.expect("the stored session");
+    assert_eq!(got.client_id, "dev");
+    assert_eq!(got.session, session("orders/#"));
+    assert_eq!(
+        got.queue,
+        vec![
+            (1, queued(2, &1u64.to_be_bytes())),
+            (2, queued(3, &2u64.to_be_bytes()))
+        ]
+    );
+    // A client id never seen: a fence and no session.
+    let none = claim(&s, "nobody", "node-a").await;
+    assert!(none.session.is_none());
+    sessions(&s, vec![fenced_put("nobody", "new", none.fence)]).await;
+    // A claim changes nothing that is loaded.
+    let (_s, loaded) = reopen(b, s).await;
+    assert_eq!(client_ids(&loaded), ["dev", "nobody", "other"]);
+    assert_eq!(seqs(&loaded, "dev"), [1, 2]);
+    assert_eq!(
+        session_of(&loaded, "nobody").unwrap().session,
+        session("new")
+    );
+    assert!(loaded.unloaded_sessions.is_empty());
+}
+
+async fn a_later_claim_fences_the_earlier_owner<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    let other = b.second().await.unwrap_or_else(|| s.clone());
+    sessions(&s, vec![put_session("dev", "first")]).await;
+    let a = claim(&s, "dev", "node-a").await;
+    sessions(&s, vec![fenced_put("dev", "a-wrote", a.fence)]).await;
+    sessions(&s, vec![fenced_put("dev", "a-again", a.fence)]).await;
+    let bc = claim(&other, "dev", "node-b").await;
+    assert!(bc.fence > a.fence, "{bc:?} after {a:?}");
+    assert_eq!(bc.session.expect("session").session, session("a-again"));
+    // The old owner's writes are refused, and nothing after them in the submit is written.
+    refused(
+        &s,
+        vec![fenced_put("dev", "a-late", a.fence), put_queued("dev", 7)],
+        "dev",
+        a.fence,
+        bc.fence,
+    )
+    .await;
+    refused(
+        &s,
+        vec![fenced_delete("dev", a.fence)],
+        "dev",
+        a.fence,
+        bc.fence,
+    )
+    .await;
+    sessions(&other, vec![fenced_put("dev", "b-wrote", bc.fence)]).await;
+    sessions(&other, vec![fenced_put("dev", "b-again", bc.fence)]).await;
+    drop(other);
+    let (_s, loaded) = reopen(b, s).await;
+    assert_eq!(
+        session_of(&loaded, "dev").unwrap().session,
+        session("b-again")
+    );
+    assert!(seqs(&loaded, "dev").is_empty());
+}
+
+async fn racing_claims_get_different_fences_and_one_wins<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    let other = b.second().await.unwrap_or_else(|| s.clone());
+    sessions(&s, vec![put_session("dev", "f")]).await;
+    for round in 0..5 {
+        let (x, y) = tokio::join!(
+            s.sessions.claim("dev", "node-a"),
+            other.sessions.claim("dev", "node-b")
+        );
+        let (x, y) = (x.expect("claim a"), y.expect("claim b"));
+        assert_ne!(x.fence, y.fence, "round {round}");
+        let (win, lose, w, l) = if x.fence > y.fence {
+            (x, y, &s, &other)
+        } else {
+            (y, x, &other, &s)
+        };
+        refused(
+            l,
+            vec![fenced_put("dev", "loser", lose.fence)],
+            "dev",
+            lose.fence,
+            win.fence,
+        )
+        .await;
+        sessions(
+            w,
+            vec![fenced_put("dev", &format!("winner {round}"), win.fence)],
+        )
+        .await;
+    }
+    drop(other);
+    let (_s, loaded) = reopen(b, s).await;
+    assert_eq!(
+        session_of(&loaded, "dev").unwrap().session,
+        session("winner 4")
+    );
+}
+
+async fn fences_outlive_deletes_and_crashes<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    let a = claim(&s, "dev", "node-a").await;
+    sessions(
+        &s,
+        vec![fenced_put("dev", "x", a.fence), put_queued("dev", 1)],
+    )
+    .await;
+    sessions(&s, vec![fenced_delete("dev", a.fence)]).await;
+    s.flush().await.expect("flush");
+    b.crash().await;
+    let (s, loaded) = reopen(b, s).await;
+    assert!(session_of(&loaded, "dev").is_none());
+    assert!(
+        loaded.unloaded_sessions.is_empty(),
+        "{:?}",
+        loaded.unloaded_sessions
+    );
+    let c = claim(&s, "dev", "node-b").await;
+    assert!(c.fence > a.fence, "{c:?} after {a:?}");
+    assert!(c.session.is_none());
+    refused(
+        &s,
+        vec![fenced_put("dev", "stale", a.fence)],
+        "dev",
+        a.fence,
+        c.fence,
+    )
+    .await;
+    // An unfenced delete (a single node's) does not take the fence back either.
+    sessions(&s, vec![fenced_put("dev", "y", c.fence)]).await;
+    sessions(
+        &s,
+        vec![SessionOp::Delete {
+            client_id: "dev".into(),
+            fence: None,
+        }],
+    )
+    .await;
+    let d = claim(&s, "dev", "node-c").await;
+    assert!(d.fence > c.fence, "{d:?} after {c:?}");
+    refused(
+        &s,
+        vec![fenced_put("dev", "stale", c.fence)],
+        "dev",
+        c.fence,
+        d.fence,
+    )
+    .await;
 }
 
 macro_rules! contract {
@@ -786,4 +994,8 @@ contract!(
     a_resolved_commit_survives_a_crash,
     body_ids_are_new_after_reopen,
     nasty_keys_round_trip,
+    a_claim_reads_the_session_back_with_its_queue,
+    a_later_claim_fences_the_earlier_owner,
+    racing_claims_get_different_fences_and_one_wins,
+    fences_outlive_deletes_and_crashes,
 );

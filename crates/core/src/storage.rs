@@ -53,6 +53,17 @@ pub enum StoreError {
     /// The writer thread is gone, so nothing more can be written.
     #[error("store is closed: its writer thread has stopped")]
     Closed,
+    /// A write carried a [`Fence`] the session no longer has: someone claimed it since
+    /// (another node, or a later connection). Nothing of that submit was written; the
+    /// writer must stop acting for the session.
+    #[error(
+        "session {client_id:?} was claimed again (fence {held}, now {current}): write refused"
+    )]
+    Fenced {
+        client_id: String,
+        held: u64,
+        current: u64,
+    },
 }
 
 /// A published message as kept on disk: retained, or inside a queued delivery.
@@ -138,6 +149,25 @@ pub struct StoredSession {
     pub subscriptions: Vec<StoredSubscription>,
 }
 
+/// Proof of owning a session: handed out by [`SessionStore::claim`], each claim of the
+/// same client id a larger one. A write that carries a fence is refused with
+/// [`StoreError::Fenced`] once a later claim has been made, so an owner that lost the
+/// session (a takeover on another node it never heard of) cannot overwrite what the new
+/// owner wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fence(pub u64);
+
+/// What [`SessionStore::claim`] found: the new fence and the session as stored (with its
+/// queue), if there is one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub fence: Fence,
+    pub session: Option<LoadedSession>,
+}
+
+/// Resolves to what a claim found, once the claim is durable.
+pub type ClaimFuture = Pin<Box<dyn Future<Output = Result<Claimed, StoreError>> + Send>>;
+
 /// One change to the file. The ops of one submit are applied in order, in one transaction.
 #[derive(Debug, Clone)]
 pub enum Op {
@@ -175,6 +205,18 @@ pub enum Op {
         kind: &'static str,
         key: String,
     },
+    /// Applies the rest of its submit only if `client_id`'s fence is still `fence`;
+    /// otherwise nothing of the submit is written and it fails with
+    /// [`StoreError::Fenced`].
+    CheckFence {
+        client_id: String,
+        fence: Fence,
+    },
+    /// Takes the next fence of `client_id` for `owner` and reads its session back.
+    ClaimSession {
+        client_id: String,
+        owner: String,
+    },
 }
 
 impl Op {
@@ -196,9 +238,10 @@ impl Op {
             Op::DeleteRetained { topic } => topic.len(),
             Op::PutRecord { kind, key, value } => kind.len() + key.len() + value.len(),
             Op::DeleteRecord { kind, key } => kind.len() + key.len(),
-            Op::DeleteSession { client_id } | Op::DeleteQueued { client_id, .. } => {
-                client_id.len() + 8
-            }
+            Op::DeleteSession { client_id }
+            | Op::DeleteQueued { client_id, .. }
+            | Op::CheckFence { client_id, .. } => client_id.len() + 8,
+            Op::ClaimSession { client_id, owner } => client_id.len() + owner.len() + 8,
         }
     }
 }
@@ -309,15 +352,25 @@ pub trait RecordStore: Send + Sync + 'static {
 }
 
 /// A change to one persistent session or its queue.
+///
+/// `fence`: `Some` when the writer claimed the session ([`SessionStore::claim`]) and
+/// must not write it once someone claimed it after; `None` on a single node, where the
+/// broker is the only writer. Queue ops carry no fence: an owner that lost the session
+/// can at worst queue a copy twice (QoS 1 allows it) or drop one its client acknowledged.
 #[derive(Debug, Clone)]
 pub enum SessionOp {
     /// Writes (creates or replaces) the session record.
     Put {
         client_id: String,
         session: StoredSession,
+        fence: Option<Fence>,
     },
-    /// Deletes the session AND every queued message of it.
-    Delete { client_id: String },
+    /// Deletes the session AND every queued message of it. The session's fence is
+    /// kept, so a later claim is still a larger one.
+    Delete {
+        client_id: String,
+        fence: Option<Fence>,
+    },
     /// Appends a delivery to the session's queue under `seq` (idempotent: the same
     /// `seq` twice is one delivery).
     PutQueued {
@@ -329,21 +382,42 @@ pub enum SessionOp {
     DeleteQueued { client_id: String, seq: u64 },
 }
 
-impl From<SessionOp> for Op {
-    fn from(op: SessionOp) -> Op {
-        match op {
-            SessionOp::Put { client_id, session } => Op::PutSession { client_id, session },
-            SessionOp::Delete { client_id } => Op::DeleteSession { client_id },
+impl SessionOp {
+    /// As [`Op`]s of one transaction: a fenced op is preceded by its [`Op::CheckFence`].
+    pub fn into_ops(self, out: &mut Vec<Op>) {
+        let check = |out: &mut Vec<Op>, client_id: &String, fence: Option<Fence>| {
+            if let Some(fence) = fence {
+                out.push(Op::CheckFence {
+                    client_id: client_id.clone(),
+                    fence,
+                });
+            }
+        };
+        match self {
+            SessionOp::Put {
+                client_id,
+                session,
+                fence,
+            } => {
+                check(out, &client_id, fence);
+                out.push(Op::PutSession { client_id, session });
+            }
+            SessionOp::Delete { client_id, fence } => {
+                check(out, &client_id, fence);
+                out.push(Op::DeleteSession { client_id });
+            }
             SessionOp::PutQueued {
                 client_id,
                 seq,
                 item,
-            } => Op::PutQueued {
+            } => out.push(Op::PutQueued {
                 client_id,
                 seq,
                 item,
-            },
-            SessionOp::DeleteQueued { client_id, seq } => Op::DeleteQueued { client_id, seq },
+            }),
+            SessionOp::DeleteQueued { client_id, seq } => {
+                out.push(Op::DeleteQueued { client_id, seq })
+            }
         }
     }
 }
@@ -383,6 +457,12 @@ pub trait SessionStore: Send + Sync + 'static {
     fn next_body_id(&self) -> u64;
     /// Resolves once everything submitted so far is durable (at shutdown).
     fn flush(&self) -> Commit;
+    /// Claims `client_id`'s session for `owner` (a node name, for operators): takes a
+    /// fence larger than every earlier one, so writes fenced by an earlier claim are
+    /// refused from now on, and reads the session and its queue back as stored. Writes
+    /// submitted before the claim are applied before it. Resolves once the claim is
+    /// durable; two claims racing get different fences, the later one wins.
+    fn claim(&self, client_id: &str, owner: &str) -> ClaimFuture;
 }
 
 /// Where retained messages live, by topic.

@@ -73,6 +73,17 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Registry records (things, certificates, policies, ...): (kind, key) -> opaque bytes.
 /// The broker owns their types; the store only keeps them.
 const REGISTRY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("registry");
+/// Session fences: client id -> the last fence handed out by a claim (postcard
+/// `FenceRow`). Made by the first claim (no schema version: a file without it has no
+/// claims); a row outlives its session, so fences only grow.
+const FENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("fences");
+
+/// A `fences` row: the last claim of a client id.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub(crate) struct FenceRow {
+    pub(crate) fence: u64,
+    pub(crate) owner: String,
+}
 const SCHEMA_KEY: &str = "schema_version";
 /// The layout of tables and records this code reads and writes (see the module docs).
 pub const SCHEMA_VERSION: u64 = 3;
@@ -258,13 +269,34 @@ impl fleetcore_core::storage::RecordStore for Store {
     }
 }
 
+fn session_ops(ops: Vec<fleetcore_core::storage::SessionOp>) -> Vec<Op> {
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        op.into_ops(&mut out);
+    }
+    out
+}
+
 impl fleetcore_core::storage::SessionStore for Store {
     fn submit_sessions(&self, ops: Vec<fleetcore_core::storage::SessionOp>) -> Commit {
-        self.submit(ops.into_iter().map(Op::from).collect())
+        self.submit(session_ops(ops))
     }
 
     fn submit_sessions_nowait(&self, ops: Vec<fleetcore_core::storage::SessionOp>) {
-        self.submit_nowait(ops.into_iter().map(Op::from).collect())
+        self.submit_nowait(session_ops(ops))
+    }
+
+    fn claim(&self, client_id: &str, owner: &str) -> fleetcore_core::storage::ClaimFuture {
+        let (tx, rx) = oneshot::channel();
+        let op = Op::ClaimSession {
+            client_id: client_id.to_owned(),
+            owner: owner.to_owned(),
+        };
+        let sent = self.send(vec![op], Reply::Claim(tx), false);
+        Box::pin(async move {
+            sent?;
+            rx.await.unwrap_or(Err(StoreError::Closed))
+        })
     }
 
     fn next_body_id(&self) -> u64 {

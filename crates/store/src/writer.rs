@@ -10,8 +10,10 @@ use tokio::sync::oneshot;
 
 use std::collections::HashMap;
 
-use crate::{Opener, QueueRow, BODIES, QUEUE, REGISTRY, RETAINED, SESSIONS};
-use fleetcore_core::storage::{Op, StoreError};
+use crate::{FenceRow, Opener, QueueRow, BODIES, FENCES, QUEUE, REGISTRY, RETAINED, SESSIONS};
+use fleetcore_core::storage::{
+    Claimed, Fence, LoadedSession, Op, StoreError, StoredMessage, StoredQueued, StoredSession,
+};
 
 /// About this many bytes of records end a batch early, so one transaction stays bounded.
 const MAX_BATCH_BYTES: usize = 8 << 20;
@@ -28,21 +30,33 @@ pub(crate) enum Reply {
     None,
     Async(oneshot::Sender<Result<(), StoreError>>),
     Blocking(mpsc::SyncSender<Result<(), StoreError>>),
+    /// A claim: told the fence and the session it read.
+    Claim(oneshot::Sender<Result<Claimed, StoreError>>),
 }
 
 impl Reply {
-    fn send(self, result: Result<(), StoreError>) {
+    fn send(self, result: Result<Option<Claimed>, StoreError>) {
         // A waiter that stopped waiting is no error: its ops were still applied.
         match self {
             Reply::None => {}
             Reply::Async(tx) => {
-                let _ = tx.send(result);
+                let _ = tx.send(result.map(|_| ()));
             }
             Reply::Blocking(tx) => {
-                let _ = tx.send(result);
+                let _ = tx.send(result.map(|_| ()));
+            }
+            Reply::Claim(tx) => {
+                let _ = tx.send(result.and_then(|c| c.ok_or(StoreError::Closed)));
             }
         }
     }
+}
+
+/// How one request of a batch went, the batch's commit aside.
+enum Outcome {
+    Applied,
+    Claimed(Claimed),
+    Fenced(StoreError),
 }
 
 pub(crate) struct Writer {
@@ -108,7 +122,7 @@ impl Writer {
     fn commit_batch(&mut self, batch: Vec<Request>, ops: usize) {
         // A batch of flushes only has nothing to write: every earlier batch is already done.
         let result = if ops == 0 {
-            Ok(())
+            Ok(Vec::new())
         } else {
             let started = Instant::now();
             let result = self.apply(&batch);
@@ -116,7 +130,7 @@ impl Writer {
                 .record(started.elapsed().as_secs_f64());
             metrics::gauge!("fleetcore_store_batch_ops").set(ops as f64);
             match &result {
-                Ok(()) => {
+                Ok(_) => {
                     self.commits.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("fleetcore_store_commits_total").increment(1);
                     metrics::counter!("fleetcore_store_ops_total").increment(ops as u64);
@@ -140,18 +154,38 @@ impl Writer {
         } else {
             Ok(())
         };
+        let mut outcomes = match result {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            Err(e) => batch.iter().map(|_| Err(e.clone())).collect::<Vec<_>>(),
+        }
+        .into_iter();
         for request in batch {
+            let outcome = outcomes.next().unwrap_or(Ok(Outcome::Applied));
             let reply_result = if request.flush {
-                flush_result.clone()
+                flush_result.clone().map(|()| None)
             } else {
-                result.clone()
+                match outcome {
+                    Ok(Outcome::Applied) => Ok(None),
+                    Ok(Outcome::Claimed(c)) => {
+                        metrics::counter!("fleetcore_session_claims_total").increment(1);
+                        Ok(Some(c))
+                    }
+                    Ok(Outcome::Fenced(e)) => {
+                        metrics::counter!("fleetcore_store_fenced_writes_total").increment(1);
+                        tracing::warn!(error = %e, "store ops refused");
+                        Err(e)
+                    }
+                    Err(e) => Err(e),
+                }
             };
             request.reply.send(reply_result);
         }
     }
 
-    /// Applies every op of the batch in one write transaction and commits it durably.
-    fn apply(&mut self, batch: &[Request]) -> Result<(), StoreError> {
+    /// Applies every op of the batch in one write transaction and commits it durably;
+    /// a request whose fence no longer holds is skipped whole. Returns how each request
+    /// went.
+    fn apply(&mut self, batch: &[Request]) -> Result<Vec<Outcome>, StoreError> {
         if self.db.is_none() {
             tracing::info!("reopening store after a failed commit");
             self.db = Some((self.opener)().map_err(io_err)?);
@@ -167,88 +201,117 @@ impl Writer {
             base: &self.refs,
             now: HashMap::new(),
         };
+        let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut retained = txn.open_table(RETAINED).map_err(io_err)?;
             let mut sessions = txn.open_table(SESSIONS).map_err(io_err)?;
             let mut queue = txn.open_table(QUEUE).map_err(io_err)?;
             let mut bodies = txn.open_table(BODIES).map_err(io_err)?;
             let mut registry = txn.open_table(REGISTRY).map_err(io_err)?;
-            for op in batch.iter().flat_map(|r| &r.ops) {
-                match op {
-                    Op::PutRetained { topic, retained: r } => {
-                        retained
-                            .insert(topic.as_str(), encode(r)?.as_slice())
-                            .map_err(io_err)?;
-                    }
-                    Op::DeleteRetained { topic } => {
-                        retained.remove(topic.as_str()).map_err(io_err)?;
-                    }
-                    Op::PutSession { client_id, session } => {
-                        sessions
-                            .insert(client_id.as_str(), encode(session)?.as_slice())
-                            .map_err(io_err)?;
-                    }
-                    Op::DeleteSession { client_id } => {
-                        let id = client_id.as_str();
-                        let mut gone = Vec::new();
-                        for entry in queue.range((id, 0u64)..=(id, u64::MAX)).map_err(io_err)? {
-                            let (_, v) = entry.map_err(io_err)?;
-                            if let Some(b) = body_of(v.value()) {
-                                gone.push(b);
-                            }
+            let mut fences = txn.open_table(FENCES).map_err(io_err)?;
+            for request in batch {
+                if let Some(e) = fenced(&fences, &request.ops)? {
+                    outcomes.push(Outcome::Fenced(e));
+                    continue;
+                }
+                let mut outcome = Outcome::Applied;
+                for op in &request.ops {
+                    match op {
+                        Op::CheckFence { .. } => {}
+                        Op::ClaimSession { client_id, owner } => {
+                            let last = fences
+                                .get(client_id.as_str())
+                                .map_err(io_err)?
+                                .and_then(|v| postcard::from_bytes::<FenceRow>(v.value()).ok())
+                                .map_or(0, |r| r.fence);
+                            let row = FenceRow {
+                                fence: last + 1,
+                                owner: owner.clone(),
+                            };
+                            fences
+                                .insert(client_id.as_str(), encode(&row)?.as_slice())
+                                .map_err(io_err)?;
+                            outcome = Outcome::Claimed(Claimed {
+                                fence: Fence(row.fence),
+                                session: read_session(&sessions, &queue, &bodies, client_id)?,
+                            });
                         }
-                        queue
-                            .retain_in((id, 0u64)..=(id, u64::MAX), |_, _| false)
-                            .map_err(io_err)?;
-                        for b in gone {
-                            unref(&mut counts, &mut bodies, b)?;
-                        }
-                        sessions.remove(id).map_err(io_err)?;
-                    }
-                    Op::PutQueued {
-                        client_id,
-                        seq,
-                        item,
-                    } => {
-                        let c = counts.of(item.body);
-                        if *c == 0 {
-                            bodies
-                                .insert(item.body, encode(&*item.msg)?.as_slice())
+                        Op::PutRetained { topic, retained: r } => {
+                            retained
+                                .insert(topic.as_str(), encode(r)?.as_slice())
                                 .map_err(io_err)?;
                         }
-                        *c += 1;
-                        let row = QueueRow {
-                            body: item.body,
-                            qos: item.qos,
-                            retain: item.retain,
-                            subscription_ids: item.subscription_ids.clone(),
-                        };
-                        let old = queue
-                            .insert((client_id.as_str(), *seq), encode(&row)?.as_slice())
-                            .map_err(io_err)?
-                            .and_then(|v| body_of(v.value()));
-                        if let Some(b) = old {
-                            unref(&mut counts, &mut bodies, b)?;
+                        Op::DeleteRetained { topic } => {
+                            retained.remove(topic.as_str()).map_err(io_err)?;
                         }
-                    }
-                    Op::DeleteQueued { client_id, seq } => {
-                        let old = queue
-                            .remove((client_id.as_str(), *seq))
-                            .map_err(io_err)?
-                            .and_then(|v| body_of(v.value()));
-                        if let Some(b) = old {
-                            unref(&mut counts, &mut bodies, b)?;
+                        Op::PutSession { client_id, session } => {
+                            sessions
+                                .insert(client_id.as_str(), encode(session)?.as_slice())
+                                .map_err(io_err)?;
                         }
-                    }
-                    Op::PutRecord { kind, key, value } => {
-                        registry
-                            .insert((*kind, key.as_str()), value.as_slice())
-                            .map_err(io_err)?;
-                    }
-                    Op::DeleteRecord { kind, key } => {
-                        registry.remove((*kind, key.as_str())).map_err(io_err)?;
+                        Op::DeleteSession { client_id } => {
+                            let id = client_id.as_str();
+                            let mut gone = Vec::new();
+                            for entry in queue.range((id, 0u64)..=(id, u64::MAX)).map_err(io_err)? {
+                                let (_, v) = entry.map_err(io_err)?;
+                                if let Some(b) = body_of(v.value()) {
+                                    gone.push(b);
+                                }
+                            }
+                            queue
+                                .retain_in((id, 0u64)..=(id, u64::MAX), |_, _| false)
+                                .map_err(io_err)?;
+                            for b in gone {
+                                unref(&mut counts, &mut bodies, b)?;
+                            }
+                            sessions.remove(id).map_err(io_err)?;
+                        }
+                        Op::PutQueued {
+                            client_id,
+                            seq,
+                            item,
+                        } => {
+                            let c = counts.of(item.body);
+                            if *c == 0 {
+                                bodies
+                                    .insert(item.body, encode(&*item.msg)?.as_slice())
+                                    .map_err(io_err)?;
+                            }
+                            *c += 1;
+                            let row = QueueRow {
+                                body: item.body,
+                                qos: item.qos,
+                                retain: item.retain,
+                                subscription_ids: item.subscription_ids.clone(),
+                            };
+                            let old = queue
+                                .insert((client_id.as_str(), *seq), encode(&row)?.as_slice())
+                                .map_err(io_err)?
+                                .and_then(|v| body_of(v.value()));
+                            if let Some(b) = old {
+                                unref(&mut counts, &mut bodies, b)?;
+                            }
+                        }
+                        Op::DeleteQueued { client_id, seq } => {
+                            let old = queue
+                                .remove((client_id.as_str(), *seq))
+                                .map_err(io_err)?
+                                .and_then(|v| body_of(v.value()));
+                            if let Some(b) = old {
+                                unref(&mut counts, &mut bodies, b)?;
+                            }
+                        }
+                        Op::PutRecord { kind, key, value } => {
+                            registry
+                                .insert((*kind, key.as_str()), value.as_slice())
+                                .map_err(io_err)?;
+                        }
+                        Op::DeleteRecord { kind, key } => {
+                            registry.remove((*kind, key.as_str())).map_err(io_err)?;
+                        }
                     }
                 }
+                outcomes.push(outcome);
             }
         }
         let counts = counts.now;
@@ -260,8 +323,76 @@ impl Writer {
                 self.refs.insert(id, n);
             }
         }
-        Ok(())
+        Ok(outcomes)
     }
+}
+
+/// The first fence among `ops` that no longer holds, as the error to answer with.
+fn fenced(fences: &redb::Table<&str, &[u8]>, ops: &[Op]) -> Result<Option<StoreError>, StoreError> {
+    for op in ops {
+        let Op::CheckFence { client_id, fence } = op else {
+            continue;
+        };
+        let current = fences
+            .get(client_id.as_str())
+            .map_err(io_err)?
+            .and_then(|v| postcard::from_bytes::<FenceRow>(v.value()).ok())
+            .map_or(0, |r| r.fence);
+        if current != fence.0 {
+            return Ok(Some(StoreError::Fenced {
+                client_id: client_id.clone(),
+                held: fence.0,
+                current,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// A session and its queue as this transaction sees them (`None`: no readable session).
+fn read_session(
+    sessions: &redb::Table<&str, &[u8]>,
+    queue: &redb::Table<(&str, u64), &[u8]>,
+    bodies: &redb::Table<u64, &[u8]>,
+    client_id: &str,
+) -> Result<Option<LoadedSession>, StoreError> {
+    let Some(record) = sessions.get(client_id).map_err(io_err)? else {
+        return Ok(None);
+    };
+    let Ok(session) = postcard::from_bytes::<StoredSession>(record.value()) else {
+        return Ok(None);
+    };
+    let mut items = Vec::new();
+    for entry in queue
+        .range((client_id, 0u64)..=(client_id, u64::MAX))
+        .map_err(io_err)?
+    {
+        let (key, value) = entry.map_err(io_err)?;
+        let Ok(row) = postcard::from_bytes::<QueueRow>(value.value()) else {
+            continue;
+        };
+        let Some(body) = bodies.get(row.body).map_err(io_err)? else {
+            continue;
+        };
+        let Ok(msg) = postcard::from_bytes::<StoredMessage>(body.value()) else {
+            continue;
+        };
+        items.push((
+            key.value().1,
+            StoredQueued {
+                body: row.body,
+                msg: Arc::new(msg),
+                qos: row.qos,
+                retain: row.retain,
+                subscription_ids: row.subscription_ids,
+            },
+        ));
+    }
+    Ok(Some(LoadedSession {
+        client_id: client_id.to_owned(),
+        session,
+        queue: items,
+    }))
 }
 
 /// The body id of a `queue` row.

@@ -624,6 +624,7 @@ impl Hub {
                                 .submit_sessions_nowait(vec![SessionOp::Put {
                                     client_id: client_id.to_string(),
                                     session: rec,
+                                    fence: None,
                                 }])
                         }
                         None => self.forget_stored_session(&client_id),
@@ -683,6 +684,7 @@ impl Hub {
                             .submit_sessions_nowait(vec![SessionOp::Put {
                                 client_id: client_id.to_string(),
                                 session: rec,
+                                fence: None,
                             }]);
                     }
                     // After the link is set (and the session indexed): a
@@ -707,6 +709,7 @@ impl Hub {
             .sessions
             .submit_sessions_nowait(vec![SessionOp::Delete {
                 client_id: client_id.to_string(),
+                fence: None,
             }]);
     }
 
@@ -778,6 +781,7 @@ impl Hub {
         ops.push(SessionOp::Put {
             client_id: client,
             session: stored_session(&st),
+            fence: None,
         });
         let expiry = st.expiry_secs;
         let mut will_due = None;
@@ -944,6 +948,7 @@ impl Hub {
         Some(self.storage.sessions.submit_sessions(vec![SessionOp::Put {
             client_id: session.client_id.to_string(),
             session: rec,
+            fence: None,
         }]))
     }
 
