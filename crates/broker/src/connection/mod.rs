@@ -46,6 +46,8 @@ mod connect;
 mod inbound;
 mod io;
 mod outbound;
+#[cfg(test)]
+mod qos_tests;
 
 use connect::{linger, open, Opened};
 use inbound::Aliases;
