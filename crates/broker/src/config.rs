@@ -28,6 +28,94 @@ pub struct Config {
     pub shadow: ShadowConfig,
     pub jobs: JobsConfig,
     pub provisioning: ProvisioningConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// Where the durable state lives when it is not the local redb file: NATS JetStream
+/// (`docs/cluster.md`). Empty `nats_urls` (the default): one node, state in
+/// `data_dir/fleetcore.redb`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS servers, `nats://host:port` or `tls://host:port`; any one of them is enough
+    /// to find the rest.
+    pub nats_urls: Vec<String>,
+    /// This node's name, as NATS and the session owners show it; empty: the host name.
+    pub node_name: String,
+    /// Bucket names start with this (letters, digits, `_`, `-`): installations that share
+    /// a NATS account keep apart.
+    pub prefix: String,
+    /// Replicas of each bucket when fleetcore creates it (3 on a 3-server NATS cluster;
+    /// an existing bucket keeps its own).
+    pub replicas: usize,
+    /// A NATS credentials file (JWT and NKey seed), if the servers want one.
+    pub credentials_file: Option<PathBuf>,
+    /// CA certificate(s) (PEM) to verify the NATS servers' TLS certificates with; set
+    /// means TLS is required.
+    pub tls_ca_file: Option<PathBuf>,
+    /// A client certificate and key (PEM) for NATS servers that verify clients.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// How long one JetStream request or acknowledgement may take before the write fails.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats_urls: Vec::new(),
+            node_name: String::new(),
+            prefix: "fleetcore".into(),
+            replicas: 1,
+            credentials_file: None,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            request_timeout_ms: 5000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether the state lives on NATS JetStream.
+    pub fn enabled(&self) -> bool {
+        !self.nats_urls.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        for url in &self.nats_urls {
+            let scheme_ok = ["nats://", "tls://"].iter().any(|s| url.starts_with(s));
+            if !scheme_ok || url.len() <= "nats://".len() {
+                return Err(format!(
+                    "cluster.nats_urls: {url:?} is not a NATS URL (nats://host:port or tls://host:port)"
+                ));
+            }
+        }
+        if self.prefix.is_empty()
+            || !self
+                .prefix
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+        {
+            return Err(format!(
+                "cluster.prefix {:?} must be letters, digits, _ or -",
+                self.prefix
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err("cluster.replicas must be between 1 and 5 (JetStream's limit)".into());
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err("cluster.tls_cert_file and cluster.tls_key_file go together".into());
+        }
+        if !(100..=60000).contains(&self.request_timeout_ms) {
+            return Err("cluster.request_timeout_ms must be between 100 and 60000".into());
+        }
+        Ok(())
+    }
 }
 
 /// Fleet provisioning (`$aws/certificates/...`, `$aws/provisioning-templates/...`) and
@@ -134,6 +222,7 @@ impl Default for Config {
             shadow: ShadowConfig::default(),
             jobs: JobsConfig::default(),
             provisioning: ProvisioningConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -152,6 +241,7 @@ impl Config {
     /// Checks values that parse but cannot work, with a message naming the key.
     pub fn validate(&self) -> Result<(), String> {
         check_log_level(&self.log.level)?;
+        self.cluster.validate()?;
         let sh = &self.shadow;
         if sh.max_state_bytes == 0 || sh.max_state_bytes > 1024 * 1024 {
             return Err("shadow.max_state_bytes must be between 1 and 1048576".into());

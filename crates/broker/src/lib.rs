@@ -97,6 +97,22 @@ impl Server {
         services: Vec<Arc<dyn fleetcore_core::service::TopicService>>,
         setup: impl FnOnce(&Arc<Hub>) + Send,
     ) -> Result<Server, StartError> {
+        Server::start_on(config, None, services, setup).await
+    }
+
+    /// As [`Server::start_with_setup`], on `storage` (opened by the caller, with what it
+    /// held, and a name for the log) instead of `data_dir/fleetcore.redb`: how cluster
+    /// mode hands in NATS JetStream, which this crate does not know.
+    pub async fn start_on(
+        config: Config,
+        storage: Option<(
+            fleetcore_core::storage::Storage,
+            fleetcore_core::storage::Loaded,
+            String,
+        )>,
+        services: Vec<Arc<dyn fleetcore_core::service::TopicService>>,
+        setup: impl FnOnce(&Arc<Hub>) + Send,
+    ) -> Result<Server, StartError> {
         let topic_limits = fleetcore_core::topic::TopicLimits {
             max_len: config.limits.max_topic_len,
             max_levels: config.limits.max_topic_levels,
@@ -181,22 +197,30 @@ impl Server {
                 label: kind,
             });
         }
-        let path = config.data_dir.join("fleetcore.redb");
-        let store_path = path.clone();
-        let (store, loaded) =
-            tokio::task::spawn_blocking(move || Store::open(&store_path, StoreOptions::default()))
+        let (storage, loaded, place) = match storage {
+            Some(given) => given,
+            None => {
+                let path = config.data_dir.join("fleetcore.redb");
+                let store_path = path.clone();
+                let (store, loaded) = tokio::task::spawn_blocking(move || {
+                    Store::open(&store_path, StoreOptions::default())
+                })
                 .await
                 .map_err(|e| StartError::Config(format!("store open task failed: {e}")))??;
+                (store.storage(), loaded, path.display().to_string())
+            }
+        };
         tracing::info!(
-            path = %path.display(),
+            store = %place,
             retained = loaded.retained.len(),
             sessions = loaded.sessions.len(),
+            records = loaded.records.len(),
             "store opened"
         );
         if !services.is_empty() {
             tracing::info!(services = ?services.names(), "device services installed");
         }
-        let hub = Hub::new(config, store.storage(), loaded, services);
+        let hub = Hub::new(config, storage, loaded, services);
         setup(&hub);
         for l in &bound {
             if let (Some(src), true) = (&l.tls, l.config.uses_registry()) {

@@ -71,6 +71,12 @@ pub struct NatsOptions {
     pub connection_name: String,
     /// How long a JetStream request or acknowledgement may take before it fails.
     pub request_timeout: Duration,
+    /// A NATS credentials file (JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+    /// CA certificates (PEM) for the servers' TLS certificates; set means TLS is required.
+    pub tls_ca_file: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for servers that verify clients.
+    pub tls_client: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for NatsOptions {
@@ -80,6 +86,9 @@ impl Default for NatsOptions {
             replicas: 1,
             connection_name: "fleetcore".into(),
             request_timeout: Duration::from_secs(5),
+            credentials_file: None,
+            tls_ca_file: None,
+            tls_client: None,
         }
     }
 }
@@ -221,7 +230,7 @@ impl std::fmt::Debug for NatsStorage {
 
 fn open_err(servers: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Open {
-        path: PathBuf::from(format!("nats://{servers}")),
+        path: PathBuf::from(servers),
         reason: format!("{what}: {e}"),
     }
 }
@@ -249,9 +258,21 @@ impl NatsStorage {
                 format!("{:?} must be letters, digits, _ or -", opts.prefix),
             ));
         }
-        let client = async_nats::ConnectOptions::new()
+        let mut connect = async_nats::ConnectOptions::new()
             .name(&opts.connection_name)
-            .request_timeout(Some(opts.request_timeout))
+            .request_timeout(Some(opts.request_timeout));
+        if let Some(path) = &opts.credentials_file {
+            connect = connect.credentials_file(path).await.map_err(|e| {
+                open_err(&servers, &format!("credentials file {}", path.display()), e)
+            })?;
+        }
+        if let Some(ca) = &opts.tls_ca_file {
+            connect = connect.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &opts.tls_client {
+            connect = connect.add_client_certificate(cert.clone(), key.clone());
+        }
+        let client = connect
             .connect(urls)
             .await
             .map_err(|e| open_err(&servers, "connect", e))?;

@@ -2,6 +2,7 @@
 //! (certificates, things, policies) will talk to a running server's admin API.
 
 mod client;
+mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -249,7 +250,16 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
                 let _ = hub.jit.set(Arc::new(p));
             }
         };
-        let server = match Server::start_with_setup(config, services, setup).await {
+        let storage = match cluster::open(&config.cluster).await {
+            Ok(storage) => storage,
+            Err(e) => {
+                if pki_created {
+                    remove_new_pki(&pki_files);
+                }
+                return Err(e);
+            }
+        };
+        let server = match Server::start_on(config, storage, services, setup).await {
             Ok(server) => server,
             Err(e) => {
                 if pki_created {
@@ -531,6 +541,7 @@ mod tests {
         assert_eq!(format!("{:?}", doc.admin), format!("{:?}", def.admin));
         assert_eq!(format!("{:?}", doc.pki), format!("{:?}", def.pki));
         assert_eq!(doc.tokens, def.tokens);
+        assert_eq!(doc.cluster, def.cluster);
         assert_eq!(
             format!("{:?}", doc.effective_listeners()),
             format!("{:?}", def.effective_listeners())

@@ -745,8 +745,8 @@ fn serve_refuses_admin_only_options() {
 }
 
 /// Configuration mistakes a new user makes stop `serve` at once with what to write
-/// instead: a misspelt log level (which would otherwise silence every log line) and a
-/// host name as bind address.
+/// instead: a misspelt log level (which would otherwise silence every log line), a NATS
+/// URL that is not one, and a host name as bind address.
 #[test]
 fn serve_names_the_fix_for_a_misspelt_log_level_and_a_host_name_bind() {
     let dir = temp();
@@ -757,6 +757,14 @@ fn serve_names_the_fix_for_a_misspelt_log_level_and_a_host_name_bind() {
                 "log.level",
                 "\"inof\"",
                 "trace, debug, info, warn, error, off",
+            ][..],
+        ),
+        (
+            "[cluster]\nnats_urls = [\"http://10.0.0.1:4222\"]\n",
+            &[
+                "cluster.nats_urls",
+                "\"http://10.0.0.1:4222\"",
+                "nats://host:port",
             ][..],
         ),
         (

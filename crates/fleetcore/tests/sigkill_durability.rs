@@ -13,10 +13,46 @@ const MESSAGES: usize = 200;
 /// Acknowledgements to see before the kill: about half the stream.
 const KILL_AFTER_ACKS: usize = 100;
 
+#[path = "../../cluster/tests/support/nats.rs"]
+mod nats;
+
 #[test]
 fn acknowledged_messages_survive_sigkill_mid_stream() {
-    let mut broker = TestBroker::start(BrokerOpts::new());
+    let broker = TestBroker::start(BrokerOpts::new());
+    kill9_mid_stream(broker, |broker| broker.restart());
+}
 
+/// The same with the broker's state on NATS JetStream (`[cluster]`): fleetcore is killed
+/// mid-stream, then nats-server too (kill -9 of both, as a power loss of a one-node
+/// site), and both come back on their data. No redb file is ever made.
+#[test]
+fn acknowledged_messages_survive_sigkill_mid_stream_on_nats_jetstream() {
+    let mut nats = nats::Nats::start();
+    let cluster = format!(
+        "[cluster]\nnats_urls = [\"{}\"]\nprefix = \"e2e\"\nnode_name = \"node-a\"\nrequest_timeout_ms = 3000\n",
+        nats.url()
+    );
+    let broker = TestBroker::start(BrokerOpts::new().raw(&cluster));
+    kill9_mid_stream(broker, |broker| {
+        nats.kill();
+        nats.spawn();
+        broker.restart();
+        let redb = broker.data_dir().join("fleetcore.redb");
+        assert!(!redb.exists(), "{} made in cluster mode", redb.display());
+        assert!(
+            broker.log().contains("nats JetStream at"),
+            "the broker did not say where its state is:\n{}",
+            broker.log_tail()
+        );
+    });
+    drop(nats);
+}
+
+/// Streams QoS 1 publishes (every 10th retained) to an offline persistent session,
+/// kills the broker with SIGKILL after about half were acknowledged, calls `restart`,
+/// then checks that every acknowledged message is delivered and every acknowledged
+/// retained message is still retained.
+fn kill9_mid_stream(mut broker: TestBroker, restart: impl FnOnce(&mut TestBroker)) {
     // An agent with a persistent session (3.1.1, so the broker's default expiry applies),
     // subscribed to its account's subtree, then offline.
     let session = with(
@@ -96,7 +132,7 @@ fn acknowledged_messages_survive_sigkill_mid_stream() {
         acked.len()
     );
 
-    broker.restart();
+    restart(&mut broker);
 
     // Every acknowledged message reaches the agent (QoS 1: duplicates are allowed).
     let mut agent = paho(

@@ -1,0 +1,92 @@
+//! `[cluster]`: the broker's state on NATS JetStream instead of the local redb file.
+
+use anyhow::Result;
+use fleetcore_broker::config::ClusterConfig;
+use fleetcore_core::storage::{Loaded, Storage};
+
+/// How long a start waits for NATS to be reachable.
+#[cfg(feature = "cluster")]
+const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// This node's name: the configured one, or the host name.
+#[cfg(feature = "cluster")]
+pub fn node_name(c: &ClusterConfig) -> String {
+    if !c.node_name.is_empty() {
+        return c.node_name.clone();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "fleetcore".into())
+}
+
+/// Connects to the NATS servers of `[cluster]` and reads the state they hold; `None`
+/// when no NATS server is configured (one node on the redb file).
+#[cfg(feature = "cluster")]
+pub async fn open(c: &ClusterConfig) -> Result<Option<(Storage, Loaded, String)>> {
+    use anyhow::Context;
+    use fleetcore_cluster::{NatsOptions, NatsStorage};
+    if !c.enabled() {
+        return Ok(None);
+    }
+    let node = node_name(c);
+    let opts = NatsOptions {
+        prefix: c.prefix.clone(),
+        replicas: c.replicas,
+        connection_name: format!("fleetcore {node}"),
+        request_timeout: std::time::Duration::from_millis(c.request_timeout_ms),
+        credentials_file: c.credentials_file.clone(),
+        tls_ca_file: c.tls_ca_file.clone(),
+        tls_client: c.tls_cert_file.clone().zip(c.tls_key_file.clone()),
+    };
+    let urls = c.nats_urls.join(",");
+    tracing::info!(nats = %urls, node = %node, prefix = %c.prefix, "connecting to NATS JetStream for the broker's state");
+    // NATS may be starting with us (one compose file, one boot): a refused or failed
+    // connection is tried again for a while, and said so, before the start fails.
+    let give_up = tokio::time::Instant::now() + CONNECT_PATIENCE;
+    let mut told: Option<tokio::time::Instant> = None;
+    let (nats, loaded) = loop {
+        let attempt = tokio::time::timeout(
+            std::time::Duration::from_millis(c.request_timeout_ms) * 6,
+            NatsStorage::connect(&c.nats_urls, opts.clone()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from NATS at {urls} in time ([cluster] nats_urls)"))
+        .and_then(|r| {
+            r.with_context(|| format!("cannot use NATS JetStream at {urls} ([cluster])"))
+        });
+        match attempt {
+            Ok(opened) => break opened,
+            Err(e) if tokio::time::Instant::now() < give_up => {
+                if told.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5)) {
+                    tracing::warn!(error = %format!("{e:#}"), "NATS JetStream not reachable yet; trying again for up to {} s", CONNECT_PATIENCE.as_secs());
+                    told = Some(tokio::time::Instant::now());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    tracing::warn!(
+        "cluster storage: this node's state is in NATS JetStream (prefix {:?}); cross-node \
+         delivery and takeover are not built yet, so run one fleetcore node per prefix",
+        c.prefix
+    );
+    Ok(Some((
+        nats.storage(),
+        loaded,
+        format!("nats JetStream at {urls}, prefix {}", c.prefix),
+    )))
+}
+
+/// Built without the `cluster` feature: `[cluster]` is refused, not ignored.
+#[cfg(not(feature = "cluster"))]
+pub async fn open(c: &ClusterConfig) -> Result<Option<(Storage, Loaded, String)>> {
+    if c.enabled() {
+        anyhow::bail!(
+            "[cluster] nats_urls is set, but this fleetcore was built without the `cluster` feature"
+        );
+    }
+    Ok(None)
+}
