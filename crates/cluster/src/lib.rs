@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 
 pub mod keys;
+pub mod lease;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -220,6 +221,8 @@ struct Inner {
     tx: mpsc::UnboundedSender<Request>,
     next_body: AtomicU64,
     client: async_nats::Client,
+    /// The meta bucket, where leases live.
+    meta: kv::Store,
 }
 
 impl std::fmt::Debug for NatsStorage {
@@ -305,6 +308,7 @@ impl NatsStorage {
                 tx,
                 next_body: AtomicU64::new((epoch << EPOCH_SHIFT) | 1),
                 client,
+                meta,
             }),
         };
         Ok((storage, loaded))
@@ -317,6 +321,23 @@ impl NatsStorage {
             retained: Arc::new(self.clone()),
             records: Arc::new(self.clone()),
         }
+    }
+
+    /// Takes lease `name` (letters, digits, `-`, `_`, `.`) in this installation's meta
+    /// bucket for `owner`; see [`lease`].
+    pub async fn lease(
+        &self,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<lease::Lease, lease::LeaseError> {
+        lease::Lease::acquire(
+            self.inner.meta.clone(),
+            &format!("lease.{name}"),
+            owner,
+            ttl,
+        )
+        .await
     }
 
     /// The NATS connection, e.g. for its state.

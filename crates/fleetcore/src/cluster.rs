@@ -4,6 +4,45 @@ use anyhow::Result;
 use fleetcore_broker::config::ClusterConfig;
 use fleetcore_core::storage::{Loaded, Storage};
 
+/// How long the node's lease lives without a renewal (renewed every third of it): a node
+/// killed with SIGKILL holds its prefix this long.
+#[cfg(feature = "cluster")]
+const NODE_LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(6);
+
+/// This node's hold on its prefix while it runs (one node per prefix for now).
+pub struct Guard {
+    #[cfg(feature = "cluster")]
+    lease: fleetcore_cluster::lease::Lease,
+}
+
+impl Guard {
+    /// Resolves with the reason once the node lost its hold (its lease was taken, or it
+    /// could not renew it, cut off from NATS): it must stop serving.
+    pub async fn lost(&self) -> String {
+        #[cfg(feature = "cluster")]
+        {
+            let mut lost = self.lease.lost();
+            let why = match lost.wait_for(|l| l.is_some()).await {
+                Ok(why) => why.clone().unwrap_or_default(),
+                Err(_) => "the lease's renewer stopped".into(),
+            };
+            why
+        }
+        #[cfg(not(feature = "cluster"))]
+        std::future::pending().await
+    }
+
+    /// Gives the hold up at a normal stop, so the next start need not wait for it.
+    pub async fn release(self) {
+        #[cfg(feature = "cluster")]
+        self.lease.release().await;
+    }
+}
+
+/// What `[cluster]` opened: the storage (with what it holds and its name for the log)
+/// and the node's hold on the prefix.
+pub type Opened = (Storage, Loaded, String, Guard);
+
 /// How long a start waits for NATS to be reachable.
 #[cfg(feature = "cluster")]
 const CONNECT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
@@ -21,10 +60,11 @@ pub fn node_name(c: &ClusterConfig) -> String {
         .unwrap_or_else(|| "fleetcore".into())
 }
 
-/// Connects to the NATS servers of `[cluster]` and reads the state they hold; `None`
-/// when no NATS server is configured (one node on the redb file).
+/// Connects to the NATS servers of `[cluster]`, takes the prefix's node lease and reads
+/// the state they hold; `None` when no NATS server is configured (one node on the redb
+/// file). Another live node on the same prefix is refused.
 #[cfg(feature = "cluster")]
-pub async fn open(c: &ClusterConfig) -> Result<Option<(Storage, Loaded, String)>> {
+pub async fn open(c: &ClusterConfig) -> Result<Option<Opened>> {
     use anyhow::Context;
     use fleetcore_cluster::{NatsOptions, NatsStorage};
     if !c.enabled() {
@@ -68,21 +108,35 @@ pub async fn open(c: &ClusterConfig) -> Result<Option<(Storage, Loaded, String)>
             Err(e) => return Err(e),
         }
     };
+    // One node per prefix until cross-node delivery and takeover exist: the lease says
+    // which. A node killed with SIGKILL is taken over after NODE_LEASE_TTL.
+    let lease = nats
+        .lease("node", &node, NODE_LEASE_TTL)
+        .await
+        .with_context(|| {
+            format!(
+                "prefix {:?} on NATS is in use by another fleetcore node; one node per prefix \
+                 for now (cross-node delivery is not built yet): stop it, or give this node \
+                 another [cluster] prefix",
+                c.prefix
+            )
+        })?;
     tracing::warn!(
         "cluster storage: this node's state is in NATS JetStream (prefix {:?}); cross-node \
-         delivery and takeover are not built yet, so run one fleetcore node per prefix",
+         delivery and takeover are not built yet, so this node holds the prefix alone",
         c.prefix
     );
     Ok(Some((
         nats.storage(),
         loaded,
         format!("nats JetStream at {urls}, prefix {}", c.prefix),
+        Guard { lease },
     )))
 }
 
 /// Built without the `cluster` feature: `[cluster]` is refused, not ignored.
 #[cfg(not(feature = "cluster"))]
-pub async fn open(c: &ClusterConfig) -> Result<Option<(Storage, Loaded, String)>> {
+pub async fn open(c: &ClusterConfig) -> Result<Option<Opened>> {
     if c.enabled() {
         anyhow::bail!(
             "[cluster] nats_urls is set, but this fleetcore was built without the `cluster` feature"

@@ -259,6 +259,10 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
                 return Err(e);
             }
         };
+        let (storage, guard) = match storage {
+            Some((storage, loaded, place, guard)) => (Some((storage, loaded, place)), Some(guard)),
+            None => (None, None),
+        };
         let server = match Server::start_on(config, storage, services, setup).await {
             Ok(server) => server,
             Err(e) => {
@@ -294,7 +298,20 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
                 token_path.display()
             );
         }
-        signals.wait().await;
+        // Fail closed: a node that lost its hold on the cluster prefix stops serving.
+        let lost = async {
+            match &guard {
+                Some(g) => g.lost().await,
+                None => std::future::pending().await,
+            }
+        };
+        let failed = tokio::select! {
+            () = signals.wait() => None,
+            why = lost => Some(why),
+        };
+        if let Some(why) = &failed {
+            tracing::error!(reason = %why, "stopping: this node no longer holds its cluster prefix");
+        }
         if let Some(admin_task) = admin_task {
             admin_task.stop().await;
         }
@@ -302,6 +319,11 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
             .shutdown(Duration::from_secs(10))
             .await
             .context("store flush at shutdown failed")?;
+        match (failed, guard) {
+            (Some(why), _) => anyhow::bail!("stopped: {why}"),
+            (None, Some(g)) => g.release().await,
+            (None, None) => {}
+        }
         Ok(())
     })
 }

@@ -184,6 +184,19 @@ impl TestBroker {
     /// loopback ports, waiting until every listener accepts TCP connections.
     pub fn start(opts: BrokerOpts) -> TestBroker {
         let bin = broker_binary();
+        TestBroker::try_start(opts).unwrap_or_else(|log| {
+            panic!(
+                "fleetcore did not start ({}); log tail:\n{}",
+                bin.display(),
+                tail(&log, 60)
+            )
+        })
+    }
+
+    /// As [`start`](Self::start), returning the log when the broker does not start
+    /// (or exits) instead of panicking: for starts that must fail.
+    pub fn try_start(opts: BrokerOpts) -> Result<TestBroker, String> {
+        let bin = broker_binary();
         let dir = tempfile::Builder::new()
             .prefix("fleetcore-e2e-")
             .tempdir()
@@ -224,13 +237,11 @@ impl TestBroker {
             broker.admin_port = opts.admin.then(|| ports.next().unwrap());
             broker.write_config(&opts);
             match broker.spawn_and_wait() {
-                Ok(()) => return broker,
-                Err(log) if attempt < 3 && log.to_lowercase().contains("in use") => continue,
-                Err(log) => panic!(
-                    "fleetcore did not start ({}); log tail:\n{}",
-                    broker.bin.display(),
-                    tail(&log, 60)
-                ),
+                Ok(()) => return Ok(broker),
+                Err(log) if attempt < 3 && log.to_lowercase().contains("already in use") => {
+                    continue
+                }
+                Err(log) => return Err(log),
             }
         }
         unreachable!()
@@ -442,6 +453,17 @@ impl TestBroker {
                 );
             }
         }
+    }
+
+    /// Waits up to `bound` for the broker to exit by itself; its status, or `None` if it
+    /// still runs.
+    pub fn wait_exit(&mut self, bound: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("broker is not running");
+        let status = wait_timeout(child, bound);
+        if status.is_some() {
+            self.child = None;
+        }
+        status
     }
 
     /// Starts the broker again with the same config, data directory and ports.

@@ -1,0 +1,77 @@
+//! `[cluster]` with a real nats-server (the test's own, on loopback, killed by PID): the
+//! node holds its prefix alone (a second node on it is refused, with the reason), and a
+//! node cut off from NATS for longer than its lease stops serving (fail closed) instead
+//! of acknowledging what it can no longer store.
+
+mod common;
+
+#[path = "../../cluster/tests/support/nats.rs"]
+mod nats;
+
+use std::time::Duration;
+
+use common::*;
+
+fn cluster(nats: &nats::Nats, node: &str) -> String {
+    format!(
+        "[cluster]\nnats_urls = [\"{}\"]\nprefix = \"e2e\"\nnode_name = \"{node}\"\nrequest_timeout_ms = 2000\n",
+        nats.url()
+    )
+}
+
+#[test]
+fn a_second_node_on_the_same_prefix_is_refused_and_the_first_serves_on() {
+    let nats = nats::Nats::start();
+    let mut first = TestBroker::start(BrokerOpts::new().raw(&cluster(&nats, "node-a")));
+    let log = match TestBroker::try_start(BrokerOpts::new().raw(&cluster(&nats, "node-b"))) {
+        Ok(mut second) => {
+            second.terminate();
+            panic!("a second node started on a prefix node-a holds");
+        }
+        Err(log) => log,
+    };
+    for expected in ["in use by another fleetcore node", "node-a", "prefix"] {
+        assert!(log.contains(expected), "{expected:?} missing in:\n{log}");
+    }
+    // The first node was not disturbed.
+    mosq_pub(&first, "acct/dev/cmd", "still here");
+    first.assert_healthy();
+    assert!(first.terminate().success());
+    drop(nats);
+}
+
+#[test]
+fn a_node_cut_off_from_nats_stops_serving() {
+    let mut nats = nats::Nats::start();
+    let mut broker = TestBroker::start(BrokerOpts::new().raw(&cluster(&nats, "node-a")));
+    nats.kill();
+    // Its 6 s lease cannot be renewed: the node stops within about that, not at once.
+    let status = broker
+        .wait_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| {
+            panic!(
+                "still serving 30 s after NATS went away:\n{}",
+                broker.log_tail()
+            )
+        });
+    assert!(!status.success(), "{status}");
+    let log = broker.log();
+    assert!(
+        log.contains("no longer holds its cluster prefix") && log.contains("could not be renewed"),
+        "{}",
+        broker.log_tail()
+    );
+}
+
+fn mosq_pub(broker: &TestBroker, topic: &str, payload: &str) {
+    let out = std::process::Command::new("mosquitto_pub")
+        .args(broker.mosq_tcp())
+        .args(["-q", "1", "-t", topic, "-m", payload])
+        .output()
+        .expect("run mosquitto_pub");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
