@@ -37,6 +37,7 @@
 
 pub mod keys;
 pub mod lease;
+pub mod status;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -233,7 +234,7 @@ impl std::fmt::Debug for NatsStorage {
 
 fn open_err(servers: &str, what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Open {
-        path: PathBuf::from(servers),
+        path: PathBuf::from(format!("on NATS JetStream at {servers}")),
         reason: format!("{what}: {e}"),
     }
 }
@@ -261,24 +262,7 @@ impl NatsStorage {
                 format!("{:?} must be letters, digits, _ or -", opts.prefix),
             ));
         }
-        let mut connect = async_nats::ConnectOptions::new()
-            .name(&opts.connection_name)
-            .request_timeout(Some(opts.request_timeout));
-        if let Some(path) = &opts.credentials_file {
-            connect = connect.credentials_file(path).await.map_err(|e| {
-                open_err(&servers, &format!("credentials file {}", path.display()), e)
-            })?;
-        }
-        if let Some(ca) = &opts.tls_ca_file {
-            connect = connect.add_root_certificates(ca.clone()).require_tls(true);
-        }
-        if let Some((cert, key)) = &opts.tls_client {
-            connect = connect.add_client_certificate(cert.clone(), key.clone());
-        }
-        let client = connect
-            .connect(urls)
-            .await
-            .map_err(|e| open_err(&servers, "connect", e))?;
+        let client = connect_client(urls, &opts).await?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(opts.request_timeout);
 
@@ -360,6 +344,34 @@ impl NatsStorage {
             Err(_) => Commit::failed(StoreError::Closed),
         }
     }
+}
+
+/// A NATS connection with `opts`' name, timeout, credentials and TLS.
+pub(crate) async fn connect_client(
+    urls: &[String],
+    opts: &NatsOptions,
+) -> Result<async_nats::Client, StoreError> {
+    let servers = urls.join(",");
+    let mut connect = async_nats::ConnectOptions::new()
+        .name(&opts.connection_name)
+        .request_timeout(Some(opts.request_timeout));
+    if let Some(path) = &opts.credentials_file {
+        connect = connect
+            .credentials_file(path)
+            .await
+            .map_err(|e| open_err(&servers, &format!("credentials file {}", path.display()), e))?;
+    }
+    if let Some(ca) = &opts.tls_ca_file {
+        connect = connect.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some((cert, key)) = &opts.tls_client {
+        connect = connect.add_client_certificate(cert.clone(), key.clone());
+    }
+    let client = connect
+        .connect(urls)
+        .await
+        .map_err(|e| open_err(&servers, "connect", e))?;
+    Ok(client)
 }
 
 async fn open_bucket(

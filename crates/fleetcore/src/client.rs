@@ -96,6 +96,11 @@ pub struct ClientOpts {
 }
 
 impl ClientOpts {
+    /// Whether `--json` was given.
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
     /// `--data-dir` as given (or FLEETCORE_DATA_DIR), for `serve` to override its
     /// configuration with.
     pub fn data_dir_override(&self) -> Option<&Path> {

@@ -144,3 +144,80 @@ pub async fn open(c: &ClusterConfig) -> Result<Option<Opened>> {
     }
     Ok(None)
 }
+
+/// `fleetcore cluster status`: prints the status (text or JSON); exit 0 when healthy, 1
+/// with problems, 2 when NATS cannot be asked.
+pub fn print_status(c: &ClusterConfig, json: bool) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    if !c.enabled() {
+        eprintln!(
+            "fleetcore: no NATS servers: give --nats-url, or --config with a [cluster] nats_urls"
+        );
+        return ExitCode::from(2);
+    }
+    #[cfg(feature = "cluster")]
+    {
+        let opts = fleetcore_cluster::NatsOptions {
+            prefix: c.prefix.clone(),
+            replicas: c.replicas,
+            connection_name: "fleetcore cluster status".into(),
+            request_timeout: std::time::Duration::from_millis(c.request_timeout_ms),
+            credentials_file: c.credentials_file.clone(),
+            tls_ca_file: c.tls_ca_file.clone(),
+            tls_client: c.tls_cert_file.clone().zip(c.tls_key_file.clone()),
+        };
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("fleetcore: cannot start the async runtime: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let got = runtime.block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_millis(c.request_timeout_ms) * 3,
+                fleetcore_cluster::status::status(&c.nats_urls, &opts),
+            )
+            .await
+        });
+        let status = match got {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                eprintln!("fleetcore: {e}");
+                return ExitCode::from(2);
+            }
+            Err(_) => {
+                eprintln!(
+                    "fleetcore: no answer from NATS at {} in time",
+                    c.nats_urls.join(",")
+                );
+                return ExitCode::from(2);
+            }
+        };
+        if json {
+            match serde_json::to_string_pretty(&status) {
+                Ok(text) => println!("{text}"),
+                Err(e) => {
+                    eprintln!("fleetcore: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        } else {
+            print!("{status}");
+        }
+        if status.problems().is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }
+    }
+    #[cfg(not(feature = "cluster"))]
+    {
+        let _ = json;
+        eprintln!("fleetcore: this fleetcore was built without the `cluster` feature");
+        ExitCode::from(2)
+    }
+}

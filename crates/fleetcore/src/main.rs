@@ -59,7 +59,7 @@ fn parse_cli() -> Cli {
     let name = match &cli.command {
         Command::Serve(_) => "serve",
         Command::DefaultConfig => "default-config",
-        Command::Client(_) => return cli,
+        Command::Client(_) | Command::Cluster(_) => return cli,
     };
     for (id, flag) in ADMIN_ONLY_OPTIONS {
         if matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine) {
@@ -81,6 +81,9 @@ enum Command {
     Serve(ServeArgs),
     /// Print the embedded default configuration (documented) and exit.
     DefaultConfig,
+    /// Cluster mode (`[cluster]`, NATS JetStream): see docs/cluster.md.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     #[command(flatten)]
     Client(Box<client::ClientCommand>),
 }
@@ -95,6 +98,22 @@ struct ServeArgs {
     log_format: Option<String>,
 }
 
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Show the NATS server reached, the node holding the prefix, and each bucket's
+    /// entries, bytes, replicas and Raft leader. Exits 1 when it reports a problem (a
+    /// bucket without leader, a replica not current, no node or a stale one), 2 when NATS
+    /// cannot be reached. `--json` prints the same as JSON.
+    Status {
+        /// The broker's configuration file; its `[cluster]` section says where NATS is.
+        #[arg(short, long, env = "FLEETCORE_CONFIG")]
+        config: Option<PathBuf>,
+        /// NATS servers to ask instead of the configuration's `nats_urls` (repeatable).
+        #[arg(long = "nats-url")]
+        nats_urls: Vec<String>,
+    },
+}
+
 const DOCUMENTED_CONFIG: &str = include_str!("../../../config/fleetcore.toml");
 
 fn main() -> ExitCode {
@@ -105,6 +124,25 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Client(cmd) => client::run(*cmd, &cli.opts),
+        Command::Cluster(ClusterCommand::Status { config, nats_urls }) => {
+            let json = cli.opts.json();
+            let loaded = match &config {
+                Some(path) => load_config(path),
+                None => Ok(Config::default()),
+            };
+            match loaded {
+                Ok(mut c) => {
+                    if !nats_urls.is_empty() {
+                        c.cluster.nats_urls = nats_urls;
+                    }
+                    cluster::print_status(&c.cluster, json)
+                }
+                Err(e) => {
+                    eprintln!("fleetcore: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Serve(args) => match serve(args, cli.opts.data_dir_override()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

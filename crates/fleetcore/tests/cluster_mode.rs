@@ -36,6 +36,36 @@ fn a_second_node_on_the_same_prefix_is_refused_and_the_first_serves_on() {
     // The first node was not disturbed.
     mosq_pub(&first, "acct/dev/cmd", "still here");
     first.assert_healthy();
+
+    // `fleetcore cluster status` names the holder and the buckets, and says healthy.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleetcore.toml");
+    std::fs::write(&config, cluster(&nats, "node-a")).unwrap();
+    let (code, out, err) = status(&["--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    for expected in [
+        "node          node-a",
+        "e2e_sessions",
+        "e2e_retained",
+        "health        ok",
+    ] {
+        assert!(out.contains(expected), "{expected:?} missing in:\n{out}");
+    }
+    let (code, out, err) = status(&["--config", config.to_str().unwrap(), "--json"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert_eq!(v["node"]["name"], "node-a");
+    assert_eq!(v["prefix"], "e2e");
+    assert_eq!(v["buckets"].as_array().map(Vec::len), Some(5), "{v}");
+    // Another prefix: nothing there, and it says so (exit 1: no node holds it).
+    let (code, out, _) = status(&["--nats-url", &nats.url(), "--json"]);
+    assert_eq!(code, Some(1), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["prefix"], "fleetcore");
+    assert!(
+        v["node"].is_null() && v["buckets"].as_array().unwrap().is_empty(),
+        "{v}"
+    );
     assert!(first.terminate().success());
     drop(nats);
 }
@@ -55,12 +85,30 @@ fn a_node_cut_off_from_nats_stops_serving() {
             )
         });
     assert!(!status.success(), "{status}");
+    let (code, _, err) = self::status(&["--nats-url", &nats.url()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("NATS") && err.contains(&nats.url()), "{err}");
     let log = broker.log();
     assert!(
         log.contains("no longer holds its cluster prefix") && log.contains("could not be renewed"),
         "{}",
         broker.log_tail()
     );
+}
+
+/// Runs `fleetcore cluster status ARGS`: (exit code, stdout, stderr).
+fn status(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(broker_binary())
+        .args(["cluster", "status"])
+        .args(args)
+        .env_remove("FLEETCORE_CONFIG")
+        .output()
+        .expect("run fleetcore cluster status");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn mosq_pub(broker: &TestBroker, topic: &str, payload: &str) {
