@@ -72,6 +72,17 @@ pub struct Server {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Where a node's state lives when it is not `data_dir/fleetcore.redb` alone (cluster
+/// mode): storage the caller opened, with what it held, and the fabric to other nodes.
+pub struct Backend {
+    pub storage: fleetcore_core::storage::Storage,
+    pub loaded: fleetcore_core::storage::Loaded,
+    /// Where the state is, for the log (`store opened`).
+    pub place: String,
+    /// The other nodes ([`fleetcore_core::fabric::Standalone`] for none).
+    pub fabric: Arc<dyn fleetcore_core::fabric::Fabric>,
+}
+
 impl Server {
     /// Opens the store, restores state, binds every listener and starts
     /// accepting. Fails without side effects on the network if any listener
@@ -100,16 +111,12 @@ impl Server {
         Server::start_on(config, None, services, setup).await
     }
 
-    /// As [`Server::start_with_setup`], on `storage` (opened by the caller, with what it
-    /// held, and a name for the log) instead of `data_dir/fleetcore.redb`: how cluster
-    /// mode hands in NATS JetStream, which this crate does not know.
+    /// As [`Server::start_with_setup`], on `backend` (storage opened by the caller and a
+    /// fabric to other nodes) instead of `data_dir/fleetcore.redb` alone: how cluster mode
+    /// hands in NATS JetStream, which this crate does not know.
     pub async fn start_on(
         config: Config,
-        storage: Option<(
-            fleetcore_core::storage::Storage,
-            fleetcore_core::storage::Loaded,
-            String,
-        )>,
+        backend: Option<Backend>,
         services: Vec<Arc<dyn fleetcore_core::service::TopicService>>,
         setup: impl FnOnce(&Arc<Hub>) + Send,
     ) -> Result<Server, StartError> {
@@ -197,8 +204,8 @@ impl Server {
                 label: kind,
             });
         }
-        let (storage, loaded, place) = match storage {
-            Some(given) => given,
+        let (storage, loaded, place, fabric) = match backend {
+            Some(b) => (b.storage, b.loaded, b.place, b.fabric),
             None => {
                 let path = config.data_dir.join("fleetcore.redb");
                 let store_path = path.clone();
@@ -207,7 +214,9 @@ impl Server {
                 })
                 .await
                 .map_err(|e| StartError::Config(format!("store open task failed: {e}")))??;
-                (store.storage(), loaded, path.display().to_string())
+                let fabric: Arc<dyn fleetcore_core::fabric::Fabric> =
+                    Arc::new(fleetcore_core::fabric::Standalone);
+                (store.storage(), loaded, path.display().to_string(), fabric)
             }
         };
         tracing::info!(
@@ -220,7 +229,7 @@ impl Server {
         if !services.is_empty() {
             tracing::info!(services = ?services.names(), "device services installed");
         }
-        let hub = Hub::new(config, storage, loaded, services);
+        let hub = Hub::with_fabric(config, storage, loaded, services, fabric);
         setup(&hub);
         for l in &bound {
             if let (Some(src), true) = (&l.tls, l.config.uses_registry()) {

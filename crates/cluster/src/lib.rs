@@ -35,6 +35,7 @@
 //! node, every restart) gets ids of its own; the counter starts at 1.
 #![forbid(unsafe_code)]
 
+pub mod fabric;
 pub mod keys;
 pub mod lease;
 pub mod status;
@@ -351,10 +352,23 @@ pub(crate) async fn connect_client(
     urls: &[String],
     opts: &NatsOptions,
 ) -> Result<async_nats::Client, StoreError> {
+    connect_with(urls, opts, false).await
+}
+
+/// As [`connect_client`]; `no_echo`: the server sends this connection none of its own
+/// publishes.
+pub(crate) async fn connect_with(
+    urls: &[String],
+    opts: &NatsOptions,
+    no_echo: bool,
+) -> Result<async_nats::Client, StoreError> {
     let servers = urls.join(",");
     let mut connect = async_nats::ConnectOptions::new()
         .name(&opts.connection_name)
         .request_timeout(Some(opts.request_timeout));
+    if no_echo {
+        connect = connect.no_echo();
+    }
     if let Some(path) = &opts.credentials_file {
         connect = connect
             .credentials_file(path)

@@ -6,8 +6,10 @@
 //! same trait: it subscribes once per distinct filter the node's sessions hold
 //! ([`Fabric::interest`]), hands publishes to nodes with interest ([`Fabric::forward`]),
 //! and relays control events ([`Fabric::broadcast`]) so a revocation or a trust change
-//! on one node reaches every node. Cross-node session claims (takeover) are not part of
-//! this seam yet.
+//! on one node reaches every node. What other nodes send comes back into the engine
+//! through [`Inbound`], which the engine hands the fabric once it is built
+//! ([`Fabric::attach`]). Session claims across nodes are not part of this seam: they are
+//! compare-and-set writes of the session store (`SessionStore::claim`).
 
 use crate::message::Message;
 use crate::storage::Commit;
@@ -21,8 +23,23 @@ pub enum Control {
     TrustChanged,
 }
 
+/// The engine as a fabric sees it: where publishes and control events from other nodes go.
+pub trait Inbound: Send + Sync + 'static {
+    /// A message published on another node, for this node's subscribers: routed here
+    /// only, never forwarded again. Retained state is not changed by it (the publishing
+    /// node stored that).
+    fn remote_publish(&self, msg: Message);
+    /// A control event another node broadcast.
+    fn remote_control(&self, ev: Control);
+}
+
 /// What the engine tells the world outside this node.
 pub trait Fabric: Send + Sync + 'static {
+    /// The engine is built: what arrives from other nodes goes to `inbound` (held weakly,
+    /// since the engine holds the fabric). Called once, before any other call.
+    fn attach(&self, inbound: std::sync::Weak<dyn Inbound>) {
+        let _ = inbound;
+    }
     /// The node's first subscriber to `filter` (with share `group`) came (`on`), or its
     /// last one left. Called under the router's shard lock: must not block.
     fn interest(&self, filter: &str, group: Option<&str>, on: bool);

@@ -298,7 +298,15 @@ fn serve(args: ServeArgs, data_dir: Option<&Path>) -> Result<()> {
             }
         };
         let (storage, guard) = match storage {
-            Some((storage, loaded, place, guard)) => (Some((storage, loaded, place)), Some(guard)),
+            Some((storage, loaded, place, guard)) => (
+                Some(fleetcore_broker::Backend {
+                    storage,
+                    loaded,
+                    place,
+                    fabric: Arc::new(fleetcore_core::fabric::Standalone),
+                }),
+                Some(guard),
+            ),
             None => (None, None),
         };
         let server = match Server::start_on(config, storage, services, setup).await {

@@ -28,7 +28,7 @@ use crate::router::{Match, Router};
 use crate::session::{
     ConnLink, Enqueued, Inflight, Kick, KickReceiver, PendingWill, Session, SessionId, SubOptions,
 };
-use fleetcore_core::fabric::{Control, Fabric, Standalone};
+use fleetcore_core::fabric::{Control, Fabric, Inbound, Standalone};
 use fleetcore_core::message::Message;
 use fleetcore_core::protocol::Version;
 use fleetcore_core::service::{
@@ -203,6 +203,8 @@ impl Hub {
                 hub.on_registry_event(ev);
             }
         });
+        let inbound: Arc<dyn Inbound> = hub.clone();
+        hub.fabric.attach(Arc::downgrade(&inbound));
         hub
     }
 
@@ -360,10 +362,16 @@ impl Hub {
     /// retained copy are written to the store; `Routed::commit` resolves once
     /// they are durable.
     pub fn publish(&self, msg: Message) -> Routed {
+        self.route(msg, true)
+    }
+
+    /// [`Hub::publish`]; `local` false for a message another node published: it was
+    /// stored and forwarded there, so here it only goes to this node's subscribers.
+    fn route(&self, msg: Message, local: bool) -> Routed {
         let msg = Arc::new(msg);
         let mut commits = Vec::new();
         let mut retained_commit = None;
-        if msg.retain {
+        if msg.retain && local {
             let topic = msg.topic.to_string();
             // The store op is submitted while the tree is still locked, so
             // memory and disk see concurrent changes to one topic in one order.
@@ -407,7 +415,11 @@ impl Hub {
             drop(tree);
             m::gauge_retained(n);
         }
-        let remote_commit = self.fabric.forward(&msg);
+        let remote_commit = if local {
+            self.fabric.forward(&msg)
+        } else {
+            None
+        };
         let mut matches: Vec<Match<SubEntry>> = Vec::new();
         self.router.matches(&msg.topic, &mut matches);
         let mut matched = 0;
@@ -1004,6 +1016,36 @@ impl Hub {
             src.reload(&extra)?;
         }
         Ok(())
+    }
+}
+
+/// What other nodes send (cluster mode): their publishes go to this node's subscribers,
+/// their control events are acted on as if they had happened here.
+impl Inbound for Hub {
+    fn remote_publish(&self, msg: Message) {
+        if self.is_shutting_down() {
+            return;
+        }
+        // A queued copy for a local offline session is written with its undo as for
+        // any publish; nobody here waits for it (the publisher was answered by its node).
+        drop(self.route(msg, false));
+    }
+
+    fn remote_control(&self, ev: Control) {
+        match ev {
+            Control::KickCertificate { cert_id } => {
+                let n = self.certs.kick(
+                    &cert_id,
+                    &format!("certificate {cert_id} was revoked on another node"),
+                );
+                tracing::warn!(certificate = %cert_id, connections = n, "certificate left ACTIVE on another node; its connections here were cut off");
+            }
+            Control::TrustChanged => {
+                if let Err(e) = self.reload_trust() {
+                    tracing::error!(error = %e, "another node changed the registered CAs but rebuilding TLS trust failed; the listeners keep the previous trust");
+                }
+            }
+        }
     }
 }
 

@@ -1,0 +1,194 @@
+//! Two fleetcore nodes joined by the NATS fabric (a real nats-server, killed by PID at the
+//! end), driven by mosquitto_pub and mosquitto_sub: a publish on either node reaches the
+//! other node's subscribers once, even through two overlapping filters, with levels NATS
+//! cannot carry as they are; a node never sends back what another node forwarded to it.
+//!
+//! The nodes run in this process (each with its own redb for state: the fabric is what is
+//! tested), because the binary still holds one node per prefix (docs/cluster.md).
+
+#[path = "../../cluster/tests/support/nats.rs"]
+mod nats;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleetcore_broker::config::ListenerConfig;
+use fleetcore_broker::{Backend, Config, Server};
+use fleetcore_cluster::fabric::NatsFabric;
+use fleetcore_cluster::NatsOptions;
+use fleetcore_store::{Store, StoreOptions};
+
+async fn node(nats: &nats::Nats, dir: &std::path::Path) -> (Server, SocketAddr) {
+    let config = Config {
+        data_dir: dir.into(),
+        listeners: vec![ListenerConfig {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..ListenerConfig::default_tcp()
+        }],
+        ..Config::default()
+    };
+    let (store, loaded) = Store::open(&dir.join("fleetcore.redb"), StoreOptions::default())
+        .expect("open the node's redb");
+    let opts = NatsOptions {
+        prefix: "e2e".into(),
+        ..NatsOptions::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let fabric = loop {
+        match NatsFabric::connect(&[nats.url()], &opts).await {
+            Ok(f) => break f,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("NATS: {e}\n{}", nats.log()),
+        }
+    };
+    let backend = Backend {
+        storage: store.storage(),
+        loaded,
+        place: "redb + NATS fabric".into(),
+        fabric: Arc::new(fabric),
+    };
+    let server = Server::start_on(config, Some(backend), Vec::new(), |_| {})
+        .await
+        .expect("start a node");
+    let addr = server.local_addrs()[0].1;
+    (server, addr)
+}
+
+/// A mosquitto_sub whose `topic payload` lines are collected as they come.
+struct Sub {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Sub {
+    fn start(addr: SocketAddr, filters: &[&str]) -> Sub {
+        let mut cmd = Command::new("mosquitto_sub");
+        cmd.args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+            .args(["-V", "mqttv5", "-q", "1", "-v", "-W", "60"]);
+        for f in filters {
+            cmd.args(["-t", f]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run mosquitto_sub (Debian package mosquitto-clients)");
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Sub { child, lines }
+    }
+
+    fn has(&self, line: &str) -> bool {
+        self.lines.lock().unwrap().iter().any(|l| l == line)
+    }
+
+    /// What arrived, probes left out.
+    fn got(&self) -> Vec<String> {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter(|l| !l.ends_with(" probe"))
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn publish(addr: SocketAddr, topic: &str, payload: &str) {
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args(["-V", "mqttv5", "-q", "1", "-t", topic, "-m", payload])
+        .output()
+        .expect("run mosquitto_pub");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Publishes `topic probe` on `addr` until `sub` has it: its node's interest reached NATS.
+fn probe(addr: SocketAddr, sub: &Sub, topic: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !sub.has(&format!("{topic} probe")) {
+        assert!(
+            Instant::now() < deadline,
+            "{topic} never reached the other node"
+        );
+        publish(addr, topic, "probe");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn wait_for(sub: &Sub, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !sub.has(line) {
+        assert!(
+            Instant::now() < deadline,
+            "{line:?} did not arrive; got {:?}",
+            sub.got()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_cross_between_two_nodes_once() {
+    let nats = nats::Nats::start();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, addr_a) = node(&nats, dirs.0.path()).await;
+    let (b, addr_b) = node(&nats, dirs.1.path()).await;
+
+    tokio::task::spawn_blocking(move || {
+        // On b: two filters that both match the commands; on a: one.
+        let on_b = Sub::start(addr_b, &["fleet/#", "fleet/+/cmd"]);
+        let on_a = Sub::start(addr_a, &["fleet/#"]);
+        probe(addr_a, &on_b, "fleet/probe-ab");
+        probe(addr_b, &on_a, "fleet/probe-ba");
+
+        publish(addr_a, "fleet/d1/cmd", "one");
+        publish(addr_a, "fleet/a.b c/cmd", "two");
+        publish(addr_a, "fleet/end", "end-a");
+        wait_for(&on_b, "fleet/end end-a");
+        publish(addr_b, "fleet/from-b", "three");
+        publish(addr_b, "fleet/end", "end-b");
+        wait_for(&on_b, "fleet/end end-b");
+        wait_for(&on_a, "fleet/end end-b");
+        let expected = [
+            "fleet/d1/cmd one",
+            "fleet/a.b c/cmd two",
+            "fleet/end end-a",
+            "fleet/from-b three",
+            "fleet/end end-b",
+        ];
+        // b got a's publishes once though two of its filters match (one session, one
+        // copy, and one NATS delivery kept of two), and its own as any broker does.
+        assert_eq!(on_b.got(), expected, "on b");
+        // a got its own once: b did not send back what a forwarded to it.
+        assert_eq!(on_a.got(), expected, "on a");
+    })
+    .await
+    .unwrap();
+
+    a.shutdown(Duration::from_secs(2)).await.unwrap();
+    b.shutdown(Duration::from_secs(2)).await.unwrap();
+    drop(nats);
+}
