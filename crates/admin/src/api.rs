@@ -31,9 +31,15 @@ use fleetcore_identity::registry::{IssuedToken, TokenKeyInfo};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use subtle::ConstantTimeEq;
 
+use crate::models::{
+    CaList, CaView, CertDetail, CertFromCsr, CertList, CertView, CreateCert, DefaultVersion,
+    ErrorBody, ErrorDetail, Health, IssuedCert, IssuedTokenView, NewCa, NewPolicy,
+    NewPolicyVersion, NewThing, NewToken, PolicyList, RegisterCert, StateChange, ThingDetail,
+    ThingList, ThingUpdate, TokenKeyList, TokenKeyView,
+};
 use crate::tls::AdminPeer;
 use axum::extract::ConnectInfo;
 use fleetcore_identity::ca::{self, Ca, CaError, CertInfo};
@@ -111,7 +117,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let body = Json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        });
         let mut resp = (self.status, body).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
@@ -327,42 +338,22 @@ async fn require_token(State(st): State<Shared>, req: Request, next: Next) -> Re
 // ----- views -----------------------------------------------------------------
 
 /// A certificate as the API shows it (without its PEM).
-#[derive(Serialize)]
-struct CertView<'a> {
-    id: &'a str,
-    subject: &'a str,
-    subject_cn: &'a Option<String>,
-    issuer: &'a str,
-    serial: &'a str,
-    state: CertState,
-    not_after_ms: u64,
-    created_ms: u64,
-    updated_ms: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    revoked_ms: Option<u64>,
-}
-
-fn cert_view(c: &CertRecord) -> Value {
-    let v = CertView {
-        id: &c.id,
-        subject: &c.subject,
-        subject_cn: &c.subject_cn,
-        issuer: &c.issuer,
-        serial: &c.serial,
+fn cert_view(c: &CertRecord) -> CertView {
+    CertView {
+        id: c.id.clone(),
+        subject: c.subject.clone(),
+        subject_cn: c.subject_cn.clone(),
+        issuer: c.issuer.clone(),
+        serial: c.serial.clone(),
         state: c.state,
         not_after_ms: c.not_after_ms,
         created_ms: c.created_ms,
         updated_ms: c.updated_ms,
         revoked_ms: c.revoked_ms,
-    };
-    serde_json::to_value(v).unwrap_or(Value::Null)
+    }
 }
 
-fn to_json<T: Serialize>(v: &T) -> Value {
-    serde_json::to_value(v).unwrap_or(Value::Null)
-}
-
-pub(crate) fn created(v: Value) -> Response {
+pub(crate) fn created<T: Serialize>(v: T) -> Response {
     (StatusCode::CREATED, Json(v)).into_response()
 }
 
@@ -371,16 +362,6 @@ pub(crate) fn no_content() -> Response {
 }
 
 // ----- things ----------------------------------------------------------------
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewThing {
-    name: String,
-    #[serde(default, rename = "type")]
-    thing_type: Option<String>,
-    #[serde(default)]
-    attributes: BTreeMap<String, String>,
-}
 
 async fn create_thing(
     State(st): State<Shared>,
@@ -395,54 +376,45 @@ async fn create_thing(
             b.attributes,
         )
         .await?;
-    Ok(created(to_json(&t)))
+    Ok(created(t))
 }
 
-async fn list_things(State(st): State<Shared>) -> Json<Value> {
-    Json(json!({"things": st.hub.registry.things()}))
+async fn list_things(State(st): State<Shared>) -> Json<ThingList> {
+    Json(ThingList {
+        things: st.hub.registry.things(),
+    })
 }
 
-fn thing_detail(st: &AdminState, t: &Thing) -> Value {
-    let mut v = to_json(t);
-    v["principals"] = json!(st.hub.registry.thing_principals(&t.name));
-    v
+fn thing_detail(st: &AdminState, t: Thing) -> ThingDetail {
+    ThingDetail {
+        principals: st.hub.registry.thing_principals(&t.name),
+        thing: t,
+    }
 }
 
 async fn get_thing(
     State(st): State<Shared>,
     PathArgs(name): PathArgs<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ThingDetail>> {
     let t = st
         .hub
         .registry
         .thing(&name)
         .ok_or_else(|| ApiError::not_found(format!("thing {name:?} not found")))?;
-    Ok(Json(thing_detail(&st, &t)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ThingUpdate {
-    #[serde(default, rename = "type")]
-    thing_type: Option<String>,
-    #[serde(default)]
-    attributes: Option<BTreeMap<String, String>>,
-    /// As IoT Core's `attributePayload.merge`: false replaces the attributes.
-    #[serde(default)]
-    merge: bool,
+    Ok(Json(thing_detail(&st, t)))
 }
 
 async fn update_thing(
     State(st): State<Shared>,
     PathArgs(name): PathArgs<String>,
     JsonBody(b): JsonBody<ThingUpdate>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Thing>> {
     let t = st
         .hub
         .registry
         .update_thing(&name, b.thing_type, b.attributes, b.merge)
         .await?;
-    Ok(Json(to_json(&t)))
+    Ok(Json(t))
 }
 
 async fn delete_thing(
@@ -530,20 +502,6 @@ pub(crate) async fn register_and_attach(
     Ok(rec)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FromCsr {
-    csr_pem: String,
-    #[serde(default)]
-    thing: Option<String>,
-    #[serde(default)]
-    policies: Vec<String>,
-    #[serde(default)]
-    state: Option<String>,
-    #[serde(default)]
-    days: Option<u32>,
-}
-
 /// The first CN of a CSR's subject.
 fn csr_common_name(csr_pem: &str) -> ApiResult<Option<String>> {
     use rustls_pki_types::pem::PemObject;
@@ -578,7 +536,7 @@ pub(crate) fn refuse_admin_cn(st: &AdminState, cn: &str) -> ApiResult<()> {
 
 async fn certificate_from_csr(
     State(st): State<Shared>,
-    JsonBody(b): JsonBody<FromCsr>,
+    JsonBody(b): JsonBody<CertFromCsr>,
 ) -> ApiResult<Response> {
     let state = parse_state(b.state.as_deref())?;
     check_policies(&st, &b.policies)?;
@@ -602,23 +560,12 @@ async fn certificate_from_csr(
         &b.policies,
     )
     .await?;
-    Ok(created(json!({
-        "certificate_id": rec.id,
-        "certificate_pem": issued.pem,
-        "ca_pem": st.ca.ca_pem(),
-    })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateCert {
-    thing: String,
-    #[serde(default)]
-    policies: Vec<String>,
-    #[serde(default)]
-    state: Option<String>,
-    #[serde(default)]
-    days: Option<u32>,
+    Ok(created(IssuedCert {
+        certificate_id: rec.id,
+        certificate_pem: issued.pem,
+        private_key_pem: None,
+        ca_pem: st.ca.ca_pem().to_string(),
+    }))
 }
 
 async fn create_certificate(
@@ -634,24 +581,12 @@ async fn create_certificate(
     let info = ca::inspect_pem(&issued.pem)?;
     let rec =
         register_and_attach(&st, &info, &issued.pem, state, Some(&b.thing), &b.policies).await?;
-    Ok(created(json!({
-        "certificate_id": rec.id,
-        "certificate_pem": issued.pem,
-        "private_key_pem": key_pem,
-        "ca_pem": st.ca.ca_pem(),
-    })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegisterCert {
-    certificate_pem: String,
-    #[serde(default)]
-    state: Option<String>,
-    #[serde(default)]
-    thing: Option<String>,
-    #[serde(default)]
-    policies: Vec<String>,
+    Ok(created(IssuedCert {
+        certificate_id: rec.id,
+        certificate_pem: issued.pem,
+        private_key_pem: Some(key_pem.to_string()),
+        ca_pem: st.ca.ca_pem().to_string(),
+    }))
 }
 
 /// True when `pem` is signed by the fleetcore CA or by a registered CA.
@@ -702,15 +637,15 @@ async fn register_certificate(
     Ok(created(cert_view(&rec)))
 }
 
-async fn list_certificates(State(st): State<Shared>) -> Json<Value> {
-    let certs: Vec<Value> = st
+async fn list_certificates(State(st): State<Shared>) -> Json<CertList> {
+    let certificates = st
         .hub
         .registry
         .certificates()
         .iter()
         .map(cert_view)
         .collect();
-    Json(json!({"certificates": certs}))
+    Json(CertList { certificates })
 }
 
 fn certificate_record(st: &AdminState, id: &str) -> ApiResult<CertRecord> {
@@ -723,26 +658,21 @@ fn certificate_record(st: &AdminState, id: &str) -> ApiResult<CertRecord> {
 async fn get_certificate(
     State(st): State<Shared>,
     PathArgs(id): PathArgs<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<CertDetail>> {
     let rec = certificate_record(&st, &id)?;
-    let mut v = cert_view(&rec);
-    v["pem"] = json!(rec.pem);
-    v["policies"] = json!(st.hub.registry.certificate_policies(&id));
-    v["things"] = json!(st.hub.registry.certificate_things(&id));
-    Ok(Json(v))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StateChange {
-    state: String,
+    Ok(Json(CertDetail {
+        cert: cert_view(&rec),
+        pem: rec.pem,
+        policies: st.hub.registry.certificate_policies(&id),
+        things: st.hub.registry.certificate_things(&id),
+    }))
 }
 
 async fn set_certificate_state(
     State(st): State<Shared>,
     PathArgs(id): PathArgs<String>,
     JsonBody(b): JsonBody<StateChange>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<CertView>> {
     let state: CertState = b.state.parse()?;
     let rec = st.hub.registry.set_certificate_state(&id, state).await?;
     tracing::info!(certificate = %id, state = %state, "certificate state changed");
@@ -767,13 +697,6 @@ fn document_text(doc: &Value) -> String {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewPolicy {
-    name: String,
-    document: Value,
-}
-
 async fn create_policy(
     State(st): State<Shared>,
     JsonBody(b): JsonBody<NewPolicy>,
@@ -783,11 +706,13 @@ async fn create_policy(
         .registry
         .create_policy(&b.name, &document_text(&b.document))
         .await?;
-    Ok(created(to_json(&p)))
+    Ok(created(p))
 }
 
-async fn list_policies(State(st): State<Shared>) -> Json<Value> {
-    Json(json!({"policies": st.hub.registry.policies()}))
+async fn list_policies(State(st): State<Shared>) -> Json<PolicyList> {
+    Json(PolicyList {
+        policies: st.hub.registry.policies(),
+    })
 }
 
 fn policy_record(st: &AdminState, name: &str) -> ApiResult<PolicyRecord> {
@@ -800,17 +725,8 @@ fn policy_record(st: &AdminState, name: &str) -> ApiResult<PolicyRecord> {
 async fn get_policy(
     State(st): State<Shared>,
     PathArgs(name): PathArgs<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(to_json(&policy_record(&st, &name)?)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewPolicyVersion {
-    document: Value,
-    /// As IoT Core's `setAsDefault`: false keeps the current default.
-    #[serde(default)]
-    set_as_default: bool,
+) -> ApiResult<Json<PolicyRecord>> {
+    Ok(Json(policy_record(&st, &name)?))
 }
 
 async fn create_policy_version(
@@ -823,26 +739,20 @@ async fn create_policy_version(
         .registry
         .create_policy_version(&name, &document_text(&b.document), b.set_as_default)
         .await?;
-    Ok(created(to_json(&p)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DefaultVersion {
-    version: u32,
+    Ok(created(p))
 }
 
 async fn set_default_version(
     State(st): State<Shared>,
     PathArgs(name): PathArgs<String>,
     JsonBody(b): JsonBody<DefaultVersion>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<PolicyRecord>> {
     let p = st
         .hub
         .registry
         .set_default_policy_version(&name, b.version)
         .await?;
-    Ok(Json(to_json(&p)))
+    Ok(Json(p))
 }
 
 async fn delete_policy(
@@ -871,14 +781,13 @@ async fn detach_policy(
 
 // ----- CAs -------------------------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewCa {
-    certificate_pem: String,
-}
-
-fn ca_view(rec: &CaRecord, source: &str) -> Value {
-    json!({"id": rec.id, "subject": rec.subject, "created_ms": rec.created_ms, "source": source})
+fn ca_view(rec: &CaRecord, source: Option<&str>) -> CaView {
+    CaView {
+        id: rec.id.clone(),
+        subject: rec.subject.clone(),
+        created_ms: rec.created_ms,
+        source: source.map(str::to_owned),
+    }
 }
 
 async fn register_ca(
@@ -907,43 +816,28 @@ async fn register_ca(
     // The engine hears of it (RegistryEvent::CasChanged) and the registry listeners
     // trust it from the next TLS handshake on.
     tracing::info!(ca = %rec.id, subject = %rec.subject, "CA registered; TLS listeners now trust it");
-    Ok(created(
-        json!({"id": rec.id, "subject": rec.subject, "created_ms": rec.created_ms}),
-    ))
+    Ok(created(ca_view(&rec, None)))
 }
 
-async fn list_cas(State(st): State<Shared>) -> Json<Value> {
+async fn list_cas(State(st): State<Shared>) -> Json<CaList> {
     let own = st.ca.ca_info();
-    let mut cas = vec![json!({
-        "id": own.id,
-        "subject": own.subject,
-        "created_ms": unix_ms(own.not_before),
-        "source": "fleetcore",
-    })];
+    let mut cas = vec![CaView {
+        id: own.id.clone(),
+        subject: own.subject.clone(),
+        created_ms: unix_ms(own.not_before),
+        source: Some("fleetcore".into()),
+    }];
     cas.extend(
         st.hub
             .registry
             .cas()
             .iter()
-            .map(|c| ca_view(c, "registered")),
+            .map(|c| ca_view(c, Some("registered"))),
     );
-    Json(json!({"cas": cas}))
+    Json(CaList { cas })
 }
 
 // ----- device tokens -----------------------------------------------------------
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewToken {
-    thing: String,
-    /// "90s", "30m", "1h", "2d", or a number of seconds.
-    #[serde(default)]
-    ttl: Option<Value>,
-    #[serde(default)]
-    ttl_secs: Option<u64>,
-    #[serde(default)]
-    certificate_id: Option<String>,
-}
 
 /// A token lifetime as requests give it: a whole number of seconds, alone or followed by
 /// `s`, `m`, `h` or `d` (`"90s"`, `"30m"`, `"1h"`, `"2d"`).
@@ -988,33 +882,30 @@ fn ttl_value(v: &Value) -> ApiResult<u64> {
     }
 }
 
-fn issued_token_view(t: &IssuedToken) -> Value {
+fn issued_token_view(t: &IssuedToken) -> IssuedTokenView {
     let c = &t.claims;
-    json!({
-        "token": t.token,
-        "thing": c.thing,
-        "certificate_id": c.cert,
-        "key_id": c.kid,
-        "issued_at": utc_text(c.iat),
-        "expires_at": utc_text(c.exp),
-        "issued_at_ms": c.iat.saturating_mul(1000),
-        "expires_at_ms": c.exp.saturating_mul(1000),
-    })
+    IssuedTokenView {
+        token: t.token.clone(),
+        thing: c.thing.clone(),
+        certificate_id: c.cert.clone(),
+        key_id: c.kid.clone(),
+        issued_at: utc_text(c.iat),
+        expires_at: utc_text(c.exp),
+        issued_at_ms: c.iat.saturating_mul(1000),
+        expires_at_ms: c.exp.saturating_mul(1000),
+    }
 }
 
-fn token_key_view(k: &TokenKeyInfo) -> Value {
-    let mut v = json!({
-        "key_id": k.kid,
-        "created": utc_text(k.created_ms / 1000),
-        "created_ms": k.created_ms,
-        "signing": k.signing,
-        "public_key": k.public_key,
-    });
-    if let Some(until) = k.verify_until_ms {
-        v["verify_until"] = json!(utc_text(until / 1000));
-        v["verify_until_ms"] = json!(until);
+fn token_key_view(k: &TokenKeyInfo) -> TokenKeyView {
+    TokenKeyView {
+        key_id: k.kid.clone(),
+        created: utc_text(k.created_ms / 1000),
+        created_ms: k.created_ms,
+        signing: k.signing,
+        public_key: k.public_key.clone(),
+        verify_until: k.verify_until_ms.map(|until| utc_text(until / 1000)),
+        verify_until_ms: k.verify_until_ms,
     }
-    v
 }
 
 async fn issue_token(
@@ -1049,15 +940,15 @@ async fn issue_token(
     Ok(created(issued_token_view(&issued)))
 }
 
-async fn list_token_keys(State(st): State<Shared>) -> Json<Value> {
-    let keys: Vec<Value> = st
+async fn list_token_keys(State(st): State<Shared>) -> Json<TokenKeyList> {
+    let keys = st
         .hub
         .registry
         .token_keys()
         .iter()
         .map(token_key_view)
         .collect();
-    Json(json!({ "keys": keys }))
+    Json(TokenKeyList { keys })
 }
 
 async fn rotate_token_key(State(st): State<Shared>) -> ApiResult<Response> {
@@ -1128,12 +1019,12 @@ async fn metrics(State(st): State<Shared>) -> ApiResult<Response> {
         .into_response())
 }
 
-async fn healthz(State(st): State<Shared>) -> Json<Value> {
-    Json(json!({
-        "status": "ok",
-        "connections": st.hub.connections.load(Ordering::Acquire),
-        "sessions": st.hub.session_count(),
-    }))
+async fn healthz(State(st): State<Shared>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        connections: st.hub.connections.load(Ordering::Acquire),
+        sessions: st.hub.session_count(),
+    })
 }
 
 async fn openapi() -> Json<Value> {
@@ -1158,6 +1049,7 @@ pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus
 mod tests {
     use super::*;
     use axum::body::Body;
+    use serde_json::json;
     use tower::ServiceExt;
 
     const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];

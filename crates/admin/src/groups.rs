@@ -5,8 +5,6 @@
 //! `{"error": {"code", "message"}}` errors). The rules are the registry's
 //! (`fleetcore_identity::registry::groups`); every change is on disk before the answer.
 
-use std::collections::BTreeMap;
-
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -18,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::{AdminState, ApiError, JsonBody, PathArgs, Shared};
+use crate::models::{GroupList, GroupMembers, GroupUpdate, GroupsOfThing, NewGroup};
 
 pub fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
     vec![
@@ -37,27 +36,11 @@ pub fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
 
 type ApiResult<T> = Result<T, ApiError>;
 
-fn info_json(info: &GroupInfo) -> Value {
-    serde_json::to_value(info).unwrap_or(Value::Null)
-}
-
 fn info(st: &AdminState, name: &str) -> ApiResult<GroupInfo> {
     st.hub
         .registry
         .group_info(name)
         .ok_or_else(|| ApiError::not_found(format!("thing group {name:?} not found")))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewGroup {
-    name: String,
-    #[serde(default)]
-    parent: Option<String>,
-    #[serde(default)]
-    description: Option<String>,
-    #[serde(default)]
-    attributes: BTreeMap<String, String>,
 }
 
 async fn create_group(
@@ -70,51 +53,37 @@ async fn create_group(
         .registry
         .create_group(&b.name, parent.as_deref(), b.description, b.attributes)
         .await?;
-    let body = info(&st, &g.name).map(|i| info_json(&i))?;
+    let body = info(&st, &g.name)?;
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-async fn list_groups(State(st): State<Shared>) -> Json<Value> {
+async fn list_groups(State(st): State<Shared>) -> Json<GroupList> {
     let reg = &st.hub.registry;
-    let groups: Vec<Value> = reg
+    let thing_groups = reg
         .groups()
         .iter()
         .filter_map(|g| reg.group_info(&g.name))
-        .map(|i| info_json(&i))
         .collect();
-    Json(json!({ "thing_groups": groups }))
+    Json(GroupList { thing_groups })
 }
 
 async fn describe_group(
     State(st): State<Shared>,
     PathArgs(name): PathArgs<String>,
-) -> ApiResult<Json<Value>> {
-    Ok(Json(info_json(&info(&st, &name)?)))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GroupUpdate {
-    /// "" removes the description.
-    #[serde(default)]
-    description: Option<String>,
-    #[serde(default)]
-    attributes: Option<BTreeMap<String, String>>,
-    /// As IoT Core's `attributePayload.merge`: false replaces the attributes.
-    #[serde(default)]
-    merge: bool,
+) -> ApiResult<Json<GroupInfo>> {
+    Ok(Json(info(&st, &name)?))
 }
 
 async fn update_group(
     State(st): State<Shared>,
     PathArgs(name): PathArgs<String>,
     JsonBody(b): JsonBody<GroupUpdate>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<GroupInfo>> {
     st.hub
         .registry
         .update_group(&name, b.description, b.attributes, b.merge)
         .await?;
-    Ok(Json(info_json(&info(&st, &name)?)))
+    Ok(Json(info(&st, &name)?))
 }
 
 async fn delete_group(
@@ -136,7 +105,7 @@ async fn group_things(
     State(st): State<Shared>,
     PathArgs(name): PathArgs<String>,
     q: Result<Query<MembersQuery>, QueryRejection>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<GroupMembers>> {
     let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
     let recursive = match q.recursive.as_deref() {
         None | Some("false") => false,
@@ -152,9 +121,11 @@ async fn group_things(
         .registry
         .group_things(&name, recursive)
         .ok_or_else(|| ApiError::not_found(format!("thing group {name:?} not found")))?;
-    Ok(Json(
-        json!({"thing_group": name, "recursive": recursive, "things": things}),
-    ))
+    Ok(Json(GroupMembers {
+        thing_group: name,
+        recursive,
+        things,
+    }))
 }
 
 async fn add_thing(
@@ -179,14 +150,16 @@ async fn remove_thing(
 async fn groups_of_thing(
     State(st): State<Shared>,
     PathArgs(thing): PathArgs<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<GroupsOfThing>> {
     let reg = &st.hub.registry;
     if reg.thing(&thing).is_none() {
         return Err(ApiError::not_found(format!("thing {thing:?} not found")));
     }
-    Ok(Json(
-        json!({"thing": thing, "thing_groups": reg.thing_groups(&thing)}),
-    ))
+    let thing_groups = reg.thing_groups(&thing);
+    Ok(Json(GroupsOfThing {
+        thing,
+        thing_groups,
+    }))
 }
 
 /// The OpenAPI paths of these routes.

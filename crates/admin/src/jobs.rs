@@ -10,12 +10,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put, MethodRouter};
 use axum::Json;
 use fleetcore_services::jobs::machine::JobsError;
-use fleetcore_services::jobs::store::{AbortCriteria, FailureType, RetryCriteria};
+use fleetcore_services::jobs::store::{AbortCriteria, RetryCriteria};
 use fleetcore_services::jobs::{JobsService, NewJob};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::api::{ApiError, JsonBody, PathArgs, Shared};
+use crate::models::{CancelJob, CreateJob};
 
 pub fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
     vec![
@@ -56,67 +57,6 @@ fn answer(r: Result<Value, ApiError>) -> Response {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
     }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct CreateJob {
-    targets: Vec<String>,
-    /// The job document: a JSON object, or a string holding one (IoT Core's form).
-    document: Value,
-    #[serde(default)]
-    description: Option<String>,
-    #[serde(default)]
-    target_selection: Option<String>,
-    #[serde(default)]
-    timeout_config: Option<TimeoutConfig>,
-    #[serde(default)]
-    job_executions_rollout_config: Option<RolloutConfig>,
-    #[serde(default)]
-    abort_config: Option<AbortConfig>,
-    #[serde(default)]
-    job_executions_retry_config: Option<RetryConfig>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct AbortConfig {
-    criteria_list: Vec<AbortCriterion>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct AbortCriterion {
-    /// Only CANCEL exists.
-    action: String,
-    failure_type: FailureType,
-    min_number_of_executed_things: u64,
-    threshold_percentage: f64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RetryConfig {
-    criteria_list: Vec<RetryCriterion>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RetryCriterion {
-    failure_type: FailureType,
-    number_of_retries: u32,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct TimeoutConfig {
-    in_progress_timeout_in_minutes: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RolloutConfig {
-    maximum_per_minute: Option<u32>,
 }
 
 /// A job target: a thing or a thing group.
@@ -276,17 +216,6 @@ async fn job_document(State(st): State<Shared>, PathArgs(job): PathArgs<String>)
     answer(service(&st).and_then(|s| s.job_document(&job).map_err(err)))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Cancel {
-    #[serde(default)]
-    force: bool,
-    #[serde(default)]
-    comment: Option<String>,
-    #[serde(default)]
-    reason_code: Option<String>,
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ForceQuery {
@@ -295,9 +224,9 @@ struct ForceQuery {
 }
 
 /// A cancel body; an empty body is `{}`.
-fn cancel_body(bytes: &[u8]) -> Result<Cancel, ApiError> {
+fn cancel_body(bytes: &[u8]) -> Result<CancelJob, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Ok(Cancel::default());
+        return Ok(CancelJob::default());
     }
     serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
 }

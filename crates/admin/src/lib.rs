@@ -5,6 +5,8 @@
 //!   policies, CAs, CRL, `/metrics`, `/healthz`, behind a bearer token. It talks to the
 //!   broker only through the [`Hub`](fleetcore_broker::engine::hub::Hub)'s registry (whose
 //!   events the engine acts on) and its connection and session counts.
+//! - [`models`]: the request and answer types of the registry routes, shared with the
+//!   CLI.
 //! - [`shadow`]: the Device Shadow HTTP data plane (`/things/{thing}/shadow`,
 //!   `ListNamedShadowsForThing`), answered by the shadow service.
 //! - [`groups`]: static thing groups (`/thing-groups`, `/things/{thing}/thing-groups`),
@@ -24,6 +26,7 @@
 pub mod api;
 pub mod groups;
 pub mod jobs;
+pub mod models;
 pub mod openapi;
 pub mod provisioning;
 pub mod retained;

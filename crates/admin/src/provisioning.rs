@@ -10,16 +10,17 @@ use axum::routing::{get, post, put, MethodRouter};
 use axum::Json;
 use fleetcore_identity::ca;
 use fleetcore_identity::registry::{CertState, RegistryError};
-use fleetcore_services::provisioning::store::{Hook, TemplateRecord, TemplateType};
+use fleetcore_services::provisioning::store::{TemplateRecord, TemplateType};
 use fleetcore_services::provisioning::{
     claim_policy, template_arn, ProvisioningService, TemplateChangeError, TemplateSpec,
 };
-use serde::Deserialize;
+
 use serde_json::{json, Value};
 
 use crate::api::{
     created, no_content, register_and_attach, ApiError, JsonBody, PathArgs, Shared, DEFAULT_DAYS,
 };
+use crate::models::{CaTemplate, CreateTemplate, NewClaimCert, UpdateTemplate};
 
 pub fn routes() -> Vec<(&'static str, MethodRouter<Shared>)> {
     vec![
@@ -106,24 +107,6 @@ fn template_type(s: Option<&str>) -> Result<Option<TemplateType>, ApiError> {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct CreateTemplate {
-    template_name: String,
-    template_body: Value,
-    #[serde(default)]
-    description: Option<String>,
-    #[serde(default)]
-    enabled: Option<bool>,
-    #[serde(default, rename = "type")]
-    template_type: Option<String>,
-    #[serde(default)]
-    pre_provisioning_hook: Option<Hook>,
-    /// IoT Core's; there is no IAM role here. Accepted and ignored.
-    #[serde(default)]
-    provisioning_role_arn: Option<String>,
-}
-
 async fn create_template(
     State(st): State<Shared>,
     JsonBody(b): JsonBody<CreateTemplate>,
@@ -165,26 +148,6 @@ async fn describe_template(
     Ok(Json(view(&t, true)))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct UpdateTemplate {
-    #[serde(default)]
-    template_body: Option<Value>,
-    #[serde(default)]
-    description: Option<String>,
-    #[serde(default)]
-    enabled: Option<bool>,
-    #[serde(default, rename = "type")]
-    template_type: Option<String>,
-    #[serde(default)]
-    pre_provisioning_hook: Option<Hook>,
-    /// True removes the hook.
-    #[serde(default)]
-    remove_pre_provisioning_hook: bool,
-    #[serde(default)]
-    provisioning_role_arn: Option<String>,
-}
-
 async fn update_template(
     State(st): State<Shared>,
     PathArgs(name): PathArgs<String>,
@@ -220,13 +183,6 @@ async fn delete_template(
     Ok(no_content())
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ClaimCert {
-    #[serde(default)]
-    days: Option<u32>,
-}
-
 /// A claim certificate for template `name`: a new key and certificate (CN
 /// `claim-{name}`), registered ACTIVE with the policy `fleetcore-claim-{name}` (made
 /// if missing), which allows only that template's provisioning topics.
@@ -236,8 +192,8 @@ async fn create_claim_certificate(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let svc = service(&st)?;
-    let b: ClaimCert = if body.is_empty() {
-        ClaimCert::default()
+    let b: NewClaimCert = if body.is_empty() {
+        NewClaimCert::default()
     } else {
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?
@@ -282,12 +238,6 @@ async fn create_claim_certificate(
         "policy_name": policy,
         "template_name": name,
     })))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct CaTemplate {
-    template_name: String,
 }
 
 async fn set_ca_template(

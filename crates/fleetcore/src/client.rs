@@ -20,8 +20,17 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Subcommand};
+use fleetcore_admin::models::{
+    CaList, CaTemplate, CaView, CertDetail, CertFromCsr, CertList, CertView, CreateCert,
+    DefaultVersion, ErrorBody, IssuedCert, IssuedTokenView, NewCa, NewClaimCert, NewPolicy,
+    NewPolicyVersion, NewThing, NewToken, PolicyList, RegisterCert, StateChange, ThingDetail,
+    ThingList, ThingUpdate, TokenKeyList, TokenKeyView,
+};
 use fleetcore_identity::ca::{Ca, CaFiles};
-use serde_json::{json, Map, Value};
+use fleetcore_identity::registry::{PolicyRecord, Thing};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
 
 mod group;
 mod job;
@@ -615,30 +624,29 @@ fn thing(cmd: ThingCmd, opts: &ClientOpts) -> Result<()> {
     let api = Api::new(opts)?;
     match cmd {
         ThingCmd::Create { name, fields } => {
-            let mut body = json!({ "name": name });
-            if let Some(t) = fields.thing_type {
-                body["type"] = json!(t);
-            }
-            if !fields.attrs.is_empty() {
-                body["attributes"] = Value::Object(attr_map(fields.attrs));
-            }
-            let reply = api.call(Method::Post, "/things", Some(body))?;
-            show(opts, &reply, |v| {
-                format!("created thing {}\n{}", field(v, "name"), thing_details(v))
+            let body = NewThing {
+                name,
+                thing_type: fields.thing_type,
+                attributes: fields.attrs.into_iter().collect(),
+            };
+            let reply = api.send_model(Method::Post, "/things", &body)?;
+            show_as(opts, &reply, |t: &Thing| {
+                format!("created thing {}\n{}", t.name, thing_details(t, None))
             })
         }
         ThingCmd::List => {
             let reply = api.call(Method::Get, "/things", None)?;
-            show(opts, &reply, |v| {
-                let rows = list(v, "things")
+            show_as(opts, &reply, |l: &ThingList| {
+                let rows = l
+                    .things
                     .iter()
                     .map(|t| {
                         vec![
-                            field(t, "name"),
-                            field(t, "type"),
-                            attrs_inline(t),
-                            field(t, "version"),
-                            time_field(t, "created_ms"),
+                            t.name.clone(),
+                            or_dash(t.thing_type.as_deref()),
+                            attrs_inline(&t.attributes),
+                            t.version.to_string(),
+                            format_ms_u(t.created_ms),
                         ]
                     })
                     .collect();
@@ -651,7 +659,9 @@ fn thing(cmd: ThingCmd, opts: &ClientOpts) -> Result<()> {
         }
         ThingCmd::Describe { name } => {
             let reply = api.call(Method::Get, &format!("/things/{}", enc(&name)), None)?;
-            show(opts, &reply, thing_details)
+            show_as(opts, &reply, |d: &ThingDetail| {
+                thing_details(&d.thing, Some(&d.principals))
+            })
         }
         ThingCmd::Update {
             name,
@@ -661,17 +671,17 @@ fn thing(cmd: ThingCmd, opts: &ClientOpts) -> Result<()> {
             if fields.thing_type.is_none() && fields.attrs.is_empty() && !replace {
                 bail!("nothing to update: give --type, --attr KEY=VALUE or --replace");
             }
-            let mut body = json!({ "merge": !replace });
-            if let Some(t) = fields.thing_type {
-                body["type"] = json!(t);
-            }
-            if replace || !fields.attrs.is_empty() {
-                body["attributes"] = Value::Object(attr_map(fields.attrs));
-            }
+            let attributes =
+                (replace || !fields.attrs.is_empty()).then(|| fields.attrs.into_iter().collect());
+            let body = ThingUpdate {
+                thing_type: fields.thing_type,
+                attributes,
+                merge: !replace,
+            };
             let path = format!("/things/{}", enc(&name));
-            let reply = api.call(Method::Patch, &path, Some(body))?;
-            show(opts, &reply, |v| {
-                format!("updated thing {}\n{}", field(v, "name"), thing_details(v))
+            let reply = api.send_model(Method::Patch, &path, &body)?;
+            show_as(opts, &reply, |t: &Thing| {
+                format!("updated thing {}\n{}", t.name, thing_details(t, None))
             })
         }
         ThingCmd::Delete { name } => {
@@ -695,34 +705,27 @@ fn thing(cmd: ThingCmd, opts: &ClientOpts) -> Result<()> {
     }
 }
 
-fn attr_map(attrs: Vec<(String, String)>) -> Map<String, Value> {
-    attrs
-        .into_iter()
-        .map(|(k, v)| (k, Value::String(v)))
-        .collect()
-}
-
-fn attrs_inline(thing: &Value) -> String {
-    match thing.get("attributes").and_then(Value::as_object) {
-        Some(m) if !m.is_empty() => m
-            .iter()
-            .map(|(k, v)| format!("{k}={}", scalar(v)))
-            .collect::<Vec<_>>()
-            .join(","),
-        _ => "-".to_string(),
+fn attrs_inline(attributes: &std::collections::BTreeMap<String, String>) -> String {
+    if attributes.is_empty() {
+        return "-".to_string();
     }
+    attributes
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-fn thing_details(v: &Value) -> String {
+fn thing_details(t: &Thing, principals: Option<&[String]>) -> String {
     let mut rows = vec![
-        ("name", field(v, "name")),
-        ("type", field(v, "type")),
-        ("attributes", attrs_inline(v)),
-        ("version", field(v, "version")),
-        ("created", time_field(v, "created_ms")),
+        ("name", t.name.clone()),
+        ("type", or_dash(t.thing_type.as_deref())),
+        ("attributes", attrs_inline(&t.attributes)),
+        ("version", t.version.to_string()),
+        ("created", format_ms_u(t.created_ms)),
     ];
-    if v.get("principals").is_some() {
-        rows.push(("certificates", joined(v, "principals")));
+    if let Some(p) = principals {
+        rows.push(("certificates", joined_list(p)));
     }
     details(&rows)
 }
@@ -758,27 +761,31 @@ fn cert(cmd: CertCmd, opts: &ClientOpts) -> Result<()> {
             out,
         } => cert_sign(opts, csr, thing, issue, days, out),
         CertCmd::Register { pem, thing, issue } => {
-            let pem_text = read_text(&pem)?;
+            let body = RegisterCert {
+                certificate_pem: read_text(&pem)?,
+                state: issue.state,
+                thing,
+                policies: issue.policies,
+            };
             let api = Api::new(opts)?;
-            let mut body = json!({ "certificate_pem": pem_text });
-            add_issue_opts(&mut body, thing, issue, None);
-            let reply = api.call(Method::Post, "/certificates/register", Some(body))?;
-            show(opts, &reply, |v| {
-                format!("registered certificate\n{}", cert_details(v))
+            let reply = api.send_model(Method::Post, "/certificates/register", &body)?;
+            show_as(opts, &reply, |c: &CertView| {
+                format!("registered certificate\n{}", cert_details(c, None))
             })
         }
         CertCmd::List => {
             let api = Api::new(opts)?;
             let reply = api.call(Method::Get, "/certificates", None)?;
-            show(opts, &reply, |v| {
-                let rows = list(v, "certificates")
+            show_as(opts, &reply, |l: &CertList| {
+                let rows = l
+                    .certificates
                     .iter()
                     .map(|c| {
                         vec![
-                            field(c, "id"),
-                            field(c, "state"),
-                            field(c, "subject_cn"),
-                            time_field(c, "not_after_ms"),
+                            c.id.clone(),
+                            c.state.to_string(),
+                            or_dash(c.subject_cn.as_deref()),
+                            format_ms_u(c.not_after_ms),
                         ]
                     })
                     .collect();
@@ -788,7 +795,9 @@ fn cert(cmd: CertCmd, opts: &ClientOpts) -> Result<()> {
         CertCmd::Describe { id } => {
             let api = Api::new(opts)?;
             let reply = api.call(Method::Get, &format!("/certificates/{}", enc(&id)), None)?;
-            show(opts, &reply, cert_details)
+            show_as(opts, &reply, |d: &CertDetail| {
+                cert_details(&d.cert, Some((&d.things, &d.policies)))
+            })
         }
         CertCmd::SetState { id, state } => set_state(opts, &id, &state),
         CertCmd::Revoke { id } => set_state(opts, &id, "REVOKED"),
@@ -801,54 +810,41 @@ fn cert(cmd: CertCmd, opts: &ClientOpts) -> Result<()> {
     }
 }
 
-fn add_issue_opts(body: &mut Value, thing: Option<String>, issue: IssueOpts, days: Option<u32>) {
-    if let Some(thing) = thing {
-        body["thing"] = json!(thing);
-    }
-    if !issue.policies.is_empty() {
-        body["policies"] = json!(issue.policies);
-    }
-    if let Some(state) = issue.state {
-        body["state"] = json!(state);
-    }
-    if let Some(days) = days {
-        body["days"] = json!(days);
-    }
-}
-
 fn set_state(opts: &ClientOpts, id: &str, state: &str) -> Result<()> {
     let api = Api::new(opts)?;
     let path = format!("/certificates/{}/state", enc(id));
-    let reply = api.call(Method::Put, &path, Some(json!({ "state": state })))?;
-    show(opts, &reply, |v| {
+    let body = StateChange {
+        state: state.to_string(),
+    };
+    let reply = api.send_model(Method::Put, &path, &body)?;
+    show_as(opts, &reply, |c: &CertView| {
         let head = match state {
             "REVOKED" => format!("revoked certificate {id}; its live connections were closed"),
             "ACTIVE" => format!("certificate {id} is ACTIVE"),
             _ => format!("certificate {id} is {state}; its live connections were closed"),
         };
-        format!("{head}\n{}", cert_details(v))
+        format!("{head}\n{}", cert_details(c, None))
     })
 }
 
-fn cert_details(v: &Value) -> String {
+/// A certificate's rows; with `attached`, the things and policies it is attached to.
+fn cert_details(c: &CertView, attached: Option<(&[String], &[String])>) -> String {
     let mut rows = vec![
-        ("id", field(v, "id")),
-        ("state", field(v, "state")),
-        ("subject", field(v, "subject")),
-        ("issuer", field(v, "issuer")),
-        ("serial", field(v, "serial")),
-        ("not after", time_field(v, "not_after_ms")),
-        ("created", time_field(v, "created_ms")),
-        ("updated", time_field(v, "updated_ms")),
+        ("id", c.id.clone()),
+        ("state", c.state.to_string()),
+        ("subject", c.subject.clone()),
+        ("issuer", c.issuer.clone()),
+        ("serial", c.serial.clone()),
+        ("not after", format_ms_u(c.not_after_ms)),
+        ("created", format_ms_u(c.created_ms)),
+        ("updated", format_ms_u(c.updated_ms)),
     ];
-    if v.get("revoked_ms").is_some_and(|r| !r.is_null()) {
-        rows.push(("revoked", time_field(v, "revoked_ms")));
+    if let Some(revoked) = c.revoked_ms {
+        rows.push(("revoked", format_ms_u(revoked)));
     }
-    if v.get("things").is_some() {
-        rows.push(("things", joined(v, "things")));
-    }
-    if v.get("policies").is_some() {
-        rows.push(("policies", joined(v, "policies")));
+    if let Some((things, policies)) = attached {
+        rows.push(("things", joined_list(things)));
+        rows.push(("policies", joined_list(policies)));
     }
     details(&rows)
 }
@@ -888,18 +884,17 @@ impl CertFiles {
             .with_context(|| format!("cannot create {}", out.display()))
     }
 
-    /// Writes the key (0600), the certificate and ca.pem of an answer with
-    /// `private_key_pem`, `certificate_pem` and `ca_pem`, none over an existing file.
-    /// Says whether ca.pem was written (false: an identical one was there already).
-    fn write(&self, v: &Value) -> Result<bool> {
-        let get = |key: &str| {
-            v.get(key)
-                .and_then(Value::as_str)
-                .ok_or_else(|| anyhow!("the admin API's answer has no {key:?}"))
-        };
-        write_new(&self.key, get("private_key_pem")?.as_bytes(), 0o600)?;
-        write_new(&self.cert, get("certificate_pem")?.as_bytes(), 0o644)?;
-        let ca_pem = get("ca_pem")?;
+    /// Writes the key (0600), the certificate and ca.pem of an issued certificate, none
+    /// over an existing file. Says whether ca.pem was written (false: an identical one
+    /// was there already).
+    fn write(&self, issued: &IssuedCert) -> Result<bool> {
+        let key = issued
+            .private_key_pem
+            .as_deref()
+            .ok_or_else(|| anyhow!("the admin API's answer has no \"private_key_pem\""))?;
+        write_new(&self.key, key.as_bytes(), 0o600)?;
+        write_new(&self.cert, issued.certificate_pem.as_bytes(), 0o644)?;
+        let ca_pem = issued.ca_pem.as_str();
         // Several devices' files may share one directory and its ca.pem.
         match fs::read(&self.ca) {
             Ok(existing) if existing == ca_pem.as_bytes() => Ok(false),
@@ -964,12 +959,16 @@ fn cert_create(
     files.prepare(&out)?;
     let api = Api::new(opts)?;
 
-    let mut body = json!({});
-    add_issue_opts(&mut body, Some(thing.clone()), issue, days);
-    let reply = api.call(Method::Post, "/certificates/create", Some(body))?;
-    let v = reply.json()?;
-    let id = field(&v, "certificate_id");
-    let written = files.write(&v).with_context(|| {
+    let body = CreateCert {
+        thing: thing.clone(),
+        policies: issue.policies,
+        state: issue.state,
+        days,
+    };
+    let reply = api.send_model(Method::Post, "/certificates/create", &body)?;
+    let issued: IssuedCert = reply.parse()?;
+    let id = issued.certificate_id.clone();
+    let written = files.write(&issued).with_context(|| {
         format!(
             "certificate {id} was issued for thing {thing} but its files were not all written \
              (revoke it with `fleetcore cert revoke {id}` if it is not needed)"
@@ -1006,12 +1005,13 @@ fn claim_create(opts: &ClientOpts, template: &str, out: PathBuf, days: Option<u3
         "/provisioning-templates/{}/claim-certificates",
         enc(template)
     );
-    let body = days.map(|d| json!({ "days": d }));
-    let reply = api.call(Method::Post, &path, body)?;
+    let reply = api.send_model(Method::Post, &path, &NewClaimCert { days })?;
     let v = reply.json()?;
-    let id = field(&v, "certificate_id");
+    // A claim certificate is an issued certificate plus the template's policy.
+    let issued: IssuedCert = reply.parse()?;
+    let id = issued.certificate_id.clone();
     let policy = field(&v, "policy_name");
-    let written = files.write(&v).with_context(|| {
+    let written = files.write(&issued).with_context(|| {
         format!(
             "claim certificate {id} was issued for template {template} but its files were not \
              all written (revoke it with `fleetcore cert revoke {id}` if it is not needed)"
@@ -1052,15 +1052,17 @@ fn cert_sign(
         }
     }
     let api = Api::new(opts)?;
-    let mut body = json!({ "csr_pem": csr_pem });
-    add_issue_opts(&mut body, thing, issue, days);
-    let reply = api.call(Method::Post, "/certificates/from-csr", Some(body))?;
-    let v = reply.json()?;
-    let id = field(&v, "certificate_id");
-    let pem = v
-        .get("certificate_pem")
-        .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("the admin API's answer has no \"certificate_pem\""))?;
+    let body = CertFromCsr {
+        csr_pem,
+        thing,
+        policies: issue.policies,
+        state: issue.state,
+        days,
+    };
+    let reply = api.send_model(Method::Post, "/certificates/from-csr", &body)?;
+    let issued: IssuedCert = reply.parse()?;
+    let id = &issued.certificate_id;
+    let pem = &issued.certificate_pem;
     if let Some(out) = &out {
         write_new(out, pem.as_bytes(), 0o644)
             .with_context(|| format!("certificate {id} was issued but could not be written"))?;
@@ -1090,28 +1092,25 @@ fn policy(cmd: PolicyCmd, opts: &ClientOpts) -> Result<()> {
         PolicyCmd::Create { name, file } => {
             let document = read_policy(&file)?;
             let api = Api::new(opts)?;
-            let body = json!({ "name": name, "document": document });
-            let reply = api.call(Method::Post, "/policies", Some(body))?;
-            show(opts, &reply, |v| {
-                format!("created policy {}\n{}", field(v, "name"), policy_summary(v))
+            let body = NewPolicy { name, document };
+            let reply = api.send_model(Method::Post, "/policies", &body)?;
+            show_as(opts, &reply, |p: &PolicyRecord| {
+                format!("created policy {}\n{}", p.name, policy_summary(p))
             })
         }
         PolicyCmd::List => {
             let api = Api::new(opts)?;
             let reply = api.call(Method::Get, "/policies", None)?;
-            show(opts, &reply, |v| {
-                let rows = list(v, "policies")
+            show_as(opts, &reply, |l: &PolicyList| {
+                let rows = l
+                    .policies
                     .iter()
                     .map(|p| {
                         vec![
-                            field(p, "name"),
-                            field(p, "default_version"),
-                            version_numbers(p)
-                                .iter()
-                                .map(u64::to_string)
-                                .collect::<Vec<_>>()
-                                .join(","),
-                            time_field(p, "created_ms"),
+                            p.name.clone(),
+                            p.default_version.to_string(),
+                            version_list(p, ","),
+                            format_ms_u(p.created_ms),
                         ]
                     })
                     .collect();
@@ -1125,7 +1124,7 @@ fn policy(cmd: PolicyCmd, opts: &ClientOpts) -> Result<()> {
         PolicyCmd::Get { name } => {
             let api = Api::new(opts)?;
             let reply = api.call(Method::Get, &format!("/policies/{}", enc(&name)), None)?;
-            show(opts, &reply, policy_full)
+            show_as(opts, &reply, policy_full)
         }
         PolicyCmd::Version {
             name,
@@ -1135,25 +1134,28 @@ fn policy(cmd: PolicyCmd, opts: &ClientOpts) -> Result<()> {
             let document = read_policy(&file)?;
             let api = Api::new(opts)?;
             let path = format!("/policies/{}/versions", enc(&name));
-            let body = json!({ "document": document, "set_as_default": default });
-            let reply = api.call(Method::Post, &path, Some(body))?;
-            show(opts, &reply, |v| {
-                let newest = version_numbers(v).last().copied().unwrap_or_default();
+            let body = NewPolicyVersion {
+                document,
+                set_as_default: default,
+            };
+            let reply = api.send_model(Method::Post, &path, &body)?;
+            show_as(opts, &reply, |p: &PolicyRecord| {
+                let newest = p.versions.keys().next_back().copied().unwrap_or_default();
                 format!(
                     "added version {newest} to policy {}\n{}",
-                    field(v, "name"),
-                    policy_summary(v)
+                    p.name,
+                    policy_summary(p)
                 )
             })
         }
         PolicyCmd::SetDefault { name, version } => {
             let api = Api::new(opts)?;
             let path = format!("/policies/{}/default-version", enc(&name));
-            let reply = api.call(Method::Put, &path, Some(json!({ "version": version })))?;
-            show(opts, &reply, |v| {
+            let reply = api.send_model(Method::Put, &path, &DefaultVersion { version })?;
+            show_as(opts, &reply, |p: &PolicyRecord| {
                 format!(
                     "version {version} of policy {name} is now in force\n{}",
-                    policy_summary(v)
+                    policy_summary(p)
                 )
             })
         }
@@ -1189,55 +1191,41 @@ fn read_policy(path: &Path) -> Result<Value> {
         .with_context(|| format!("{} is not a JSON policy document", path.display()))
 }
 
-/// The version numbers of a Policy, ascending.
-fn version_numbers(policy: &Value) -> Vec<u64> {
-    let mut numbers: Vec<u64> = policy
-        .get("versions")
-        .and_then(Value::as_object)
-        .map(|m| m.keys().filter_map(|k| k.parse().ok()).collect())
-        .unwrap_or_default();
-    numbers.sort_unstable();
-    numbers
+/// The version numbers of a policy, ascending, joined by `sep`.
+fn version_list(p: &PolicyRecord, sep: &str) -> String {
+    p.versions
+        .keys()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(sep)
 }
 
-fn policy_summary(v: &Value) -> String {
+fn policy_summary(p: &PolicyRecord) -> String {
     details(&[
-        ("name", field(v, "name")),
-        ("default version", field(v, "default_version")),
-        (
-            "versions",
-            version_numbers(v)
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(", "),
-        ),
-        ("created", time_field(v, "created_ms")),
+        ("name", p.name.clone()),
+        ("default version", p.default_version.to_string()),
+        ("versions", version_list(p, ", ")),
+        ("created", format_ms_u(p.created_ms)),
     ])
 }
 
-fn policy_full(v: &Value) -> String {
-    let mut text = policy_summary(v);
-    let default = v.get("default_version").and_then(Value::as_u64);
-    let versions = v.get("versions").and_then(Value::as_object);
-    for n in version_numbers(v) {
-        let Some(version) = versions.and_then(|m| m.get(&n.to_string())) else {
-            continue;
+fn policy_full(p: &PolicyRecord) -> String {
+    let mut text = policy_summary(p);
+    for (n, version) in &p.versions {
+        let mark = if *n == p.default_version {
+            ", in force"
+        } else {
+            ""
         };
-        let mark = if Some(n) == default { ", in force" } else { "" };
         text += &format!(
             "\n\nversion {n} ({}{mark}):\n",
-            time_field(version, "created_ms")
+            format_ms_u(version.created_ms)
         );
-        let document = match version.get("document") {
-            // A document stored as text is shown parsed when it is JSON.
-            Some(Value::String(s)) => serde_json::from_str::<Value>(s)
-                .ok()
-                .and_then(|d| serde_json::to_string_pretty(&d).ok())
-                .unwrap_or_else(|| s.clone()),
-            Some(d) => serde_json::to_string_pretty(d).unwrap_or_default(),
-            None => "-".to_string(),
-        };
+        // A document stored as text is shown parsed when it is JSON.
+        let document = serde_json::from_str::<Value>(&version.document)
+            .ok()
+            .and_then(|d| serde_json::to_string_pretty(&d).ok())
+            .unwrap_or_else(|| version.document.clone());
         text += &indent(&document, "  ");
     }
     text
@@ -1323,12 +1311,13 @@ fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
         }
         CaCmd::AdminCert { out, dir, cn, days } => admin_cert(opts, out, dir, &cn, days),
         CaCmd::Register { pem } => {
-            let pem_text = read_text(&pem)?;
+            let body = NewCa {
+                certificate_pem: read_text(&pem)?,
+            };
             let api = Api::new(opts)?;
-            let body = json!({ "certificate_pem": pem_text });
-            let reply = api.call(Method::Post, "/cas", Some(body))?;
-            show(opts, &reply, |v| {
-                format!("registered CA\n{}", ca_details(v))
+            let reply = api.send_model(Method::Post, "/cas", &body)?;
+            show_as(opts, &reply, |c: &CaView| {
+                format!("registered CA\n{}", ca_details(c))
             })
         }
         CaCmd::List => {
@@ -1337,22 +1326,17 @@ fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
             if opts.json {
                 return reply.print_raw();
             }
-            let v = reply.json()?;
+            let l: CaList = reply.parse()?;
             let mut rows = Vec::new();
-            for c in list(&v, "cas") {
-                let id = field(c, "id");
+            for c in l.cas {
+                let id = c.id;
                 // The JITP template of each CA (a handful of CAs at most).
                 let path = format!("/cas/{}/provisioning-template", enc(&id));
                 let template = match api.get_if_found(&path)? {
                     Some(r) => field(&r.json()?, "templateName"),
                     None => "-".to_string(),
                 };
-                rows.push(vec![
-                    id,
-                    field(c, "subject"),
-                    time_field(c, "created_ms"),
-                    template,
-                ]);
+                rows.push(vec![id, c.subject, format_ms_u(c.created_ms), template]);
             }
             let text = table(
                 &["ID", "SUBJECT", "CREATED", "JITP TEMPLATE"],
@@ -1364,8 +1348,10 @@ fn ca(cmd: CaCmd, opts: &ClientOpts) -> Result<()> {
         CaCmd::SetTemplate { ca_id, template } => {
             let api = Api::new(opts)?;
             let path = format!("/cas/{}/provisioning-template", enc(&ca_id));
-            let body = json!({ "templateName": template });
-            let reply = api.call(Method::Put, &path, Some(body))?;
+            let body = CaTemplate {
+                template_name: template.clone(),
+            };
+            let reply = api.send_model(Method::Put, &path, &body)?;
             show(opts, &reply, |_| {
                 format!("CA {ca_id} now provisions its new devices with JITP template {template}")
             })
@@ -1463,11 +1449,11 @@ fn admin_cert(
     ))
 }
 
-fn ca_details(v: &Value) -> String {
+fn ca_details(c: &CaView) -> String {
     details(&[
-        ("id", field(v, "id")),
-        ("subject", field(v, "subject")),
-        ("created", time_field(v, "created_ms")),
+        ("id", c.id.clone()),
+        ("subject", c.subject.clone()),
+        ("created", format_ms_u(c.created_ms)),
     ])
 }
 
@@ -1479,67 +1465,60 @@ fn token_cmd(cmd: TokenCmd, opts: &ClientOpts) -> Result<()> {
     let api = Api::new(opts)?;
     match cmd {
         TokenCmd::Issue { thing, ttl, cert } => {
-            let mut body = json!({ "thing": thing });
-            if let Some(ttl) = ttl {
-                body["ttl"] = json!(ttl);
-            }
-            if let Some(cert) = cert {
-                body["certificate_id"] = json!(cert);
-            }
-            let reply = api.call(Method::Post, "/tokens", Some(body))?;
+            let body = NewToken {
+                thing,
+                ttl: ttl.map(Value::String),
+                ttl_secs: None,
+                certificate_id: cert,
+            };
+            let reply = api.send_model(Method::Post, "/tokens", &body)?;
             if opts.json {
                 return reply.print_raw();
             }
-            let v = reply.json()?;
-            let token = v
-                .get("token")
-                .and_then(Value::as_str)
-                .ok_or_else(|| anyhow!("the admin API's answer has no \"token\""))?;
+            let t: IssuedTokenView = reply.parse()?;
             // The token alone on stdout, so it can be captured.
             eprintln!(
                 "token for thing {} (certificate {}, key {}), expires {}",
-                field(&v, "thing"),
-                field(&v, "certificate_id"),
-                field(&v, "key_id"),
-                field(&v, "expires_at"),
+                t.thing, t.certificate_id, t.key_id, t.expires_at,
             );
-            print_out(&format!("{token}\n"))
+            print_out(&format!("{}\n", t.token))
         }
         TokenCmd::Keys => {
             let reply = api.call(Method::Get, "/tokens/keys", None)?;
-            show(opts, &reply, token_keys_table)
+            show_as(opts, &reply, token_keys_table)
         }
         TokenCmd::RotateKey => {
             let reply = api.call(Method::Post, "/tokens/keys/rotate", None)?;
             if opts.json {
                 return reply.print_raw();
             }
-            let v = reply.json()?;
-            let keys = api.call(Method::Get, "/tokens/keys", None)?.json()?;
+            let key: TokenKeyView = reply.parse()?;
+            let keys: TokenKeyList = api.call(Method::Get, "/tokens/keys", None)?.parse()?;
             print_out(&format!(
                 "new signing key {} (created {}); tokens signed by earlier keys stay valid \
                  until they expire\n{}\n",
-                field(&v, "key_id"),
-                time_field(&v, "created_ms"),
+                key.key_id,
+                format_ms_u(key.created_ms),
                 token_keys_table(&keys)
             ))
         }
     }
 }
 
-fn token_keys_table(v: &Value) -> String {
-    let rows = list(v, "keys")
+fn token_keys_table(l: &TokenKeyList) -> String {
+    let rows = l
+        .keys
         .iter()
         .map(|k| {
-            let status = if k.get("signing").and_then(Value::as_bool) == Some(true) {
+            let status = if k.signing {
                 "signing".to_string()
             } else {
-                format!(
-                    "retired, verifies until {}",
-                    time_field(k, "verify_until_ms")
-                )
+                let until = k
+                    .verify_until_ms
+                    .map_or_else(|| "-".to_string(), format_ms_u);
+                format!("retired, verifies until {until}")
             };
-            vec![field(k, "key_id"), time_field(k, "created_ms"), status]
+            vec![k.key_id.clone(), format_ms_u(k.created_ms), status]
         })
         .collect();
     table(
@@ -1584,6 +1563,15 @@ struct Reply {
 impl Reply {
     fn json(&self) -> Result<Value> {
         serde_json::from_slice(&self.body).context("the admin API answered with invalid JSON")
+    }
+
+    /// The body as one of the API's answer models.
+    fn parse<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.body).with_context(|| {
+            let name = std::any::type_name::<T>();
+            let name = name.rsplit("::").next().unwrap_or(name);
+            format!("the admin API's answer is not the {name} this fleetcore expects")
+        })
     }
 
     /// Prints the body as it came (`--json`); an empty answer (204) prints nothing.
@@ -1639,6 +1627,12 @@ impl Api {
         } else {
             Err(anyhow!(api_error_message(status, &body)))
         }
+    }
+
+    /// Sends one of the API's request models as the JSON body.
+    fn send_model<B: Serialize>(&self, method: Method, path: &str, body: &B) -> Result<Reply> {
+        let body = serde_json::to_value(body).context("cannot encode the request")?;
+        self.call(method, path, Some(body))
     }
 
     /// A GET where 404 means "none" rather than a failure.
@@ -1791,15 +1785,13 @@ fn tls_config(opts: &ClientOpts, https: bool) -> Result<ureq::tls::TlsConfig> {
 
 /// One line for a non-2xx answer: the API's own message when it sent one.
 fn api_error_message(status: u16, body: &[u8]) -> String {
-    let parsed: Option<Value> = serde_json::from_slice(body).ok();
-    let message = parsed
-        .as_ref()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .or_else(|| v.pointer("/message"))
-        })
-        .and_then(Value::as_str)
-        .map(str::to_string);
+    let message = match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => Some(e.error.message),
+        // Not the API's own error shape (a proxy's, say): a top-level message if any.
+        Err(_) => serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string)),
+    };
     let mut line = match message {
         Some(m) => format!("{m} ({status})"),
         None => {
@@ -1927,6 +1919,40 @@ fn show(opts: &ClientOpts, reply: &Reply, human: impl FnOnce(&Value) -> String) 
     print_out(&text)
 }
 
+/// As [`show`], reading the answer as the API model `T`.
+fn show_as<T: DeserializeOwned>(
+    opts: &ClientOpts,
+    reply: &Reply,
+    human: impl FnOnce(&T) -> String,
+) -> Result<()> {
+    if opts.json {
+        return reply.print_raw();
+    }
+    let mut text = human(&reply.parse()?);
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    print_out(&text)
+}
+
+fn or_dash(v: Option<&str>) -> String {
+    v.map_or_else(|| "-".to_string(), str::to_owned)
+}
+
+/// Items comma-separated, or "-".
+fn joined_list(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_string()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// [`format_ms`] of an unsigned time as the API models carry it.
+fn format_ms_u(ms: u64) -> String {
+    format_ms(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
 /// Writes to stdout; a closed pipe (`| head`) ends the output quietly.
 fn print_out(text: &str) -> Result<()> {
     let mut stdout = io::stdout().lock();
@@ -1956,23 +1982,6 @@ fn scalar(v: &Value) -> String {
 
 fn field(v: &Value, key: &str) -> String {
     v.get(key).map(scalar).unwrap_or_else(|| "-".to_string())
-}
-
-fn time_field(v: &Value, key: &str) -> String {
-    v.get(key)
-        .and_then(Value::as_i64)
-        .map(format_ms)
-        .unwrap_or_else(|| "-".to_string())
-}
-
-/// The strings of an array field, comma-separated, or "-".
-fn joined(v: &Value, key: &str) -> String {
-    let items: Vec<String> = list(v, key).iter().map(scalar).collect();
-    if items.is_empty() {
-        "-".to_string()
-    } else {
-        items.join(", ")
-    }
 }
 
 /// `label:  value` lines with the values aligned.
@@ -2094,7 +2103,12 @@ mod tests {
 
     #[test]
     fn policy_versions_sort_numerically() {
-        let p = json!({"versions": {"10": {}, "2": {}, "1": {}}});
-        assert_eq!(version_numbers(&p), vec![1, 2, 10]);
+        let v = |n: u64| json!({"document": "{}", "created_ms": n});
+        let p: PolicyRecord = serde_json::from_value(json!({
+            "name": "p", "default_version": 2, "created_ms": 0,
+            "versions": {"10": v(3), "2": v(2), "1": v(1)},
+        }))
+        .unwrap();
+        assert_eq!(version_list(&p, ","), "1,2,10");
     }
 }

@@ -3,11 +3,12 @@
 
 use anyhow::{anyhow, Result};
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use fleetcore_admin::models::{GroupList, GroupMembers, GroupUpdate, GroupsOfThing, NewGroup};
+use fleetcore_identity::registry::GroupInfo;
 
 use super::{
-    attr_map, attrs_inline, details, enc, field, joined, list, parse_attr, print_out, show, table,
-    time_field, Api, ClientOpts, Method,
+    attrs_inline, details, enc, format_ms_u, joined_list, or_dash, parse_attr, print_out, show,
+    show_as, table, Api, ClientOpts, Method,
 };
 
 #[derive(Args, Debug)]
@@ -117,32 +118,24 @@ pub(super) fn run(args: GroupArgs, opts: &ClientOpts) -> Result<()> {
             description,
             attrs,
         } => {
-            let mut body = json!({ "name": name });
-            if let Some(p) = parent {
-                body["parent"] = json!(p);
-            }
-            if let Some(d) = description {
-                body["description"] = json!(d);
-            }
-            if !attrs.is_empty() {
-                body["attributes"] = Value::Object(attr_map(attrs));
-            }
-            let reply = api.call(Method::Post, "/thing-groups", Some(body))?;
-            show(opts, &reply, |v| {
-                format!(
-                    "created thing group {}\n{}",
-                    field(v, "name"),
-                    group_details(v)
-                )
+            let body = NewGroup {
+                name,
+                parent,
+                description,
+                attributes: attrs.into_iter().collect(),
+            };
+            let reply = api.send_model(Method::Post, "/thing-groups", &body)?;
+            show_as(opts, &reply, |g: &GroupInfo| {
+                format!("created thing group {}\n{}", g.group.name, group_details(g))
             })
         }
         GroupCmd::List => {
             let reply = api.call(Method::Get, "/thing-groups", None)?;
-            show(opts, &reply, groups_table)
+            show_as(opts, &reply, groups_table)
         }
         GroupCmd::Describe { name } => {
             let reply = api.call(Method::Get, &group_path(&name), None)?;
-            show(opts, &reply, group_details)
+            show_as(opts, &reply, group_details)
         }
         GroupCmd::Update {
             name,
@@ -155,20 +148,15 @@ pub(super) fn run(args: GroupArgs, opts: &ClientOpts) -> Result<()> {
                     "nothing to update: give --description, --attr KEY=VALUE or --replace"
                 );
             }
-            let mut body = json!({ "merge": !replace });
-            if let Some(d) = description {
-                body["description"] = json!(d);
-            }
-            if replace || !attrs.is_empty() {
-                body["attributes"] = Value::Object(attr_map(attrs));
-            }
-            let reply = api.call(Method::Patch, &group_path(&name), Some(body))?;
-            show(opts, &reply, |v| {
-                format!(
-                    "updated thing group {}\n{}",
-                    field(v, "name"),
-                    group_details(v)
-                )
+            let attributes = (replace || !attrs.is_empty()).then(|| attrs.into_iter().collect());
+            let body = GroupUpdate {
+                description,
+                attributes,
+                merge: !replace,
+            };
+            let reply = api.send_model(Method::Patch, &group_path(&name), &body)?;
+            show_as(opts, &reply, |g: &GroupInfo| {
+                format!("updated thing group {}\n{}", g.group.name, group_details(g))
             })
         }
         GroupCmd::Delete { name } => {
@@ -184,11 +172,8 @@ pub(super) fn run(args: GroupArgs, opts: &ClientOpts) -> Result<()> {
                 if recursive { "?recursive=true" } else { "" }
             );
             let reply = api.call(Method::Get, &path, None)?;
-            show(opts, &reply, |v| {
-                let rows = list(v, "things")
-                    .iter()
-                    .map(|t| vec![super::scalar(t)])
-                    .collect();
+            show_as(opts, &reply, |m: &GroupMembers| {
+                let rows = m.things.iter().map(|t| vec![t.clone()]).collect();
                 let empty = if recursive {
                     format!("no things in thing group {name} or below it")
                 } else {
@@ -203,12 +188,11 @@ pub(super) fn run(args: GroupArgs, opts: &ClientOpts) -> Result<()> {
             if opts.json {
                 return reply.print_raw();
             }
-            let v = reply.json()?;
+            let of: GroupsOfThing = reply.parse()?;
             let mut rows = Vec::new();
-            for g in list(&v, "thing_groups") {
-                let g = super::scalar(g);
+            for g in of.thing_groups {
                 // The path of each group (at most 10 of them) for the table.
-                let info = api.call(Method::Get, &group_path(&g), None)?.json()?;
+                let info: GroupInfo = api.call(Method::Get, &group_path(&g), None)?.parse()?;
                 rows.push(vec![g, path_text(&info)]);
             }
             let text = table(
@@ -266,26 +250,26 @@ fn each_thing(
     print_out(&format!("{text}\n"))
 }
 
-fn path_text(v: &Value) -> String {
-    let parts: Vec<String> = list(v, "path").iter().map(super::scalar).collect();
-    if parts.is_empty() {
+fn path_text(g: &GroupInfo) -> String {
+    if g.path.is_empty() {
         "-".to_string()
     } else {
-        parts.join(" > ")
+        g.path.join(" > ")
     }
 }
 
-fn groups_table(v: &Value) -> String {
-    let rows = list(v, "thing_groups")
+fn groups_table(l: &GroupList) -> String {
+    let rows = l
+        .thing_groups
         .iter()
         .map(|g| {
             vec![
-                field(g, "name"),
-                field(g, "parent"),
-                field(g, "depth"),
-                field(g, "member_count"),
-                list(g, "children").len().to_string(),
-                field(g, "description"),
+                g.group.name.clone(),
+                or_dash(g.group.parent.as_deref()),
+                g.depth.to_string(),
+                g.member_count.to_string(),
+                g.children.len().to_string(),
+                or_dash(g.group.description.as_deref()),
             ]
         })
         .collect();
@@ -303,17 +287,17 @@ fn groups_table(v: &Value) -> String {
     )
 }
 
-fn group_details(v: &Value) -> String {
+fn group_details(g: &GroupInfo) -> String {
     details(&[
-        ("name", field(v, "name")),
-        ("parent", field(v, "parent")),
-        ("path", path_text(v)),
-        ("depth", field(v, "depth")),
-        ("description", field(v, "description")),
-        ("attributes", attrs_inline(v)),
-        ("child groups", joined(v, "children")),
-        ("members", field(v, "member_count")),
-        ("version", field(v, "version")),
-        ("created", time_field(v, "created_ms")),
+        ("name", g.group.name.clone()),
+        ("parent", or_dash(g.group.parent.as_deref())),
+        ("path", path_text(g)),
+        ("depth", g.depth.to_string()),
+        ("description", or_dash(g.group.description.as_deref())),
+        ("attributes", attrs_inline(&g.group.attributes)),
+        ("child groups", joined_list(&g.children)),
+        ("members", g.member_count.to_string()),
+        ("version", g.group.version.to_string()),
+        ("created", format_ms_u(g.group.created_ms)),
     ])
 }

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use fleetcore_admin::models::{CancelJob, CreateJob, RolloutConfig, TimeoutConfig};
+use serde_json::Value;
 
 use super::{enc, field, list, print_out, show, table, Api, ClientOpts, Method};
 
@@ -134,17 +135,21 @@ pub(super) fn run(args: JobArgs, opts: &ClientOpts) -> Result<()> {
             if !doc.is_object() {
                 bail!("the job document must be a JSON object");
             }
-            let mut body = json!({"targets": targets, "document": doc});
-            if let Some(d) = description {
-                body["description"] = json!(d);
-            }
-            if let Some(n) = max_per_minute {
-                body["jobExecutionsRolloutConfig"] = json!({ "maximumPerMinute": n });
-            }
-            if let Some(m) = timeout_minutes {
-                body["timeoutConfig"] = json!({ "inProgressTimeoutInMinutes": m });
-            }
-            let reply = api.call(Method::Put, &format!("/jobs/{}", enc(&job)), Some(body))?;
+            let body = CreateJob {
+                targets,
+                document: doc,
+                description,
+                target_selection: None,
+                timeout_config: timeout_minutes.map(|m| TimeoutConfig {
+                    in_progress_timeout_in_minutes: Some(m),
+                }),
+                job_executions_rollout_config: max_per_minute.map(|n| RolloutConfig {
+                    maximum_per_minute: Some(n),
+                }),
+                abort_config: None,
+                job_executions_retry_config: None,
+            };
+            let reply = api.send_model(Method::Put, &format!("/jobs/{}", enc(&job)), &body)?;
             show(opts, &reply, |v| {
                 format!(
                     "created job {}; follow it with: fleetcore job describe {} --follow",
@@ -270,12 +275,13 @@ pub(super) fn run(args: JobArgs, opts: &ClientOpts) -> Result<()> {
             comment,
             reason_code,
         } => {
-            let body = json!({"force": force, "comment": comment, "reasonCode": reason_code});
-            let reply = api.call(
-                Method::Put,
-                &format!("/jobs/{}/cancel", enc(&job)),
-                Some(body),
-            )?;
+            let body = CancelJob {
+                force,
+                comment,
+                reason_code,
+            };
+            let reply =
+                api.send_model(Method::Put, &format!("/jobs/{}/cancel", enc(&job)), &body)?;
             show(opts, &reply, |_| {
                 format!(
                     "canceled job {job}: its queued executions{} are being canceled",
@@ -284,10 +290,13 @@ pub(super) fn run(args: JobArgs, opts: &ClientOpts) -> Result<()> {
             })
         }
         JobCmd::CancelExecution { thing, job, force } => {
-            let reply = api.call(
+            let reply = api.send_model(
                 Method::Put,
                 &format!("/things/{}/jobs/{}/cancel", enc(&thing), enc(&job)),
-                Some(json!({ "force": force })),
+                &CancelJob {
+                    force,
+                    ..CancelJob::default()
+                },
             )?;
             show(opts, &reply, |v| execution(&v["execution"]))
         }
@@ -393,6 +402,7 @@ fn execution(e: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn progress_counts_ended_executions_against_targets() {

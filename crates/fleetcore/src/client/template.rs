@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use clap::{ArgAction, Args, Subcommand, ValueEnum};
-use serde_json::{json, Value};
+use fleetcore_admin::models::{CreateTemplate, UpdateTemplate};
+use fleetcore_services::provisioning::store::Hook;
+use serde_json::Value;
 
 use super::{details, enc, field, indent, list, read_text, show, table, Api, ClientOpts, Method};
 
@@ -132,20 +134,16 @@ pub(super) fn run(args: TemplateArgs, opts: &ClientOpts) -> Result<()> {
         } => {
             let template = read_template(&file)?;
             let api = Api::new(opts)?;
-            let mut body = json!({ "templateName": name, "templateBody": template });
-            if let Some(d) = description {
-                body["description"] = json!(d);
-            }
-            if disabled {
-                body["enabled"] = json!(false);
-            }
-            if let Some(k) = kind {
-                body["type"] = json!(k.api_name());
-            }
-            if let Some(url) = hook_url {
-                body["preProvisioningHook"] = json!({ "url": url });
-            }
-            let reply = api.call(Method::Post, "/provisioning-templates", Some(body))?;
+            let body = CreateTemplate {
+                template_name: name,
+                template_body: Value::String(template),
+                description,
+                enabled: disabled.then_some(false),
+                template_type: kind.map(|k| k.api_name().to_string()),
+                pre_provisioning_hook: hook_url.map(|url| Hook { url }),
+                provisioning_role_arn: None,
+            };
+            let reply = api.send_model(Method::Post, "/provisioning-templates", &body)?;
             show(opts, &reply, |v| {
                 let name = field(v, "templateName");
                 let next = match kind.unwrap_or(Kind::Fleet) {
@@ -202,27 +200,21 @@ pub(super) fn run(args: TemplateArgs, opts: &ClientOpts) -> Result<()> {
                      --type, --hook-url or --no-hook"
                 );
             }
-            let mut body = json!({});
-            if let Some(file) = file {
-                body["templateBody"] = json!(read_template(&file)?);
-            }
-            if let Some(d) = description {
-                body["description"] = json!(d);
-            }
-            if enable || disable {
-                body["enabled"] = json!(enable);
-            }
-            if let Some(k) = kind {
-                body["type"] = json!(k.api_name());
-            }
-            if let Some(url) = hook_url {
-                body["preProvisioningHook"] = json!({ "url": url });
-            }
-            if no_hook {
-                body["removePreProvisioningHook"] = json!(true);
-            }
+            let template_body = match file {
+                Some(file) => Some(Value::String(read_template(&file)?)),
+                None => None,
+            };
+            let body = UpdateTemplate {
+                template_body,
+                description,
+                enabled: (enable || disable).then_some(enable),
+                template_type: kind.map(|k| k.api_name().to_string()),
+                pre_provisioning_hook: hook_url.map(|url| Hook { url }),
+                remove_pre_provisioning_hook: no_hook,
+                provisioning_role_arn: None,
+            };
             let api = Api::new(opts)?;
-            let reply = api.call(Method::Patch, &template_path(&name), Some(body))?;
+            let reply = api.send_model(Method::Patch, &template_path(&name), &body)?;
             show(opts, &reply, |v| {
                 format!(
                     "updated provisioning template {}\n{}",

@@ -49,7 +49,7 @@ pub struct ThingGroup {
 }
 
 /// Where a group stands in its hierarchy, for describing it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupInfo {
     #[serde(flatten)]
     pub group: ThingGroup,
