@@ -73,6 +73,13 @@ struct SessionIndex {
     expiring: BTreeSet<(u64, SessionId, Arc<str>)>,
 }
 
+/// What ending a session leaves to do once its lock is let go.
+struct Ending {
+    filters: Vec<String>,
+    will: Option<Box<crate::session::PendingWill>>,
+    persistent: bool,
+}
+
 /// The result of attaching a connection to a session.
 pub struct Attached {
     pub session: Arc<Session>,
@@ -604,6 +611,12 @@ impl Hub {
                 released: None,
             };
             match existing {
+                Some(old) if !clean_start && old.state.lock().ended => {
+                    // Ended (under its lock, by the detach this waited for) and
+                    // about to leave the index: a new session follows.
+                    tokio::task::yield_now().await;
+                    continue;
+                }
                 Some(old) if !clean_start => {
                     let mut st = old.state.lock();
                     if st.conn.is_some() || st.ended {
@@ -758,8 +771,14 @@ impl Hub {
         st.inflight = inflight;
         st.incoming_qos2 = incoming_qos2;
         if st.expiry_secs == 0 || st.ended {
+            // Ended while still locked: a reconnect waiting for this detach must
+            // not find the session free and not yet ended (it would come back to
+            // life, and its new connection be told to close by the ending).
+            let ending = Self::end_state(&mut st);
             drop(st);
-            self.end_session(session, true);
+            if let Some(ending) = ending {
+                self.finish_end(session, ending, true);
+            }
             if let Some((w, _)) = will {
                 self.publish_will(w);
             }
@@ -852,32 +871,43 @@ impl Hub {
     /// Removes a session: its subscriptions, its stored state, and publishes
     /// a will still waiting for its delay.
     pub fn end_session(&self, session: &Arc<Session>, remove_from_index: bool) {
-        let (filters, will, persistent) = {
-            let mut st = session.state.lock();
-            if st.ended {
-                return;
-            }
-            st.ended = true;
-            // A connection still attached (a reconnect racing with expiry) must
-            // not live on without its session.
-            if let Some(link) = st.conn.take() {
-                link.kick.send(Kick {
-                    reason: mqtt_proto::v5::DisconnectReasonCode::AdministrativeAction,
-                    message: "session ended".into(),
-                });
-            }
-            st.queue.clear();
-            let filters: Vec<String> = st.subscriptions.take_filters();
-            if let Some(t) = st.will_timer.take() {
-                t.abort();
-            }
-            (
-                filters,
-                st.pending_will.take(),
-                st.expiry_secs > 0 || st.stored,
-            )
-        };
-        for raw in filters {
+        let ending = Self::end_state(&mut session.state.lock());
+        if let Some(ending) = ending {
+            self.finish_end(session, ending, remove_from_index);
+        }
+    }
+
+    /// The part of ending a session done under its lock, so that no reconnect can
+    /// attach between the decision to end it and its end: marks it ended, tells a
+    /// connection still attached to close, and takes what the rest of the ending
+    /// needs. `None` when it had already ended.
+    fn end_state(st: &mut crate::session::SessionState) -> Option<Ending> {
+        if st.ended {
+            return None;
+        }
+        st.ended = true;
+        // A connection still attached (a reconnect racing with expiry) must
+        // not live on without its session.
+        if let Some(link) = st.conn.take() {
+            link.kick.send(Kick {
+                reason: mqtt_proto::v5::DisconnectReasonCode::AdministrativeAction,
+                message: "session ended".into(),
+            });
+        }
+        st.queue.clear();
+        if let Some(t) = st.will_timer.take() {
+            t.abort();
+        }
+        Some(Ending {
+            filters: st.subscriptions.take_filters(),
+            will: st.pending_will.take(),
+            persistent: st.expiry_secs > 0 || st.stored,
+        })
+    }
+
+    /// The rest of ending a session, after [`Hub::end_state`], without its lock.
+    fn finish_end(&self, session: &Arc<Session>, ending: Ending, remove_from_index: bool) {
+        for raw in ending.filters {
             if let Ok(p) = parse_filter(&raw, &self.topic_limits) {
                 self.router
                     .unsubscribe(&p.filter, p.group.as_deref(), session.id);
@@ -893,10 +923,10 @@ impl Hub {
                 index.sessions.remove(&session.client_id);
             }
         }
-        if persistent {
+        if ending.persistent {
             self.forget_stored_session(&session.client_id);
         }
-        if let Some(w) = will {
+        if let Some(w) = ending.will {
             self.publish_will(w.msg);
         }
         m::gauge_sessions(self.session_count());
@@ -926,16 +956,22 @@ impl Hub {
             if session.id != id {
                 continue;
             }
-            let expired = {
-                let st = session.state.lock();
-                st.conn.is_none()
+            // Decided and ended under one lock: a reconnect in between keeps it.
+            let ending = {
+                let mut st = session.state.lock();
+                let expired = st.conn.is_none()
                     && st
                         .disconnected_at_ms
-                        .is_some_and(|t| t + st.expiry_secs as u64 * 1000 <= now)
+                        .is_some_and(|t| t + st.expiry_secs as u64 * 1000 <= now);
+                if expired {
+                    Self::end_state(&mut st)
+                } else {
+                    None
+                }
             };
-            if expired {
+            if let Some(ending) = ending {
                 tracing::debug!(client_id = %client_id, "session expired");
-                self.end_session(&session, true);
+                self.finish_end(&session, ending, true);
                 ended += 1;
             }
         }
@@ -1354,5 +1390,60 @@ mod tests {
         let (attached, at) = second.await.unwrap();
         assert!(!attached.session_present, "expiry 0: the session ended");
         assert_eq!(at - start, Duration::from_millis(2), "attached late");
+    }
+
+    /// A DISCONNECT with Session Expiry 0 ends the session in the detach that follows
+    /// it; a reconnect (clean start 0) waiting for that detach never finds the session
+    /// free but not yet ended: it gets a new session, and nothing tells its connection
+    /// to close. Before the fix, the detach let go of the session's lock between taking
+    /// the link off and ending it; a reconnect in that gap came back to the old session
+    /// (Session Present 1) and was then kicked by the ending, before its CONNACK went
+    /// out. Raced on two threads, many times.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reconnect_racing_a_detach_with_expiry_0_gets_a_new_session_and_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, loaded) =
+            Store::open(&dir.path().join("fleetcore.redb"), StoreOptions::default()).unwrap();
+        let hub = Hub::new(
+            Config::default(),
+            store.storage(),
+            loaded,
+            ServiceHost::default(),
+        );
+        let mut conn = 0;
+        for round in 0..20_000 {
+            conn += 2;
+            let old = hub
+                .attach("racer".into(), true, 300, Version::V5, conn, None)
+                .await;
+            // What a DISCONNECT with Session Expiry 0 does to the session.
+            old.session.state.lock().expiry_secs = 0;
+            let h = hub.clone();
+            let new = tokio::spawn(async move {
+                h.attach("racer".into(), false, 300, Version::V5, conn + 1, None)
+                    .await
+            });
+            let mut kick_rx = old.kick_rx;
+            let _ = std::future::poll_fn(|cx| kick_rx.poll_recv(cx)).await;
+            hub.detach(&old.session, conn, Vec::new(), Default::default(), None);
+            let mut new = new.await.unwrap();
+            assert!(
+                !new.session_present,
+                "round {round}: the ended session came back"
+            );
+            let kicked = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(match new.kick_rx.poll_recv(cx) {
+                    std::task::Poll::Ready(k) => Some(k),
+                    std::task::Poll::Pending => None,
+                })
+            })
+            .await;
+            assert!(
+                kicked.is_none(),
+                "round {round}: the new connection was told to close: {:?}",
+                kicked.map(|k| k.message)
+            );
+            hub.detach(&new.session, conn + 1, Vec::new(), Default::default(), None);
+        }
     }
 }
