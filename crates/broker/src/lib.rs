@@ -230,6 +230,18 @@ impl Server {
             tracing::info!(services = ?services.names(), "device services installed");
         }
         let hub = Hub::with_fabric(config, storage, loaded, services, fabric);
+        // Records other writers store (other nodes of a cluster) reach this node's
+        // registry: a certificate revoked elsewhere is cut off here too.
+        if let Some(mut changes) = hub.storage.records.watch_records() {
+            let weak = Arc::downgrade(&hub);
+            tokio::spawn(async move {
+                while let Some(c) = changes.recv().await {
+                    let Some(hub) = weak.upgrade() else { return };
+                    hub.registry
+                        .apply_stored(&c.kind, &c.key, c.value.as_deref());
+                }
+            });
+        }
         setup(&hub);
         for l in &bound {
             if let (Some(src), true) = (&l.tls, l.config.uses_registry()) {

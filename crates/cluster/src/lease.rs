@@ -128,11 +128,16 @@ impl Lease {
             loop {
                 tokio::time::sleep(ttl / 3).await;
                 let current = task_rev.load(std::sync::atomic::Ordering::Acquire);
+                let sent = Instant::now();
                 let attempt =
                     tokio::time::timeout(ttl / 3, task_kv.update(&key, value.clone(), current))
                         .await;
                 let why = match attempt {
                     Ok(Ok(new)) => {
+                        // One compare-and-set on a KV key, stored and acknowledged: the
+                        // JetStream round trip this node sees, every ttl/3.
+                        metrics::histogram!("fleetcore_jetstream_rtt_seconds")
+                            .record(sent.elapsed().as_secs_f64());
                         task_rev.store(new, std::sync::atomic::Ordering::Release);
                         last_ok = Instant::now();
                         continue;

@@ -49,9 +49,9 @@ use async_nats::jetstream::{self, kv, Context};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use fleetcore_core::storage::{
-    ClaimFuture, Claimed, Commit, Fence, Loaded, LoadedSession, RecordOp, RecordStore, RetainedOp,
-    RetainedStore, SessionOp, SessionStore, Storage, StoreError, StoredMessage, StoredQueued,
-    StoredRetained, StoredSession,
+    ClaimFuture, Claimed, Commit, Fence, Loaded, LoadedSession, RecordChange, RecordOp,
+    RecordStore, RecordWatch, RetainedOp, RetainedStore, SessionOp, SessionStore, Storage,
+    StoreError, StoredMessage, StoredQueued, StoredRetained, StoredSession,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -136,7 +136,9 @@ impl Bucket {
 
 /// The four buckets and where they are, for error messages.
 struct Buckets {
-    client: async_nats::Client,
+    /// This connection's name on its record writes (header [`ORIGIN_HEADER`]), so its
+    /// own record watch can leave them out.
+    origin: String,
     js: Context,
     sessions: kv::Store,
     queue: kv::Store,
@@ -202,7 +204,14 @@ enum Request {
     },
 }
 
-type Ack = (Bucket, String, jetstream::context::PublishAckFuture);
+/// A write published and not yet acknowledged: its bucket and key, the future of its
+/// acknowledgement, and when it was published (for `fleetcore_jetstream_write_seconds`).
+type Ack = (
+    Bucket,
+    String,
+    jetstream::context::PublishAckFuture,
+    std::time::Instant,
+);
 
 /// Acknowledgements to await, in order, then the reply.
 struct AckBatch {
@@ -223,6 +232,11 @@ struct Inner {
     tx: mpsc::UnboundedSender<Request>,
     next_body: AtomicU64,
     client: async_nats::Client,
+    /// The records bucket, its first stream sequence not in what was loaded, and the
+    /// origin this connection writes records with (see [`RecordStore::watch_records`]).
+    records: kv::Store,
+    records_from: u64,
+    origin: String,
     /// The meta bucket, where leases live.
     meta: kv::Store,
 }
@@ -273,7 +287,7 @@ impl NatsStorage {
             queue: open(Bucket::Queue).await?,
             retained: open(Bucket::Retained).await?,
             records: open(Bucket::Records).await?,
-            client: client.clone(),
+            origin: format!("{:016x}", rand::random::<u64>()),
             js: js.clone(),
             servers: servers.clone(),
         };
@@ -281,7 +295,19 @@ impl NatsStorage {
         let epoch = take_epoch(&meta)
             .await
             .map_err(|e| open_err(&servers, "body id epoch", e))?;
+        // Read before the records are: a change stored after this is watched (maybe
+        // also loaded, which the watcher's applying twice allows).
+        let records_from = buckets
+            .records
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| open_err(&servers, "records stream", e))?
+            .state
+            .last_sequence
+            + 1;
         let loaded = load(&buckets).await?;
+        let (records, origin) = (buckets.records.clone(), buckets.origin.clone());
 
         let (tx, rx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -294,6 +320,9 @@ impl NatsStorage {
                 next_body: AtomicU64::new((epoch << EPOCH_SHIFT) | 1),
                 client,
                 meta,
+                records,
+                records_from,
+                origin,
             }),
         };
         Ok((storage, loaded))
@@ -447,15 +476,14 @@ async fn take_epoch(meta: &kv::Store) -> Result<u64, String> {
 /// The live keys under `filter` (a subject below the bucket's prefix, e.g. `>`), with
 /// their values unless `headers_only`, in stream order of their last write.
 async fn scan(
-    client: &async_nats::Client,
     store: &kv::Store,
     filter: &str,
     headers_only: bool,
 ) -> Result<Vec<(String, Bytes)>, String> {
+    // A pull consumer: a push one starts sending before its subscription exists.
     let consumer = store
         .stream
-        .create_consumer(jetstream::consumer::push::OrderedConfig {
-            deliver_subject: client.new_inbox(),
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
             filter_subject: format!("{}{filter}", store.prefix),
             headers_only,
             replay_policy: jetstream::consumer::ReplayPolicy::Instant,
@@ -495,15 +523,13 @@ fn corrupt(bucket: &kv::Store, key: &str, reason: impl std::fmt::Display) {
 
 async fn load(b: &Buckets) -> Result<Loaded, StoreError> {
     let scan_all = |bucket: Bucket| async move {
-        scan(&b.client, b.get(bucket), ">", false)
-            .await
-            .map_err(|e| {
-                open_err(
-                    &b.servers,
-                    &format!("read bucket {}", b.get(bucket).name),
-                    e,
-                )
-            })
+        scan(b.get(bucket), ">", false).await.map_err(|e| {
+            open_err(
+                &b.servers,
+                &format!("read bucket {}", b.get(bucket).name),
+                e,
+            )
+        })
     };
     let mut loaded = Loaded::default();
 
@@ -729,15 +755,25 @@ async fn publish(
     error: &mut Option<StoreError>,
 ) {
     let subject = format!("{}{key}", b.get(bucket).prefix);
-    let sent = match value {
-        Some(v) => b.js.publish(subject, v).await,
-        None => {
-            b.js.publish_with_headers(subject, delete_headers(), Bytes::new())
+    let started = std::time::Instant::now();
+    let sent = match (value, bucket) {
+        (Some(v), Bucket::Records) => {
+            let mut headers = HeaderMap::new();
+            headers.insert(ORIGIN_HEADER, HeaderValue::from(b.origin.as_str()));
+            b.js.publish_with_headers(subject, headers, v).await
+        }
+        (Some(v), _) => b.js.publish(subject, v).await,
+        (None, bucket) => {
+            let mut headers = delete_headers();
+            if bucket == Bucket::Records {
+                headers.insert(ORIGIN_HEADER, HeaderValue::from(b.origin.as_str()));
+            }
+            b.js.publish_with_headers(subject, headers, Bytes::new())
                 .await
         }
     };
     match sent {
-        Ok(ack) => acks.push((bucket, key, ack)),
+        Ok(ack) => acks.push((bucket, key, ack, started)),
         Err(e) => {
             let what = format!("write key {key}");
             error.get_or_insert_with(|| b.err(bucket, &what, e));
@@ -872,7 +908,7 @@ async fn claim(
 
 /// The queue of `client` (encoded client id), in seq order.
 async fn read_queue(b: &Buckets, client: &str) -> Result<Vec<(u64, StoredQueued)>, StoreError> {
-    let listed = scan(&b.client, &b.queue, &format!("{client}.>"), false)
+    let listed = scan(&b.queue, &format!("{client}.>"), false)
         .await
         .map_err(|e| b.err(Bucket::Queue, "read the queue of a claimed session", e))?;
     let mut queue = Vec::new();
@@ -957,7 +993,7 @@ async fn delete_queue(
     acks: &mut Vec<Ack>,
     error: &mut Option<StoreError>,
 ) {
-    match scan(&b.client, &b.queue, &format!("{client}.>"), true).await {
+    match scan(&b.queue, &format!("{client}.>"), true).await {
         Ok(keys) => {
             for (key, _) in keys {
                 publish(b, Bucket::Queue, key, None, acks, error).await;
@@ -1073,8 +1109,13 @@ async fn acker(mut rx: mpsc::UnboundedReceiver<AckBatch>) {
     let mut unwaited_failure: Option<StoreError> = None;
     while let Some(batch) = rx.recv().await {
         let mut result = batch.error.map_or(Ok(()), Err);
-        for (bucket, key, ack) in batch.acks {
-            if let Err(e) = ack.await {
+        for (bucket, key, ack, published) in batch.acks {
+            let acked = ack.await;
+            // From the publish to JetStream's acknowledgement: stored on the stream's
+            // replicas (with `sync_interval: always`, on their disks).
+            metrics::histogram!("fleetcore_jetstream_write_seconds", "bucket" => bucket.suffix())
+                .record(published.elapsed().as_secs_f64());
+            if let Err(e) = acked {
                 if result.is_ok() {
                     result = Err(StoreError::Io(format!(
                         "NATS JetStream did not acknowledge the write of key {key} \
@@ -1170,5 +1211,119 @@ impl RetainedStore for NatsStorage {
 impl RecordStore for NatsStorage {
     fn submit_records(&self, ops: Vec<RecordOp>) -> Commit {
         self.submit(Ok(record_writes(ops)))
+    }
+
+    fn watch_records(&self) -> Option<RecordWatch> {
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        tokio::spawn(watch_records(
+            self.inner.records.clone(),
+            self.inner.records_from,
+            self.inner.origin.clone(),
+            tx,
+        ));
+        Some(rx)
+    }
+}
+
+/// The header naming the connection that wrote a record (see [`Buckets::origin`]).
+const ORIGIN_HEADER: &str = "Fleetcore-Origin";
+
+/// Record changes a watcher may be behind by before the watch waits for it.
+const WATCH_QUEUE: usize = 1024;
+
+/// Feeds `tx` with the records bucket's changes from stream sequence `from` on, those
+/// written by `origin` left out, until `tx` is dropped. An ordered consumer (one per
+/// watcher, not per record); when it fails, it is made again from the sequence after
+/// the last change handed on, so nothing is skipped.
+async fn watch_records(
+    records: kv::Store,
+    mut from: u64,
+    origin: String,
+    tx: mpsc::Sender<RecordChange>,
+) {
+    let mut retry = Duration::from_millis(100);
+    loop {
+        // A pull consumer: a push one starts sending before its subscription exists,
+        // and what it sends in between is lost until it notices the gap.
+        let consumer = records
+            .stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: format!("{}>", records.prefix),
+                replay_policy: jetstream::consumer::ReplayPolicy::Instant,
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ..Default::default()
+            })
+            .await;
+        let mut messages = match consumer {
+            Ok(c) => match c.messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(bucket = %records.name, error = %e, "record watch: cannot read; retrying");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            },
+            Err(e) => {
+                if tx.is_closed() {
+                    return;
+                }
+                tracing::warn!(bucket = %records.name, error = %e, "record watch: cannot start; retrying");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        retry = Duration::from_millis(100);
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(bucket = %records.name, error = %e, "record watch interrupted; resuming");
+                    break;
+                }
+            };
+            if let Ok(info) = message.info() {
+                from = info.stream_sequence + 1;
+            }
+            let headers = message.headers.as_ref();
+            if headers
+                .and_then(|h| h.get(ORIGIN_HEADER))
+                .is_some_and(|o| o.as_str() == origin)
+            {
+                continue;
+            }
+            let deleted = headers
+                .and_then(|h| h.get("KV-Operation"))
+                .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+            let Some((kind, key)) = message
+                .subject
+                .strip_prefix(records.prefix.as_str())
+                .and_then(keys::split2)
+                .and_then(|(a, k)| Some((keys::decode_part(a)?, keys::decode_part(k)?)))
+            else {
+                corrupt(
+                    &records,
+                    &message.subject,
+                    "key is not an encoded kind and key",
+                );
+                continue;
+            };
+            let change = RecordChange {
+                kind,
+                key,
+                value: (!deleted).then(|| message.payload.to_vec()),
+            };
+            metrics::counter!("fleetcore_record_changes_watched_total").increment(1);
+            if tx.send(change).await.is_err() {
+                return;
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(retry).await;
     }
 }

@@ -349,7 +349,28 @@ impl From<RecordOp> for Op {
 /// ([`Loaded::records`]) and kept in memory by their owner.
 pub trait RecordStore: Send + Sync + 'static {
     fn submit_records(&self, ops: Vec<RecordOp>) -> Commit;
+
+    /// The changes other writers of the same records make, in the order they were
+    /// stored, from the moment [`Loaded::records`] was read (a change that was already
+    /// in what was loaded may come again: applying a change twice must be harmless).
+    /// This process's own writes are not in it: it applied them when their commit
+    /// resolved. `None` where this process is the only writer (a single node on redb).
+    fn watch_records(&self) -> Option<RecordWatch> {
+        None
+    }
 }
+
+/// One stored change to a record, as [`RecordStore::watch_records`] hands it on:
+/// `value` is `None` for a delete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordChange {
+    pub kind: String,
+    pub key: String,
+    pub value: Option<Vec<u8>>,
+}
+
+/// The changes of [`RecordStore::watch_records`]; ends when the store is closed.
+pub type RecordWatch = tokio::sync::mpsc::Receiver<RecordChange>;
 
 /// A change to one persistent session or its queue.
 ///

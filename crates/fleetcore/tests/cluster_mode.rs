@@ -22,7 +22,7 @@ fn cluster(nats: &nats::Nats, node: &str) -> String {
 #[test]
 fn a_second_node_on_the_same_prefix_is_refused_and_the_first_serves_on() {
     let nats = nats::Nats::start();
-    let mut first = TestBroker::start(BrokerOpts::new().raw(&cluster(&nats, "node-a")));
+    let mut first = TestBroker::start(BrokerOpts::new().admin().raw(&cluster(&nats, "node-a")));
     let log = match TestBroker::try_start(BrokerOpts::new().raw(&cluster(&nats, "node-b"))) {
         Ok(mut second) => {
             second.terminate();
@@ -36,6 +36,37 @@ fn a_second_node_on_the_same_prefix_is_refused_and_the_first_serves_on() {
     // The first node was not disturbed.
     mosq_pub(&first, "acct/dev/cmd", "still here");
     first.assert_healthy();
+
+    // Its JetStream round trips are measured: the retained write, from publish to
+    // JetStream's acknowledgement, and the lease's renewals (every 2 s for a 6 s lease).
+    let out = std::process::Command::new("mosquitto_pub")
+        .args(first.mosq_tcp())
+        .args(["-q", "1", "-r", "-t", "acct/dev/config", "-m", "kept"])
+        .output()
+        .expect("run mosquitto_pub");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = first.admin("GET", "/metrics", None).text();
+        let writes = observed(
+            &text,
+            "fleetcore_jetstream_write_seconds",
+            "bucket=\"retained\"",
+        );
+        let rtt = observed(&text, "fleetcore_jetstream_rtt_seconds", "");
+        if writes >= 1 && rtt >= 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after 15 s: {writes} retained writes and {rtt} lease round trips measured:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // `fleetcore cluster status` names the holder and the buckets, and says healthy.
     let dir = tempfile::tempdir().unwrap();
@@ -109,6 +140,16 @@ fn status(args: &[&str]) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// How many observations the summary `name` holds (its `_count` lines whose labels
+/// contain `labels`, summed), from a Prometheus scrape.
+fn observed(scrape: &str, name: &str, labels: &str) -> u64 {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_count")) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 fn mosq_pub(broker: &TestBroker, topic: &str, payload: &str) {

@@ -310,6 +310,117 @@ fn del(kind: &'static str, key: &str) -> RecordOp {
     }
 }
 
+/// Takes one stored record into `st` (or `keyring`); `false` for one that does not read
+/// or is of a kind the registry does not keep.
+fn load_record(st: &mut State, keyring: &mut Keyring, kind: &str, key: &str, value: &[u8]) -> bool {
+    match kind {
+        TOKEN_KEY => serde_json::from_slice::<StoredKey>(value)
+            .ok()
+            .filter(|k| k.kid == key)
+            .and_then(|k| TokenKey::load(&k).ok())
+            .map(|k| keyring.add(k))
+            .is_some(),
+        THING => serde_json::from_slice::<Thing>(value)
+            .map(|t| st.things.insert(key.to_owned(), t))
+            .is_ok(),
+        CERT => serde_json::from_slice::<CertRecord>(value)
+            .map(|c| st.certs.insert(key.to_owned(), c))
+            .is_ok(),
+        CA => serde_json::from_slice::<CaRecord>(value)
+            .map(|c| st.cas.insert(key.to_owned(), c))
+            .is_ok(),
+        POLICY => match serde_json::from_slice::<PolicyRecord>(value) {
+            Ok(p) => match p
+                .versions
+                .get(&p.default_version)
+                .and_then(|v| Policy::parse(&v.document).ok())
+            {
+                Some(compiled) => {
+                    st.policies.insert(key.to_owned(), (p, Arc::new(compiled)));
+                    true
+                }
+                None => false,
+            },
+            Err(_) => false,
+        },
+        POLICY_ATTACHMENT | THING_ATTACHMENT => match key.split_once('/') {
+            Some((cert, target)) => {
+                let map = if kind == POLICY_ATTACHMENT {
+                    &mut st.cert_policies
+                } else {
+                    &mut st.cert_things
+                };
+                map.entry(cert.to_owned())
+                    .or_default()
+                    .insert(target.to_owned());
+                true
+            }
+            None => false,
+        },
+        groups::GROUP | groups::MEMBERSHIP => st.groups.load(kind, key, value),
+        _ => false,
+    }
+}
+
+/// The record kinds the registry keeps (others, such as shadows or jobs, belong to the
+/// services).
+const REGISTRY_KINDS: [&str; 9] = [
+    THING,
+    CERT,
+    POLICY,
+    CA,
+    POLICY_ATTACHMENT,
+    THING_ATTACHMENT,
+    TOKEN_KEY,
+    groups::GROUP,
+    groups::MEMBERSHIP,
+];
+
+/// Takes a deleted record out of `st` (or `keyring`).
+fn remove_record(st: &mut State, keyring: &mut Keyring, kind: &str, key: &str) {
+    match kind {
+        TOKEN_KEY => {
+            keyring.remove(key);
+        }
+        THING => {
+            st.things.remove(key);
+        }
+        CERT => {
+            st.certs.remove(key);
+        }
+        CA => {
+            st.cas.remove(key);
+        }
+        POLICY => {
+            st.policies.remove(key);
+        }
+        POLICY_ATTACHMENT | THING_ATTACHMENT => {
+            if let Some((cert, target)) = key.split_once('/') {
+                let map = if kind == POLICY_ATTACHMENT {
+                    &mut st.cert_policies
+                } else {
+                    &mut st.cert_things
+                };
+                if let Some(set) = map.get_mut(cert) {
+                    set.remove(target);
+                    if set.is_empty() {
+                        map.remove(cert);
+                    }
+                }
+            }
+        }
+        groups::GROUP => {
+            st.groups.remove(key);
+        }
+        groups::MEMBERSHIP => {
+            if let Some((group, thing)) = key.split_once('/') {
+                st.groups.unlink(group, thing);
+            }
+        }
+        _ => {}
+    }
+}
+
 impl Registry {
     /// Rebuilds the registry from the store's records. A record that no
     /// longer reads is skipped with a warning. `tokens` sets token lifetimes and
@@ -322,54 +433,7 @@ impl Registry {
         let mut st = State::default();
         let mut keyring = Keyring::new(tokens.max_ttl_secs);
         for (kind, key, value) in records {
-            let ok = match kind.as_str() {
-                TOKEN_KEY => serde_json::from_slice::<StoredKey>(value)
-                    .ok()
-                    .filter(|k| &k.kid == key)
-                    .and_then(|k| TokenKey::load(&k).ok())
-                    .map(|k| keyring.add(k))
-                    .is_some(),
-                THING => serde_json::from_slice::<Thing>(value)
-                    .map(|t| st.things.insert(key.clone(), t))
-                    .is_ok(),
-                CERT => serde_json::from_slice::<CertRecord>(value)
-                    .map(|c| st.certs.insert(key.clone(), c))
-                    .is_ok(),
-                CA => serde_json::from_slice::<CaRecord>(value)
-                    .map(|c| st.cas.insert(key.clone(), c))
-                    .is_ok(),
-                POLICY => match serde_json::from_slice::<PolicyRecord>(value) {
-                    Ok(p) => match p
-                        .versions
-                        .get(&p.default_version)
-                        .and_then(|v| Policy::parse(&v.document).ok())
-                    {
-                        Some(compiled) => {
-                            st.policies.insert(key.clone(), (p, Arc::new(compiled)));
-                            true
-                        }
-                        None => false,
-                    },
-                    Err(_) => false,
-                },
-                POLICY_ATTACHMENT | THING_ATTACHMENT => match key.split_once('/') {
-                    Some((cert, target)) => {
-                        let map = if kind == POLICY_ATTACHMENT {
-                            &mut st.cert_policies
-                        } else {
-                            &mut st.cert_things
-                        };
-                        map.entry(cert.to_owned())
-                            .or_default()
-                            .insert(target.to_owned());
-                        true
-                    }
-                    None => false,
-                },
-                groups::GROUP | groups::MEMBERSHIP => st.groups.load(kind, key, value),
-                _ => false,
-            };
-            if !ok {
+            if !load_record(&mut st, &mut keyring, kind, key, value) {
                 tracing::warn!(kind = %kind, key = %key, "skipping unreadable registry record");
             }
         }
@@ -392,6 +456,74 @@ impl Registry {
     /// and in memory, on the task that made the change. `f` must not block.
     pub fn on_event(&self, f: impl Fn(&RegistryEvent) + Send + Sync + 'static) {
         self.listeners.write().push(Arc::new(f));
+    }
+
+    /// Applies a record another node stored (see `RecordStore::watch_records`): the
+    /// same change to memory as the node that made it, the generation moved, and the
+    /// events the change calls for told here too (a certificate that left ACTIVE is cut
+    /// off on this node as well; a CA change reloads this node's TLS trust). A record of
+    /// a kind the registry does not keep is ignored; applying a change twice is harmless.
+    pub fn apply_stored(&self, kind: &str, key: &str, value: Option<&[u8]>) {
+        if !REGISTRY_KINDS.contains(&kind) {
+            return;
+        }
+        let mut events = Vec::new();
+        {
+            let mut st = self.state.write();
+            let was_active = (kind == CERT)
+                .then(|| st.certs.get(key).map(|c| c.state == CertState::Active))
+                .flatten();
+            let had_member = (kind == groups::MEMBERSHIP)
+                .then(|| key.split_once('/'))
+                .flatten()
+                .map(|(g, t)| (g.to_owned(), t.to_owned(), st.groups.is_member(g, t)));
+            match value {
+                Some(value) => {
+                    let mut keyring = self.tokens.write();
+                    if !load_record(&mut st, &mut keyring, kind, key, value) {
+                        tracing::warn!(
+                            kind,
+                            key,
+                            "skipping an unreadable registry record from another node"
+                        );
+                        return;
+                    }
+                }
+                None => remove_record(&mut st, &mut self.tokens.write(), kind, key),
+            }
+            if kind == groups::GROUP {
+                let State { groups, things, .. } = &mut *st;
+                groups.settle(|t| things.contains_key(t));
+            }
+            if was_active == Some(true) {
+                match st.certs.get(key).map(|c| c.state) {
+                    Some(CertState::Active) => {}
+                    state => events.push(RegistryEvent::CertificateLeftActive {
+                        cert_id: key.to_owned(),
+                        state: state.unwrap_or(CertState::Revoked),
+                    }),
+                }
+            }
+            if kind == CA {
+                events.push(RegistryEvent::CasChanged);
+            }
+            if let Some((group, thing, was)) = had_member {
+                let now = st.groups.is_member(&group, &thing);
+                if now != was {
+                    events.push(RegistryEvent::GroupMembershipChanged {
+                        group,
+                        thing,
+                        added: now,
+                    });
+                }
+            }
+        }
+        if kind != TOKEN_KEY {
+            self.bump();
+        }
+        for ev in events {
+            self.tell(ev);
+        }
     }
 
     fn tell(&self, ev: RegistryEvent) {
