@@ -242,6 +242,16 @@ impl Server {
                 }
             });
         }
+        // Retained messages other nodes store reach this node's tree.
+        if let Some(mut changes) = hub.storage.retained.watch_retained() {
+            let weak = Arc::downgrade(&hub);
+            tokio::spawn(async move {
+                while let Some(c) = changes.recv().await {
+                    let Some(hub) = weak.upgrade() else { return };
+                    hub.apply_stored_retained(c);
+                }
+            });
+        }
         setup(&hub);
         for l in &bound {
             if let (Some(src), true) = (&l.tls, l.config.uses_registry()) {

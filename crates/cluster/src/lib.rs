@@ -50,8 +50,8 @@ use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use fleetcore_core::storage::{
     ClaimFuture, Claimed, Commit, Fence, Loaded, LoadedSession, RecordChange, RecordOp,
-    RecordStore, RecordWatch, RetainedOp, RetainedStore, SessionOp, SessionStore, Storage,
-    StoreError, StoredMessage, StoredQueued, StoredRetained, StoredSession,
+    RecordStore, RecordWatch, RetainedChange, RetainedOp, RetainedStore, RetainedWatch, SessionOp,
+    SessionStore, Storage, StoreError, StoredMessage, StoredQueued, StoredRetained, StoredSession,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -236,6 +236,9 @@ struct Inner {
     /// origin this connection writes records with (see [`RecordStore::watch_records`]).
     records: kv::Store,
     records_from: u64,
+    /// The same for the retained bucket.
+    retained: kv::Store,
+    retained_from: u64,
     origin: String,
     /// The meta bucket, where leases live.
     meta: kv::Store,
@@ -297,17 +300,25 @@ impl NatsStorage {
             .map_err(|e| open_err(&servers, "body id epoch", e))?;
         // Read before the records are: a change stored after this is watched (maybe
         // also loaded, which the watcher's applying twice allows).
-        let records_from = buckets
-            .records
-            .stream
-            .get_info()
-            .await
-            .map_err(|e| open_err(&servers, "records stream", e))?
-            .state
-            .last_sequence
-            + 1;
+        let next_seq = |b: &kv::Store| {
+            let (stream, name) = (b.stream.clone(), b.name.clone());
+            let servers = servers.clone();
+            async move {
+                stream
+                    .get_info()
+                    .await
+                    .map(|i| i.state.last_sequence + 1)
+                    .map_err(|e| open_err(&servers, &format!("stream of {name}"), e))
+            }
+        };
+        let records_from = next_seq(&buckets.records).await?;
+        let retained_from = next_seq(&buckets.retained).await?;
         let loaded = load(&buckets).await?;
-        let (records, origin) = (buckets.records.clone(), buckets.origin.clone());
+        let (records, retained, origin) = (
+            buckets.records.clone(),
+            buckets.retained.clone(),
+            buckets.origin.clone(),
+        );
 
         let (tx, rx) = mpsc::unbounded_channel();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -322,6 +333,8 @@ impl NatsStorage {
                 meta,
                 records,
                 records_from,
+                retained,
+                retained_from,
                 origin,
             }),
         };
@@ -756,16 +769,18 @@ async fn publish(
 ) {
     let subject = format!("{}{key}", b.get(bucket).prefix);
     let started = std::time::Instant::now();
+    // Records and retained messages carry their writer's origin (see `watch_bucket`).
+    let watched = matches!(bucket, Bucket::Records | Bucket::Retained);
     let sent = match (value, bucket) {
-        (Some(v), Bucket::Records) => {
+        (Some(v), _) if watched => {
             let mut headers = HeaderMap::new();
             headers.insert(ORIGIN_HEADER, HeaderValue::from(b.origin.as_str()));
             b.js.publish_with_headers(subject, headers, v).await
         }
         (Some(v), _) => b.js.publish(subject, v).await,
-        (None, bucket) => {
+        (None, _) => {
             let mut headers = delete_headers();
-            if bucket == Bucket::Records {
+            if watched {
                 headers.insert(ORIGIN_HEADER, HeaderValue::from(b.origin.as_str()));
             }
             b.js.publish_with_headers(subject, headers, Bytes::new())
@@ -1203,6 +1218,28 @@ impl SessionStore for NatsStorage {
 }
 
 impl RetainedStore for NatsStorage {
+    fn watch_retained(&self) -> Option<RetainedWatch> {
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
+        tokio::spawn(watch_bucket(
+            self.inner.retained.clone(),
+            self.inner.retained_from,
+            self.inner.origin.clone(),
+            tx,
+            |key, value| {
+                let topic =
+                    keys::decode_part(key).ok_or("key is not an encoded topic".to_string())?;
+                let retained = match value {
+                    Some(v) => {
+                        Some(postcard::from_bytes::<StoredRetained>(v).map_err(|e| e.to_string())?)
+                    }
+                    None => None,
+                };
+                Ok(RetainedChange { topic, retained })
+            },
+        ));
+        Some(rx)
+    }
+
     fn submit_retained(&self, ops: Vec<RetainedOp>) -> Commit {
         self.submit(retained_writes(ops))
     }
@@ -1215,11 +1252,21 @@ impl RecordStore for NatsStorage {
 
     fn watch_records(&self) -> Option<RecordWatch> {
         let (tx, rx) = mpsc::channel(WATCH_QUEUE);
-        tokio::spawn(watch_records(
+        tokio::spawn(watch_bucket(
             self.inner.records.clone(),
             self.inner.records_from,
             self.inner.origin.clone(),
             tx,
+            |key, value| {
+                let (kind, key) = keys::split2(key)
+                    .and_then(|(a, k)| Some((keys::decode_part(a)?, keys::decode_part(k)?)))
+                    .ok_or("key is not an encoded kind and key".to_string())?;
+                Ok(RecordChange {
+                    kind,
+                    key,
+                    value: value.map(<[u8]>::to_vec),
+                })
+            },
         ));
         Some(rx)
     }
@@ -1231,15 +1278,17 @@ const ORIGIN_HEADER: &str = "Fleetcore-Origin";
 /// Record changes a watcher may be behind by before the watch waits for it.
 const WATCH_QUEUE: usize = 1024;
 
-/// Feeds `tx` with the records bucket's changes from stream sequence `from` on, those
-/// written by `origin` left out, until `tx` is dropped. An ordered consumer (one per
-/// watcher, not per record); when it fails, it is made again from the sequence after
-/// the last change handed on, so nothing is skipped.
-async fn watch_records(
+/// Feeds `tx` with the bucket's changes from stream sequence `from` on (`decode` makes
+/// one of a key below the bucket's prefix and its value, `None` for a delete), those
+/// written by `origin` left out, until `tx` is dropped. One ordered consumer per watcher,
+/// not per key; when it fails, it is made again from the sequence after the last change
+/// handed on, so nothing is skipped.
+async fn watch_bucket<T: Send + 'static>(
     records: kv::Store,
     mut from: u64,
     origin: String,
-    tx: mpsc::Sender<RecordChange>,
+    tx: mpsc::Sender<T>,
+    decode: impl Fn(&str, Option<&[u8]>) -> Result<T, String> + Send + 'static,
 ) {
     let mut retry = Duration::from_millis(100);
     loop {
@@ -1298,25 +1347,18 @@ async fn watch_records(
             let deleted = headers
                 .and_then(|h| h.get("KV-Operation"))
                 .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-            let Some((kind, key)) = message
-                .subject
-                .strip_prefix(records.prefix.as_str())
-                .and_then(keys::split2)
-                .and_then(|(a, k)| Some((keys::decode_part(a)?, keys::decode_part(k)?)))
-            else {
-                corrupt(
-                    &records,
-                    &message.subject,
-                    "key is not an encoded kind and key",
-                );
+            let Some(key) = message.subject.strip_prefix(records.prefix.as_str()) else {
                 continue;
             };
-            let change = RecordChange {
-                kind,
-                key,
-                value: (!deleted).then(|| message.payload.to_vec()),
+            let change = match decode(key, (!deleted).then_some(&message.payload[..])) {
+                Ok(c) => c,
+                Err(why) => {
+                    corrupt(&records, key, why);
+                    continue;
+                }
             };
-            metrics::counter!("fleetcore_record_changes_watched_total").increment(1);
+            metrics::counter!("fleetcore_store_changes_watched_total", "bucket" => records.name.clone())
+                .increment(1);
             if tx.send(change).await.is_err() {
                 return;
             }

@@ -1,4 +1,4 @@
-//! Records stored by one node reach the others (`RecordStore::watch_records`) on a real
+//! Records and retained messages stored by one node reach the others (`RecordStore::watch_records`) on a real
 //! nats-server (the test's own, killed by PID at the end): in the order they were stored,
 //! deletes included, a node's own writes left out, nothing stored between a node's load
 //! and its watch missed; and through `Registry::apply_stored`, a certificate revoked on
@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fleetcore_cluster::{NatsOptions, NatsStorage};
-use fleetcore_core::storage::{Loaded, RecordChange, RecordOp, RecordWatch, Storage};
+use fleetcore_core::storage::{
+    Loaded, RecordChange, RecordOp, RecordWatch, RetainedOp, Storage, StoredMessage, StoredRetained,
+};
 use fleetcore_identity::registry::{CertState, NewCert, Registry, RegistryEvent};
 use fleetcore_identity::token::TokenConfig;
 use support_nats::Nats;
@@ -250,5 +252,81 @@ async fn a_certificate_revoked_on_one_node_is_revoked_and_cut_off_on_the_other()
     b.apply_stored("thing-group", "none", None);
     b.apply_stored("shadow", "dev-1", Some(b"{}"));
     assert_eq!(b_events.lock().unwrap().len(), told);
+    drop(nats);
+}
+
+fn retained(topic: &str, payload: &str) -> StoredRetained {
+    StoredRetained {
+        stored_at_ms: 1_700_000_000_000,
+        msg: StoredMessage {
+            topic: topic.into(),
+            payload: payload.as_bytes().to_vec(),
+            qos: 1,
+            retain: true,
+            expires_at_ms: None,
+            payload_format_utf8: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: vec![("k".into(), "v".into())],
+        },
+    }
+}
+
+#[tokio::test]
+async fn retained_messages_another_node_stores_or_deletes_are_watched_and_its_own_are_not() {
+    let nats = Nats::start();
+    let (a, _) = open(&nats).await;
+    let (b, _) = open(&nats).await;
+    let mut b_watch = b
+        .retained
+        .watch_retained()
+        .expect("NATS retained is watched");
+    let mut a_watch = a
+        .retained
+        .watch_retained()
+        .expect("NATS retained is watched");
+    a.retained
+        .submit_retained(vec![RetainedOp::Put {
+            topic: "acct/dev 1/config".into(),
+            retained: retained("acct/dev 1/config", "v1"),
+        }])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), b_watch.recv())
+        .await
+        .expect("nothing within 10 s")
+        .unwrap();
+    assert_eq!(got.topic, "acct/dev 1/config");
+    let r = got.retained.expect("a put");
+    assert_eq!(r.msg.payload, b"v1");
+    assert_eq!(r.msg.user_properties, vec![("k".into(), "v".into())]);
+    assert_eq!(r.stored_at_ms, 1_700_000_000_000);
+
+    a.retained
+        .submit_retained(vec![RetainedOp::Delete {
+            topic: "acct/dev 1/config".into(),
+        }])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), b_watch.recv())
+        .await
+        .expect("nothing within 10 s")
+        .unwrap();
+    assert_eq!(got.topic, "acct/dev 1/config");
+    assert!(got.retained.is_none(), "a delete");
+
+    b.retained
+        .submit_retained(vec![RetainedOp::Put {
+            topic: "from/b".into(),
+            retained: retained("from/b", "b"),
+        }])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), a_watch.recv())
+        .await
+        .expect("nothing within 10 s")
+        .unwrap();
+    assert_eq!(got.topic, "from/b", "a saw its own write first");
     drop(nats);
 }

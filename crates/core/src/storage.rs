@@ -490,7 +490,25 @@ pub trait SessionStore: Send + Sync + 'static {
 pub trait RetainedStore: Send + Sync + 'static {
     /// Writes `ops`; the [`Commit`] resolves once they are durable.
     fn submit_retained(&self, ops: Vec<RetainedOp>) -> Commit;
+
+    /// The retained messages other writers store or delete, as
+    /// [`RecordStore::watch_records`] does for records (same order, same rules: this
+    /// process's own writes left out, a change already loaded may come again). `None`
+    /// where this process is the only writer.
+    fn watch_retained(&self) -> Option<RetainedWatch> {
+        None
+    }
 }
+
+/// One stored change to a retained message: `retained` is `None` for a delete.
+#[derive(Debug, Clone)]
+pub struct RetainedChange {
+    pub topic: String,
+    pub retained: Option<StoredRetained>,
+}
+
+/// The changes of [`RetainedStore::watch_retained`]; ends when the store is closed.
+pub type RetainedWatch = tokio::sync::mpsc::Receiver<RetainedChange>;
 
 /// The stores the broker, the registry and the services write through, handed to the
 /// hub at start (see [`SessionStore`], [`RetainedStore`], [`RecordStore`]).

@@ -18,10 +18,51 @@ use std::time::{Duration, Instant};
 use fleetcore_broker::config::ListenerConfig;
 use fleetcore_broker::{Backend, Config, Server};
 use fleetcore_cluster::fabric::NatsFabric;
-use fleetcore_cluster::NatsOptions;
+use fleetcore_cluster::{NatsOptions, NatsStorage};
 use fleetcore_store::{Store, StoreOptions};
 
+/// A node on `dir`'s own redb, joined to the others by the fabric.
 async fn node(nats: &nats::Nats, dir: &std::path::Path) -> (Server, SocketAddr) {
+    let (store, loaded) = Store::open(&dir.join("fleetcore.redb"), StoreOptions::default())
+        .expect("open the node's redb");
+    start_node(nats, dir, store.storage(), loaded, "redb + NATS fabric").await
+}
+
+/// A node keeping its state on NATS JetStream under the prefix every such node shares,
+/// as cluster mode will run them, joined to the others by the fabric.
+async fn shared_node(nats: &nats::Nats, dir: &std::path::Path) -> (Server, SocketAddr) {
+    let opts = NatsOptions {
+        prefix: "shared".into(),
+        ..NatsOptions::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (store, loaded) = loop {
+        match NatsStorage::connect(&[nats.url()], opts.clone()).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("NATS: {e}\n{}", nats.log()),
+        }
+    };
+    start_node(
+        nats,
+        dir,
+        store.storage(),
+        loaded,
+        "NATS JetStream + fabric",
+    )
+    .await
+}
+
+async fn start_node(
+    nats: &nats::Nats,
+    dir: &std::path::Path,
+    storage: fleetcore_core::storage::Storage,
+    loaded: fleetcore_core::storage::Loaded,
+    place: &str,
+) -> (Server, SocketAddr) {
     let config = Config {
         data_dir: dir.into(),
         listeners: vec![ListenerConfig {
@@ -30,8 +71,6 @@ async fn node(nats: &nats::Nats, dir: &std::path::Path) -> (Server, SocketAddr) 
         }],
         ..Config::default()
     };
-    let (store, loaded) = Store::open(&dir.join("fleetcore.redb"), StoreOptions::default())
-        .expect("open the node's redb");
     let opts = NatsOptions {
         prefix: "e2e".into(),
         ..NatsOptions::default()
@@ -48,9 +87,9 @@ async fn node(nats: &nats::Nats, dir: &std::path::Path) -> (Server, SocketAddr) 
         }
     };
     let backend = Backend {
-        storage: store.storage(),
+        storage,
         loaded,
-        place: "redb + NATS fabric".into(),
+        place: place.into(),
         fabric: Arc::new(fabric),
     };
     let server = Server::start_on(config, Some(backend), Vec::new(), |_| {})
@@ -184,6 +223,76 @@ async fn publishes_cross_between_two_nodes_once() {
         assert_eq!(on_b.got(), expected, "on b");
         // a got its own once: b did not send back what a forwarded to it.
         assert_eq!(on_a.got(), expected, "on a");
+    })
+    .await
+    .unwrap();
+
+    a.shutdown(Duration::from_secs(2)).await.unwrap();
+    b.shutdown(Duration::from_secs(2)).await.unwrap();
+    drop(nats);
+}
+
+/// mosquitto_sub on `addr` for `filter`, waiting at most `secs` for one message: the
+/// `topic payload` line it printed, if any (a new subscriber gets the retained one).
+fn first_message(addr: SocketAddr, filter: &str, secs: u32) -> String {
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args(["-V", "mqttv5", "-q", "1", "-v", "-C", "1"])
+        .args(["-W", &secs.to_string(), "-t", filter])
+        .output()
+        .expect("run mosquitto_sub");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn publish_retained(addr: SocketAddr, topic: &str, payload: Option<&str>) {
+    let mut cmd = Command::new("mosquitto_pub");
+    cmd.args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args(["-V", "mqttv5", "-q", "1", "-r", "-t", topic]);
+    match payload {
+        Some(p) => cmd.args(["-m", p]),
+        None => cmd.arg("-n"),
+    };
+    let out = cmd.output().expect("run mosquitto_pub");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two nodes sharing their state on NATS JetStream: a message retained through one is
+/// served to a new subscriber of the other, a newer one replaces it there, and a removal
+/// (an empty retained publish) removes it there too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_stored_through_one_node_are_served_by_the_other() {
+    let nats = nats::Nats::start();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, addr_a) = shared_node(&nats, dirs.0.path()).await;
+    let (b, addr_b) = shared_node(&nats, dirs.1.path()).await;
+
+    tokio::task::spawn_blocking(move || {
+        let until_b_serves = |want: &str| {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let got = first_message(addr_b, "acct/dev1/#", 1);
+                if got == want {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "b serves {got:?}, not {want:?}");
+            }
+        };
+        publish_retained(addr_a, "acct/dev1/config", Some("version 1"));
+        until_b_serves("acct/dev1/config version 1");
+        publish_retained(addr_a, "acct/dev1/config", Some("version 2"));
+        until_b_serves("acct/dev1/config version 2");
+        // And the other way.
+        publish_retained(addr_b, "acct/dev2/config", Some("from b"));
+        assert_eq!(
+            first_message(addr_a, "acct/dev2/#", 10),
+            "acct/dev2/config from b"
+        );
+        publish_retained(addr_a, "acct/dev1/config", None);
+        until_b_serves("");
     })
     .await
     .unwrap();

@@ -534,6 +534,34 @@ impl Hub {
         }
     }
 
+    /// Applies a retained message another node stored or deleted (see
+    /// `RetainedStore::watch_retained`) to this node's tree, without writing it: new
+    /// subscribers here are served what the other node retained. Its subscribers here had
+    /// the publish itself through the fabric. An expired or unreadable message is dropped.
+    pub fn apply_stored_retained(&self, change: fleetcore_core::storage::RetainedChange) {
+        let mut tree = self.retained.write();
+        match change.retained {
+            Some(r) => match Message::from_stored(&r.msg) {
+                Some(msg) if !msg.is_expired(now_ms()) => {
+                    tree.insert(
+                        &change.topic,
+                        Retained {
+                            msg: Arc::new(msg),
+                            stored_at_ms: r.stored_at_ms,
+                        },
+                    );
+                }
+                _ => {
+                    tree.remove(&change.topic);
+                }
+            },
+            None => {
+                tree.remove(&change.topic);
+            }
+        }
+        m::gauge_retained(tree.len());
+    }
+
     /// Retained messages matching `filter`, for a new subscription.
     pub fn retained_for(&self, filter: &str) -> Vec<Arc<Message>> {
         let mut out = Vec::new();
