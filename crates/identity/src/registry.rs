@@ -1377,6 +1377,156 @@ mod tests {
         }
     }
 
+    /// Passes every op to a redb store and keeps a copy: what another node's watch
+    /// would hand on.
+    struct Tee {
+        inner: Store,
+        ops: parking_lot::Mutex<Vec<RecordOp>>,
+    }
+
+    impl RecordStore for Tee {
+        fn submit_records(&self, ops: Vec<RecordOp>) -> fleetcore_core::storage::Commit {
+            self.ops.lock().extend(ops.iter().cloned());
+            self.inner.submit_records(ops)
+        }
+    }
+
+    fn feed(to: &Registry, ops: &[RecordOp]) {
+        for op in ops {
+            match op {
+                RecordOp::Put { kind, key, value } => to.apply_stored(kind, key, Some(value)),
+                RecordOp::Delete { kind, key } => to.apply_stored(kind, key, None),
+            }
+        }
+    }
+
+    /// Registry `b` applies, through `apply_stored`, every op registry `a` stored, as a
+    /// second node does from its watch: it ends in the same state (things, certificates
+    /// and their attachments, policies, CAs, groups and memberships, token keys), tells
+    /// the events `a` told, and applying each key's last change again (as a watch may,
+    /// for a change already loaded) changes nothing and tells no certificate or
+    /// membership event twice.
+    #[tokio::test]
+    async fn applying_what_another_registry_stored_gives_the_same_state_and_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store_a, _) = Store::open(&dir.path().join("a.redb"), Default::default()).unwrap();
+        let (store_b, _) = Store::open(&dir.path().join("b.redb"), Default::default()).unwrap();
+        let tee = Arc::new(Tee {
+            inner: store_a,
+            ops: Default::default(),
+        });
+        let a = Registry::new(tee.clone(), &[], TokenConfig::default());
+        let b = Registry::new(Arc::new(store_b), &[], TokenConfig::default());
+        let told = |r: &Registry| {
+            let events = Arc::new(parking_lot::Mutex::new(Vec::new()));
+            let sink = events.clone();
+            r.on_event(move |ev| sink.lock().push(ev.clone()));
+            events
+        };
+        let (a_events, b_events) = (told(&a), told(&b));
+
+        a.rotate_token_key().await.unwrap();
+        for t in ["t1", "t2"] {
+            a.create_thing(t, None, BTreeMap::from([("account".into(), "x".into())]))
+                .await
+                .unwrap();
+        }
+        a.create_policy("agent", AGENT).await.unwrap();
+        a.register_certificate(new_cert("c1", "t1"), CertState::Active)
+            .await
+            .unwrap();
+        a.register_certificate(new_cert("c2", "t2"), CertState::Active)
+            .await
+            .unwrap();
+        a.attach_policy("agent", "c1").await.unwrap();
+        a.attach_thing("t1", "c1").await.unwrap();
+        a.register_ca(CaRecord {
+            id: "ca1".into(),
+            pem: "pem".into(),
+            subject: "CN=ca1".into(),
+            created_ms: 1,
+        })
+        .await
+        .unwrap();
+        a.create_group("fleet", None, None, BTreeMap::new())
+            .await
+            .unwrap();
+        a.create_group("site", Some("fleet"), None, BTreeMap::new())
+            .await
+            .unwrap();
+        a.add_thing_to_group("site", "t1").await.unwrap();
+        a.set_certificate_state("c1", CertState::Revoked)
+            .await
+            .unwrap();
+        a.set_certificate_state("c2", CertState::Inactive)
+            .await
+            .unwrap();
+        a.delete_certificate("c2").await.unwrap();
+        a.delete_thing("t2").await.unwrap();
+
+        let ops = tee.ops.lock().clone();
+        let g = b.generation();
+        feed(&b, &ops);
+        assert!(b.generation() > g);
+        assert_eq!(b.things(), a.things());
+        assert_eq!(b.certificates(), a.certificates());
+        assert_eq!(b.certificate_policies("c1"), vec!["agent".to_string()]);
+        assert_eq!(b.certificate_things("c1"), vec!["t1".to_string()]);
+        assert_eq!(
+            b.policies()
+                .iter()
+                .map(|p| serde_json::to_value(p).unwrap())
+                .collect::<Vec<_>>(),
+            a.policies()
+                .iter()
+                .map(|p| serde_json::to_value(p).unwrap())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(b.cas(), a.cas());
+        assert_eq!(b.groups(), a.groups());
+        assert_eq!(b.thing_groups("t1"), vec!["site".to_string()]);
+        assert_eq!(b.token_keys(), a.token_keys());
+        assert_eq!(b.revoked(), a.revoked());
+
+        let wanted = |events: &[RegistryEvent]| {
+            events
+                .iter()
+                .filter(|e| !matches!(e, RegistryEvent::CasChanged))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            wanted(&b_events.lock()),
+            wanted(&a_events.lock()),
+            "b tells what a told"
+        );
+        assert!(b_events.lock().contains(&RegistryEvent::CasChanged));
+        assert!(b_events
+            .lock()
+            .contains(&RegistryEvent::CertificateLeftActive {
+                cert_id: "c1".into(),
+                state: CertState::Revoked,
+            }));
+
+        // What a watch may hand on again (a change already loaded): each key's last op.
+        let mut last = BTreeMap::new();
+        for op in &ops {
+            let key = match op {
+                RecordOp::Put { kind, key, .. } | RecordOp::Delete { kind, key } => {
+                    (kind.to_string(), key.clone())
+                }
+            };
+            last.insert(key, op.clone());
+        }
+        let again: Vec<RecordOp> = last.into_values().collect();
+        let before = wanted(&b_events.lock()).len();
+        feed(&b, &again);
+        assert_eq!(b.things(), a.things());
+        assert_eq!(b.certificates(), a.certificates());
+        let after = wanted(&b_events.lock());
+        assert_eq!(after.len(), before, "applied twice, told twice: {after:?}");
+    }
+
     const AGENT: &str = r#"{"Version":"2012-10-17","Statement":[
       {"Effect":"Allow","Action":"iot:Connect","Resource":"arn:aws:iot:*:*:client/${iot:Connection.Thing.ThingName}"},
       {"Effect":"Allow","Action":"iot:Subscribe","Resource":"arn:aws:iot:*:*:topicfilter/${iot:Connection.Thing.Attributes[account]}/${iot:Connection.Thing.ThingName}/*"}]}"#;
