@@ -231,14 +231,14 @@ impl Server {
         }
         let hub = Hub::with_fabric(config, storage, loaded, services, fabric);
         // Records other writers store (other nodes of a cluster) reach this node's
-        // registry: a certificate revoked elsewhere is cut off here too.
+        // registry (a certificate revoked elsewhere is cut off here too) and services
+        // (a shadow updated elsewhere is read here as it is there).
         if let Some(mut changes) = hub.storage.records.watch_records() {
             let weak = Arc::downgrade(&hub);
             tokio::spawn(async move {
                 while let Some(c) = changes.recv().await {
                     let Some(hub) = weak.upgrade() else { return };
-                    hub.registry
-                        .apply_stored(&c.kind, &c.key, c.value.as_deref());
+                    hub.apply_stored_record(&c.kind, &c.key, c.value.as_deref());
                 }
             });
         }

@@ -165,4 +165,8 @@ pub trait TopicService: Send + Sync + 'static {
     /// Called once at start with the store, the records and a publisher; the default
     /// ignores them (a service without state).
     fn start(&self, _ctx: ServiceContext<'_>) {}
+    /// A record another node stored (`RecordStore::watch_records`; `value` `None` for a
+    /// delete), of any kind: a service that keeps records of its own in memory takes
+    /// them in, so requests here see what was written there. The default ignores it.
+    fn apply_stored(&self, _kind: &str, _key: &str, _value: Option<&[u8]>) {}
 }

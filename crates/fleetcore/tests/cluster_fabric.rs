@@ -1,10 +1,12 @@
-//! Two fleetcore nodes joined by the NATS fabric (a real nats-server, killed by PID at the
-//! end), driven by mosquitto_pub and mosquitto_sub: a publish on either node reaches the
-//! other node's subscribers once, even through two overlapping filters, with levels NATS
-//! cannot carry as they are; a node never sends back what another node forwarded to it.
+//! fleetcore nodes joined by the NATS fabric (a real nats-server, killed by PID at the
+//! end), driven by mosquitto_pub and mosquitto_sub. With a redb each: a publish on either
+//! node reaches the other node's subscribers once, even through two overlapping filters,
+//! with levels NATS cannot carry as they are; a node never sends back what another node
+//! forwarded to it. Sharing their state on NATS JetStream: what one retains the other
+//! serves, and a shadow updated through one is read and updated through the other.
 //!
-//! The nodes run in this process (each with its own redb for state: the fabric is what is
-//! tested), because the binary still holds one node per prefix (docs/cluster.md).
+//! The nodes run in this process, because the binary still holds one node per prefix
+//! (docs/cluster.md).
 
 #[path = "../../cluster/tests/support/nats.rs"]
 mod nats;
@@ -25,12 +27,24 @@ use fleetcore_store::{Store, StoreOptions};
 async fn node(nats: &nats::Nats, dir: &std::path::Path) -> (Server, SocketAddr) {
     let (store, loaded) = Store::open(&dir.join("fleetcore.redb"), StoreOptions::default())
         .expect("open the node's redb");
-    start_node(nats, dir, store.storage(), loaded, "redb + NATS fabric").await
+    start_node(
+        nats,
+        dir,
+        store.storage(),
+        loaded,
+        "redb + NATS fabric",
+        Vec::new(),
+    )
+    .await
 }
 
 /// A node keeping its state on NATS JetStream under the prefix every such node shares,
 /// as cluster mode will run them, joined to the others by the fabric.
-async fn shared_node(nats: &nats::Nats, dir: &std::path::Path) -> (Server, SocketAddr) {
+async fn shared_node(
+    nats: &nats::Nats,
+    dir: &std::path::Path,
+    services: Vec<Arc<dyn fleetcore_core::service::TopicService>>,
+) -> (Server, SocketAddr) {
     let opts = NatsOptions {
         prefix: "shared".into(),
         ..NatsOptions::default()
@@ -52,6 +66,7 @@ async fn shared_node(nats: &nats::Nats, dir: &std::path::Path) -> (Server, Socke
         store.storage(),
         loaded,
         "NATS JetStream + fabric",
+        services,
     )
     .await
 }
@@ -62,6 +77,7 @@ async fn start_node(
     storage: fleetcore_core::storage::Storage,
     loaded: fleetcore_core::storage::Loaded,
     place: &str,
+    services: Vec<Arc<dyn fleetcore_core::service::TopicService>>,
 ) -> (Server, SocketAddr) {
     let config = Config {
         data_dir: dir.into(),
@@ -92,7 +108,7 @@ async fn start_node(
         place: place.into(),
         fabric: Arc::new(fabric),
     };
-    let server = Server::start_on(config, Some(backend), Vec::new(), |_| {})
+    let server = Server::start_on(config, Some(backend), services, |_| {})
         .await
         .expect("start a node");
     let addr = server.local_addrs()[0].1;
@@ -267,8 +283,8 @@ fn publish_retained(addr: SocketAddr, topic: &str, payload: Option<&str>) {
 async fn retained_messages_stored_through_one_node_are_served_by_the_other() {
     let nats = nats::Nats::start();
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (a, addr_a) = shared_node(&nats, dirs.0.path()).await;
-    let (b, addr_b) = shared_node(&nats, dirs.1.path()).await;
+    let (a, addr_a) = shared_node(&nats, dirs.0.path(), Vec::new()).await;
+    let (b, addr_b) = shared_node(&nats, dirs.1.path(), Vec::new()).await;
 
     tokio::task::spawn_blocking(move || {
         let until_b_serves = |want: &str| {
@@ -293,6 +309,79 @@ async fn retained_messages_stored_through_one_node_are_served_by_the_other() {
         );
         publish_retained(addr_a, "acct/dev1/config", None);
         until_b_serves("");
+    })
+    .await
+    .unwrap();
+
+    a.shutdown(Duration::from_secs(2)).await.unwrap();
+    b.shutdown(Duration::from_secs(2)).await.unwrap();
+    drop(nats);
+}
+
+fn publish_json(addr: SocketAddr, topic: &str, payload: &str) {
+    publish(addr, topic, payload);
+}
+
+/// Asks `addr` for thing `dev1`'s classic shadow (a `get` request, answered on
+/// `get/accepted` to the subscriber `answers`) until the answer holds every one of
+/// `want`; returns that answer.
+fn shadow_until(addr: SocketAddr, answers: &Sub, want: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let found = answers
+            .got()
+            .into_iter()
+            .find(|l| want.iter().all(|w| l.contains(w)));
+        if let Some(l) = found {
+            return l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer with {want:?}; got {:?}",
+            answers.got()
+        );
+        publish_json(addr, "$aws/things/dev1/shadow/get", "{}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Two nodes sharing their state on NATS JetStream, each with the Device Shadow service:
+/// a shadow updated through one is read through the other, and an update through the
+/// other builds on it (the next version, both parts of the state), as one broker does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_updated_through_one_node_is_read_and_updated_through_the_other() {
+    use fleetcore_services::shadow::ShadowService;
+    let nats = nats::Nats::start();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let shadows = || -> Vec<Arc<dyn fleetcore_core::service::TopicService>> {
+        vec![Arc::new(ShadowService::new(Default::default()))]
+    };
+    let (a, addr_a) = shared_node(&nats, dirs.0.path(), shadows()).await;
+    let (b, addr_b) = shared_node(&nats, dirs.1.path(), shadows()).await;
+
+    tokio::task::spawn_blocking(move || {
+        let on_a = Sub::start(addr_a, &["$aws/things/dev1/shadow/get/accepted"]);
+        let on_b = Sub::start(addr_b, &["$aws/things/dev1/shadow/get/accepted"]);
+        // QoS 1: acknowledged once the shadow is stored.
+        publish_json(
+            addr_a,
+            "$aws/things/dev1/shadow/update",
+            r#"{"state":{"desired":{"mode":"on"}}}"#,
+        );
+        let seen = shadow_until(addr_b, &on_b, &[r#""desired":{"mode":"on"}"#]);
+        assert!(seen.contains(r#""version":1"#), "{seen}");
+
+        publish_json(
+            addr_b,
+            "$aws/things/dev1/shadow/update",
+            r#"{"state":{"reported":{"mode":"on"}}}"#,
+        );
+        let seen = shadow_until(
+            addr_a,
+            &on_a,
+            &[r#""reported":{"mode":"on"}"#, r#""version":2"#],
+        );
+        assert!(seen.contains(r#""desired":{"mode":"on"}"#), "{seen}");
     })
     .await
     .unwrap();

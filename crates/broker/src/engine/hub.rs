@@ -534,6 +534,13 @@ impl Hub {
         }
     }
 
+    /// Applies a record another node stored (see `RecordStore::watch_records`): to the
+    /// registry, then to the services that keep records of their own.
+    pub fn apply_stored_record(&self, kind: &str, key: &str, value: Option<&[u8]>) {
+        self.registry.apply_stored(kind, key, value);
+        self.services.apply_stored(kind, key, value);
+    }
+
     /// Applies a retained message another node stored or deleted (see
     /// `RetainedStore::watch_retained`) to this node's tree, without writing it: new
     /// subscribers here are served what the other node retained. Its subscribers here had

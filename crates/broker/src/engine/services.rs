@@ -107,6 +107,13 @@ impl ServiceHost {
         }
     }
 
+    /// Hands every service a record another node stored.
+    pub fn apply_stored(&self, kind: &str, key: &str, value: Option<&[u8]>) {
+        for s in &self.services {
+            s.apply_stored(kind, key, value);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
     }

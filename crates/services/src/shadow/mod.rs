@@ -575,6 +575,51 @@ impl TopicService for ShadowService {
         }
     }
 
+    fn apply_stored(&self, kind: &str, key: &str, value: Option<&[u8]>) {
+        if kind != store::KIND {
+            return;
+        }
+        let incoming = match value.map(serde_json::from_slice::<Shadow>) {
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                tracing::error!(key, error = %e, "shadow record from another node does not decode; skipped");
+                return;
+            }
+            None => None,
+        };
+        let mut slots = self.inner.slots.lock();
+        let slot = slots.entry(store::Key::parse(key)).or_default();
+        // An older version than the one here (a change that was already loaded, or
+        // overtaken by a later one) changes nothing.
+        if let (Some(have), Some(new)) = (&slot.shadow, &incoming) {
+            if new.version < have.version {
+                return;
+            }
+        }
+        let size = |s: &Option<Shadow>| match s {
+            Some(s) if s.exists() => (1, s.state_bytes() as i64),
+            _ => (0, 0),
+        };
+        let (was_doc, was_bytes) = size(&slot.shadow);
+        let (is_doc, is_bytes) = size(&incoming);
+        slot.shadow = incoming;
+        drop(slots);
+        let docs = self
+            .inner
+            .documents
+            .fetch_add(is_doc - was_doc, Ordering::Relaxed)
+            + is_doc
+            - was_doc;
+        let bytes = self
+            .inner
+            .bytes
+            .fetch_add(is_bytes - was_bytes, Ordering::Relaxed)
+            + is_bytes
+            - was_bytes;
+        metrics::gauge!("fleetcore_shadow_documents").set(docs as f64);
+        metrics::gauge!("fleetcore_shadow_state_bytes").set(bytes as f64);
+    }
+
     fn start(&self, ctx: ServiceContext<'_>) {
         let (shadows, stale) = store::load(ctx.records, now_secs());
         let _ = self.inner.publisher.set(ctx.publisher);
