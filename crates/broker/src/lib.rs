@@ -238,7 +238,7 @@ impl Server {
             tokio::spawn(async move {
                 while let Some(c) = changes.recv().await {
                     let Some(hub) = weak.upgrade() else { return };
-                    hub.apply_stored_record(&c.kind, &c.key, c.value.as_deref());
+                    hub.apply_stored_record(&c.kind, &c.key, c.value.as_deref(), c.revision);
                 }
             });
         }

@@ -49,9 +49,10 @@ use async_nats::jetstream::{self, kv, Context};
 use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use fleetcore_core::storage::{
-    ClaimFuture, Claimed, Commit, Fence, Loaded, LoadedSession, RecordChange, RecordOp,
-    RecordStore, RecordWatch, RetainedChange, RetainedOp, RetainedStore, RetainedWatch, SessionOp,
-    SessionStore, Storage, StoreError, StoredMessage, StoredQueued, StoredRetained, StoredSession,
+    ClaimFuture, Claimed, Commit, Fence, Loaded, LoadedSession, RecordChange, RecordCommit,
+    RecordOp, RecordStore, RecordWatch, RetainedChange, RetainedOp, RetainedStore, RetainedWatch,
+    SessionOp, SessionStore, Storage, StoreError, StoredMessage, StoredQueued, StoredRetained,
+    StoredSession,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -189,12 +190,44 @@ enum Write {
         fence: Fence,
         session: Option<StoredSession>,
     },
+    /// A record write (a put, or a delete when `value` is `None`) that holds only while
+    /// the record is at revision `expect` (`None`: it has no value), or, with `write`
+    /// false, only that check ([`RecordOp::Expect`] with no write after it).
+    Expecting {
+        kind: &'static str,
+        record: String,
+        key: String,
+        expect: Option<u64>,
+        value: Option<Bytes>,
+        write: bool,
+    },
+}
+
+/// Who waits for a submit: told nothing besides success, or the revisions its record
+/// writes left their keys at.
+enum Reply {
+    Unit(oneshot::Sender<Result<(), StoreError>>),
+    Revisions(oneshot::Sender<Result<Vec<u64>, StoreError>>),
+}
+
+impl Reply {
+    /// Tells the waiter; gives the error back if it failed and nobody was waiting.
+    fn send(self, result: Result<Vec<u64>, StoreError>) -> Result<(), StoreError> {
+        let unheard = match self {
+            Reply::Unit(tx) => tx.send(result.map(|_| ())).err().map(|r| r.err()),
+            Reply::Revisions(tx) => tx.send(result).err().map(|r| r.err()),
+        };
+        match unheard.flatten() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
 }
 
 enum Request {
     Writes {
         writes: Vec<Write>,
-        reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+        reply: Option<Reply>,
     },
     Flush(oneshot::Sender<Result<(), StoreError>>),
     Claim {
@@ -216,8 +249,11 @@ type Ack = (
 /// Acknowledgements to await, in order, then the reply.
 struct AckBatch {
     acks: Vec<Ack>,
+    /// The stream sequences of writes the writer already saw acknowledged (the
+    /// compare-and-set ones), before those of `acks`.
+    sequences: Vec<u64>,
     error: Option<StoreError>,
-    reply: Option<oneshot::Sender<Result<(), StoreError>>>,
+    reply: Option<Reply>,
     /// A flush: also reports a failure of an earlier submit nobody waited for.
     flush: bool,
 }
@@ -381,7 +417,21 @@ impl NatsStorage {
         let (tx, rx) = oneshot::channel();
         match self.inner.tx.send(Request::Writes {
             writes,
-            reply: Some(tx),
+            reply: Some(Reply::Unit(tx)),
+        }) {
+            Ok(()) => Commit::waiting(rx),
+            Err(_) => Commit::failed(StoreError::Closed),
+        }
+    }
+
+    fn submit_records_inner(&self, writes: Vec<Write>) -> RecordCommit {
+        if writes.is_empty() {
+            return Commit::ready();
+        }
+        let (tx, rx) = oneshot::channel();
+        match self.inner.tx.send(Request::Writes {
+            writes,
+            reply: Some(Reply::Revisions(tx)),
         }) {
             Ok(()) => Commit::waiting(rx),
             Err(_) => Commit::failed(StoreError::Closed),
@@ -492,7 +542,7 @@ async fn scan(
     store: &kv::Store,
     filter: &str,
     headers_only: bool,
-) -> Result<Vec<(String, Bytes)>, String> {
+) -> Result<Vec<(String, Bytes, u64)>, String> {
     // A pull consumer: a push one starts sending before its subscription exists.
     let consumer = store
         .stream
@@ -512,7 +562,8 @@ async fn scan(
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     while let Some(message) = messages.next().await {
         let message = message.map_err(|e| e.to_string())?;
-        let pending = message.info().map_err(|e| e.to_string())?.pending;
+        let info = message.info().map_err(|e| e.to_string())?;
+        let (pending, seq) = (info.pending, info.stream_sequence);
         let deleted = message
             .headers
             .as_ref()
@@ -520,7 +571,7 @@ async fn scan(
             .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
         if !deleted {
             if let Some(key) = message.subject.strip_prefix(store.prefix.as_str()) {
-                out.push((key.to_string(), message.payload.clone()));
+                out.push((key.to_string(), message.payload.clone(), seq));
             }
         }
         if pending == 0 {
@@ -548,7 +599,7 @@ async fn load(b: &Buckets) -> Result<Loaded, StoreError> {
 
     let mut sessions = std::collections::BTreeMap::new();
     let mut unloaded = std::collections::BTreeSet::new();
-    for (key, value) in scan_all(Bucket::Sessions).await? {
+    for (key, value, _) in scan_all(Bucket::Sessions).await? {
         let Some(client_id) = keys::decode_part(&key) else {
             corrupt(&b.sessions, &key, "key is not an encoded client id");
             continue;
@@ -568,7 +619,7 @@ async fn load(b: &Buckets) -> Result<Loaded, StoreError> {
             }
         }
     }
-    for (key, value) in scan_all(Bucket::Queue).await? {
+    for (key, value, _) in scan_all(Bucket::Queue).await? {
         let Some((client_id, seq)) = keys::split2(&key)
             .and_then(|(c, s)| Some((keys::decode_part(c)?, keys::decode_seq(s)?)))
         else {
@@ -609,7 +660,7 @@ async fn load(b: &Buckets) -> Result<Loaded, StoreError> {
     loaded.unloaded_sessions = unloaded.into_iter().collect();
 
     let mut retained = Vec::new();
-    for (key, value) in scan_all(Bucket::Retained).await? {
+    for (key, value, _) in scan_all(Bucket::Retained).await? {
         if keys::decode_part(&key).is_none() {
             corrupt(&b.retained, &key, "key is not an encoded topic");
             continue;
@@ -622,14 +673,14 @@ async fn load(b: &Buckets) -> Result<Loaded, StoreError> {
     retained.sort_by(|a, b| a.msg.topic.cmp(&b.msg.topic));
     loaded.retained = retained;
 
-    for (key, value) in scan_all(Bucket::Records).await? {
+    for (key, value, revision) in scan_all(Bucket::Records).await? {
         let Some((kind, k)) = keys::split2(&key)
             .and_then(|(a, k)| Some((keys::decode_part(a)?, keys::decode_part(k)?)))
         else {
             corrupt(&b.records, &key, "key is not an encoded kind and key");
             continue;
         };
-        loaded.records.push((kind, k, value.to_vec()));
+        loaded.records.push((kind, k, value.to_vec(), revision));
     }
     loaded
         .records
@@ -736,20 +787,60 @@ fn retained_writes(ops: Vec<RetainedOp>) -> Result<Vec<Write>, StoreError> {
         .collect()
 }
 
+/// The writes of record ops: an `Expect` makes the next write of its record a
+/// compare-and-set ([`Write::Expecting`]), or a check of its own when none follows.
 fn record_writes(ops: Vec<RecordOp>) -> Vec<Write> {
-    ops.into_iter()
-        .map(|op| match op {
-            RecordOp::Put { kind, key, value } => Write::Put {
-                bucket: Bucket::Records,
-                key: record_key(kind, &key),
-                value: value.into(),
-            },
-            RecordOp::Delete { kind, key } => Write::Delete {
-                bucket: Bucket::Records,
-                key: record_key(kind, &key),
-            },
-        })
-        .collect()
+    let mut out = Vec::with_capacity(ops.len());
+    let mut expects: Vec<(&'static str, String, Option<u64>)> = Vec::new();
+    for op in ops {
+        let (kind, key, value) = match op {
+            RecordOp::Expect {
+                kind,
+                key,
+                revision,
+            } => {
+                expects.push((kind, key, revision));
+                continue;
+            }
+            RecordOp::Put { kind, key, value } => (kind, key, Some(Bytes::from(value))),
+            RecordOp::Delete { kind, key } => (kind, key, None),
+        };
+        match expects.iter().position(|(k, r, _)| *k == kind && *r == key) {
+            Some(i) => {
+                let (kind, record, expect) = expects.remove(i);
+                out.push(Write::Expecting {
+                    kind,
+                    key: record_key(kind, &record),
+                    record,
+                    expect,
+                    value,
+                    write: true,
+                });
+            }
+            None => out.push(match value {
+                Some(value) => Write::Put {
+                    bucket: Bucket::Records,
+                    key: record_key(kind, &key),
+                    value,
+                },
+                None => Write::Delete {
+                    bucket: Bucket::Records,
+                    key: record_key(kind, &key),
+                },
+            }),
+        }
+    }
+    for (kind, record, expect) in expects {
+        out.push(Write::Expecting {
+            kind,
+            key: record_key(kind, &record),
+            record,
+            expect,
+            value: None,
+            write: false,
+        });
+    }
+    out
 }
 
 fn delete_headers() -> HeaderMap {
@@ -810,8 +901,9 @@ async fn settle(
     let (tx, rx) = oneshot::channel();
     let _ = ack_tx.send(AckBatch {
         acks: std::mem::take(acks),
+        sequences: Vec::new(),
         error: None,
-        reply: Some(tx),
+        reply: Some(Reply::Unit(tx)),
         flush: false,
     });
     rx.await.unwrap_or(Err(StoreError::Closed))
@@ -927,7 +1019,7 @@ async fn read_queue(b: &Buckets, client: &str) -> Result<Vec<(u64, StoredQueued)
         .await
         .map_err(|e| b.err(Bucket::Queue, "read the queue of a claimed session", e))?;
     let mut queue = Vec::new();
-    for (key, value) in listed {
+    for (key, value, _) in listed {
         let Some(seq) = keys::split2(&key).and_then(|(_, s)| keys::decode_seq(s)) else {
             corrupt(&b.queue, &key, "key is not an encoded client id and seq");
             continue;
@@ -1001,6 +1093,92 @@ async fn fenced_write(
     Ok(())
 }
 
+/// The revision of the record at `key` as stored: `None` when it has no value (never
+/// written, or a delete marker).
+async fn record_revision(b: &Buckets, key: &str) -> Result<Option<u64>, StoreError> {
+    let entry = b
+        .records
+        .entry(key)
+        .await
+        .map_err(|e| b.err(Bucket::Records, &format!("read key {key}"), e))?;
+    Ok(entry.and_then(|e| (e.operation == kv::Operation::Put).then_some(e.revision)))
+}
+
+/// A record write that holds only while the record is at revision `expect` (`None`: it
+/// has no value): published with JetStream's expected last subject sequence, and
+/// awaited. Returns the stream sequence it was stored at (`None` for a check only);
+/// refused with [`StoreError::Conflict`] when another writer changed the record.
+async fn expecting_write(
+    b: &Buckets,
+    kind: &str,
+    record: &str,
+    key: &str,
+    expect: Option<u64>,
+    value: Option<Bytes>,
+    write: bool,
+) -> Result<Option<u64>, StoreError> {
+    let conflict = |found: Option<u64>| {
+        metrics::counter!("fleetcore_store_conflicts_total").increment(1);
+        StoreError::Conflict {
+            kind: kind.to_owned(),
+            key: record.to_owned(),
+            expected: expect,
+            found,
+        }
+    };
+    // The last sequence of the key's subject JetStream must find: the expected revision,
+    // or for "no value" whatever marks it so (0 when never written, else the revision of
+    // its delete marker).
+    let last = match expect {
+        Some(r) if write => r,
+        _ => {
+            let entry = b
+                .records
+                .entry(key)
+                .await
+                .map_err(|e| b.err(Bucket::Records, &format!("read key {key}"), e))?;
+            let found = entry
+                .as_ref()
+                .and_then(|e| (e.operation == kv::Operation::Put).then_some(e.revision));
+            if found != expect {
+                return Err(conflict(found));
+            }
+            if !write {
+                return Ok(None);
+            }
+            entry.map_or(0, |e| e.revision)
+        }
+    };
+    let subject = format!("{}{key}", b.records.prefix);
+    let mut headers = match value {
+        Some(_) => HeaderMap::new(),
+        None => delete_headers(),
+    };
+    headers.insert(ORIGIN_HEADER, HeaderValue::from(b.origin.as_str()));
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        HeaderValue::from(last.to_string().as_str()),
+    );
+    let started = std::time::Instant::now();
+    let acked = match b
+        .js
+        .publish_with_headers(subject, headers, value.unwrap_or_default())
+        .await
+    {
+        Ok(ack) => ack.await,
+        Err(e) => Err(e),
+    };
+    metrics::histogram!("fleetcore_jetstream_write_seconds", "bucket" => Bucket::Records.suffix())
+        .record(started.elapsed().as_secs_f64());
+    match acked {
+        Ok(ack) => Ok(Some(ack.sequence)),
+        Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+            Err(conflict(record_revision(b, key).await?))
+        }
+        Err(e) => Err(b.err(Bucket::Records, &format!("write key {key}"), e)),
+    }
+}
+
 /// Deletes every queue key of `client`, publishing into `acks`.
 async fn delete_queue(
     b: &Buckets,
@@ -1010,7 +1188,7 @@ async fn delete_queue(
 ) {
     match scan(&b.queue, &format!("{client}.>"), true).await {
         Ok(keys) => {
-            for (key, _) in keys {
+            for (key, _, _) in keys {
                 publish(b, Bucket::Queue, key, None, acks, error).await;
             }
         }
@@ -1033,8 +1211,9 @@ async fn writer(
             Request::Flush(reply) => {
                 let _ = ack_tx.send(AckBatch {
                     acks: Vec::new(),
+                    sequences: Vec::new(),
                     error: None,
-                    reply: Some(reply),
+                    reply: Some(Reply::Unit(reply)),
                     flush: true,
                 });
                 continue;
@@ -1055,8 +1234,18 @@ async fn writer(
             Request::Writes { writes, reply } => (writes, reply),
         };
         let mut acks = Vec::new();
+        let mut sequences = Vec::new();
         let mut error = None;
+        // A submit with a compare-and-set is written one write at a time, each awaited,
+        // so that nothing after a refused one is written.
+        let one_by_one = writes.iter().any(|w| matches!(w, Write::Expecting { .. }));
         for write in writes {
+            if one_by_one {
+                if let Err(e) = settle(&ack_tx, &mut acks).await {
+                    error.get_or_insert(e);
+                    break;
+                }
+            }
             match write {
                 Write::Put { bucket, key, value } => {
                     if bucket == Bucket::Sessions {
@@ -1068,6 +1257,21 @@ async fn writer(
                 Write::Delete { bucket, key } => {
                     publish(&b, bucket, key, None, &mut acks, &mut error).await
                 }
+                Write::Expecting {
+                    kind,
+                    record,
+                    key,
+                    expect,
+                    value,
+                    write,
+                } => match expecting_write(&b, kind, &record, &key, expect, value, write).await {
+                    Ok(Some(seq)) => sequences.push(seq),
+                    Ok(None) => {}
+                    Err(e) => {
+                        error.get_or_insert(e);
+                        break;
+                    }
+                },
                 Write::DeleteSession { client } => {
                     // Everything published so far must be stored before the queue is
                     // listed, so a queued item just written is deleted too.
@@ -1109,9 +1313,26 @@ async fn writer(
                     }
                 }
             }
+            if one_by_one {
+                // The plain writes among them are acknowledged in order too.
+                for (_, _, ack, _) in std::mem::take(&mut acks) {
+                    match ack.await {
+                        Ok(a) => sequences.push(a.sequence),
+                        Err(e) => {
+                            error.get_or_insert(StoreError::Io(format!(
+                                "NATS JetStream did not acknowledge a record write: {e}"
+                            )));
+                        }
+                    }
+                }
+                if error.is_some() {
+                    break;
+                }
+            }
         }
         let _ = ack_tx.send(AckBatch {
             acks,
+            sequences,
             error,
             reply,
             flush: false,
@@ -1123,21 +1344,23 @@ async fn writer(
 async fn acker(mut rx: mpsc::UnboundedReceiver<AckBatch>) {
     let mut unwaited_failure: Option<StoreError> = None;
     while let Some(batch) = rx.recv().await {
-        let mut result = batch.error.map_or(Ok(()), Err);
+        let mut result = batch.error.map_or(Ok(batch.sequences), Err);
         for (bucket, key, ack, published) in batch.acks {
             let acked = ack.await;
             // From the publish to JetStream's acknowledgement: stored on the stream's
             // replicas (with `sync_interval: always`, on their disks).
             metrics::histogram!("fleetcore_jetstream_write_seconds", "bucket" => bucket.suffix())
                 .record(published.elapsed().as_secs_f64());
-            if let Err(e) = acked {
-                if result.is_ok() {
+            match (acked, &mut result) {
+                (Ok(ack), Ok(sequences)) => sequences.push(ack.sequence),
+                (Err(e), Ok(_)) => {
                     result = Err(StoreError::Io(format!(
                         "NATS JetStream did not acknowledge the write of key {key} \
                          in the {} bucket: {e}",
                         bucket.suffix()
                     )));
                 }
+                (_, Err(_)) => {}
             }
         }
         if batch.flush {
@@ -1147,7 +1370,7 @@ async fn acker(mut rx: mpsc::UnboundedReceiver<AckBatch>) {
         }
         match batch.reply {
             Some(reply) => {
-                if let Err(Err(e)) = reply.send(result) {
+                if let Err(e) = reply.send(result) {
                     note_failure(&e);
                     unwaited_failure.get_or_insert(e);
                 }
@@ -1225,7 +1448,7 @@ impl RetainedStore for NatsStorage {
             self.inner.retained_from,
             self.inner.origin.clone(),
             tx,
-            |key, value| {
+            |key, value, _| {
                 let topic =
                     keys::decode_part(key).ok_or("key is not an encoded topic".to_string())?;
                 let retained = match value {
@@ -1246,8 +1469,8 @@ impl RetainedStore for NatsStorage {
 }
 
 impl RecordStore for NatsStorage {
-    fn submit_records(&self, ops: Vec<RecordOp>) -> Commit {
-        self.submit(Ok(record_writes(ops)))
+    fn submit_records(&self, ops: Vec<RecordOp>) -> RecordCommit {
+        self.submit_records_inner(record_writes(ops))
     }
 
     fn watch_records(&self) -> Option<RecordWatch> {
@@ -1257,7 +1480,7 @@ impl RecordStore for NatsStorage {
             self.inner.records_from,
             self.inner.origin.clone(),
             tx,
-            |key, value| {
+            |key, value, revision| {
                 let (kind, key) = keys::split2(key)
                     .and_then(|(a, k)| Some((keys::decode_part(a)?, keys::decode_part(k)?)))
                     .ok_or("key is not an encoded kind and key".to_string())?;
@@ -1265,6 +1488,7 @@ impl RecordStore for NatsStorage {
                     kind,
                     key,
                     value: value.map(<[u8]>::to_vec),
+                    revision,
                 })
             },
         ));
@@ -1288,7 +1512,7 @@ async fn watch_bucket<T: Send + 'static>(
     mut from: u64,
     origin: String,
     tx: mpsc::Sender<T>,
-    decode: impl Fn(&str, Option<&[u8]>) -> Result<T, String> + Send + 'static,
+    decode: impl Fn(&str, Option<&[u8]>, u64) -> Result<T, String> + Send + 'static,
 ) {
     let mut retry = Duration::from_millis(100);
     loop {
@@ -1334,9 +1558,10 @@ async fn watch_bucket<T: Send + 'static>(
                     break;
                 }
             };
-            if let Ok(info) = message.info() {
-                from = info.stream_sequence + 1;
-            }
+            let Ok(seq) = message.info().map(|i| i.stream_sequence) else {
+                continue;
+            };
+            from = seq + 1;
             let headers = message.headers.as_ref();
             if headers
                 .and_then(|h| h.get(ORIGIN_HEADER))
@@ -1350,7 +1575,7 @@ async fn watch_bucket<T: Send + 'static>(
             let Some(key) = message.subject.strip_prefix(records.prefix.as_str()) else {
                 continue;
             };
-            let change = match decode(key, (!deleted).then_some(&message.payload[..])) {
+            let change = match decode(key, (!deleted).then_some(&message.payload[..]), seq) {
                 Ok(c) => c,
                 Err(why) => {
                     corrupt(&records, key, why);

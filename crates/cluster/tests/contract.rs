@@ -204,8 +204,49 @@ fn records(loaded: &Loaded) -> Vec<(&str, &str, &[u8])> {
     loaded
         .records
         .iter()
-        .map(|(k, key, v)| (k.as_str(), key.as_str(), v.as_slice()))
+        .map(|(k, key, v, _)| (k.as_str(), key.as_str(), v.as_slice()))
         .collect()
+}
+
+/// The value and revision of one loaded record.
+fn record_of<'a>(loaded: &'a Loaded, kind: &str, key: &str) -> Option<(&'a [u8], u64)> {
+    loaded
+        .records
+        .iter()
+        .find(|(k, r, _, _)| k == kind && r == key)
+        .map(|(_, _, v, rev)| (v.as_slice(), *rev))
+}
+
+fn expect(kind: &'static str, key: &str, revision: Option<u64>) -> RecordOp {
+    RecordOp::Expect {
+        kind,
+        key: key.into(),
+        revision,
+    }
+}
+
+fn put_record(kind: &'static str, key: &str, v: &[u8]) -> RecordOp {
+    RecordOp::Put {
+        kind,
+        key: key.into(),
+        value: v.to_vec(),
+    }
+}
+
+/// Asserts that `ops` are refused as a conflict on `key` that found `found`.
+async fn conflicts(s: &Storage, ops: Vec<RecordOp>, key: &str, found: Option<u64>) {
+    match s.records.submit_records(ops).await {
+        Err(StoreError::Conflict {
+            key: k, found: f, ..
+        }) => {
+            assert_eq!(
+                (k.as_str(), f),
+                (key, found),
+                "the conflict names the record"
+            );
+        }
+        other => panic!("expected a conflict on {key:?}, got {other:?}"),
+    }
 }
 
 async fn sessions(s: &Storage, ops: Vec<SessionOp>) {
@@ -499,6 +540,120 @@ async fn flush_covers_submits_nobody_waited_for<B: Backend>(b: &mut B) {
     assert_eq!(seqs(&loaded, "c"), expected);
 }
 
+async fn record_writes_get_growing_revisions_and_expect_the_one_they_read<B: Backend>(b: &mut B) {
+    let (s, _) = b.open().await;
+    // A create: expects no record.
+    let r1 = s
+        .records
+        .submit_records(vec![
+            expect("thing", "a", None),
+            put_record("thing", "a", b"1"),
+        ])
+        .await
+        .expect("create")[0];
+    conflicts(
+        &s,
+        vec![expect("thing", "a", None), put_record("thing", "a", b"x")],
+        "a",
+        Some(r1),
+    )
+    .await;
+    // An update on the revision read; then one on the stale revision is refused.
+    let r2 = s
+        .records
+        .submit_records(vec![
+            expect("thing", "a", Some(r1)),
+            put_record("thing", "a", b"2"),
+        ])
+        .await
+        .expect("update")[0];
+    assert!(r2 > r1, "revisions grow: {r1} then {r2}");
+    conflicts(
+        &s,
+        vec![
+            expect("thing", "a", Some(r1)),
+            put_record("thing", "a", b"lost"),
+        ],
+        "a",
+        Some(r2),
+    )
+    .await;
+    // A check alone answers without writing.
+    assert_eq!(
+        s.records
+            .submit_records(vec![expect("thing", "a", Some(r2))])
+            .await
+            .expect("check"),
+        Vec::<u64>::new()
+    );
+    conflicts(&s, vec![expect("thing", "none", Some(r2))], "none", None).await;
+    // Refused: the write expecting a stale revision and every op after it.
+    conflicts(
+        &s,
+        vec![
+            expect("thing", "a", Some(r1)),
+            put_record("thing", "a", b"lost"),
+            put_record("thing", "after", b"lost"),
+        ],
+        "a",
+        Some(r2),
+    )
+    .await;
+    // Revisions are kept on disk (or in JetStream) and loaded.
+    let (s, loaded) = reopen(b, s).await;
+    assert_eq!(record_of(&loaded, "thing", "a"), Some((&b"2"[..], r2)));
+    assert_eq!(record_of(&loaded, "thing", "after"), None);
+    // A delete on the revision read; then the record has none, and a create works.
+    let r3 = s
+        .records
+        .submit_records(vec![
+            expect("thing", "a", Some(r2)),
+            RecordOp::Delete {
+                kind: "thing",
+                key: "a".into(),
+            },
+        ])
+        .await
+        .expect("delete")[0];
+    assert!(r3 > r2);
+    conflicts(
+        &s,
+        vec![
+            expect("thing", "a", Some(r2)),
+            put_record("thing", "a", b"x"),
+        ],
+        "a",
+        None,
+    )
+    .await;
+    let r4 = s
+        .records
+        .submit_records(vec![
+            expect("thing", "a", None),
+            put_record("thing", "a", b"3"),
+        ])
+        .await
+        .expect("create after delete")[0];
+    assert!(r4 > r3);
+    // Unconditional writes get revisions too, one per put or delete, in order.
+    let plain = s
+        .records
+        .submit_records(vec![
+            put_record("thing", "p", b"1"),
+            put_record("thing", "q", b"1"),
+        ])
+        .await
+        .expect("plain writes");
+    assert_eq!(plain.len(), 2);
+    assert!(r4 < plain[0] && plain[0] < plain[1], "{r4} {plain:?}");
+    let (_s, loaded) = reopen(b, s).await;
+    assert_eq!(record_of(&loaded, "thing", "a"), Some((&b"3"[..], r4)));
+    assert_eq!(
+        record_of(&loaded, "thing", "q"),
+        Some((&b"1"[..], plain[1]))
+    );
+}
+
 async fn a_resolved_commit_survives_a_crash<B: Backend>(b: &mut B) {
     let (s, _) = b.open().await;
     let commits = vec![
@@ -508,15 +663,16 @@ async fn a_resolved_commit_survives_a_crash<B: Backend>(b: &mut B) {
             topic: "r".into(),
             retained: retained("r", b"kept"),
         }]),
-        s.records.submit_records(vec![RecordOp::Put {
-            kind: "thing",
-            key: "t".into(),
-            value: b"v".to_vec(),
-        }]),
     ];
+    let record = s.records.submit_records(vec![RecordOp::Put {
+        kind: "thing",
+        key: "t".into(),
+        value: b"v".to_vec(),
+    }]);
     for commit in commits {
         commit.await.expect("commit");
     }
+    record.await.expect("commit");
     // Straight to kill -9: nothing is flushed or closed in between.
     b.crash().await;
     let (_s, loaded) = reopen(b, s).await;
@@ -835,6 +991,7 @@ contract!(
     queued_items_without_a_session_are_unloaded,
     retained_put_replace_delete_in_topic_order,
     records_put_replace_delete_in_key_order,
+    record_writes_get_growing_revisions_and_expect_the_one_they_read,
     every_op_of_one_submit_is_there_after_reopen,
     flush_covers_submits_nobody_waited_for,
     a_resolved_commit_survives_a_crash,

@@ -71,8 +71,9 @@ impl RefuseCode {
     }
 }
 
-/// A registry record as loaded at start: (kind, key, value).
-pub type Record = (String, String, Vec<u8>);
+/// A registry record as loaded at start: (kind, key, value, revision); see
+/// [`crate::storage::RecordStore`] for revisions.
+pub type Record = (String, String, Vec<u8>, u64);
 
 /// What a service that keeps state is handed once at start, before any listener
 /// accepts: where to write its records, the records of its kinds as they were on
@@ -167,6 +168,8 @@ pub trait TopicService: Send + Sync + 'static {
     fn start(&self, _ctx: ServiceContext<'_>) {}
     /// A record another node stored (`RecordStore::watch_records`; `value` `None` for a
     /// delete), of any kind: a service that keeps records of its own in memory takes
-    /// them in, so requests here see what was written there. The default ignores it.
-    fn apply_stored(&self, _kind: &str, _key: &str, _value: Option<&[u8]>) {}
+    /// them in, so requests here see what was written there. `revision` orders the
+    /// changes of one record (see [`crate::storage::RecordStore`]): one no newer than
+    /// what the service holds is stale. The default ignores it.
+    fn apply_stored(&self, _kind: &str, _key: &str, _value: Option<&[u8]>, _revision: u64) {}
 }

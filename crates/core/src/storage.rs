@@ -64,6 +64,28 @@ pub enum StoreError {
         held: u64,
         current: u64,
     },
+    /// A record write that expected the record at one revision ([`RecordOp::Expect`])
+    /// found it at another: another writer (another node) changed it since this one read
+    /// it. The write and the ops after it in its submit were not written.
+    #[error(
+        "record {kind} {key:?} was changed by another writer (expected {}, found {}): \
+         change refused, read it again and retry",
+        revision_text(*expected),
+        revision_text(*found)
+    )]
+    Conflict {
+        kind: String,
+        key: String,
+        expected: Option<u64>,
+        found: Option<u64>,
+    },
+}
+
+fn revision_text(r: Option<u64>) -> String {
+    match r {
+        Some(r) => format!("revision {r}"),
+        None => "no record".to_owned(),
+    }
 }
 
 /// A published message as kept on disk: retained, or inside a queued delivery.
@@ -205,6 +227,14 @@ pub enum Op {
         kind: &'static str,
         key: String,
     },
+    /// Applies its submit only if the record is at `revision` (`None`: there is none);
+    /// otherwise nothing of the submit is written and it fails with
+    /// [`StoreError::Conflict`].
+    ExpectRecord {
+        kind: &'static str,
+        key: String,
+        revision: Option<u64>,
+    },
     /// Applies the rest of its submit only if `client_id`'s fence is still `fence`;
     /// otherwise nothing of the submit is written and it fails with
     /// [`StoreError::Fenced`].
@@ -237,7 +267,9 @@ impl Op {
             } => client_id.len() + 16 + item.msg.approx_len() + 4 * item.subscription_ids.len(),
             Op::DeleteRetained { topic } => topic.len(),
             Op::PutRecord { kind, key, value } => kind.len() + key.len() + value.len(),
-            Op::DeleteRecord { kind, key } => kind.len() + key.len(),
+            Op::DeleteRecord { kind, key } | Op::ExpectRecord { kind, key, .. } => {
+                kind.len() + key.len()
+            }
             Op::DeleteSession { client_id }
             | Op::DeleteQueued { client_id, .. }
             | Op::CheckFence { client_id, .. } => client_id.len() + 8,
@@ -252,8 +284,9 @@ pub struct Loaded {
     /// Retained messages, in topic order; the topic is inside each.
     pub retained: Vec<StoredRetained>,
     pub sessions: Vec<LoadedSession>,
-    /// Registry records as (kind, key, value), in key order.
-    pub records: Vec<(String, String, Vec<u8>)>,
+    /// Registry records as (kind, key, value, revision), in key order (see
+    /// [`RecordStore`] for revisions).
+    pub records: Vec<(String, String, Vec<u8>, u64)>,
     /// Client ids with something on disk that is not in `sessions`: a session record
     /// that could not be read, or queued messages whose session is missing. The
     /// broker deletes these when the client connects again.
@@ -271,26 +304,35 @@ pub struct LoadedSession {
 
 /// Resolves once the ops of one submit are durable, or with why they are not.
 /// A writer that went away gives [`StoreError::Closed`].
+///
+/// `T` is what a successful commit tells besides: nothing for sessions and retained
+/// messages, the records' new revisions for a [`RecordCommit`].
 #[must_use = "dropping a Commit loses its result; use Store::submit_nowait when it is not needed"]
-pub struct Commit {
-    state: CommitState,
+pub struct Commit<T = ()> {
+    state: CommitState<T>,
 }
 
-enum CommitState {
-    Done(Result<(), StoreError>),
-    Waiting(oneshot::Receiver<Result<(), StoreError>>),
+enum CommitState<T> {
+    Done(Result<T, StoreError>),
+    Waiting(oneshot::Receiver<Result<T, StoreError>>),
 }
 
-impl Commit {
+/// The commit of [`RecordStore::submit_records`]: resolves to the revision each
+/// `Put`/`Delete` of the submit left its record at, in the order of the ops.
+pub type RecordCommit = Commit<Vec<u64>>;
+
+impl<T: Default> Commit<T> {
     /// An already successful commit, for a change that needed no write.
-    pub fn ready() -> Commit {
+    pub fn ready() -> Commit<T> {
         Commit {
-            state: CommitState::Done(Ok(())),
+            state: CommitState::Done(Ok(T::default())),
         }
     }
+}
 
+impl<T> Commit<T> {
     /// A commit that failed before it was queued.
-    pub fn failed(e: StoreError) -> Commit {
+    pub fn failed(e: StoreError) -> Commit<T> {
         Commit {
             state: CommitState::Done(Err(e)),
         }
@@ -298,15 +340,15 @@ impl Commit {
 
     /// A commit the writer completes through `rx`; a dropped sender reads as
     /// [`StoreError::Closed`].
-    pub fn waiting(rx: oneshot::Receiver<Result<(), StoreError>>) -> Commit {
+    pub fn waiting(rx: oneshot::Receiver<Result<T, StoreError>>) -> Commit<T> {
         Commit {
             state: CommitState::Waiting(rx),
         }
     }
 }
 
-impl Future for Commit {
-    type Output = Result<(), StoreError>;
+impl<T: Clone + Unpin> Future for Commit<T> {
+    type Output = Result<T, StoreError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -324,6 +366,16 @@ impl Future for Commit {
 /// One change to a keyed record (a thing, a certificate, a policy, a shadow...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordOp {
+    /// The next `Put` or `Delete` of this record in the submit is written only if the
+    /// record is at `revision` (`None`: it has none, never written or deleted); if not,
+    /// neither it nor any later op of the submit is written, and the commit fails with
+    /// [`StoreError::Conflict`]. This is how a writer that changed what it read makes
+    /// sure nobody changed it in between (a compare-and-set).
+    Expect {
+        kind: &'static str,
+        key: String,
+        revision: Option<u64>,
+    },
     Put {
         kind: &'static str,
         key: String,
@@ -340,15 +392,32 @@ impl From<RecordOp> for Op {
         match op {
             RecordOp::Put { kind, key, value } => Op::PutRecord { kind, key, value },
             RecordOp::Delete { kind, key } => Op::DeleteRecord { kind, key },
+            RecordOp::Expect {
+                kind,
+                key,
+                revision,
+            } => Op::ExpectRecord {
+                kind,
+                key,
+                revision,
+            },
         }
     }
 }
 
-/// Where keyed records live. The ops of one `submit_records` are applied together; the
-/// returned [`Commit`] resolves once they are durable. Records are read once at start
-/// ([`Loaded::records`]) and kept in memory by their owner.
+/// Where keyed records live. Records are read once at start ([`Loaded::records`]) and
+/// kept in memory by their owner.
+///
+/// Every write of a record gives it a new revision, larger than every revision the
+/// store gave before (on NATS, the stream sequence of the write; on redb, a counter in
+/// the file). Revisions order the changes of one record, so a reader that has applied
+/// revision r of a record ignores a change it is told later with a revision ≤ r, and a
+/// writer expects the revision it read ([`RecordOp::Expect`]).
 pub trait RecordStore: Send + Sync + 'static {
-    fn submit_records(&self, ops: Vec<RecordOp>) -> Commit;
+    /// Writes `ops`; the commit resolves once they are durable, to the revision of each
+    /// `Put`/`Delete` in order. The ops of one submit may be applied together (redb) or
+    /// one by one (NATS: the ones stored before a failure stay).
+    fn submit_records(&self, ops: Vec<RecordOp>) -> RecordCommit;
 
     /// The changes other writers of the same records make, in the order they were
     /// stored, from the moment [`Loaded::records`] was read (a change that was already
@@ -367,6 +436,8 @@ pub struct RecordChange {
     pub kind: String,
     pub key: String,
     pub value: Option<Vec<u8>>,
+    /// The revision the change gave the record.
+    pub revision: u64,
 }
 
 /// The changes of [`RecordStore::watch_records`]; ends when the store is closed.

@@ -390,3 +390,76 @@ async fn a_shadow_updated_through_one_node_is_read_and_updated_through_the_other
     b.shutdown(Duration::from_secs(2)).await.unwrap();
     drop(nats);
 }
+
+/// Twenty updates of one shadow at the same moment, ten through each of two nodes (each
+/// mosquitto_pub waits for its PUBACK, given once the update is stored): none is lost.
+/// Updates racing on two nodes conflict in the store (compare-and-set on the record's
+/// revision); the loser works its request out again on the winner's shadow, so both
+/// nodes end with every key at version 20.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_of_one_shadow_racing_on_two_nodes_are_all_kept() {
+    use fleetcore_services::shadow::ShadowService;
+    let nats = nats::Nats::start();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let shadows = || -> Vec<Arc<dyn fleetcore_core::service::TopicService>> {
+        vec![Arc::new(ShadowService::new(Default::default()))]
+    };
+    let (a, addr_a) = shared_node(&nats, dirs.0.path(), shadows()).await;
+    let (b, addr_b) = shared_node(&nats, dirs.1.path(), shadows()).await;
+
+    tokio::task::spawn_blocking(move || {
+        // mosquitto_pub exits 0 on a PUBACK with an error code too: refusals show here.
+        let refused: Vec<Sub> = [addr_a, addr_b]
+            .into_iter()
+            .map(|addr| {
+                let sub = Sub::start(addr, &["$aws/things/dev1/shadow/update/rejected", "ready"]);
+                probe(addr, &sub, "ready");
+                sub
+            })
+            .collect();
+        let mut children = Vec::new();
+        let mut keys = Vec::new();
+        for i in 0..10 {
+            for (node, addr) in [("a", addr_a), ("b", addr_b)] {
+                let key = format!("{node}{i}");
+                children.push(
+                    Command::new("mosquitto_pub")
+                        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+                        .args(["-V", "mqttv5", "-q", "1", "-i", &format!("pub-{key}")])
+                        .args(["-t", "$aws/things/dev1/shadow/update"])
+                        .args([
+                            "-m",
+                            &format!(r#"{{"state":{{"reported":{{"{key}":1}}}}}}"#),
+                        ])
+                        .stderr(std::process::Stdio::piped())
+                        .spawn()
+                        .expect("run mosquitto_pub"),
+                );
+                keys.push(format!(r#""{key}":1"#));
+            }
+        }
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "mosquitto_pub: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        keys.push(r#""version":20"#.into());
+        let want: Vec<&str> = keys.iter().map(String::as_str).collect();
+        for addr in [addr_a, addr_b] {
+            let answers = Sub::start(addr, &["$aws/things/dev1/shadow/get/accepted"]);
+            shadow_until(addr, &answers, &want);
+        }
+        for sub in refused {
+            assert_eq!(sub.got(), Vec::<String>::new(), "updates were refused");
+        }
+    })
+    .await
+    .unwrap();
+
+    a.shutdown(Duration::from_secs(2)).await.unwrap();
+    b.shutdown(Duration::from_secs(2)).await.unwrap();
+    drop(nats);
+}

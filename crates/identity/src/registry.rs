@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetcore_core::storage::{RecordOp, RecordStore, StoreError};
+use fleetcore_core::storage::{RecordCommit, RecordOp, RecordStore, StoreError};
 use fleetcore_policy::{Policy, Vars};
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
@@ -187,7 +187,11 @@ pub enum IdentityError {
 
 impl From<StoreError> for RegistryError {
     fn from(e: StoreError) -> Self {
-        RegistryError::Store(e.to_string())
+        match e {
+            // Another node changed what this change was checked against (409).
+            StoreError::Conflict { .. } => RegistryError::Conflict(e.to_string()),
+            e => RegistryError::Store(e.to_string()),
+        }
     }
 }
 
@@ -224,6 +228,51 @@ pub struct Registry {
     token_config: TokenConfig,
     /// Who hears about changes (the engine's kicks, the TLS trust reload).
     listeners: RwLock<Vec<Listener>>,
+    /// The revision of every record this registry has in memory, for its writes'
+    /// compare-and-set and to order what other writers store (see [`Revisions`]).
+    revisions: parking_lot::Mutex<Revisions>,
+}
+
+/// A record's identity in the store: (kind, key).
+type RecordId = (String, String);
+
+/// One put or delete of a submit: the registry record and whether it puts, `None` for a
+/// record of another kind.
+type Written = Option<(RecordId, bool)>;
+
+/// What the registry knows of record revisions (`RecordStore`): each record's
+/// revision as last applied to memory and whether it has a value. Every write expects
+/// the revision of each record it writes (a compare-and-set: a record another node
+/// changed since is refused with a conflict, not overwritten), and a change another
+/// writer stored is applied only if it is newer than what memory holds.
+///
+/// A change from another writer is never applied while this registry is between
+/// checking a change against memory and submitting it (the `write` lock is held), nor
+/// to a record whose write is in flight: it waits in `deferred` and is applied when
+/// that ends (in revision order, older ones dropped), so memory always follows the
+/// store's order.
+#[derive(Default)]
+struct Revisions {
+    known: std::collections::HashMap<RecordId, (u64, bool)>,
+    /// Records with a write of this registry submitted and not yet applied.
+    writing: std::collections::HashMap<RecordId, u32>,
+    /// Changes of other writers waiting for the write lock or for a write of their
+    /// record to end: (kind, key, value, revision).
+    deferred: Vec<(String, String, Option<Vec<u8>>, u64)>,
+}
+
+/// The registry's write lock: while held, nothing another node stored is applied; on
+/// release, what waited meanwhile is.
+pub(crate) struct WriteGuard<'a> {
+    registry: &'a Registry,
+    _lock: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        // Still holding the lock (fields drop after this).
+        self.registry.apply_deferred();
+    }
 }
 
 /// A change others must act on at once, told after it is on disk. Every other change
@@ -427,12 +476,19 @@ impl Registry {
     /// key rotation.
     pub fn new(
         store: Arc<dyn RecordStore>,
-        records: &[(String, String, Vec<u8>)],
+        records: &[(String, String, Vec<u8>, u64)],
         tokens: TokenConfig,
     ) -> Registry {
         let mut st = State::default();
         let mut keyring = Keyring::new(tokens.max_ttl_secs);
-        for (kind, key, value) in records {
+        let mut revisions = Revisions::default();
+        for (kind, key, value, revision) in records {
+            if !REGISTRY_KINDS.contains(&kind.as_str()) {
+                continue;
+            }
+            revisions
+                .known
+                .insert((kind.clone(), key.clone()), (*revision, true));
             if !load_record(&mut st, &mut keyring, kind, key, value) {
                 tracing::warn!(kind = %kind, key = %key, "skipping unreadable registry record");
             }
@@ -449,6 +505,7 @@ impl Registry {
             tokens: RwLock::new(keyring),
             token_config: tokens,
             listeners: RwLock::new(Vec::new()),
+            revisions: parking_lot::Mutex::new(revisions),
         }
     }
 
@@ -462,11 +519,67 @@ impl Registry {
     /// same change to memory as the node that made it, the generation moved, and the
     /// events the change calls for told here too (a certificate that left ACTIVE is cut
     /// off on this node as well; a CA change reloads this node's TLS trust). A record of
-    /// a kind the registry does not keep is ignored; applying a change twice is harmless.
-    pub fn apply_stored(&self, kind: &str, key: &str, value: Option<&[u8]>) {
+    /// a kind the registry does not keep is ignored. `revision` orders the changes of one
+    /// record: one no newer than what memory holds (applied twice, or overtaken by a
+    /// later write) is dropped. While this registry is writing, the change waits until
+    /// it is done (see [`Revisions`]).
+    pub fn apply_stored(&self, kind: &str, key: &str, value: Option<&[u8]>, revision: u64) {
         if !REGISTRY_KINDS.contains(&kind) {
             return;
         }
+        self.revisions.lock().deferred.push((
+            kind.to_owned(),
+            key.to_owned(),
+            value.map(<[u8]>::to_vec),
+            revision,
+        ));
+        if let Ok(lock) = self.write.try_lock() {
+            drop(WriteGuard {
+                registry: self,
+                _lock: lock,
+            });
+        }
+        // Otherwise the holder of the write lock applies it when it lets go.
+    }
+
+    /// Applies the changes of other writers that waited, except those of records with
+    /// a write in flight. Called with the write lock held.
+    fn apply_deferred(&self) {
+        loop {
+            let ready: Vec<_> = {
+                let mut r = self.revisions.lock();
+                if r.deferred.is_empty() {
+                    return;
+                }
+                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut r.deferred)
+                    .into_iter()
+                    .partition(|c| !r.writing.contains_key(&(c.0.clone(), c.1.clone())));
+                r.deferred = waiting;
+                let mut fresh = Vec::new();
+                for (kind, key, value, revision) in ready {
+                    let id = (kind, key);
+                    if r.known
+                        .get(&id)
+                        .is_some_and(|(known, _)| *known >= revision)
+                    {
+                        continue;
+                    }
+                    r.known.insert(id.clone(), (revision, value.is_some()));
+                    fresh.push((id.0, id.1, value));
+                }
+                fresh
+            };
+            if ready.is_empty() {
+                return;
+            }
+            for (kind, key, value) in ready {
+                self.apply_change(&kind, &key, value.as_deref());
+            }
+        }
+    }
+
+    /// The change to memory and the events of one stored record change.
+    fn apply_change(&self, kind: &str, key: &str, value: Option<&[u8]>) {
         let mut events = Vec::new();
         {
             let mut st = self.state.write();
@@ -540,9 +653,9 @@ impl Registry {
 
     /// The write lock for a change that must see every earlier change applied: taken
     /// once no pipelined change is in flight.
-    async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
+    async fn exclusive(&self) -> WriteGuard<'_> {
         loop {
-            let guard = self.write.lock().await;
+            let guard = self.lock_writes().await;
             // Made before the check, so a notification between the two is not lost.
             let settled = self.settled.notified();
             if self.in_flight.lock().is_empty() {
@@ -560,9 +673,9 @@ impl Registry {
         &self,
         keys: Vec<String>,
         more: impl Fn(&State) -> Vec<String>,
-    ) -> (tokio::sync::MutexGuard<'_, ()>, Vec<String>) {
+    ) -> (WriteGuard<'_>, Vec<String>) {
         loop {
-            let guard = self.write.lock().await;
+            let guard = self.lock_writes().await;
             let settled = self.settled.notified();
             let mut all = keys.clone();
             all.extend(more(&self.state.read()));
@@ -579,15 +692,16 @@ impl Registry {
     /// `change` to memory and moves the generation. The keys stay reserved until then.
     async fn apply_pipelined(
         &self,
-        guard: tokio::sync::MutexGuard<'_, ()>,
+        guard: WriteGuard<'_>,
         keys: Vec<String>,
         ops: Vec<RecordOp>,
         change: impl FnOnce(&mut State),
     ) -> Result<()> {
-        let commit = self.store.submit_records(ops);
+        let (commit, written) = self.submit(ops);
         self.in_flight.lock().extend(keys.iter().cloned());
         drop(guard);
         let done = commit.await;
+        self.written(&written, &done);
         if done.is_ok() {
             change(&mut self.state.write());
             self.bump();
@@ -598,17 +712,108 @@ impl Registry {
                 in_flight.remove(k);
             }
         }
+        self.end_writing(&written);
+        if let Ok(lock) = self.write.try_lock() {
+            drop(WriteGuard {
+                registry: self,
+                _lock: lock,
+            });
+        }
         self.settled.notify_waiters();
-        done.map_err(RegistryError::from)
+        done.map(|_| ()).map_err(RegistryError::from)
+    }
+
+    /// The write lock (see [`WriteGuard`]).
+    async fn lock_writes(&self) -> WriteGuard<'_> {
+        WriteGuard {
+            registry: self,
+            _lock: self.write.lock().await,
+        }
+    }
+
+    /// Submits `ops` with the revision memory holds expected for each registry record
+    /// they write, and marks those records as being written. Returns the commit and,
+    /// for each put or delete in order, its record and whether it puts (`None` for a
+    /// record of another kind, which a service hands in to be written in the same
+    /// commit and which is written as it is).
+    fn submit(&self, ops: Vec<RecordOp>) -> (RecordCommit, Vec<Written>) {
+        let mut written: Vec<Written> = Vec::new();
+        let mut out = Vec::with_capacity(ops.len() * 2);
+        {
+            let mut r = self.revisions.lock();
+            for op in ops {
+                let (kind, key, puts) = match &op {
+                    RecordOp::Put { kind, key, .. } => (*kind, key, true),
+                    RecordOp::Delete { kind, key } => (*kind, key, false),
+                    RecordOp::Expect { .. } => {
+                        out.push(op);
+                        continue;
+                    }
+                };
+                if !REGISTRY_KINDS.contains(&kind) {
+                    written.push(None);
+                    out.push(op);
+                    continue;
+                }
+                let id = (kind.to_owned(), key.clone());
+                if !written.iter().flatten().any(|(w, _)| *w == id) {
+                    out.push(RecordOp::Expect {
+                        kind,
+                        key: key.clone(),
+                        revision: r
+                            .known
+                            .get(&id)
+                            .and_then(|(rev, exists)| exists.then_some(*rev)),
+                    });
+                    *r.writing.entry(id.clone()).or_insert(0) += 1;
+                }
+                written.push(Some((id, puts)));
+                out.push(op);
+            }
+        }
+        (self.store.submit_records(out), written)
+    }
+
+    /// Takes the revisions a commit gave its records into what memory holds.
+    fn written(&self, written: &[Written], done: &std::result::Result<Vec<u64>, StoreError>) {
+        let Ok(revisions) = done else { return };
+        let mut r = self.revisions.lock();
+        for (w, revision) in written.iter().zip(revisions) {
+            if let Some((id, puts)) = w {
+                r.known.insert(id.clone(), (*revision, *puts));
+            }
+        }
+    }
+
+    /// The records of `written` are no longer being written by this registry.
+    fn end_writing(&self, written: &[Written]) {
+        let mut r = self.revisions.lock();
+        let mut seen: Vec<&RecordId> = Vec::new();
+        for (id, _) in written.iter().flatten() {
+            if seen.contains(&id) {
+                continue;
+            }
+            seen.push(id);
+            if let Some(n) = r.writing.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    r.writing.remove(id);
+                }
+            }
+        }
     }
 
     async fn commit(&self, ops: Vec<RecordOp>) -> Result<()> {
-        self.store.submit_records(ops).await?;
-        Ok(())
+        let (commit, written) = self.submit(ops);
+        let done = commit.await;
+        self.written(&written, &done);
+        self.end_writing(&written);
+        done.map(|_| ()).map_err(RegistryError::from)
     }
 
     /// The one way a change is made: write `ops` (durable when this returns), then
-    /// apply `change` to memory and move the generation. Called under `write`.
+    /// apply `change` to memory and move the generation. Called under `write`, so
+    /// nothing another node stored is applied in between (it waits for the lock).
     async fn apply(&self, ops: Vec<RecordOp>, change: impl FnOnce(&mut State)) -> Result<()> {
         self.commit(ops).await?;
         change(&mut self.state.write());
@@ -1377,25 +1582,40 @@ mod tests {
         }
     }
 
-    /// Passes every op to a redb store and keeps a copy: what another node's watch
-    /// would hand on.
+    /// Passes every op to a redb store and keeps a copy of each write with the
+    /// revision it got: what another node's watch would hand on.
     struct Tee {
         inner: Store,
-        ops: parking_lot::Mutex<Vec<RecordOp>>,
+        ops: Arc<parking_lot::Mutex<Vec<(RecordOp, u64)>>>,
     }
 
     impl RecordStore for Tee {
-        fn submit_records(&self, ops: Vec<RecordOp>) -> fleetcore_core::storage::Commit {
-            self.ops.lock().extend(ops.iter().cloned());
-            self.inner.submit_records(ops)
+        fn submit_records(&self, ops: Vec<RecordOp>) -> fleetcore_core::storage::RecordCommit {
+            let commit = self.inner.submit_records(ops.clone());
+            let kept = self.ops.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let result = commit.await;
+                if let Ok(revisions) = &result {
+                    let writes = ops
+                        .into_iter()
+                        .filter(|op| !matches!(op, RecordOp::Expect { .. }));
+                    kept.lock().extend(writes.zip(revisions.iter().copied()));
+                }
+                let _ = tx.send(result);
+            });
+            fleetcore_core::storage::Commit::waiting(rx)
         }
     }
 
-    fn feed(to: &Registry, ops: &[RecordOp]) {
-        for op in ops {
+    fn feed(to: &Registry, ops: &[(RecordOp, u64)]) {
+        for (op, revision) in ops {
             match op {
-                RecordOp::Put { kind, key, value } => to.apply_stored(kind, key, Some(value)),
-                RecordOp::Delete { kind, key } => to.apply_stored(kind, key, None),
+                RecordOp::Put { kind, key, value } => {
+                    to.apply_stored(kind, key, Some(value), *revision)
+                }
+                RecordOp::Delete { kind, key } => to.apply_stored(kind, key, None, *revision),
+                RecordOp::Expect { .. } => {}
             }
         }
     }
@@ -1510,15 +1730,15 @@ mod tests {
 
         // What a watch may hand on again (a change already loaded): each key's last op.
         let mut last = BTreeMap::new();
-        for op in &ops {
+        for (op, revision) in &ops {
             let key = match op {
-                RecordOp::Put { kind, key, .. } | RecordOp::Delete { kind, key } => {
-                    (kind.to_string(), key.clone())
-                }
+                RecordOp::Put { kind, key, .. }
+                | RecordOp::Delete { kind, key }
+                | RecordOp::Expect { kind, key, .. } => (kind.to_string(), key.clone()),
             };
-            last.insert(key, op.clone());
+            last.insert(key, (op.clone(), *revision));
         }
-        let again: Vec<RecordOp> = last.into_values().collect();
+        let again: Vec<(RecordOp, u64)> = last.into_values().collect();
         let before = wanted(&b_events.lock()).len();
         feed(&b, &again);
         assert_eq!(b.things(), a.things());
@@ -2002,8 +2222,8 @@ mod tests {
         let stored: Vec<&str> = loaded
             .records
             .iter()
-            .filter(|(kind, _, _)| kind == TOKEN_KEY)
-            .map(|(_, key, _)| key.as_str())
+            .filter(|(kind, _, _, _)| kind == TOKEN_KEY)
+            .map(|(_, key, _, _)| key.as_str())
             .collect();
         assert_eq!(stored.len(), 2, "k1 was deleted from the store: {stored:?}");
         assert!(!stored.contains(&k1.as_str()));

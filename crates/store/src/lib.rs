@@ -77,6 +77,13 @@ const REGISTRY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("reg
 /// `FenceRow`). Made by the first claim (no schema version: a file without it has no
 /// claims); a row outlives its session, so fences only grow.
 const FENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("fences");
+/// The revision of each registry record: (kind, key) -> the value of the `meta` counter
+/// [`RECORD_REVISION_KEY`] when it was last written. Made at open (no schema version: a
+/// record of an older file without a row is at revision 0); a deleted record has none.
+const RECORD_REVISIONS: TableDefinition<(&str, &str), u64> =
+    TableDefinition::new("record_revisions");
+/// The `meta` key of the last record revision handed out.
+const RECORD_REVISION_KEY: &str = "record_revision";
 
 /// A `fences` row: the last claim of a client id.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
@@ -264,8 +271,19 @@ impl Store {
 }
 
 impl fleetcore_core::storage::RecordStore for Store {
-    fn submit_records(&self, ops: Vec<fleetcore_core::storage::RecordOp>) -> Commit {
-        self.submit(ops.into_iter().map(Op::from).collect())
+    fn submit_records(
+        &self,
+        ops: Vec<fleetcore_core::storage::RecordOp>,
+    ) -> fleetcore_core::storage::RecordCommit {
+        if ops.is_empty() {
+            return Commit::ready();
+        }
+        let (tx, rx) = oneshot::channel();
+        let ops = ops.into_iter().map(Op::from).collect();
+        match self.send(ops, Reply::Records(tx), false) {
+            Ok(()) => Commit::waiting(rx),
+            Err(e) => Commit::failed(e),
+        }
     }
 }
 
@@ -396,6 +414,7 @@ fn init_schema(db: &Database, path: &Path) -> Result<(), StoreError> {
         txn.open_table(QUEUE)?;
         txn.open_table(BODIES)?;
         txn.open_table(REGISTRY)?;
+        txn.open_table(RECORD_REVISIONS)?;
         txn.commit()?;
         Ok(())
     })()
@@ -583,12 +602,17 @@ fn load(db: &Database) -> Result<(Loaded, std::collections::HashMap<u64, u32>, u
     }
     loaded.sessions = sessions.into_values().collect();
     loaded.unloaded_sessions = unloaded.into_iter().collect();
+    let revisions = txn.open_table(RECORD_REVISIONS)?;
     for entry in txn.open_table(REGISTRY)?.iter()? {
         let (key, value) = entry?;
         let (kind, k) = key.value();
-        loaded
-            .records
-            .push((kind.to_owned(), k.to_owned(), value.value().to_vec()));
+        let revision = revisions.get((kind, k))?.map_or(0, |r| r.value());
+        loaded.records.push((
+            kind.to_owned(),
+            k.to_owned(),
+            value.value().to_vec(),
+            revision,
+        ));
     }
     // A body is written in the transaction of its first row and deleted in the one of
     // its last, so none should be unreferenced; say so if some are.

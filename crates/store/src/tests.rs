@@ -361,9 +361,10 @@ fn a_schema_1_file_is_migrated_once_keeping_sessions_queues_and_records() {
     let a = session_of(&loaded, "computer-a").unwrap();
     assert_eq!(a.session, session("#"));
     assert_eq!(a.queue, vec![(1, queued("t", 1))]);
+    // Written before revisions were kept: revision 0.
     assert_eq!(
         loaded.records,
-        [("thing".into(), "computer-a".into(), b"opaque".to_vec())]
+        [("thing".into(), "computer-a".into(), b"opaque".to_vec(), 0)]
     );
     // New records are written in the new layout next to the migrated one.
     runtime()
@@ -474,7 +475,7 @@ fn commit_and_flush_report_closed_store() {
     drop(tx);
     let commit = Commit::waiting(rx);
     assert!(matches!(rt.block_on(commit), Err(StoreError::Closed)));
-    assert!(rt.block_on(Commit::ready()).is_ok());
+    assert!(rt.block_on(Commit::<()>::ready()).is_ok());
 }
 
 /// Wraps the file so a test can make writes fail as a full disk does.
@@ -691,8 +692,14 @@ async fn registry_records_survive_reopen_and_delete() {
     assert_eq!(
         loaded.records,
         vec![
-            ("policy".to_string(), "agent".to_string(), b"p".to_vec()),
-            ("thing".to_string(), "computer-a".to_string(), b"a".to_vec()),
+            // Each write took the next revision: a, b, agent, then b's delete.
+            ("policy".to_string(), "agent".to_string(), b"p".to_vec(), 3),
+            (
+                "thing".to_string(),
+                "computer-a".to_string(),
+                b"a".to_vec(),
+                1
+            ),
         ]
     );
 }

@@ -10,7 +10,10 @@ use tokio::sync::oneshot;
 
 use std::collections::HashMap;
 
-use crate::{FenceRow, Opener, QueueRow, BODIES, FENCES, QUEUE, REGISTRY, RETAINED, SESSIONS};
+use crate::{
+    FenceRow, Opener, QueueRow, BODIES, FENCES, META, QUEUE, RECORD_REVISIONS, RECORD_REVISION_KEY,
+    REGISTRY, RETAINED, SESSIONS,
+};
 use fleetcore_core::storage::{
     Claimed, Fence, LoadedSession, Op, StoreError, StoredMessage, StoredQueued, StoredSession,
 };
@@ -32,10 +35,12 @@ pub(crate) enum Reply {
     Blocking(mpsc::SyncSender<Result<(), StoreError>>),
     /// A claim: told the fence and the session it read.
     Claim(oneshot::Sender<Result<Claimed, StoreError>>),
+    /// Record writes: told the revision each record put or delete left its record at.
+    Records(oneshot::Sender<Result<Vec<u64>, StoreError>>),
 }
 
 impl Reply {
-    fn send(self, result: Result<Option<Claimed>, StoreError>) {
+    fn send(self, result: Result<Outcome, StoreError>) {
         // A waiter that stopped waiting is no error: its ops were still applied.
         match self {
             Reply::None => {}
@@ -46,7 +51,16 @@ impl Reply {
                 let _ = tx.send(result.map(|_| ()));
             }
             Reply::Claim(tx) => {
-                let _ = tx.send(result.and_then(|c| c.ok_or(StoreError::Closed)));
+                let _ = tx.send(result.and_then(|o| match o {
+                    Outcome::Claimed(c) => Ok(c),
+                    _ => Err(StoreError::Closed),
+                }));
+            }
+            Reply::Records(tx) => {
+                let _ = tx.send(result.map(|o| match o {
+                    Outcome::Applied(revisions) => revisions,
+                    _ => Vec::new(),
+                }));
             }
         }
     }
@@ -54,9 +68,11 @@ impl Reply {
 
 /// How one request of a batch went, the batch's commit aside.
 enum Outcome {
-    Applied,
+    /// Written; the revisions its record ops gave their records, in order.
+    Applied(Vec<u64>),
     Claimed(Claimed),
-    Fenced(StoreError),
+    /// Not written: a fence no longer held or a record was not at its expected revision.
+    Refused(StoreError),
 }
 
 pub(crate) struct Writer {
@@ -160,22 +176,27 @@ impl Writer {
         }
         .into_iter();
         for request in batch {
-            let outcome = outcomes.next().unwrap_or(Ok(Outcome::Applied));
+            let outcome = outcomes.next().unwrap_or(Ok(Outcome::Applied(Vec::new())));
             let reply_result = if request.flush {
-                flush_result.clone().map(|()| None)
+                flush_result.clone().map(|()| Outcome::Applied(Vec::new()))
             } else {
                 match outcome {
-                    Ok(Outcome::Applied) => Ok(None),
                     Ok(Outcome::Claimed(c)) => {
                         metrics::counter!("fleetcore_session_claims_total").increment(1);
-                        Ok(Some(c))
+                        Ok(Outcome::Claimed(c))
                     }
-                    Ok(Outcome::Fenced(e)) => {
-                        metrics::counter!("fleetcore_store_fenced_writes_total").increment(1);
+                    Ok(Outcome::Refused(e)) => {
+                        match &e {
+                            StoreError::Fenced { .. } => {
+                                metrics::counter!("fleetcore_store_fenced_writes_total")
+                                    .increment(1)
+                            }
+                            _ => metrics::counter!("fleetcore_store_conflicts_total").increment(1),
+                        }
                         tracing::warn!(error = %e, "store ops refused");
                         Err(e)
                     }
-                    Err(e) => Err(e),
+                    other => other,
                 }
             };
             request.reply.send(reply_result);
@@ -209,15 +230,26 @@ impl Writer {
             let mut bodies = txn.open_table(BODIES).map_err(io_err)?;
             let mut registry = txn.open_table(REGISTRY).map_err(io_err)?;
             let mut fences = txn.open_table(FENCES).map_err(io_err)?;
+            let mut revisions = txn.open_table(RECORD_REVISIONS).map_err(io_err)?;
+            let mut meta = txn.open_table(META).map_err(io_err)?;
+            let mut last_revision = meta
+                .get(RECORD_REVISION_KEY)
+                .map_err(io_err)?
+                .map_or(0, |v| v.value());
+            let first_revision = last_revision;
             for request in batch {
                 if let Some(e) = fenced(&fences, &request.ops)? {
-                    outcomes.push(Outcome::Fenced(e));
+                    outcomes.push(Outcome::Refused(e));
                     continue;
                 }
-                let mut outcome = Outcome::Applied;
+                if let Some(e) = conflict(&registry, &revisions, &request.ops)? {
+                    outcomes.push(Outcome::Refused(e));
+                    continue;
+                }
+                let mut outcome = Outcome::Applied(Vec::new());
                 for op in &request.ops {
                     match op {
-                        Op::CheckFence { .. } => {}
+                        Op::CheckFence { .. } | Op::ExpectRecord { .. } => {}
                         Op::ClaimSession { client_id, owner } => {
                             let last = fences
                                 .get(client_id.as_str())
@@ -305,13 +337,29 @@ impl Writer {
                             registry
                                 .insert((*kind, key.as_str()), value.as_slice())
                                 .map_err(io_err)?;
+                            last_revision += 1;
+                            revisions
+                                .insert((*kind, key.as_str()), last_revision)
+                                .map_err(io_err)?;
+                            if let Outcome::Applied(r) = &mut outcome {
+                                r.push(last_revision);
+                            }
                         }
                         Op::DeleteRecord { kind, key } => {
                             registry.remove((*kind, key.as_str())).map_err(io_err)?;
+                            revisions.remove((*kind, key.as_str())).map_err(io_err)?;
+                            last_revision += 1;
+                            if let Outcome::Applied(r) = &mut outcome {
+                                r.push(last_revision);
+                            }
                         }
                     }
                 }
                 outcomes.push(outcome);
+            }
+            if last_revision != first_revision {
+                meta.insert(RECORD_REVISION_KEY, last_revision)
+                    .map_err(io_err)?;
             }
         }
         let counts = counts.now;
@@ -343,6 +391,44 @@ fn fenced(fences: &redb::Table<&str, &[u8]>, ops: &[Op]) -> Result<Option<StoreE
                 client_id: client_id.clone(),
                 held: fence.0,
                 current,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// The first [`Op::ExpectRecord`] among `ops` whose record is not at the revision it
+/// expects, as the error to answer with. A record with no revision row (written before
+/// revisions were kept) is at revision 0.
+fn conflict(
+    registry: &redb::Table<(&str, &str), &[u8]>,
+    revisions: &redb::Table<(&str, &str), u64>,
+    ops: &[Op],
+) -> Result<Option<StoreError>, StoreError> {
+    for op in ops {
+        let Op::ExpectRecord {
+            kind,
+            key,
+            revision,
+        } = op
+        else {
+            continue;
+        };
+        let found = match registry.get((*kind, key.as_str())).map_err(io_err)? {
+            None => None,
+            Some(_) => Some(
+                revisions
+                    .get((*kind, key.as_str()))
+                    .map_err(io_err)?
+                    .map_or(0, |v| v.value()),
+            ),
+        };
+        if found != *revision {
+            return Ok(Some(StoreError::Conflict {
+                kind: (*kind).to_owned(),
+                key: key.clone(),
+                expected: *revision,
+                found,
             }));
         }
     }

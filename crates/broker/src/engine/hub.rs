@@ -536,9 +536,9 @@ impl Hub {
 
     /// Applies a record another node stored (see `RecordStore::watch_records`): to the
     /// registry, then to the services that keep records of their own.
-    pub fn apply_stored_record(&self, kind: &str, key: &str, value: Option<&[u8]>) {
-        self.registry.apply_stored(kind, key, value);
-        self.services.apply_stored(kind, key, value);
+    pub fn apply_stored_record(&self, kind: &str, key: &str, value: Option<&[u8]>, revision: u64) {
+        self.registry.apply_stored(kind, key, value, revision);
+        self.services.apply_stored(kind, key, value, revision);
     }
 
     /// Applies a retained message another node stored or deleted (see

@@ -108,9 +108,9 @@ impl ServiceHost {
     }
 
     /// Hands every service a record another node stored.
-    pub fn apply_stored(&self, kind: &str, key: &str, value: Option<&[u8]>) {
+    pub fn apply_stored(&self, kind: &str, key: &str, value: Option<&[u8]>, revision: u64) {
         for s in &self.services {
-            s.apply_stored(kind, key, value);
+            s.apply_stored(kind, key, value, revision);
         }
     }
 

@@ -728,7 +728,8 @@ mod pipelining {
     use super::*;
     use crate::token::TokenConfig;
 
-    type Reply = oneshot::Sender<std::result::Result<(), fleetcore_core::storage::StoreError>>;
+    type Reply =
+        oneshot::Sender<std::result::Result<Vec<u64>, fleetcore_core::storage::StoreError>>;
 
     /// A store whose commits resolve only when the test says so.
     #[derive(Default)]
@@ -737,7 +738,7 @@ mod pipelining {
     }
 
     impl RecordStore for Gated {
-        fn submit_records(&self, ops: Vec<RecordOp>) -> Commit {
+        fn submit_records(&self, ops: Vec<RecordOp>) -> fleetcore_core::storage::RecordCommit {
             let (tx, rx) = oneshot::channel();
             self.held.lock().push((ops, tx));
             Commit::waiting(rx)
@@ -749,8 +750,13 @@ mod pipelining {
             self.held.lock().len()
         }
         fn release_all(&self) {
-            for (_, tx) in self.held.lock().drain(..) {
-                let _ = tx.send(Ok(()));
+            // Revisions 5, 6, ... for the writes of each submit.
+            for (ops, tx) in self.held.lock().drain(..) {
+                let writes = ops
+                    .iter()
+                    .filter(|op| !matches!(op, RecordOp::Expect { .. }))
+                    .count() as u64;
+                let _ = tx.send(Ok((5..5 + writes).collect()));
             }
         }
     }
@@ -774,6 +780,52 @@ mod pipelining {
             issuer: "CN=test".into(),
             serial: "01".into(),
             not_after_ms: u64::MAX,
+        }
+    }
+
+    /// What another node stored for a record this registry is writing waits for the
+    /// write to end, then goes in only if its revision is later: memory follows the
+    /// store's order, not the order the changes happened to arrive in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_from_another_node_to_a_record_being_written_waits_and_the_later_one_wins() {
+        let thing = |attr: &str| {
+            serde_json::to_vec(&Thing {
+                name: "t".into(),
+                thing_type: None,
+                attributes: BTreeMap::from([(attr.to_string(), "1".to_string())]),
+                version: 9,
+                created_ms: 1,
+            })
+            .unwrap()
+        };
+        for (revision, other_wins) in [(100, true), (3, false)] {
+            let store = Arc::new(Gated::default());
+            let reg = Arc::new(Registry::new(store.clone(), &[], TokenConfig::default()));
+            let writer = reg.clone();
+            let write =
+                tokio::spawn(async move { writer.create_thing("t", None, BTreeMap::new()).await });
+            until("the create is submitted", || store.submitted() == 1).await;
+            // Expected to be new: the registry had no record of it.
+            assert!(store.held.lock()[0].0.contains(&RecordOp::Expect {
+                kind: THING,
+                key: "t".into(),
+                revision: None,
+            }));
+            let g = reg.generation();
+            reg.apply_stored(THING, "t", Some(&thing("other")), revision);
+            assert!(
+                reg.thing("t").is_none(),
+                "applied while this node was writing it"
+            );
+            assert_eq!(reg.generation(), g);
+            store.release_all();
+            write.await.unwrap().unwrap();
+            // This node's create got revision 5.
+            let t = reg.thing("t").unwrap();
+            assert_eq!(t.attributes.contains_key("other"), other_wins, "{t:?}");
+            // A change older than what memory holds is dropped, the same one again too.
+            reg.apply_stored(THING, "t", Some(&thing("older")), 4);
+            assert!(!reg.thing("t").unwrap().attributes.contains_key("older"));
         }
     }
 

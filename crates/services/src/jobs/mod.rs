@@ -36,7 +36,7 @@ use bytes::Bytes;
 use fleetcore_core::service::{
     Handled, Publisher, RefuseCode, ServiceContext, ServiceRequest, TopicService,
 };
-use fleetcore_core::storage::{Commit, RecordOp, RecordStore, StoreError};
+use fleetcore_core::storage::{Commit, RecordCommit, RecordOp, RecordStore, StoreError};
 use fleetcore_core::time::now_secs;
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
@@ -633,7 +633,7 @@ impl Inner {
 
     async fn write(&self, ops: Vec<RecordOp>) -> Result<(), StoreError> {
         match self.store.get() {
-            Some(s) => s.submit_records(ops).await,
+            Some(s) => s.submit_records(ops).await.map(|_| ()),
             None => Err(StoreError::Closed),
         }
     }
@@ -673,11 +673,11 @@ impl Inner {
                 };
                 (decided, head_before, commit)
             };
-            self.finish(&thing, decided, head_before, commit.await);
+            self.finish(&thing, decided, head_before, commit.await.map(|_| ()));
         }
     }
 
-    fn submit(&self, ops: Vec<RecordOp>) -> Commit {
+    fn submit(&self, ops: Vec<RecordOp>) -> RecordCommit {
         match self.store.get() {
             Some(s) => s.submit_records(ops),
             None => Commit::failed(StoreError::Closed),

@@ -148,10 +148,12 @@ pub fn delete_execution(thing: &str, job_id: &str) -> RecordOp {
 
 /// The jobs and executions among the loaded records (undecodable ones are logged and
 /// skipped).
-pub fn load(records: &[(String, String, Vec<u8>)]) -> (Vec<Job>, HashMap<String, Vec<Execution>>) {
+pub fn load(
+    records: &[fleetcore_core::service::Record],
+) -> (Vec<Job>, HashMap<String, Vec<Execution>>) {
     let mut jobs = Vec::new();
     let mut execs: HashMap<String, Vec<Execution>> = HashMap::new();
-    for (kind, key, value) in records {
+    for (kind, key, value, _) in records {
         match kind.as_str() {
             JOB => match serde_json::from_slice::<Job>(value) {
                 Ok(j) => jobs.push(j),

@@ -614,7 +614,7 @@ fn check_hook(h: Option<&store::Hook>) -> Result<(), TemplateChangeError> {
 impl Inner {
     async fn submit(&self, ops: Vec<RecordOp>) -> Result<(), StoreError> {
         match self.handles.store.get() {
-            Some(s) => s.submit_records(ops).await,
+            Some(s) => s.submit_records(ops).await.map(|_| ()),
             None => Err(StoreError::Closed),
         }
     }

@@ -82,7 +82,7 @@ pub struct Loaded {
 
 pub fn load(records: &[Record]) -> Loaded {
     let mut out = Loaded::default();
-    for (kind, key, value) in records {
+    for (kind, key, value, _) in records {
         let ok = match kind.as_str() {
             TEMPLATE => serde_json::from_slice::<TemplateRecord>(value)
                 .map(|t| out.templates.push(t))

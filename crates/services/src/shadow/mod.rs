@@ -28,7 +28,7 @@ use bytes::Bytes;
 use fleetcore_core::service::{
     Handled, Publisher, RefuseCode, ServiceContext, ServiceRequest, TopicService,
 };
-use fleetcore_core::storage::{Commit, RecordStore, StoreError};
+use fleetcore_core::storage::{Commit, RecordCommit, RecordStore, StoreError};
 use fleetcore_core::time::now_secs;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -142,6 +142,15 @@ struct Inner {
 #[derive(Default)]
 struct Slot {
     shadow: Option<Shadow>,
+    /// The revision of the shadow's record as stored (`None`: there is none): a write
+    /// expects it, so one made on another node meanwhile is not overwritten.
+    revision: Option<u64>,
+    /// The highest revision taken in, deletes included (orders what other nodes store).
+    applied: u64,
+    /// A write of this node is in flight: what another node stores meanwhile waits in
+    /// `deferred` (the newest only) until it is done.
+    writing: bool,
+    deferred: Option<(u64, Option<Shadow>)>,
     queue: VecDeque<Job>,
     /// A task is draining `queue`.
     busy: bool,
@@ -151,7 +160,14 @@ struct Job {
     op: Operation,
     payload: Bytes,
     origin: Origin,
+    /// Writes of this request refused because another node changed the shadow first.
+    conflicts: u8,
 }
+
+/// How often a request is worked out again on a shadow another node changed under it
+/// before it is answered 500. Each conflict means another node's update of this shadow
+/// landed, so a request can lose several times while the other node drains its queue.
+const MAX_CONFLICTS: u8 = 100;
 
 enum Origin {
     /// An MQTT request: answers go to `/accepted` / `/rejected`; `done` releases the
@@ -269,6 +285,7 @@ impl ShadowService {
                 op,
                 payload,
                 origin: Origin::Http(tx),
+                conflicts: 0,
             },
         );
         rx.await.unwrap_or_else(|_| Err(ShadowError::internal()))
@@ -295,7 +312,11 @@ impl Inner {
                     return;
                 };
                 match slot.queue.pop_front() {
-                    Some(job) => self.decide(&key, slot.shadow.as_ref(), job),
+                    Some(job) => {
+                        let step = self.decide(&key, slot.shadow.as_ref(), slot.revision, job);
+                        slot.writing = matches!(step.outcome, Outcome::Write { .. });
+                        step
+                    }
                     None => {
                         slot.busy = false;
                         if slot.shadow.is_none() {
@@ -312,12 +333,13 @@ impl Inner {
     /// Works out a request against the shadow as it is (under the slots lock: pure
     /// and quick); the write, if any, is submitted here so the store sees one
     /// shadow's writes in order.
-    fn decide(&self, key: &Key, current: Option<&Shadow>, job: Job) -> Step {
+    fn decide(&self, key: &Key, current: Option<&Shadow>, revision: Option<u64>, job: Job) -> Step {
         let now = now_secs();
         let Job {
             op,
             payload,
             origin,
+            conflicts,
         } = job;
         let outcome = match op {
             Operation::Get => match document::request_token(&payload) {
@@ -335,7 +357,7 @@ impl Inner {
                 Ok(req) => match document::apply_update(current, &req, &self.limits, now) {
                     Err(e) => Outcome::Rejected(e, req.client_token),
                     Ok(u) => {
-                        let commit = self.write(key, &u.shadow);
+                        let commit = self.write(key, &u.shadow, revision);
                         let mut out = vec![("update/accepted", u.accepted.clone())];
                         if let Some(d) = u.delta {
                             out.push(("update/delta", d));
@@ -358,7 +380,7 @@ impl Inner {
                 }) {
                     Err(e) => Outcome::Rejected(e, token),
                     Ok((tomb, answer)) => Outcome::Write {
-                        commit: self.write(key, &tomb),
+                        commit: self.write(key, &tomb, revision),
                         shadow: Box::new(tomb),
                         publish: vec![("delete/accepted", answer.clone())],
                         answer,
@@ -373,17 +395,74 @@ impl Inner {
             outcome,
             now,
             previous: current.map(|s| (s.exists(), s.state_bytes())),
+            payload,
+            conflicts,
+            revision,
         }
     }
 
-    fn write(&self, key: &Key, shadow: &Shadow) -> Commit {
+    fn write(&self, key: &Key, shadow: &Shadow, revision: Option<u64>) -> RecordCommit {
         let Some(store) = self.store.get() else {
             return Commit::failed(StoreError::Closed);
         };
-        match store::put(key, shadow) {
-            Ok(op) => store.submit_records(vec![op]),
+        match store::put(key, shadow, revision) {
+            Ok(ops) => store.submit_records(ops),
             Err(e) => Commit::failed(StoreError::Encode(e)),
         }
+    }
+
+    /// Ends a write of this node to `key`'s shadow: what another node stored meanwhile
+    /// is taken in now (if newer).
+    fn end_write(&self, key: &Key, written: Option<(Shadow, Option<u64>)>) {
+        let mut slots = self.slots.lock();
+        let Some(slot) = slots.get_mut(key) else {
+            return;
+        };
+        if let Some((shadow, revision)) = written {
+            slot.shadow = Some(shadow);
+            if let Some(r) = revision {
+                slot.revision = Some(r);
+                slot.applied = slot.applied.max(r);
+            }
+        }
+        slot.writing = false;
+        if let Some((revision, shadow)) = slot.deferred.take() {
+            self.take_stored(slot, revision, shadow);
+        }
+    }
+
+    /// Waits (at most 2 s) until another node's change to `key`'s shadow, which made a
+    /// write expecting `expected` fail, has reached this node.
+    async fn catch_up(&self, key: &Key, expected: Option<u64>) {
+        for _ in 0..400 {
+            let moved = self
+                .slots
+                .lock()
+                .get(key)
+                .is_none_or(|s| s.revision != expected);
+            if moved {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Takes in a shadow another node stored at `revision` (`None`: its record was
+    /// deleted), unless this slot has that revision or a later one already.
+    fn take_stored(&self, slot: &mut Slot, revision: u64, incoming: Option<Shadow>) {
+        if revision <= slot.applied {
+            return;
+        }
+        let size = |s: &Option<Shadow>| match s {
+            Some(s) if s.exists() => (1, s.state_bytes() as i64),
+            _ => (0, 0),
+        };
+        let (was_doc, was_bytes) = size(&slot.shadow);
+        let (is_doc, is_bytes) = size(&incoming);
+        slot.revision = incoming.is_some().then_some(revision);
+        slot.applied = revision;
+        slot.shadow = incoming;
+        self.gauge(is_doc - was_doc, is_bytes - was_bytes);
     }
 
     async fn finish(&self, key: &Key, step: Step) {
@@ -393,7 +472,60 @@ impl Inner {
             outcome,
             now,
             previous,
+            payload,
+            conflicts,
+            revision,
         } = step;
+        // A write refused because another node changed the shadow first is worked out
+        // again, once that change is here, on the shadow as that node left it.
+        let outcome = match outcome {
+            Outcome::Write {
+                shadow,
+                commit,
+                publish,
+                answer,
+                token,
+            } => {
+                let stored = commit.await;
+                match stored {
+                    Err(StoreError::Conflict { .. }) if conflicts < MAX_CONFLICTS => {
+                        metrics::counter!("fleetcore_shadow_conflicts_total").increment(1);
+                        self.end_write(key, None);
+                        self.catch_up(key, revision).await;
+                        if let Some(slot) = self.slots.lock().get_mut(key) {
+                            slot.queue.push_front(Job {
+                                op,
+                                payload,
+                                origin,
+                                conflicts: conflicts + 1,
+                            });
+                        }
+                        return;
+                    }
+                    Ok(revisions) => {
+                        self.account(previous, &shadow);
+                        self.end_write(key, Some((*shadow, revisions.last().copied())));
+                        Finished::Written {
+                            stored: Ok(()),
+                            publish,
+                            answer,
+                            token,
+                        }
+                    }
+                    Err(e) => {
+                        self.end_write(key, None);
+                        Finished::Written {
+                            stored: Err(e),
+                            publish,
+                            answer,
+                            token,
+                        }
+                    }
+                }
+            }
+            Outcome::Answer(body) => Finished::Answer(body),
+            Outcome::Rejected(e, token) => Finished::Rejected(e, token),
+        };
         // The request leaves the in-flight count before its answer goes out, so a client
         // that sends its next request on the answer never meets its own slot still taken.
         if let Origin::Mqtt { client_id, .. } = &origin {
@@ -407,13 +539,13 @@ impl Inner {
             }
         };
         let (result, stored): (Result<Value, ShadowError>, Result<(), StoreError>) = match outcome {
-            Outcome::Answer(body) => {
+            Finished::Answer(body) => {
                 if matches!(origin, Origin::Mqtt { .. }) {
                     publish(&format!("{}/accepted", op.as_str()), &body);
                 }
                 (Ok(body), Ok(()))
             }
-            Outcome::Rejected(e, token) => {
+            Finished::Rejected(e, token) => {
                 if matches!(origin, Origin::Mqtt { .. }) {
                     publish(
                         &format!("{}/rejected", op.as_str()),
@@ -422,18 +554,13 @@ impl Inner {
                 }
                 (Err(e), Ok(()))
             }
-            Outcome::Write {
-                shadow,
-                commit,
+            Finished::Written {
+                stored,
                 publish: bodies,
                 answer,
                 token,
-            } => match commit.await {
+            } => match stored {
                 Ok(()) => {
-                    self.account(previous, &shadow);
-                    if let Some(slot) = self.slots.lock().get_mut(key) {
-                        slot.shadow = Some(*shadow);
-                    }
                     for (suffix, body) in &bodies {
                         publish(suffix, body);
                     }
@@ -473,6 +600,11 @@ impl Inner {
         let (was, old_bytes) = previous.unwrap_or((false, 0));
         let docs = i64::from(next.exists()) - i64::from(was);
         let bytes = next.state_bytes() as i64 - if was { old_bytes as i64 } else { 0 };
+        self.gauge(docs, bytes);
+    }
+
+    /// Moves the document count and state bytes by `docs` and `bytes`.
+    fn gauge(&self, docs: i64, bytes: i64) {
         let d = self.documents.fetch_add(docs, Ordering::Relaxed) + docs;
         let b = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         metrics::gauge!("fleetcore_shadow_documents").set(d as f64);
@@ -497,6 +629,11 @@ struct Step {
     now: u64,
     /// Whether the shadow existed before, and its state bytes.
     previous: Option<(bool, usize)>,
+    /// The request as it came, to work it out again after a conflict.
+    payload: Bytes,
+    conflicts: u8,
+    /// The record revision the write expects.
+    revision: Option<u64>,
 }
 
 enum Outcome {
@@ -504,7 +641,19 @@ enum Outcome {
     Rejected(ShadowError, Option<String>),
     Write {
         shadow: Box<Shadow>,
-        commit: Commit,
+        commit: RecordCommit,
+        publish: Vec<(&'static str, Value)>,
+        answer: Value,
+        token: Option<String>,
+    },
+}
+
+/// An [`Outcome`] once its write, if any, is done.
+enum Finished {
+    Answer(Value),
+    Rejected(ShadowError, Option<String>),
+    Written {
+        stored: Result<(), StoreError>,
         publish: Vec<(&'static str, Value)>,
         answer: Value,
         token: Option<String>,
@@ -568,6 +717,7 @@ impl TopicService for ShadowService {
                 op,
                 payload: req.message.payload.clone(),
                 origin: Origin::Mqtt { client_id, done },
+                conflicts: 0,
             },
         );
         Handled::Consumed {
@@ -575,7 +725,7 @@ impl TopicService for ShadowService {
         }
     }
 
-    fn apply_stored(&self, kind: &str, key: &str, value: Option<&[u8]>) {
+    fn apply_stored(&self, kind: &str, key: &str, value: Option<&[u8]>, revision: u64) {
         if kind != store::KIND {
             return;
         }
@@ -589,35 +739,14 @@ impl TopicService for ShadowService {
         };
         let mut slots = self.inner.slots.lock();
         let slot = slots.entry(store::Key::parse(key)).or_default();
-        // An older version than the one here (a change that was already loaded, or
-        // overtaken by a later one) changes nothing.
-        if let (Some(have), Some(new)) = (&slot.shadow, &incoming) {
-            if new.version < have.version {
-                return;
+        if slot.writing {
+            // Taken in when this node's write ends (the newest only).
+            if slot.deferred.as_ref().is_none_or(|(r, _)| *r < revision) {
+                slot.deferred = Some((revision, incoming));
             }
+            return;
         }
-        let size = |s: &Option<Shadow>| match s {
-            Some(s) if s.exists() => (1, s.state_bytes() as i64),
-            _ => (0, 0),
-        };
-        let (was_doc, was_bytes) = size(&slot.shadow);
-        let (is_doc, is_bytes) = size(&incoming);
-        slot.shadow = incoming;
-        drop(slots);
-        let docs = self
-            .inner
-            .documents
-            .fetch_add(is_doc - was_doc, Ordering::Relaxed)
-            + is_doc
-            - was_doc;
-        let bytes = self
-            .inner
-            .bytes
-            .fetch_add(is_bytes - was_bytes, Ordering::Relaxed)
-            + is_bytes
-            - was_bytes;
-        metrics::gauge!("fleetcore_shadow_documents").set(docs as f64);
-        metrics::gauge!("fleetcore_shadow_state_bytes").set(bytes as f64);
+        self.inner.take_stored(slot, revision, incoming);
     }
 
     fn start(&self, ctx: ServiceContext<'_>) {
@@ -630,7 +759,7 @@ impl TopicService for ShadowService {
         let mut docs = 0i64;
         let mut bytes = 0i64;
         let mut slots = self.inner.slots.lock();
-        for (key, shadow) in shadows {
+        for (key, (shadow, revision)) in shadows {
             if shadow.exists() {
                 docs += 1;
                 bytes += shadow.state_bytes() as i64;
@@ -639,6 +768,8 @@ impl TopicService for ShadowService {
                 key,
                 Slot {
                     shadow: Some(shadow),
+                    revision: Some(revision),
+                    applied: revision,
                     ..Slot::default()
                 },
             );

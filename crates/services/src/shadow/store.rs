@@ -43,24 +43,34 @@ impl Key {
 }
 
 /// The op that writes `shadow` (a live one or a tombstone).
-pub fn put(key: &Key, shadow: &Shadow) -> Result<RecordOp, String> {
-    Ok(RecordOp::Put {
-        kind: KIND,
-        key: key.record_key(),
-        value: serde_json::to_vec(shadow).map_err(|e| e.to_string())?,
-    })
+/// The ops that write `shadow` if its record is still at `revision` (`None`: there is
+/// none), so an update made on another node meanwhile is not overwritten.
+pub fn put(key: &Key, shadow: &Shadow, revision: Option<u64>) -> Result<Vec<RecordOp>, String> {
+    Ok(vec![
+        RecordOp::Expect {
+            kind: KIND,
+            key: key.record_key(),
+            revision,
+        },
+        RecordOp::Put {
+            kind: KIND,
+            key: key.record_key(),
+            value: serde_json::to_vec(shadow).map_err(|e| e.to_string())?,
+        },
+    ])
 }
 
-/// The shadows among the loaded records, and the ops that remove tombstones older
-/// than 48 hours. A record that does not decode is skipped with an error in the log
-/// (it stays on disk until that shadow is written again).
+/// The shadows among the loaded records with their record revisions, and the ops that
+/// remove tombstones older than 48 hours. A record that does not decode is skipped with
+/// an error in the log (it stays on disk until that shadow is written again).
+#[allow(clippy::type_complexity)]
 pub fn load(
-    records: &[(String, String, Vec<u8>)],
+    records: &[fleetcore_core::service::Record],
     now: u64,
-) -> (HashMap<Key, Shadow>, Vec<RecordOp>) {
+) -> (HashMap<Key, (Shadow, u64)>, Vec<RecordOp>) {
     let mut out = HashMap::new();
     let mut stale = Vec::new();
-    for (kind, key, value) in records {
+    for (kind, key, value, revision) in records {
         if kind != KIND {
             continue;
         }
@@ -74,7 +84,7 @@ pub fn load(
                         key: key.clone(),
                     });
                 } else {
-                    out.insert(Key::parse(key), s);
+                    out.insert(Key::parse(key), (s, *revision));
                 }
             }
             Err(e) => {
@@ -122,19 +132,21 @@ mod tests {
                 KIND.to_string(),
                 k.to_string(),
                 serde_json::to_vec(s).unwrap(),
+                7,
             )
         };
         let records = vec![
             rec("a", &live),
             rec("a/n", &fresh),
             rec("b", &old),
-            ("thing".to_string(), "a".to_string(), b"{}".to_vec()),
-            (KIND.to_string(), "c".to_string(), b"not json".to_vec()),
+            ("thing".to_string(), "a".to_string(), b"{}".to_vec(), 8),
+            (KIND.to_string(), "c".to_string(), b"not json".to_vec(), 9),
         ];
         let (loaded, stale) = load(&records, 1 + VERSION_MEMORY_SECS);
         assert_eq!(loaded.len(), 2);
-        assert_eq!(loaded[&Key::parse("a")].version, 3);
-        assert_eq!(loaded[&Key::parse("a/n")].version, 4);
+        assert_eq!(loaded[&Key::parse("a")].0.version, 3);
+        assert_eq!(loaded[&Key::parse("a/n")].0.version, 4);
+        assert_eq!(loaded[&Key::parse("a")].1, 7);
         assert_eq!(
             stale,
             vec![RecordOp::Delete {

@@ -313,7 +313,10 @@ async fn requests_to_one_shadow_run_in_order_and_more_than_the_limit_get_429() {
 
 struct Failing;
 impl RecordStore for Failing {
-    fn submit_records(&self, _: Vec<fleetcore_core::storage::RecordOp>) -> Commit {
+    fn submit_records(
+        &self,
+        _: Vec<fleetcore_core::storage::RecordOp>,
+    ) -> fleetcore_core::storage::RecordCommit {
         Commit::failed(StoreError::DiskFull("no space left on device".into()))
     }
 }
