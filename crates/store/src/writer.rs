@@ -230,21 +230,30 @@ impl Writer {
             let mut bodies = txn.open_table(BODIES).map_err(io_err)?;
             let mut registry = txn.open_table(REGISTRY).map_err(io_err)?;
             let mut fences = txn.open_table(FENCES).map_err(io_err)?;
-            let mut revisions = txn.open_table(RECORD_REVISIONS).map_err(io_err)?;
-            let mut meta = txn.open_table(META).map_err(io_err)?;
-            let mut last_revision = meta
-                .get(RECORD_REVISION_KEY)
-                .map_err(io_err)?
-                .map_or(0, |v| v.value());
-            let first_revision = last_revision;
+            // Record revisions are read and written only by batches with record ops.
+            let touches_records = batch.iter().any(|r| {
+                r.ops.iter().any(|op| {
+                    matches!(
+                        op,
+                        Op::PutRecord { .. } | Op::DeleteRecord { .. } | Op::ExpectRecord { .. }
+                    )
+                })
+            });
+            let mut revisions = if touches_records {
+                Some(Revisions::open(&txn)?)
+            } else {
+                None
+            };
             for request in batch {
                 if let Some(e) = fenced(&fences, &request.ops)? {
                     outcomes.push(Outcome::Refused(e));
                     continue;
                 }
-                if let Some(e) = conflict(&registry, &revisions, &request.ops)? {
-                    outcomes.push(Outcome::Refused(e));
-                    continue;
+                if let Some(revisions) = &revisions {
+                    if let Some(e) = conflict(&registry, &revisions.table, &request.ops)? {
+                        outcomes.push(Outcome::Refused(e));
+                        continue;
+                    }
                 }
                 let mut outcome = Outcome::Applied(Vec::new());
                 for op in &request.ops {
@@ -337,29 +346,26 @@ impl Writer {
                             registry
                                 .insert((*kind, key.as_str()), value.as_slice())
                                 .map_err(io_err)?;
-                            last_revision += 1;
-                            revisions
-                                .insert((*kind, key.as_str()), last_revision)
-                                .map_err(io_err)?;
-                            if let Outcome::Applied(r) = &mut outcome {
-                                r.push(last_revision);
+                            if let (Some(revisions), Outcome::Applied(r)) =
+                                (&mut revisions, &mut outcome)
+                            {
+                                r.push(revisions.next(kind, key, true)?);
                             }
                         }
                         Op::DeleteRecord { kind, key } => {
                             registry.remove((*kind, key.as_str())).map_err(io_err)?;
-                            revisions.remove((*kind, key.as_str())).map_err(io_err)?;
-                            last_revision += 1;
-                            if let Outcome::Applied(r) = &mut outcome {
-                                r.push(last_revision);
+                            if let (Some(revisions), Outcome::Applied(r)) =
+                                (&mut revisions, &mut outcome)
+                            {
+                                r.push(revisions.next(kind, key, false)?);
                             }
                         }
                     }
                 }
                 outcomes.push(outcome);
             }
-            if last_revision != first_revision {
-                meta.insert(RECORD_REVISION_KEY, last_revision)
-                    .map_err(io_err)?;
+            if let Some(revisions) = revisions {
+                revisions.finish()?;
             }
         }
         let counts = counts.now;
@@ -395,6 +401,53 @@ fn fenced(fences: &redb::Table<&str, &[u8]>, ops: &[Op]) -> Result<Option<StoreE
         }
     }
     Ok(None)
+}
+
+/// The record revisions of one write transaction: the `record_revisions` table and the
+/// `meta` counter, written back by [`Revisions::finish`].
+struct Revisions<'t> {
+    table: redb::Table<'t, (&'static str, &'static str), u64>,
+    meta: redb::Table<'t, &'static str, u64>,
+    first: u64,
+    last: u64,
+}
+
+impl<'t> Revisions<'t> {
+    fn open(txn: &'t redb::WriteTransaction) -> Result<Revisions<'t>, StoreError> {
+        let table = txn.open_table(RECORD_REVISIONS).map_err(io_err)?;
+        let meta = txn.open_table(META).map_err(io_err)?;
+        let last = meta
+            .get(RECORD_REVISION_KEY)
+            .map_err(io_err)?
+            .map_or(0, |v| v.value());
+        Ok(Revisions {
+            table,
+            meta,
+            first: last,
+            last,
+        })
+    }
+
+    /// The next revision, given to record (kind, key): kept for a put, its row removed
+    /// for a delete.
+    fn next(&mut self, kind: &str, key: &str, put: bool) -> Result<u64, StoreError> {
+        self.last += 1;
+        if put {
+            self.table.insert((kind, key), self.last).map_err(io_err)?;
+        } else {
+            self.table.remove((kind, key)).map_err(io_err)?;
+        }
+        Ok(self.last)
+    }
+
+    fn finish(mut self) -> Result<(), StoreError> {
+        if self.last != self.first {
+            self.meta
+                .insert(RECORD_REVISION_KEY, self.last)
+                .map_err(io_err)?;
+        }
+        Ok(())
+    }
 }
 
 /// The first [`Op::ExpectRecord`] among `ops` whose record is not at the revision it
