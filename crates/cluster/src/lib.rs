@@ -50,9 +50,9 @@ use async_nats::{HeaderMap, HeaderValue};
 use bytes::Bytes;
 use fleetcore_core::storage::{
     ClaimFuture, Claimed, Commit, Fence, Loaded, LoadedSession, RecordChange, RecordCommit,
-    RecordOp, RecordStore, RecordWatch, RetainedChange, RetainedOp, RetainedStore, RetainedWatch,
-    SessionOp, SessionStore, Storage, StoreError, StoredMessage, StoredQueued, StoredRetained,
-    StoredSession,
+    RecordOp, RecordStore, RecordWatch, RetainedChange, RetainedCommit, RetainedOp, RetainedStore,
+    RetainedWatch, SessionOp, SessionStore, Storage, StoreError, StoredMessage, StoredQueued,
+    StoredRetained, StoredSession,
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -424,7 +424,8 @@ impl NatsStorage {
         }
     }
 
-    fn submit_records_inner(&self, writes: Vec<Write>) -> RecordCommit {
+    /// Submits `writes`; the commit resolves to the stream sequence of each.
+    fn submit_revisions(&self, writes: Vec<Write>) -> RecordCommit {
         if writes.is_empty() {
             return Commit::ready();
         }
@@ -1448,7 +1449,7 @@ impl RetainedStore for NatsStorage {
             self.inner.retained_from,
             self.inner.origin.clone(),
             tx,
-            |key, value, _| {
+            |key, value, revision| {
                 let topic =
                     keys::decode_part(key).ok_or("key is not an encoded topic".to_string())?;
                 let retained = match value {
@@ -1457,20 +1458,27 @@ impl RetainedStore for NatsStorage {
                     }
                     None => None,
                 };
-                Ok(RetainedChange { topic, retained })
+                Ok(RetainedChange {
+                    topic,
+                    retained,
+                    revision,
+                })
             },
         ));
         Some(rx)
     }
 
-    fn submit_retained(&self, ops: Vec<RetainedOp>) -> Commit {
-        self.submit(retained_writes(ops))
+    fn submit_retained(&self, ops: Vec<RetainedOp>) -> RetainedCommit {
+        match retained_writes(ops) {
+            Ok(writes) => self.submit_revisions(writes),
+            Err(e) => Commit::failed(e),
+        }
     }
 }
 
 impl RecordStore for NatsStorage {
     fn submit_records(&self, ops: Vec<RecordOp>) -> RecordCommit {
-        self.submit_records_inner(record_writes(ops))
+        self.submit_revisions(record_writes(ops))
     }
 
     fn watch_records(&self) -> Option<RecordWatch> {

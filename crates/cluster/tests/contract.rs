@@ -656,22 +656,20 @@ async fn record_writes_get_growing_revisions_and_expect_the_one_they_read<B: Bac
 
 async fn a_resolved_commit_survives_a_crash<B: Backend>(b: &mut B) {
     let (s, _) = b.open().await;
-    let commits = vec![
-        s.sessions
-            .submit_sessions(vec![put_session("durable", "f"), put_queued("durable", 9)]),
-        s.retained.submit_retained(vec![RetainedOp::Put {
-            topic: "r".into(),
-            retained: retained("r", b"kept"),
-        }]),
-    ];
+    let session = s
+        .sessions
+        .submit_sessions(vec![put_session("durable", "f"), put_queued("durable", 9)]);
+    let kept = s.retained.submit_retained(vec![RetainedOp::Put {
+        topic: "r".into(),
+        retained: retained("r", b"kept"),
+    }]);
     let record = s.records.submit_records(vec![RecordOp::Put {
         kind: "thing",
         key: "t".into(),
         value: b"v".to_vec(),
     }]);
-    for commit in commits {
-        commit.await.expect("commit");
-    }
+    session.await.expect("commit");
+    kept.await.expect("commit");
     record.await.expect("commit");
     // Straight to kill -9: nothing is flushed or closed in between.
     b.crash().await;

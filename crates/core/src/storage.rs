@@ -315,11 +315,16 @@ pub struct Commit<T = ()> {
 enum CommitState<T> {
     Done(Result<T, StoreError>),
     Waiting(oneshot::Receiver<Result<T, StoreError>>),
+    Running(Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>),
 }
 
 /// The commit of [`RecordStore::submit_records`]: resolves to the revision each
 /// `Put`/`Delete` of the submit left its record at, in the order of the ops.
 pub type RecordCommit = Commit<Vec<u64>>;
+
+/// The commit of [`RetainedStore::submit_retained`]: resolves to the revision of each op
+/// (empty from a store that is the only writer of its retained messages).
+pub type RetainedCommit = Commit<Vec<u64>>;
 
 impl<T: Default> Commit<T> {
     /// An already successful commit, for a change that needed no write.
@@ -345,6 +350,16 @@ impl<T> Commit<T> {
             state: CommitState::Waiting(rx),
         }
     }
+
+    /// A commit that resolves as `f` does (another commit, followed by what must happen
+    /// once it resolved).
+    pub fn from_future(
+        f: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Commit<T> {
+        Commit {
+            state: CommitState::Running(Box::pin(f)),
+        }
+    }
 }
 
 impl<T: Clone + Unpin> Future for Commit<T> {
@@ -356,6 +371,11 @@ impl<T: Clone + Unpin> Future for Commit<T> {
             CommitState::Done(result) => Poll::Ready(result.clone()),
             CommitState::Waiting(rx) => {
                 let result = ready!(Pin::new(rx).poll(cx)).unwrap_or(Err(StoreError::Closed));
+                this.state = CommitState::Done(result.clone());
+                Poll::Ready(result)
+            }
+            CommitState::Running(f) => {
+                let result = ready!(f.as_mut().poll(cx));
                 this.state = CommitState::Done(result.clone());
                 Poll::Ready(result)
             }
@@ -559,8 +579,10 @@ pub trait SessionStore: Send + Sync + 'static {
 
 /// Where retained messages live, by topic.
 pub trait RetainedStore: Send + Sync + 'static {
-    /// Writes `ops`; the [`Commit`] resolves once they are durable.
-    fn submit_retained(&self, ops: Vec<RetainedOp>) -> Commit;
+    /// Writes `ops`; the commit resolves once they are durable, to the revision each op
+    /// gave its topic (ordered as [`RecordStore`] revisions are), or to none where this
+    /// process is the only writer (no watch: nothing to order).
+    fn submit_retained(&self, ops: Vec<RetainedOp>) -> RetainedCommit;
 
     /// The retained messages other writers store or delete, as
     /// [`RecordStore::watch_records`] does for records (same order, same rules: this
@@ -576,6 +598,8 @@ pub trait RetainedStore: Send + Sync + 'static {
 pub struct RetainedChange {
     pub topic: String,
     pub retained: Option<StoredRetained>,
+    /// The revision the change gave the topic.
+    pub revision: u64,
 }
 
 /// The changes of [`RetainedStore::watch_retained`]; ends when the store is closed.

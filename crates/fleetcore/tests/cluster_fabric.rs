@@ -463,3 +463,79 @@ async fn updates_of_one_shadow_racing_on_two_nodes_are_all_kept() {
     b.shutdown(Duration::from_secs(2)).await.unwrap();
     drop(nats);
 }
+
+/// What `addr` serves a new subscriber of `topic` as retained (`None`: nothing in 2 s).
+fn retained_on(addr: SocketAddr, topic: &str) -> Option<String> {
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+        .args([
+            "-V",
+            "mqttv5",
+            "-C",
+            "1",
+            "-W",
+            "2",
+            "--retained-only",
+            "-t",
+            topic,
+        ])
+        .output()
+        .expect("run mosquitto_sub");
+    let got = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!got.is_empty()).then_some(got)
+}
+
+/// Twenty retained publishes on one topic at the same moment, ten through each of two
+/// nodes: both nodes end serving the same message (the last one stored), as they take
+/// their own writes and the other node's into their trees in store revision order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_publishes_racing_on_two_nodes_end_the_same_on_both() {
+    let nats = nats::Nats::start();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, addr_a) = shared_node(&nats, dirs.0.path(), Vec::new()).await;
+    let (b, addr_b) = shared_node(&nats, dirs.1.path(), Vec::new()).await;
+
+    tokio::task::spawn_blocking(move || {
+        for round in 0..3 {
+            let mut children = Vec::new();
+            for i in 0..10 {
+                for (node, addr) in [("a", addr_a), ("b", addr_b)] {
+                    children.push(
+                        Command::new("mosquitto_pub")
+                            .args(["-h", "127.0.0.1", "-p", &addr.port().to_string()])
+                            .args(["-V", "mqttv5", "-q", "1", "-r", "-t", "fleet/order"])
+                            .args(["-m", &format!("{round}-{node}{i}")])
+                            .spawn()
+                            .expect("run mosquitto_pub"),
+                    );
+                }
+            }
+            for mut child in children {
+                assert!(child.wait().unwrap().success());
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (on_a, on_b) = (
+                    retained_on(addr_a, "fleet/order"),
+                    retained_on(addr_b, "fleet/order"),
+                );
+                let settled = on_a.is_some() && on_a == on_b;
+                if settled {
+                    assert!(on_a.unwrap().starts_with(&format!("{round}-")));
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: a serves {on_a:?}, b serves {on_b:?}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    })
+    .await
+    .unwrap();
+
+    a.shutdown(Duration::from_secs(2)).await.unwrap();
+    b.shutdown(Duration::from_secs(2)).await.unwrap();
+    drop(nats);
+}

@@ -331,8 +331,23 @@ impl fleetcore_core::storage::SessionStore for Store {
 }
 
 impl fleetcore_core::storage::RetainedStore for Store {
-    fn submit_retained(&self, ops: Vec<fleetcore_core::storage::RetainedOp>) -> Commit {
-        self.submit(ops.into_iter().map(Op::from).collect())
+    /// Resolves to no revisions: this process is the only writer (see the trait).
+    fn submit_retained(
+        &self,
+        ops: Vec<fleetcore_core::storage::RetainedOp>,
+    ) -> fleetcore_core::storage::RetainedCommit {
+        if ops.is_empty() {
+            return Commit::ready();
+        }
+        let (tx, rx) = oneshot::channel();
+        match self.send(
+            ops.into_iter().map(Op::from).collect(),
+            Reply::Records(tx),
+            false,
+        ) {
+            Ok(()) => Commit::waiting(rx),
+            Err(e) => Commit::failed(e),
+        }
     }
 }
 

@@ -95,6 +95,11 @@ pub struct Hub {
     pub topic_limits: TopicLimits,
     pub router: Router<SubEntry>,
     pub retained: Arc<RwLock<RetainedTree<Retained>>>,
+    /// The store revision of each retained topic as last applied here, where the store
+    /// has other writers (cluster mode; empty on a single node): what another node
+    /// stored and this node's own writes go into the tree in revision order, so every
+    /// node ends with the same message (taken under the tree's lock, after it).
+    retained_revisions: Arc<Mutex<HashMap<String, u64>>>,
     index: Mutex<SessionIndex>,
     /// Where sessions, retained messages and records are written (one redb file on a
     /// single node).
@@ -166,6 +171,7 @@ impl Hub {
             },
             fabric,
             retained: Arc::new(RwLock::new(RetainedTree::new())),
+            retained_revisions: Arc::new(Mutex::new(HashMap::new())),
             index: Mutex::new(SessionIndex::default()),
             storage,
             next_id: AtomicU64::new(1),
@@ -408,8 +414,17 @@ impl Hub {
             if let Some(op) = op {
                 // If the commit fails the tree is put back, so new subscribers are
                 // never served a retained message the disk does not have.
+                let commit = self.storage.retained.submit_retained(vec![op]);
+                let ordered = retained_written(
+                    self.retained.clone(),
+                    self.retained_revisions.clone(),
+                    topic.clone(),
+                    ours.clone(),
+                );
                 let guarded = Guarded::new(
-                    self.storage.retained.submit_retained(vec![op]),
+                    fleetcore_core::storage::Commit::from_future(async move {
+                        commit.await.map(ordered)
+                    }),
                     undo_retained(self.retained.clone(), topic, ours, previous),
                 );
                 if msg.qos == QoS::Level0 {
@@ -547,6 +562,16 @@ impl Hub {
     /// the publish itself through the fabric. An expired or unreadable message is dropped.
     pub fn apply_stored_retained(&self, change: fleetcore_core::storage::RetainedChange) {
         let mut tree = self.retained.write();
+        {
+            // A change no newer than what the tree holds (loaded already, or overtaken
+            // by a later write of this node or another) changes nothing.
+            let mut revisions = self.retained_revisions.lock();
+            let known = revisions.entry(change.topic.clone()).or_insert(0);
+            if change.revision <= *known {
+                return;
+            }
+            *known = change.revision;
+        }
         match change.retained {
             Some(r) => match Message::from_stored(&r.msg) {
                 Some(msg) if !msg.is_expired(now_ms()) => {
@@ -1177,6 +1202,49 @@ impl Publisher for WeakPublisher {
 
 /// Takes a retained change back if its commit fails: the tree gets `previous` again,
 /// unless a later publish changed the topic meanwhile (then that one stands).
+/// What follows a durable retained write of this node at the revisions its commit gave:
+/// the topic's revision moves to it and the tree holds this node's message (`ours`,
+/// `None` for a delete) again, unless a later change (from another node, through the
+/// watch) is there already. A store with no other writer gives no revisions, and
+/// nothing is done.
+fn retained_written(
+    retained: Arc<RwLock<RetainedTree<Retained>>>,
+    revisions: Arc<Mutex<HashMap<String, u64>>>,
+    topic: String,
+    ours: Option<Arc<Message>>,
+) -> impl FnOnce(Vec<u64>) + Send + 'static {
+    move |written| {
+        let Some(&revision) = written.first() else {
+            return;
+        };
+        let mut tree = retained.write();
+        let mut revisions = revisions.lock();
+        let known = revisions.entry(topic.clone()).or_insert(0);
+        if revision <= *known {
+            return;
+        }
+        *known = revision;
+        match ours {
+            Some(msg) => {
+                let held = tree.get(&topic).is_some_and(|r| Arc::ptr_eq(&r.msg, &msg));
+                if !held {
+                    tree.insert(
+                        &topic,
+                        Retained {
+                            msg,
+                            stored_at_ms: now_ms(),
+                        },
+                    );
+                }
+            }
+            None => {
+                tree.remove(&topic);
+            }
+        }
+        m::gauge_retained(tree.len());
+    }
+}
+
 fn undo_retained(
     retained: Arc<RwLock<RetainedTree<Retained>>>,
     topic: String,
