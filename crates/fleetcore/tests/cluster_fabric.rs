@@ -345,19 +345,31 @@ fn shadow_until(addr: SocketAddr, answers: &Sub, want: &[&str]) -> String {
     }
 }
 
-/// Two nodes sharing their state on NATS JetStream, each with the Device Shadow service:
-/// a shadow updated through one is read through the other, and an update through the
-/// other builds on it (the next version, both parts of the state), as one broker does.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shadow_updated_through_one_node_is_read_and_updated_through_the_other() {
+/// Two nodes on one NATS prefix, each with the Device Shadow service (the NATS server
+/// and the data dirs live as long as the returned values).
+async fn two_shadow_nodes() -> (
+    nats::Nats,
+    (tempfile::TempDir, tempfile::TempDir),
+    (Server, SocketAddr),
+    (Server, SocketAddr),
+) {
     use fleetcore_services::shadow::ShadowService;
     let nats = nats::Nats::start();
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let shadows = || -> Vec<Arc<dyn fleetcore_core::service::TopicService>> {
         vec![Arc::new(ShadowService::new(Default::default()))]
     };
-    let (a, addr_a) = shared_node(&nats, dirs.0.path(), shadows()).await;
-    let (b, addr_b) = shared_node(&nats, dirs.1.path(), shadows()).await;
+    let a = shared_node(&nats, dirs.0.path(), shadows()).await;
+    let b = shared_node(&nats, dirs.1.path(), shadows()).await;
+    (nats, dirs, a, b)
+}
+
+/// Two nodes sharing their state on NATS JetStream, each with the Device Shadow service:
+/// a shadow updated through one is read through the other, and an update through the
+/// other builds on it (the next version, both parts of the state), as one broker does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_updated_through_one_node_is_read_and_updated_through_the_other() {
+    let (nats, _dirs, (a, addr_a), (b, addr_b)) = two_shadow_nodes().await;
 
     tokio::task::spawn_blocking(move || {
         let on_a = Sub::start(addr_a, &["$aws/things/dev1/shadow/get/accepted"]);
@@ -398,14 +410,7 @@ async fn a_shadow_updated_through_one_node_is_read_and_updated_through_the_other
 /// nodes end with every key at version 20.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn updates_of_one_shadow_racing_on_two_nodes_are_all_kept() {
-    use fleetcore_services::shadow::ShadowService;
-    let nats = nats::Nats::start();
-    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let shadows = || -> Vec<Arc<dyn fleetcore_core::service::TopicService>> {
-        vec![Arc::new(ShadowService::new(Default::default()))]
-    };
-    let (a, addr_a) = shared_node(&nats, dirs.0.path(), shadows()).await;
-    let (b, addr_b) = shared_node(&nats, dirs.1.path(), shadows()).await;
+    let (nats, _dirs, (a, addr_a), (b, addr_b)) = two_shadow_nodes().await;
 
     tokio::task::spawn_blocking(move || {
         // mosquitto_pub exits 0 on a PUBACK with an error code too: refusals show here.

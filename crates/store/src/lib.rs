@@ -268,6 +268,18 @@ impl Store {
         tx.send(Request { ops, reply, flush })
             .map_err(|_| StoreError::Closed)
     }
+
+    /// Submits `ops`; the commit resolves to the revisions of their record writes.
+    fn submit_revisions(&self, ops: Vec<Op>) -> Commit<Vec<u64>> {
+        if ops.is_empty() {
+            return Commit::ready();
+        }
+        let (tx, rx) = oneshot::channel();
+        match self.send(ops, Reply::Records(tx), false) {
+            Ok(()) => Commit::waiting(rx),
+            Err(e) => Commit::failed(e),
+        }
+    }
 }
 
 impl fleetcore_core::storage::RecordStore for Store {
@@ -275,15 +287,7 @@ impl fleetcore_core::storage::RecordStore for Store {
         &self,
         ops: Vec<fleetcore_core::storage::RecordOp>,
     ) -> fleetcore_core::storage::RecordCommit {
-        if ops.is_empty() {
-            return Commit::ready();
-        }
-        let (tx, rx) = oneshot::channel();
-        let ops = ops.into_iter().map(Op::from).collect();
-        match self.send(ops, Reply::Records(tx), false) {
-            Ok(()) => Commit::waiting(rx),
-            Err(e) => Commit::failed(e),
-        }
+        self.submit_revisions(ops.into_iter().map(Op::from).collect())
     }
 }
 
@@ -336,18 +340,7 @@ impl fleetcore_core::storage::RetainedStore for Store {
         &self,
         ops: Vec<fleetcore_core::storage::RetainedOp>,
     ) -> fleetcore_core::storage::RetainedCommit {
-        if ops.is_empty() {
-            return Commit::ready();
-        }
-        let (tx, rx) = oneshot::channel();
-        match self.send(
-            ops.into_iter().map(Op::from).collect(),
-            Reply::Records(tx),
-            false,
-        ) {
-            Ok(()) => Commit::waiting(rx),
-            Err(e) => Commit::failed(e),
-        }
+        self.submit_revisions(ops.into_iter().map(Op::from).collect())
     }
 }
 
